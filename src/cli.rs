@@ -1,0 +1,109 @@
+//! Command-line interface: argument parsing only; the work is done by the library.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "fer-cam",
+    version,
+    about = "Facial emotion recognition with calibrated uncertainty (ResNet18+CBAM, Barlow Twins, CARD)"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Write a freshly initialised (untrained) model directory.
+    Init(InitArgs),
+    /// Score a model on a labelled split: accuracy, PAvPU, recall, confusion, ECE, NLL.
+    Eval(EvalArgs),
+    /// Load a dataset (through the cache) and print its splits, classes and load time.
+    Data(DataArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct DataSource {
+    /// FER2013 CSV (plain or .gz) or an image-folder root (<root>/<split>/<class>/*.png).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Do not read or write the binary dataset cache.
+    #[arg(long)]
+    pub no_cache: bool,
+    /// Cache directory [default: $FER_CAM_CACHE, $XDG_CACHE_HOME/fer-cam or ~/.cache/fer-cam].
+    #[arg(long)]
+    pub cache_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct InitArgs {
+    /// Output model directory.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Encoder stem: conv3x3 (accurate) or conv7x7_pool (fast).
+    #[arg(long, default_value = "conv3x3")]
+    pub stem: String,
+    /// Build the encoder without CBAM attention.
+    #[arg(long)]
+    pub no_cbam: bool,
+    /// Comma-separated class names in output order [default: FER2013's seven].
+    #[arg(long, value_delimiter = ',')]
+    pub classes: Option<Vec<String>>,
+    /// CARD training timesteps T.
+    #[arg(long)]
+    pub timesteps: Option<usize>,
+    /// Seed of the weight initialisation.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Replace an existing directory.
+    #[arg(long)]
+    pub force: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// Model directory (config.json + model.safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub source: DataSource,
+    /// Split to score (Training, PublicTest, PrivateTest or a folder name).
+    #[arg(long, default_value = "PrivateTest")]
+    pub split: String,
+    /// CARD samples per image [default: the model's].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Sampling steps, a strided subset of the training timesteps [default: the model's].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Seed of the sampler's noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Crops per forward pass.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Confidence threshold of the paper's PAvPU variant.
+    #[arg(long, default_value_t = 0.5)]
+    pub threshold: f32,
+    /// Score only the first N images of the split.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Compute device: cpu (cuda needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// No progress bar on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct DataArgs {
+    #[command(flatten)]
+    pub source: DataSource,
+}

@@ -1,0 +1,278 @@
+//! Model configuration: what `config.json` in a model directory holds. Every field has a default
+//! and [`ModelConfig::validate`] checks ranges before any tensor is built.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// The model directory format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+/// The architecture name recorded in `config.json`.
+pub const ARCH: &str = "resnet18-cbam-card";
+/// FER2013's classes in label order (0..=6).
+pub const FER2013_CLASSES: [&str; 7] = [
+    "angry", "disgust", "fear", "happy", "sad", "surprise", "neutral",
+];
+
+/// The encoder's first layer. It sets both accuracy and real-time cost, so it is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Stem {
+    /// 3x3 stride-1 conv, no max-pool: full 48x48 resolution into layer1 (strong FER2013 baselines).
+    #[default]
+    Conv3x3,
+    /// 7x7 stride-2 conv + 3x3 stride-2 max-pool: 12x12 into layer1, ~10x cheaper.
+    Conv7x7Pool,
+}
+
+impl std::str::FromStr for Stem {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "conv3x3" => Ok(Stem::Conv3x3),
+            "conv7x7_pool" | "conv7x7-pool" => Ok(Stem::Conv7x7Pool),
+            _ => Err(Error::Config(format!(
+                "stem {s:?} is unknown (allowed: conv3x3, conv7x7_pool)"
+            ))),
+        }
+    }
+}
+
+/// ResNet18 + CBAM encoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EncoderConfig {
+    pub stem: Stem,
+    /// CBAM attention in every residual block.
+    pub cbam: bool,
+    /// CBAM channel-MLP reduction ratio (16 in the paper).
+    pub cbam_reduction: usize,
+    /// Stage widths (64-128-256-512 for ResNet18).
+    pub widths: [usize; 4],
+    /// BasicBlocks per stage ([2,2,2,2] for ResNet18).
+    pub blocks: [usize; 4],
+}
+
+impl Default for EncoderConfig {
+    fn default() -> Self {
+        Self {
+            stem: Stem::Conv3x3,
+            cbam: true,
+            cbam_reduction: 16,
+            widths: [64, 128, 256, 512],
+            blocks: [2, 2, 2, 2],
+        }
+    }
+}
+
+/// Input crop geometry and normalisation: `x = (pixel/255 − mean)/std`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InputConfig {
+    pub size: usize,
+    pub mean: f32,
+    pub std: f32,
+}
+
+impl Default for InputConfig {
+    fn default() -> Self {
+        Self {
+            size: 48,
+            mean: 0.5,
+            std: 0.25,
+        }
+    }
+}
+
+/// CARD diffusion head and its default sampler.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CardConfig {
+    /// Hidden width of the noise network.
+    pub hidden: usize,
+    /// Training timesteps T.
+    pub timesteps: usize,
+    pub beta_start: f64,
+    pub beta_end: f64,
+    /// Default samples per image.
+    pub samples: usize,
+    /// Default sampling steps (a strided subset of the T training steps when fewer).
+    pub steps: usize,
+    /// Softmax temperature τ turning `−(ŷ_0 − 1)²` into per-sample probabilities.
+    pub temperature: f64,
+    /// Significance level of the CARD paired t-test for the certain flag.
+    pub alpha: f64,
+}
+
+impl Default for CardConfig {
+    fn default() -> Self {
+        Self {
+            hidden: 256,
+            timesteps: 10,
+            beta_start: 0.01,
+            beta_end: 0.95,
+            samples: 32,
+            steps: 10,
+            temperature: 1.0,
+            alpha: 0.05,
+        }
+    }
+}
+
+/// Everything needed to rebuild a model from its weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    pub format_version: u32,
+    pub arch: String,
+    /// Class names in output order.
+    pub classes: Vec<String>,
+    #[serde(default)]
+    pub encoder: EncoderConfig,
+    #[serde(default)]
+    pub input: InputConfig,
+    #[serde(default)]
+    pub card: CardConfig,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            format_version: FORMAT_VERSION,
+            arch: ARCH.to_string(),
+            classes: FER2013_CLASSES.iter().map(|s| s.to_string()).collect(),
+            encoder: EncoderConfig::default(),
+            input: InputConfig::default(),
+            card: CardConfig::default(),
+        }
+    }
+}
+
+fn check(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Config(msg()))
+    }
+}
+
+impl ModelConfig {
+    /// Number of classes.
+    pub fn num_classes(&self) -> usize {
+        self.classes.len()
+    }
+
+    /// Checks every field; the message names the field, its value and the allowed range.
+    pub fn validate(&self) -> Result<()> {
+        check(self.format_version == FORMAT_VERSION, || {
+            format!(
+                "format_version {} is not supported (this build reads {FORMAT_VERSION})",
+                self.format_version
+            )
+        })?;
+        check(self.arch == ARCH, || {
+            format!("arch {:?} is unknown (expected {ARCH:?})", self.arch)
+        })?;
+        check((2..=1000).contains(&self.classes.len()), || {
+            format!(
+                "classes has {} names (allowed 2..=1000)",
+                self.classes.len()
+            )
+        })?;
+        for (i, c) in self.classes.iter().enumerate() {
+            check(!c.trim().is_empty(), || {
+                format!("class {i} has an empty name")
+            })?;
+            check(!self.classes[..i].contains(c), || {
+                format!("class name {c:?} appears twice")
+            })?;
+        }
+        let e = &self.encoder;
+        check(e.widths.iter().all(|&w| (1..=4096).contains(&w)), || {
+            format!("encoder.widths {:?} (each allowed 1..=4096)", e.widths)
+        })?;
+        check(e.blocks.iter().all(|&b| (1..=16).contains(&b)), || {
+            format!("encoder.blocks {:?} (each allowed 1..=16)", e.blocks)
+        })?;
+        check((1..=256).contains(&e.cbam_reduction), || {
+            format!(
+                "encoder.cbam_reduction {} (allowed 1..=256)",
+                e.cbam_reduction
+            )
+        })?;
+        let i = &self.input;
+        check((16..=256).contains(&i.size), || {
+            format!("input.size {} (allowed 16..=256)", i.size)
+        })?;
+        check(i.std.is_finite() && i.std > 0.0, || {
+            format!("input.std {} (must be > 0)", i.std)
+        })?;
+        check(i.mean.is_finite(), || {
+            format!("input.mean {} is not finite", i.mean)
+        })?;
+        let c = &self.card;
+        check((1..=65536).contains(&c.hidden), || {
+            format!("card.hidden {} (allowed 1..=65536)", c.hidden)
+        })?;
+        check((1..=10000).contains(&c.timesteps), || {
+            format!("card.timesteps {} (allowed 1..=10000)", c.timesteps)
+        })?;
+        check(
+            c.beta_start > 0.0 && c.beta_start <= c.beta_end && c.beta_end < 1.0,
+            || {
+                format!(
+                    "card betas {}..{} (need 0 < beta_start <= beta_end < 1)",
+                    c.beta_start, c.beta_end
+                )
+            },
+        )?;
+        validate_sampler(c.samples, c.steps, c.timesteps)?;
+        check(c.temperature.is_finite() && c.temperature > 0.0, || {
+            format!("card.temperature {} (must be > 0)", c.temperature)
+        })?;
+        check(c.alpha > 0.0 && c.alpha < 1.0, || {
+            format!("card.alpha {} (allowed 0 < alpha < 1)", c.alpha)
+        })
+    }
+}
+
+/// Checks a sampler override: `samples` in 1..=4096, `steps` in 1..=T.
+pub fn validate_sampler(samples: usize, steps: usize, timesteps: usize) -> Result<()> {
+    check((1..=4096).contains(&samples), || {
+        format!("samples {samples} (allowed 1..=4096)")
+    })?;
+    check((1..=timesteps).contains(&steps), || {
+        format!("steps {steps} (allowed 1..={timesteps}, the model's training timesteps)")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_config_is_valid_and_round_trips() {
+        let c = ModelConfig::default();
+        c.validate().unwrap();
+        let s = serde_json::to_string_pretty(&c).unwrap();
+        let back: ModelConfig = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, c);
+        assert!(s.contains("\"stem\": \"conv3x3\""));
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        let mut c = ModelConfig::default();
+        c.card.steps = 11;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("steps 11") && e.contains("1..=10"), "{e}");
+        let mut c = ModelConfig::default();
+        c.classes[1] = "angry".into();
+        assert!(c.validate().unwrap_err().to_string().contains("twice"));
+        let mut c = ModelConfig::default();
+        c.card.beta_end = 1.0;
+        assert!(c.validate().is_err());
+        assert!("conv5x5".parse::<Stem>().is_err());
+        assert_eq!("conv7x7_pool".parse::<Stem>().unwrap(), Stem::Conv7x7Pool);
+    }
+}

@@ -1,0 +1,116 @@
+//! Image-folder datasets: `<root>/<split>/<class>/*.png|jpg|jpeg`. Class names are the sorted
+//! union of class folders over all splits; images that are not 48x48 gray are converted and
+//! resized (AffectNet-style folders ship larger colour crops).
+
+use std::path::{Path, PathBuf};
+
+use image::imageops::FilterType;
+
+use super::{cache::Fnv, Dataset, FACE_PIXELS, FACE_SIZE};
+use crate::error::{Error, Result};
+
+const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+
+fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| Error::io(dir, e))?
+        .map(|e| e.map(|e| e.path()).map_err(|err| Error::io(dir, err)))
+        .collect::<Result<_>>()?;
+    v.sort();
+    Ok(v)
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+fn name_of(p: &Path) -> String {
+    p.file_name()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default()
+}
+
+/// (split, class, file) for every image, sorted; errors if the layout has no images.
+fn list(root: &Path) -> Result<Vec<(String, String, PathBuf)>> {
+    let mut out = Vec::new();
+    for split_dir in sorted_entries(root)?.into_iter().filter(|p| p.is_dir()) {
+        for class_dir in sorted_entries(&split_dir)?
+            .into_iter()
+            .filter(|p| p.is_dir())
+        {
+            for file in sorted_entries(&class_dir)?
+                .into_iter()
+                .filter(|p| is_image(p))
+            {
+                out.push((name_of(&split_dir), name_of(&class_dir), file));
+            }
+        }
+    }
+    if out.is_empty() {
+        return Err(Error::file(
+            root,
+            "no images found (expected <root>/<split>/<class>/*.png|jpg)",
+        ));
+    }
+    Ok(out)
+}
+
+/// Hash of every file's path, size and mtime: changes when the folder's content does.
+pub fn fingerprint(root: &Path) -> Result<u64> {
+    let mut h = Fnv::new();
+    for (_, _, file) in list(root)? {
+        let meta = std::fs::metadata(&file).map_err(|e| Error::io(&file, e))?;
+        h.write(file.to_string_lossy().as_bytes());
+        h.write(&meta.len().to_le_bytes());
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        h.write(&mtime.to_le_bytes());
+    }
+    Ok(h.finish())
+}
+
+/// Decodes every image of the folder tree.
+pub fn read(root: &Path) -> Result<Dataset> {
+    let files = list(root)?;
+    let mut split_names: Vec<String> = files.iter().map(|f| f.0.clone()).collect();
+    split_names.dedup();
+    let mut class_names: Vec<String> = files.iter().map(|f| f.1.clone()).collect();
+    class_names.sort();
+    class_names.dedup();
+    if class_names.len() > 255 || split_names.len() > 255 {
+        return Err(Error::file(root, "more than 255 classes or splits"));
+    }
+    let mut ds = Dataset {
+        class_names,
+        split_names,
+        ..Default::default()
+    };
+    ds.pixels.reserve(files.len() * FACE_PIXELS);
+    for (split, class, file) in &files {
+        let img = image::open(file)
+            .map_err(|e| Error::file(file, format!("cannot decode image: {e}")))?
+            .into_luma8();
+        let img = if img.dimensions() == (FACE_SIZE as u32, FACE_SIZE as u32) {
+            img
+        } else {
+            image::imageops::resize(
+                &img,
+                FACE_SIZE as u32,
+                FACE_SIZE as u32,
+                FilterType::Triangle,
+            )
+        };
+        ds.pixels.extend_from_slice(img.as_raw());
+        // Both names come from the lists built above, so the lookups cannot fail.
+        let label = ds.class_names.iter().position(|c| c == class).unwrap_or(0);
+        let split = ds.split_names.iter().position(|s| s == split).unwrap_or(0);
+        ds.labels.push(label as u8);
+        ds.splits.push(split as u8);
+    }
+    Ok(ds)
+}

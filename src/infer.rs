@@ -1,0 +1,149 @@
+//! `Classifier`: 48x48 crops in, per-face CARD predictions out. Used by `eval` and the daemon.
+//!
+//! One encoder pass per crop feeds both f_φ (whose softmax is the CARD prior mean) and the CARD
+//! image branch; the sampler then draws S label vectors per face on a strided subset of the
+//! training timesteps, and [`crate::metrics::summarize_samples`] turns them into probabilities,
+//! votes and the t-test certainty.
+
+use std::path::Path;
+
+use candle_core::{Device, Tensor, D};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use serde::Serialize;
+
+use crate::config::{validate_sampler, ModelConfig};
+use crate::error::{Error, Result};
+use crate::metrics::{summarize_samples, SampleSummary};
+use crate::model::{load_model_dir, sample_probs, FerModel};
+
+/// The prediction for one face.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FacePrediction {
+    /// CARD summary: mean probabilities, majority label, vote shares, p-value, certain, entropy.
+    #[serde(flatten)]
+    pub card: SampleSummary,
+    /// f_φ's own softmax (the prior mean), for diagnostics and ablations.
+    pub fphi_probs: Vec<f32>,
+}
+
+/// Sampler settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct SamplerConfig {
+    pub samples: usize,
+    pub steps: usize,
+    pub seed: u64,
+}
+
+/// Encoder + f_φ + CARD sampler, ready to classify crops.
+pub struct Classifier {
+    config: ModelConfig,
+    model: FerModel,
+    device: Device,
+    sampler: SamplerConfig,
+    rng: StdRng,
+}
+
+impl Classifier {
+    /// Loads a model directory onto `device` with its default sampler settings.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let loaded = load_model_dir(dir, device)?;
+        Ok(Self::new(loaded.config, loaded.model, device.clone()))
+    }
+
+    /// Wraps an already built model.
+    pub fn new(config: ModelConfig, model: FerModel, device: Device) -> Self {
+        let sampler = SamplerConfig {
+            samples: config.card.samples,
+            steps: config.card.steps,
+            seed: 0,
+        };
+        Self {
+            config,
+            model,
+            device,
+            sampler,
+            rng: StdRng::seed_from_u64(0),
+        }
+    }
+
+    /// Overrides samples / steps / seed (validated against the model's T).
+    pub fn set_sampler(&mut self, sampler: SamplerConfig) -> Result<()> {
+        validate_sampler(sampler.samples, sampler.steps, self.config.card.timesteps)?;
+        self.sampler = sampler;
+        self.rng = StdRng::seed_from_u64(sampler.seed);
+        Ok(())
+    }
+
+    pub fn sampler(&self) -> SamplerConfig {
+        self.sampler
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    pub fn model(&self) -> &FerModel {
+        &self.model
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Normalised input tensor `(n, 1, S, S)` from `n` row-major gray crops of side S.
+    pub fn preprocess(&self, crops: &[u8]) -> Result<Tensor> {
+        let side = self.config.input.size;
+        let px = side * side;
+        if crops.is_empty() || !crops.len().is_multiple_of(px) {
+            return Err(Error::Msg(format!(
+                "crop buffer of {} bytes is not a whole number of {side}x{side} images",
+                crops.len()
+            )));
+        }
+        let (mean, std) = (self.config.input.mean, self.config.input.std);
+        let data: Vec<f32> = crops
+            .iter()
+            .map(|&p| (p as f32 / 255.0 - mean) / std)
+            .collect();
+        Ok(Tensor::from_vec(
+            data,
+            (crops.len() / px, 1, side, side),
+            &self.device,
+        )?)
+    }
+
+    /// Classifies `n` crops given as `n·S·S` bytes. Returns one prediction per crop, in order.
+    pub fn predict(&mut self, crops: &[u8]) -> Result<Vec<FacePrediction>> {
+        let xs = self.preprocess(crops)?;
+        self.predict_tensor(&xs)
+    }
+
+    /// Classifies a normalised batch `(n, 1, S, S)`.
+    pub fn predict_tensor(&mut self, xs: &Tensor) -> Result<Vec<FacePrediction>> {
+        let feats = self.model.features(xs, false)?;
+        let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
+        let y0 = self.model.sample(
+            &feats,
+            &f,
+            self.sampler.samples,
+            self.sampler.steps,
+            &mut self.rng,
+        )?;
+        let probs = sample_probs(&y0, self.config.card.temperature)?;
+        let (n, s, c) = probs.dims3()?;
+        let probs = probs.flatten_all()?.to_vec1::<f32>()?;
+        let fphi = f.to_vec2::<f32>()?;
+        Ok((0..n)
+            .zip(fphi)
+            .map(|(i, fphi_probs)| FacePrediction {
+                card: summarize_samples(
+                    &probs[i * s * c..(i + 1) * s * c],
+                    c,
+                    self.config.card.alpha,
+                ),
+                fphi_probs,
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,308 @@
+//! Classification and uncertainty metrics.
+//!
+//! PAvPU follows CARD's protocol (Han et al. 2022, §4.2 and their evaluation code's description):
+//! for each image take the two classes with the most votes among the samples, run a paired
+//! two-sided t-test between their per-sample probabilities; `p < α` means *certain*, and a NaN
+//! p-value (e.g. every difference identical, or a single sample) means *uncertain*.
+//! `PAvPU = (accurate ∧ certain + inaccurate ∧ uncertain) / N`. The paper's simpler variant, where
+//! a prediction is certain when its confidence reaches a threshold, is [`pavpu_threshold`].
+
+use serde::Serialize;
+use statrs::distribution::{ContinuousCDF, StudentsT};
+
+/// Two-sided p-value of the paired t-test between `a` and `b` (same length).
+///
+/// Returns NaN when the test is undefined: fewer than two pairs, or zero variance of the
+/// differences with zero mean. Zero variance with a non-zero mean gives p = 0 (t = ±∞).
+pub fn paired_t_test(a: &[f64], b: &[f64]) -> f64 {
+    let n = a.len().min(b.len());
+    if n < 2 {
+        return f64::NAN;
+    }
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
+    let mean = d.iter().sum::<f64>() / n as f64;
+    let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+    let se = (var / n as f64).sqrt();
+    if se == 0.0 {
+        return if mean == 0.0 { f64::NAN } else { 0.0 };
+    }
+    let t = mean / se;
+    match StudentsT::new(0.0, 1.0, (n - 1) as f64) {
+        Ok(dist) => 2.0 * (1.0 - dist.cdf(t.abs())),
+        Err(_) => f64::NAN,
+    }
+}
+
+/// The two classes with the most votes (ties broken by lower class index). With one class the
+/// second is the same class.
+pub fn top_two_by_votes(votes: &[usize]) -> (usize, usize) {
+    let mut order: Vec<usize> = (0..votes.len()).collect();
+    order.sort_by(|&i, &j| votes[j].cmp(&votes[i]).then(i.cmp(&j)));
+    let first = order.first().copied().unwrap_or(0);
+    (first, order.get(1).copied().unwrap_or(first))
+}
+
+/// What the samples of one image say, summarised (CARD §3.3 / DESIGN §3).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SampleSummary {
+    /// Mean over samples of the per-sample class probabilities.
+    pub probs: Vec<f32>,
+    /// Majority-vote class.
+    pub label: usize,
+    /// Share of samples whose argmax is each class.
+    pub votes: Vec<f32>,
+    /// Paired t-test p-value between the two most-voted classes (NaN when undefined).
+    pub p_value: f64,
+    /// `p_value < alpha` (NaN is uncertain).
+    pub certain: bool,
+    /// Entropy of `probs` in nats.
+    pub entropy: f32,
+}
+
+/// Summarises `samples × classes` per-sample probabilities (row-major).
+pub fn summarize_samples(probs: &[f32], classes: usize, alpha: f64) -> SampleSummary {
+    let samples = probs.len() / classes.max(1);
+    let mut mean = vec![0f32; classes];
+    let mut counts = vec![0usize; classes];
+    for row in probs.chunks_exact(classes) {
+        for (m, p) in mean.iter_mut().zip(row) {
+            *m += p;
+        }
+        counts[argmax(row)] += 1;
+    }
+    for m in &mut mean {
+        *m /= samples.max(1) as f32;
+    }
+    let (a, b) = top_two_by_votes(&counts);
+    let col = |k: usize| -> Vec<f64> { probs.chunks_exact(classes).map(|r| r[k] as f64).collect() };
+    let p_value = if a == b {
+        f64::NAN
+    } else {
+        paired_t_test(&col(a), &col(b))
+    };
+    SampleSummary {
+        label: a,
+        votes: counts
+            .iter()
+            .map(|&c| c as f32 / samples.max(1) as f32)
+            .collect(),
+        certain: p_value < alpha,
+        p_value,
+        entropy: entropy(&mean),
+        probs: mean,
+    }
+}
+
+/// Index of the largest value (first on ties; 0 for an empty slice).
+pub fn argmax(xs: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &x) in xs.iter().enumerate() {
+        if x > xs[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Shannon entropy in nats.
+pub fn entropy(p: &[f32]) -> f32 {
+    -p.iter()
+        .filter(|&&x| x > 0.0)
+        .map(|&x| x * x.ln())
+        .sum::<f32>()
+}
+
+/// Fraction of `pred == label`.
+pub fn accuracy(pred: &[usize], labels: &[usize]) -> f64 {
+    if labels.is_empty() {
+        return f64::NAN;
+    }
+    let hits = pred.iter().zip(labels).filter(|(p, l)| p == l).count();
+    hits as f64 / labels.len() as f64
+}
+
+/// `m[true][pred]` counts.
+pub fn confusion_matrix(pred: &[usize], labels: &[usize], classes: usize) -> Vec<Vec<usize>> {
+    let mut m = vec![vec![0usize; classes]; classes];
+    for (&p, &l) in pred.iter().zip(labels) {
+        if p < classes && l < classes {
+            m[l][p] += 1;
+        }
+    }
+    m
+}
+
+/// Recall of each class from a confusion matrix (NaN for a class with no examples).
+pub fn per_class_recall(confusion: &[Vec<usize>]) -> Vec<f64> {
+    confusion
+        .iter()
+        .enumerate()
+        .map(|(i, row)| {
+            let total: usize = row.iter().sum();
+            if total == 0 {
+                f64::NAN
+            } else {
+                row.get(i).copied().unwrap_or(0) as f64 / total as f64
+            }
+        })
+        .collect()
+}
+
+/// PAvPU from per-image accuracy and certainty flags.
+pub fn pavpu(accurate: &[bool], certain: &[bool]) -> f64 {
+    if accurate.is_empty() {
+        return f64::NAN;
+    }
+    let good = accurate
+        .iter()
+        .zip(certain)
+        .filter(|(a, c)| **a == **c)
+        .count();
+    good as f64 / accurate.len() as f64
+}
+
+/// CARD's PAvPU: certain ⇔ the t-test p-value is below `alpha` (NaN ⇒ uncertain).
+pub fn pavpu_ttest(accurate: &[bool], p_values: &[f64], alpha: f64) -> f64 {
+    let certain: Vec<bool> = p_values.iter().map(|&p| p < alpha).collect();
+    pavpu(accurate, &certain)
+}
+
+/// The paper's threshold variant: certain ⇔ confidence ≥ `threshold`.
+pub fn pavpu_threshold(accurate: &[bool], confidence: &[f32], threshold: f32) -> f64 {
+    let certain: Vec<bool> = confidence.iter().map(|&c| c >= threshold).collect();
+    pavpu(accurate, &certain)
+}
+
+/// Expected calibration error of the top-class confidence over `bins` equal-width bins.
+pub fn ece(probs: &[Vec<f32>], labels: &[usize], bins: usize) -> f64 {
+    if labels.is_empty() || bins == 0 {
+        return f64::NAN;
+    }
+    let mut count = vec![0usize; bins];
+    let mut conf_sum = vec![0f64; bins];
+    let mut acc_sum = vec![0f64; bins];
+    for (p, &l) in probs.iter().zip(labels) {
+        let k = argmax(p);
+        let c = p.get(k).copied().unwrap_or(0.0) as f64;
+        let bin = ((c * bins as f64) as usize).min(bins - 1);
+        count[bin] += 1;
+        conf_sum[bin] += c;
+        acc_sum[bin] += (k == l) as u8 as f64;
+    }
+    let n = labels.len() as f64;
+    (0..bins)
+        .filter(|&b| count[b] > 0)
+        .map(|b| (acc_sum[b] - conf_sum[b]).abs() / n)
+        .sum()
+}
+
+/// Mean negative log-likelihood of the true class (probabilities clamped at 1e-12).
+pub fn nll(probs: &[Vec<f32>], labels: &[usize]) -> f64 {
+    if labels.is_empty() {
+        return f64::NAN;
+    }
+    let total: f64 = probs
+        .iter()
+        .zip(labels)
+        .map(|(p, &l)| -(p.get(l).copied().unwrap_or(0.0) as f64).max(1e-12).ln())
+        .sum();
+    total / labels.len() as f64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn t_test_matches_reference_value() {
+        // d = [1, 2, 3, 4]: mean 2.5, sd 1.2910, t = 3.873, df 3 → p = 0.030466 (scipy ttest_rel).
+        let a = [2.0, 4.0, 6.0, 8.0];
+        let b = [1.0, 2.0, 3.0, 4.0];
+        let p = paired_t_test(&a, &b);
+        assert!((p - 0.030466).abs() < 1e-5, "{p}");
+        // Symmetric in its arguments.
+        assert!((paired_t_test(&b, &a) - p).abs() < 1e-12);
+    }
+
+    #[test]
+    fn t_test_degenerate_cases() {
+        assert!(paired_t_test(&[1.0], &[0.0]).is_nan());
+        assert!(paired_t_test(&[0.5, 0.5], &[0.5, 0.5]).is_nan());
+        assert_eq!(paired_t_test(&[0.9, 0.9, 0.9], &[0.1, 0.1, 0.1]), 0.0);
+    }
+
+    #[test]
+    fn summary_when_all_samples_vote_for_one_class() {
+        // 4 samples, 3 classes, class 1 always wins with varying margins.
+        let probs = [
+            0.1, 0.8, 0.1, //
+            0.2, 0.7, 0.1, //
+            0.1, 0.85, 0.05, //
+            0.15, 0.75, 0.1,
+        ];
+        let s = summarize_samples(&probs, 3, 0.05);
+        assert_eq!(s.label, 1);
+        assert_eq!(s.votes, vec![0.0, 1.0, 0.0]);
+        // Runner-up by votes is a tie at 0; the lower index (0) is taken.
+        // d = [0.7, 0.5, 0.75, 0.6]: t = 11.50 on 3 df, p = 0.00141.
+        assert!(
+            (s.p_value - 0.00141).abs() < 1e-4 && s.certain,
+            "{}",
+            s.p_value
+        );
+        assert!((s.probs[1] - 0.775).abs() < 1e-6);
+        assert!(s.entropy > 0.0);
+    }
+
+    #[test]
+    fn summary_nan_p_value_is_uncertain() {
+        let s = summarize_samples(&[0.2, 0.8], 2, 0.05);
+        assert!(s.p_value.is_nan());
+        assert!(!s.certain);
+        assert_eq!(s.label, 1);
+    }
+
+    #[test]
+    fn split_votes_are_uncertain() {
+        let probs = [0.6, 0.4, 0.4, 0.6, 0.55, 0.45, 0.45, 0.55];
+        let s = summarize_samples(&probs, 2, 0.05);
+        assert_eq!(s.votes, vec![0.5, 0.5]);
+        assert!(!s.certain);
+        assert_eq!(s.label, 0);
+    }
+
+    #[test]
+    fn pavpu_counts_the_right_cells() {
+        let accurate = [true, true, false, false];
+        let p = [0.01, 0.5, 0.01, f64::NAN];
+        // certain: T F T F → (acc∧cert)=1, (inacc∧uncert)=1 → 2/4.
+        assert_eq!(pavpu_ttest(&accurate, &p, 0.05), 0.5);
+        assert_eq!(pavpu_threshold(&accurate, &[0.9, 0.4, 0.3, 0.2], 0.5), 0.75);
+    }
+
+    #[test]
+    fn accuracy_confusion_recall() {
+        let pred = [0, 1, 1, 2, 2, 2];
+        let lab = [0, 1, 2, 2, 2, 0];
+        assert!((accuracy(&pred, &lab) - 4.0 / 6.0).abs() < 1e-12);
+        let m = confusion_matrix(&pred, &lab, 3);
+        assert_eq!(m, vec![vec![1, 0, 1], vec![0, 1, 0], vec![0, 1, 2]]);
+        let r = per_class_recall(&m);
+        assert_eq!(r[0], 0.5);
+        assert_eq!(r[1], 1.0);
+        assert!((r[2] - 2.0 / 3.0).abs() < 1e-12);
+        assert!(per_class_recall(&[vec![0, 0], vec![0, 1]])[0].is_nan());
+    }
+
+    #[test]
+    fn ece_and_nll_hand_values() {
+        // Two predictions at confidence 0.8 in one bin, one right: |0.5 − 0.8| = 0.3.
+        let probs = vec![vec![0.8, 0.2], vec![0.8, 0.2]];
+        let labels = [0, 1];
+        assert!((ece(&probs, &labels, 10) - 0.3).abs() < 1e-6);
+        let expected = (-(0.8f64.ln()) - (0.2f64.ln())) / 2.0;
+        assert!((nll(&probs, &labels) - expected).abs() < 1e-6);
+        // Perfectly calibrated one-hot predictions.
+        assert!(ece(&[vec![1.0, 0.0]], &[0], 10).abs() < 1e-12);
+    }
+}

@@ -1,0 +1,309 @@
+//! The fer-cam network: ResNet18+CBAM encoder, supervised head f_φ, CARD noise network; and the
+//! model directory format (`config.json` + `model.safetensors`).
+
+pub mod barlow;
+pub mod card;
+pub mod cbam;
+pub mod diffusion;
+pub mod resnet;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Module, ModuleT, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder, VarMap};
+use rand::Rng;
+use rand_distr::StandardNormal;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use card::CardNet;
+use diffusion::{reverse_pairs, reverse_step, sampling_timesteps, Schedule};
+use resnet::ResNet;
+
+/// File names inside a model directory.
+pub const CONFIG_FILE: &str = "config.json";
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Encoder + f_φ head + CARD ε_θ, all built from one [`ModelConfig`].
+#[derive(Debug, Clone)]
+pub struct FerModel {
+    pub encoder: ResNet,
+    pub head: Linear,
+    pub card: CardNet,
+    schedule: Schedule,
+}
+
+impl FerModel {
+    /// Builds (or, with a loaded `VarBuilder`, restores) the model. Weight names are prefixed
+    /// `encoder.`, `head.`, `card.`.
+    pub fn new(cfg: &ModelConfig, vb: VarBuilder) -> candle_core::Result<Self> {
+        let encoder = ResNet::new(&cfg.encoder, vb.pp("encoder"))?;
+        let feat = encoder.out_dim();
+        let classes = cfg.num_classes();
+        let head = linear(feat, classes, vb.pp("head"))?;
+        let c = &cfg.card;
+        let card = CardNet::new(feat, classes, c.hidden, c.timesteps, vb.pp("card"))?;
+        Ok(Self {
+            encoder,
+            head,
+            card,
+            schedule: Schedule::linear(c.timesteps, c.beta_start, c.beta_end),
+        })
+    }
+
+    /// The diffusion schedule the CARD head was built for.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// Encoder features `(b, F)` of normalised crops `(b, 1, H, W)`.
+    pub fn features(&self, xs: &Tensor, train: bool) -> candle_core::Result<Tensor> {
+        self.encoder.forward_t(xs, train)
+    }
+
+    /// f_φ logits `(b, C)` from features.
+    pub fn head_logits(&self, features: &Tensor) -> candle_core::Result<Tensor> {
+        self.head.forward(features)
+    }
+
+    /// Draws `samples` CARD samples of ŷ_0 per image: returns `(b, samples, C)`.
+    ///
+    /// `f` is f_φ's softmax `(b, C)`; `steps` picks a strided subset of the T training steps.
+    /// Noise comes from `rng` so a seeded run is reproducible on any device.
+    pub fn sample<R: Rng>(
+        &self,
+        features: &Tensor,
+        f: &Tensor,
+        samples: usize,
+        steps: usize,
+        rng: &mut R,
+    ) -> candle_core::Result<Tensor> {
+        let (b, c) = f.dims2()?;
+        let n = b * samples;
+        let dev = f.device();
+        let repeat = |xs: &Tensor| -> candle_core::Result<Tensor> {
+            let d = xs.dim(1)?;
+            xs.unsqueeze(1)?
+                .broadcast_as((b, samples, d))?
+                .reshape((n, d))
+        };
+        let emb = repeat(&self.card.embed_image(features, false)?)?;
+        let f_rep = repeat(f)?;
+        let mut noise = |len: usize| -> candle_core::Result<Tensor> {
+            let v: Vec<f32> = (0..len).map(|_| rng.sample(StandardNormal)).collect();
+            Tensor::from_vec(v, (n, c), dev)
+        };
+        // Prior y_T ~ N(f_φ(x), I).
+        let mut y = (&f_rep + noise(n * c)?)?;
+        for (t, prev) in reverse_pairs(&sampling_timesteps(self.schedule.len(), steps)) {
+            let coeffs = self.schedule.step_coeffs(t, prev);
+            let t_idx = Tensor::full(t as u32, n, dev)?;
+            let eps_hat = self
+                .card
+                .forward_embedded(&emb, &y, &f_rep, &t_idx, false)?;
+            let z = if coeffs.last {
+                y.zeros_like()?
+            } else {
+                noise(n * c)?
+            };
+            y = reverse_step(&y, &f_rep, &eps_hat, &z, &coeffs)?;
+        }
+        y.reshape((b, samples, c))
+    }
+}
+
+/// Per-sample class probabilities from ŷ_0 samples: `softmax(−(ŷ_0 − 1)²/τ)` over the last dim.
+pub fn sample_probs(y0: &Tensor, temperature: f64) -> candle_core::Result<Tensor> {
+    let scores = ((y0 - 1.0)?.sqr()?.neg()? / temperature)?;
+    candle_nn::ops::softmax(&scores, D::Minus1)
+}
+
+/// A model directory loaded into memory: its config and the weights as a `VarBuilder`.
+pub struct LoadedModel {
+    pub config: ModelConfig,
+    pub model: FerModel,
+    pub dir: PathBuf,
+}
+
+fn first_line(e: impl std::fmt::Display) -> String {
+    e.to_string().lines().next().unwrap_or("").to_string()
+}
+
+/// Reads and validates `DIR/config.json`.
+pub fn read_config(dir: &Path) -> Result<ModelConfig> {
+    let path = dir.join(CONFIG_FILE);
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let cfg: ModelConfig = serde_json::from_str(&text)
+        .map_err(|e| Error::model(&path, format!("not a valid model config: {e}")))?;
+    cfg.validate()
+        .map_err(|e| Error::model(&path, first_line(e)))?;
+    Ok(cfg)
+}
+
+/// Loads a model directory onto `device`. Any problem — missing file, bad JSON, truncated or
+/// corrupt safetensors, a tensor missing or of the wrong shape, an unexpected tensor — is an
+/// [`Error::Model`] naming the file.
+pub fn load_model_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
+    let config = read_config(dir)?;
+    let path = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
+        Error::model(
+            &path,
+            format!("not a valid safetensors file: {}", first_line(e)),
+        )
+    })?;
+    for (name, t) in &tensors {
+        if t.dtype() != DType::F32 {
+            return Err(Error::model(
+                &path,
+                format!("tensor {name} has dtype {:?}, expected F32", t.dtype()),
+            ));
+        }
+    }
+    let expected = expected_tensor_names(&config)?;
+    if let Some(extra) = tensors.keys().find(|k| !expected.contains_key(*k)) {
+        return Err(Error::model(
+            &path,
+            format!("unexpected tensor {extra} (weights do not match {CONFIG_FILE})"),
+        ));
+    }
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    let model = FerModel::new(&config, vb).map_err(|e| {
+        Error::model(
+            &path,
+            format!("weights do not match {CONFIG_FILE}: {}", first_line(e)),
+        )
+    })?;
+    Ok(LoadedModel {
+        config,
+        model,
+        dir: dir.to_path_buf(),
+    })
+}
+
+/// Names and shapes of every tensor a model with this config has.
+pub fn expected_tensor_names(cfg: &ModelConfig) -> Result<HashMap<String, Vec<usize>>> {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    FerModel::new(cfg, vb)?;
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Msg("poisoned var map".into()))?;
+    Ok(data
+        .iter()
+        .map(|(k, v)| (k.clone(), v.dims().to_vec()))
+        .collect())
+}
+
+/// A freshly initialised model (random weights) and its variables.
+pub fn init_model(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<(VarMap, FerModel)> {
+    cfg.validate()?;
+    // candle's initialisers draw from a thread rng; seeding the device makes them repeatable
+    // where the backend supports it.
+    let _ = device.set_seed(seed);
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
+    let model = FerModel::new(cfg, vb)?;
+    Ok((vm, model))
+}
+
+/// Writes `config.json` and `model.safetensors` into `dir` so that a reader never sees a half
+/// written directory: everything goes into a sibling temp directory which then replaces `dir`.
+pub fn save_model_dir(dir: &Path, cfg: &ModelConfig, vars: &VarMap) -> Result<()> {
+    cfg.validate()?;
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::file(dir, "model directory needs a name"))?
+        .to_string_lossy()
+        .to_string();
+    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    }
+    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    let cfg_path = tmp.join(CONFIG_FILE);
+    std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+    let w_path = tmp.join(WEIGHTS_FILE);
+    vars.save(&w_path)
+        .map_err(|e| Error::model(&w_path, first_line(e)))?;
+    for p in [&cfg_path, &w_path] {
+        let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+        f.sync_all().map_err(|e| Error::io(p, e))?;
+    }
+    if dir.exists() {
+        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
+        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
+    } else {
+        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Stem;
+    use rand::SeedableRng;
+
+    fn small_cfg(stem: Stem, cbam: bool) -> ModelConfig {
+        let mut cfg = ModelConfig::default();
+        cfg.encoder.stem = stem;
+        cfg.encoder.cbam = cbam;
+        cfg.encoder.widths = [8, 16, 16, 32];
+        cfg.encoder.blocks = [1, 1, 1, 1];
+        cfg.encoder.cbam_reduction = 4;
+        cfg.card.hidden = 16;
+        cfg
+    }
+
+    #[test]
+    fn shapes_for_batch_and_samples() -> Result<()> {
+        for (stem, cbam) in [(Stem::Conv3x3, true), (Stem::Conv7x7Pool, false)] {
+            let cfg = small_cfg(stem, cbam);
+            let (_vm, m) = init_model(&cfg, &Device::Cpu, 1)?;
+            let xs = Tensor::randn(0f32, 1., (3, 1, 48, 48), &Device::Cpu)?;
+            let feats = m.features(&xs, false)?;
+            assert_eq!(feats.dims(), &[3, 32]);
+            let f = candle_nn::ops::softmax(&m.head_logits(&feats)?, D::Minus1)?;
+            assert_eq!(f.dims(), &[3, 7]);
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+            let ys = m.sample(&feats, &f, 5, 4, &mut rng)?;
+            assert_eq!(ys.dims(), &[3, 5, 7]);
+            let p = sample_probs(&ys, 1.0)?;
+            let sums = p.sum(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
+            assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
+            // Train mode works too (batch statistics), with CBAM on odd spatial sizes.
+            let xs = Tensor::randn(0f32, 1., (2, 1, 45, 45), &Device::Cpu)?;
+            assert_eq!(m.features(&xs, true)?.dims(), &[2, 32]);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn seeded_sampling_is_repeatable() -> Result<()> {
+        let cfg = small_cfg(Stem::Conv7x7Pool, true);
+        let (_vm, m) = init_model(&cfg, &Device::Cpu, 1)?;
+        let feats = Tensor::randn(0f32, 1., (2, 32), &Device::Cpu)?;
+        let f = candle_nn::ops::softmax(&m.head_logits(&feats)?, D::Minus1)?;
+        let draw = |seed| -> Result<Vec<f32>> {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+            Ok(m.sample(&feats, &f, 3, 10, &mut rng)?
+                .flatten_all()?
+                .to_vec1::<f32>()?)
+        };
+        assert_eq!(draw(7)?, draw(7)?);
+        assert_ne!(draw(7)?, draw(8)?);
+        Ok(())
+    }
+}

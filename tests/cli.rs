@@ -1,0 +1,266 @@
+//! The `fer-cam` binary end to end: init, eval, data, and its error and exit-code behaviour.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(common::bin())
+        .args(args)
+        .env(
+            "FER_CAM_CACHE",
+            std::env::temp_dir().join("fer-cam-test-cache"),
+        )
+        .output()
+        .unwrap()
+}
+
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+fn init_fast_model(dir: &Path) {
+    let o = run(&[
+        "init",
+        "--out",
+        dir.to_str().unwrap(),
+        "--stem",
+        "conv7x7_pool",
+        "--seed",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+}
+
+#[test]
+fn init_then_eval_writes_report_and_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_fast_model(&model);
+    let csv = tmp.path().join("fer.csv");
+    common::write_fer_csv(&csv, 20);
+    let json = tmp.path().join("report.json");
+    let o = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        csv.to_str().unwrap(),
+        "--split",
+        "PrivateTest",
+        "--samples",
+        "8",
+        "--steps",
+        "4",
+        "--batch-size",
+        "7",
+        "--json",
+        json.to_str().unwrap(),
+        "--no-cache",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    for want in [
+        "accuracy (CARD majority vote)",
+        "PAvPU (t-test",
+        "confusion matrix",
+        "images/s",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in\n{out}");
+    }
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["images"], 20);
+    assert_eq!(r["samples"], 8);
+    assert_eq!(r["steps"], 4);
+    let acc = r["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    let total: u64 = r["confusion"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
+        .sum();
+    assert_eq!(total, 20);
+    // Same seed, same report numbers.
+    let json2 = tmp.path().join("report2.json");
+    let o = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        csv.to_str().unwrap(),
+        "--samples",
+        "8",
+        "--steps",
+        "4",
+        "--batch-size",
+        "7",
+        "--json",
+        json2.to_str().unwrap(),
+        "--no-cache",
+        "--quiet",
+    ]);
+    assert!(o.status.success());
+    let r2: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json2).unwrap()).unwrap();
+    assert_eq!(r["accuracy"], r2["accuracy"]);
+    assert_eq!(r["pavpu_ttest"], r2["pavpu_ttest"]);
+}
+
+#[test]
+fn bad_input_gives_one_line_errors_and_exit_1() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_fast_model(&model);
+    let csv = tmp.path().join("fer.csv");
+    common::write_fer_csv(&csv, 3);
+    let m = model.to_str().unwrap();
+    let d = csv.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "eval",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--steps",
+                "11",
+                "--no-cache",
+            ],
+            "steps 11",
+        ),
+        (
+            vec![
+                "eval",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--samples",
+                "0",
+                "--no-cache",
+            ],
+            "samples 0",
+        ),
+        (
+            vec![
+                "eval",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--split",
+                "dev",
+                "--no-cache",
+            ],
+            "split \"dev\"",
+        ),
+        (
+            vec![
+                "eval",
+                "--model",
+                m,
+                "--data",
+                "/nonexistent.csv",
+                "--no-cache",
+            ],
+            "/nonexistent.csv",
+        ),
+        (
+            vec!["eval", "--model", "/nonexistent", "--data", d],
+            "config.json",
+        ),
+        (
+            vec!["eval", "--model", m, "--data", d, "--device", "tpu"],
+            "--device \"tpu\"",
+        ),
+        (vec!["init", "--out", m], "already exists"),
+        (
+            vec!["init", "--out", "/tmp/x", "--stem", "conv5x5"],
+            "stem \"conv5x5\"",
+        ),
+    ];
+    for (args, want) in cases {
+        let o = run(&args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", stderr(&o));
+        let e = stderr(&o);
+        let last = e.lines().last().unwrap_or("");
+        assert!(
+            last.starts_with("error: ") && last.contains(want),
+            "{args:?}: {e}"
+        );
+        assert!(o.stdout.is_empty());
+    }
+    // A corrupt dataset row: file and line.
+    std::fs::write(&csv, "emotion,pixels,Usage\n3,1 2 3,Training\n").unwrap();
+    let o = run(&["data", "--data", d, "--no-cache"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        stderr(&o).contains("fer.csv:2: expected 2304 pixels"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn closed_stdout_is_not_an_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = tmp.path().join("fer.csv");
+    common::write_fer_csv(&csv, 3);
+    let mut child = Command::new(common::bin())
+        .args(["data", "--data", csv.to_str().unwrap(), "--no-cache"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A freshly initialised model over real PrivateTest images runs to completion at chance level.
+#[test]
+fn untrained_model_on_real_private_test_is_near_chance() {
+    let Some(shared) = common::shared_dir() else {
+        common::skip_loudly(
+            "untrained_model_on_real_private_test_is_near_chance",
+            Path::new("../shared"),
+        );
+        return;
+    };
+    let data = shared.join("data/fer2013/fer2013.csv.gz");
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_fast_model(&model);
+    let json = tmp.path().join("r.json");
+    let o = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--split",
+        "PrivateTest",
+        "--limit",
+        "512",
+        "--json",
+        json.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(r["images"], 512);
+    let acc = r["accuracy"].as_f64().unwrap();
+    // The largest PrivateTest class (happy) is 24.5%: an untrained model cannot do much better.
+    assert!(acc < 0.35, "untrained accuracy {acc}");
+}

@@ -1,0 +1,54 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// `../shared` next to the repository, if this checkout has it.
+pub fn shared_dir() -> Option<PathBuf> {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    p.is_dir().then_some(p)
+}
+
+/// Says loudly that a test could not run its real-data part.
+pub fn skip_loudly(test: &str, what: &Path) {
+    eprintln!(
+        "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
+         !!! SKIPPED {test}: {} not found (needs ../shared beside the repo)\n\
+         !!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n",
+        what.display()
+    );
+}
+
+/// One CSV row with deterministic pseudo-random pixels.
+pub fn csv_row(label: u8, usage: &str, seed: u32) -> String {
+    let mut x = seed.wrapping_mul(2_654_435_761).wrapping_add(12345);
+    let pixels: Vec<String> = (0..2304)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x % 256).to_string()
+        })
+        .collect();
+    format!("{label},{},{usage}\n", pixels.join(" "))
+}
+
+/// A small FER2013-layout CSV: `per_split` rows for each of the three splits, labels cycling.
+pub fn write_fer_csv(path: &Path, per_split: usize) {
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(b"emotion,pixels,Usage\n").unwrap();
+    let mut seed = 1;
+    for usage in ["Training", "PublicTest", "PrivateTest"] {
+        for i in 0..per_split {
+            f.write_all(csv_row((i % 7) as u8, usage, seed).as_bytes())
+                .unwrap();
+            seed += 1;
+        }
+    }
+}
+
+/// Path of the built binary.
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_fer-cam")
+}

@@ -1,0 +1,236 @@
+//! Dataset loading: the CSV and image-folder layouts, error reporting, and the binary cache.
+
+mod common;
+
+use std::io::Write;
+use std::path::Path;
+
+use fer_cam::data::{load, LoadOptions};
+use fer_cam::Error;
+
+fn no_cache() -> LoadOptions {
+    LoadOptions::default()
+}
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+fn load_err(path: &Path) -> String {
+    let e = load(path, &no_cache()).unwrap_err();
+    let s = e.to_string();
+    assert_eq!(s.lines().count(), 1, "error must be one line: {s}");
+    s
+}
+
+#[test]
+fn csv_plain_and_gzip_load_with_splits() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("fer.csv");
+    common::write_fer_csv(&csv, 10);
+    let (ds, info) = load(&csv, &no_cache()).unwrap();
+    assert!(!info.from_cache);
+    assert_eq!(ds.len(), 30);
+    assert_eq!(ds.split_counts(), vec![10, 10, 10]);
+    assert_eq!(ds.class_names[3], "happy");
+    assert_eq!(ds.labels[..8], [0, 1, 2, 3, 4, 5, 6, 0]);
+    assert_eq!(ds.select_split("PrivateTest").unwrap().len(), 10);
+
+    // Same content gzip-compressed, with CRLF line ends and the columns in another order.
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let mut lines = text.lines();
+    lines.next();
+    let mut reordered = String::from("Usage,emotion,pixels\r\n");
+    for l in lines {
+        let parts: Vec<&str> = l.split(',').collect();
+        reordered += &format!("{},{},{}\r\n", parts[2], parts[0], parts[1]);
+    }
+    let gz = dir.path().join("fer.csv.gz");
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(reordered.as_bytes()).unwrap();
+    enc.finish().unwrap();
+    let (ds2, _) = load(&gz, &no_cache()).unwrap();
+    assert_eq!(ds2, ds);
+}
+
+#[test]
+fn bad_rows_fail_with_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.csv");
+    let good = common::csv_row(3, "Training", 1);
+    let cases: Vec<(String, &str)> = vec![
+        (
+            good.replace(",Training", ",Training,extra"),
+            "expected 3 fields, found 4",
+        ),
+        (good.replacen("3,", "7,", 1), "unknown class \"7\""),
+        (good.replacen("3,", "x,", 1), "unknown class \"x\""),
+        (
+            good.replace("Training", "Trainng"),
+            "unknown Usage \"Trainng\"",
+        ),
+        (
+            good.replacen(",", ",1 ", 1),
+            "expected 2304 pixels (48x48), found 2305",
+        ),
+        (
+            good.rsplit_once(' ').unwrap().0.to_string() + ",Training\n",
+            "expected 2304 pixels (48x48), found 2303",
+        ),
+        (good.replacen(",", ",300 ", 1), "pixel 1 is \"300\""),
+    ];
+    for (bad, want) in cases {
+        write(&p, &format!("emotion,pixels,Usage\n{good}{bad}"));
+        let e = load_err(&p);
+        assert!(e.contains("bad.csv:3:"), "{e}");
+        assert!(e.contains(want), "wanted {want:?} in {e}");
+    }
+    write(&p, "");
+    assert!(load_err(&p).contains("empty file"));
+    write(&p, "emotion,Usage\n");
+    assert!(load_err(&p).contains("no \"pixels\" column"));
+    write(&p, "emotion,pixels,Usage\n");
+    assert!(load_err(&p).contains("no data rows"));
+    let missing = load(&dir.path().join("nope.csv"), &no_cache()).unwrap_err();
+    assert!(matches!(missing, Error::Io { .. }));
+}
+
+#[test]
+fn truncated_gzip_is_an_error_not_a_short_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("fer.csv");
+    common::write_fer_csv(&csv, 5);
+    let gz = dir.path().join("fer.csv.gz");
+    let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    enc.write_all(&std::fs::read(&csv).unwrap()).unwrap();
+    let bytes = enc.finish().unwrap();
+    std::fs::write(&gz, &bytes[..bytes.len() / 2]).unwrap();
+    let e = load_err(&gz);
+    assert!(e.contains("fer.csv.gz:"), "{e}");
+}
+
+#[test]
+fn cache_makes_second_load_hit_and_survives_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("fer.csv");
+    common::write_fer_csv(&csv, 4);
+    let opts = LoadOptions {
+        cache_dir: Some(dir.path().join("cache")),
+    };
+    let (a, i1) = load(&csv, &opts).unwrap();
+    assert!(
+        !i1.from_cache && i1.warnings.is_empty(),
+        "{:?}",
+        i1.warnings
+    );
+    let (b, i2) = load(&csv, &opts).unwrap();
+    assert!(i2.from_cache);
+    assert_eq!(a, b);
+    // Flip a byte in the cached pixels: detected, reported, re-parsed, rewritten.
+    let cf = i2.cache_file.unwrap();
+    let mut bytes = std::fs::read(&cf).unwrap();
+    let k = bytes.len() - 100;
+    bytes[k] ^= 0xff;
+    std::fs::write(&cf, &bytes).unwrap();
+    let (c, i3) = load(&csv, &opts).unwrap();
+    assert!(!i3.from_cache);
+    assert!(
+        i3.warnings[0].contains("corrupt cache"),
+        "{:?}",
+        i3.warnings
+    );
+    assert_eq!(c, a);
+    // A truncated cache too.
+    std::fs::write(&cf, &bytes[..30]).unwrap();
+    let (_, i4) = load(&csv, &opts).unwrap();
+    assert!(!i4.from_cache && !i4.warnings.is_empty());
+    assert!(load(&csv, &opts).unwrap().1.from_cache);
+    // Changing the source invalidates the cache.
+    common::write_fer_csv(&csv, 5);
+    let (d, i5) = load(&csv, &opts).unwrap();
+    assert!(!i5.from_cache);
+    assert_eq!(d.len(), 15);
+}
+
+#[test]
+fn image_folder_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("faces");
+    let put = |split: &str, class: &str, name: &str, img: image::DynamicImage| {
+        let d = root.join(split).join(class);
+        std::fs::create_dir_all(&d).unwrap();
+        img.save(d.join(name)).unwrap();
+    };
+    let gray = image::GrayImage::from_fn(48, 48, |x, y| image::Luma([(x + y) as u8]));
+    put("train", "happy", "a.png", gray.clone().into());
+    put("train", "angry", "b.png", gray.clone().into());
+    put("test", "happy", "c.png", gray.clone().into());
+    // A larger colour crop is converted and resized.
+    let rgb = image::RgbImage::from_pixel(96, 64, image::Rgb([200, 100, 50]));
+    put("test", "contempt", "d.jpg", rgb.into());
+    std::fs::write(root.join("test/happy/notes.txt"), "ignored").unwrap();
+    let (ds, _) = load(&root, &no_cache()).unwrap();
+    assert_eq!(ds.class_names, vec!["angry", "contempt", "happy"]);
+    assert_eq!(ds.split_names, vec!["test", "train"]);
+    assert_eq!(ds.len(), 4);
+    assert_eq!(ds.select_split("Training").unwrap().labels, vec![0, 2]);
+    assert_eq!(ds.select_split("PrivateTest").unwrap().len(), 2);
+    assert_eq!(ds.image(2), gray.as_raw().as_slice());
+    // An unreadable image names its file.
+    std::fs::write(root.join("train/angry/broken.png"), b"not a png").unwrap();
+    let e = load_err(&root);
+    assert!(
+        e.contains("broken.png") && e.contains("cannot decode"),
+        "{e}"
+    );
+    let empty = dir.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    assert!(load_err(&empty).contains("no images found"));
+}
+
+/// The real FER2013 file: official split and class counts, and the cache's cold/warm loads.
+#[test]
+fn fer2013_from_shared_has_official_counts() {
+    let Some(shared) = common::shared_dir() else {
+        common::skip_loudly(
+            "fer2013_from_shared_has_official_counts",
+            Path::new("../shared"),
+        );
+        return;
+    };
+    let path = shared.join("data/fer2013/fer2013.csv.gz");
+    if !path.exists() {
+        common::skip_loudly("fer2013_from_shared_has_official_counts", &path);
+        return;
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let opts = LoadOptions {
+        cache_dir: Some(cache.path().to_path_buf()),
+    };
+    let (ds, cold) = load(&path, &opts).unwrap();
+    assert_eq!(ds.len(), 35_887);
+    assert_eq!(ds.split_counts(), vec![28_709, 3_589, 3_589]);
+    let private = ds.select_split("PrivateTest").unwrap();
+    assert_eq!(
+        private.class_counts(),
+        vec![491, 55, 528, 879, 594, 416, 626]
+    );
+    let training = ds.select_split("Training").unwrap();
+    assert_eq!(
+        training.class_counts(),
+        vec![3995, 436, 4097, 7215, 4830, 3171, 4965]
+    );
+    // First row of the original file: label 0, Training, pixels start 70 80 82 72 58.
+    assert_eq!(ds.labels[0], 0);
+    assert_eq!(&ds.image(0)[..5], &[70, 80, 82, 72, 58]);
+    let (again, warm) = load(&path, &opts).unwrap();
+    assert!(warm.from_cache);
+    assert_eq!(again, ds);
+    eprintln!(
+        "FER2013 load: cold {:.3} s, warm (cache) {:.3} s",
+        cold.seconds, warm.seconds
+    );
+}

@@ -1,0 +1,136 @@
+//! The model directory format: round trip, and clear one-line errors for every kind of bad file.
+
+use std::path::Path;
+
+use candle_core::Device;
+use fer_cam::config::{ModelConfig, Stem};
+use fer_cam::model::{init_model, load_model_dir, save_model_dir, CONFIG_FILE, WEIGHTS_FILE};
+use fer_cam::Classifier;
+
+fn small(cbam: bool) -> ModelConfig {
+    let mut cfg = ModelConfig::default();
+    cfg.encoder.stem = Stem::Conv7x7Pool;
+    cfg.encoder.cbam = cbam;
+    cfg.encoder.widths = [8, 8, 16, 16];
+    cfg.encoder.blocks = [1, 1, 1, 1];
+    cfg.encoder.cbam_reduction = 4;
+    cfg.card.hidden = 16;
+    cfg.card.samples = 8;
+    cfg
+}
+
+fn save(dir: &Path, cfg: &ModelConfig) {
+    let (vm, _) = init_model(cfg, &Device::Cpu, 3).unwrap();
+    save_model_dir(dir, cfg, &vm).unwrap();
+}
+
+fn load_err(dir: &Path) -> String {
+    let msg = match load_model_dir(dir, &Device::Cpu) {
+        Ok(_) => panic!("loading {} should fail", dir.display()),
+        Err(e) => e.to_string(),
+    };
+    assert_eq!(msg.lines().count(), 1, "one line please: {msg}");
+    msg
+}
+
+#[test]
+fn round_trip_and_predict() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let cfg = small(true);
+    save(&dir, &cfg);
+    // Saving again over an existing directory replaces it and leaves no temp files behind.
+    save(&dir, &cfg);
+    let names: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names.len(), 1, "{names:?}");
+    let loaded = load_model_dir(&dir, &Device::Cpu).unwrap();
+    assert_eq!(loaded.config, cfg);
+    let mut clf = Classifier::load(&dir, &Device::Cpu).unwrap();
+    let crops = vec![128u8; 3 * 48 * 48];
+    let preds = clf.predict(&crops).unwrap();
+    assert_eq!(preds.len(), 3);
+    for p in &preds {
+        assert_eq!(p.card.probs.len(), 7);
+        assert!((p.card.probs.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        assert!((p.card.votes.iter().sum::<f32>() - 1.0).abs() < 1e-4);
+        assert!(p.card.label < 7);
+        assert!(p.card.entropy >= 0.0 && p.card.entropy <= (7f32).ln() + 1e-4);
+        assert_eq!(p.card.certain, p.card.p_value < 0.05);
+    }
+    // Identical crops with the same model: same f_phi output.
+    assert_eq!(preds[0].fphi_probs, preds[2].fphi_probs);
+    assert!(clf.predict(&crops[..100]).is_err());
+}
+
+#[test]
+fn corrupt_truncated_and_mismatched_files_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    save(&dir, &small(true));
+    let cfg_path = dir.join(CONFIG_FILE);
+    let w_path = dir.join(WEIGHTS_FILE);
+    let good_cfg = std::fs::read_to_string(&cfg_path).unwrap();
+    let good_w = std::fs::read(&w_path).unwrap();
+
+    std::fs::write(&cfg_path, "{ not json").unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("config.json") && e.contains("not a valid model config"),
+        "{e}"
+    );
+
+    std::fs::write(
+        &cfg_path,
+        good_cfg.replace("\"format_version\": 1", "\"format_version\": 9"),
+    )
+    .unwrap();
+    assert!(load_err(&dir).contains("format_version 9"));
+
+    std::fs::write(&cfg_path, &good_cfg).unwrap();
+    std::fs::write(&w_path, &good_w[..good_w.len() / 2]).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("model.safetensors") && e.contains("not a valid safetensors"),
+        "{e}"
+    );
+
+    std::fs::write(&w_path, b"garbage").unwrap();
+    assert!(load_err(&dir).contains("model.safetensors"));
+
+    std::fs::remove_file(&w_path).unwrap();
+    assert!(load_err(&dir).contains("model.safetensors"));
+
+    // Weights with CBAM, config without: unexpected tensors.
+    std::fs::write(&w_path, &good_w).unwrap();
+    let mut no_cbam = small(false);
+    std::fs::write(&cfg_path, serde_json::to_string(&no_cbam).unwrap()).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("unexpected tensor") && e.contains("cbam"), "{e}");
+
+    // Config wants CBAM, weights lack it: a missing tensor.
+    save(&dir, &no_cbam);
+    std::fs::write(&cfg_path, serde_json::to_string(&small(true)).unwrap()).unwrap();
+    let e = load_err(&dir);
+    assert!(e.contains("weights do not match"), "{e}");
+
+    // Same names, other shapes (wider encoder in the config).
+    no_cbam.encoder.widths = [8, 8, 16, 32];
+    save(&dir, &small(false));
+    std::fs::write(&cfg_path, serde_json::to_string(&no_cbam).unwrap()).unwrap();
+    let e = load_err(&dir);
+    assert!(
+        e.contains("weights do not match") && e.contains("shape"),
+        "{e}"
+    );
+
+    // Class count differs.
+    let mut five = small(false);
+    five.classes.truncate(5);
+    std::fs::write(&cfg_path, serde_json::to_string(&five).unwrap()).unwrap();
+    assert!(load_err(&dir).contains("weights do not match"));
+
+    assert!(load_err(&tmp.path().join("absent")).contains("config.json"));
+}
