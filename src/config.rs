@@ -4,6 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::kernels::ConvKernels;
 
 /// The model directory format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -51,6 +52,9 @@ pub struct EncoderConfig {
     pub widths: [usize; 4],
     /// BasicBlocks per stage ([2,2,2,2] for ResNet18).
     pub blocks: [usize; 4],
+    /// Convolution implementation: a run-time choice, not part of the saved model.
+    #[serde(skip)]
+    pub kernels: ConvKernels,
 }
 
 impl Default for EncoderConfig {
@@ -61,6 +65,7 @@ impl Default for EncoderConfig {
             cbam_reduction: 16,
             widths: [64, 128, 256, 512],
             blocks: [2, 2, 2, 2],
+            kernels: ConvKernels::Fast,
         }
     }
 }

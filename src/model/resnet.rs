@@ -3,17 +3,28 @@
 //! Shapes: input `(b, 1, 48, 48)` → features `(b, widths[3])` after global average pooling.
 //! With the `conv3x3` stem layer1 runs at 48x48 (then 24, 12, 6); with `conv7x7_pool` at 12x12.
 
-use candle_core::{Module, ModuleT, Result, Tensor};
-use candle_nn::{batch_norm, conv2d_no_bias, BatchNorm, Conv2d, Conv2dConfig, VarBuilder};
+use std::sync::{Arc, RwLock};
+
+use candle_core::{ModuleT, Result, Tensor};
+use candle_nn::{batch_norm, BatchNorm, VarBuilder};
 
 use super::cbam::Cbam;
 use crate::config::{EncoderConfig, Stem};
+use crate::kernels::{self, ConvKernels};
 
 /// Conv (no bias) followed by batch-norm: the unit every layer of the encoder is made of.
+///
+/// In training it runs conv → BN (batch statistics). In inference with the fast kernels the BN
+/// is folded into the conv weights and bias once, and conv + bias + ReLU run as one op; any
+/// training-mode forward drops the folded copy so it is rebuilt from the updated weights.
 #[derive(Debug, Clone)]
 pub struct ConvBn {
-    conv: Conv2d,
+    weight: Tensor,
     bn: BatchNorm,
+    stride: usize,
+    pad: usize,
+    kernels: ConvKernels,
+    folded: Arc<RwLock<Option<(Tensor, Tensor)>>>,
 }
 
 impl ConvBn {
@@ -23,23 +34,82 @@ impl ConvBn {
         kernel: usize,
         stride: usize,
         padding: usize,
+        kernels: ConvKernels,
         vb: VarBuilder,
     ) -> Result<Self> {
-        let cfg = Conv2dConfig {
-            padding,
-            stride,
-            ..Default::default()
-        };
+        let weight = vb.pp("conv").get_with_hints(
+            (c_out, c_in, kernel, kernel),
+            "weight",
+            candle_nn::init::DEFAULT_KAIMING_NORMAL,
+        )?;
         Ok(Self {
-            conv: conv2d_no_bias(c_in, c_out, kernel, cfg, vb.pp("conv"))?,
+            weight,
             bn: batch_norm(c_out, 1e-5, vb.pp("bn"))?,
+            stride,
+            pad: padding,
+            kernels,
+            folded: Arc::new(RwLock::new(None)),
         })
+    }
+
+    /// BN folded into the conv: `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`.
+    pub(crate) fn folded(&self) -> Result<(Tensor, Tensor)> {
+        if let Ok(guard) = self.folded.read() {
+            if let Some(f) = guard.as_ref() {
+                return Ok(f.clone());
+            }
+        }
+        let k = self.weight.dim(0)?;
+        let inv_std = (self.bn.running_var().detach() + self.bn.eps())?
+            .sqrt()?
+            .recip()?;
+        let (scale, shift) = match self.bn.weight_and_bias() {
+            Some((g, b)) => (g.detach().mul(&inv_std)?, b.detach()),
+            None => (
+                inv_std,
+                Tensor::zeros(k, self.weight.dtype(), self.weight.device())?,
+            ),
+        };
+        let w = self
+            .weight
+            .detach()
+            .broadcast_mul(&scale.reshape((k, 1, 1, 1))?)?;
+        let b = (shift - self.bn.running_mean().detach().mul(&scale)?)?;
+        if let Ok(mut guard) = self.folded.write() {
+            *guard = Some((w.clone(), b.clone()));
+        }
+        Ok((w, b))
+    }
+
+    /// Drops the folded inference weights (call after changing weights outside training).
+    pub fn invalidate_folded(&self) {
+        if let Ok(mut guard) = self.folded.write() {
+            *guard = None;
+        }
+    }
+
+    /// `relu?(BN(conv(x)))`.
+    pub fn forward_act(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
+        if !train && self.kernels == ConvKernels::Fast {
+            let (w, b) = self.folded()?;
+            return kernels::conv2d_bias_act(xs, &w, &b, self.stride, self.pad, relu, self.kernels);
+        }
+        if train {
+            self.invalidate_folded();
+        }
+        let ys = kernels::conv2d(xs, &self.weight, self.stride, self.pad, self.kernels)?;
+        let ys = self.bn.forward_t(&ys, train)?;
+        if relu {
+            ys.relu()
+        } else {
+            Ok(ys)
+        }
     }
 }
 
 impl ModuleT for ConvBn {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        self.bn.forward_t(&self.conv.forward(xs)?, train)
+        self.forward_act(xs, train, false)
     }
 }
 
@@ -61,18 +131,31 @@ impl BasicBlock {
         vb: VarBuilder,
     ) -> Result<Self> {
         let shortcut = if stride != 1 || c_in != c_out {
-            Some(ConvBn::new(c_in, c_out, 1, stride, 0, vb.pp("shortcut"))?)
+            Some(ConvBn::new(
+                c_in,
+                c_out,
+                1,
+                stride,
+                0,
+                cfg.kernels,
+                vb.pp("shortcut"),
+            )?)
         } else {
             None
         };
         let cbam = if cfg.cbam {
-            Some(Cbam::new(c_out, cfg.cbam_reduction, vb.pp("cbam"))?)
+            Some(Cbam::new(
+                c_out,
+                cfg.cbam_reduction,
+                cfg.kernels,
+                vb.pp("cbam"),
+            )?)
         } else {
             None
         };
         Ok(Self {
-            conv1: ConvBn::new(c_in, c_out, 3, stride, 1, vb.pp("conv1"))?,
-            conv2: ConvBn::new(c_out, c_out, 3, 1, 1, vb.pp("conv2"))?,
+            conv1: ConvBn::new(c_in, c_out, 3, stride, 1, cfg.kernels, vb.pp("conv1"))?,
+            conv2: ConvBn::new(c_out, c_out, 3, 1, 1, cfg.kernels, vb.pp("conv2"))?,
             cbam,
             shortcut,
         })
@@ -81,16 +164,16 @@ impl BasicBlock {
 
 impl ModuleT for BasicBlock {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let ys = self.conv1.forward_t(xs, train)?.relu()?;
-        let mut ys = self.conv2.forward_t(&ys, train)?;
-        if let Some(cbam) = &self.cbam {
-            ys = cbam.forward_t(&ys, train)?;
-        }
+        let ys = self.conv1.forward_act(xs, train, true)?;
+        let ys = self.conv2.forward_t(&ys, train)?;
         let identity = match &self.shortcut {
             Some(sc) => sc.forward_t(xs, train)?,
             None => xs.clone(),
         };
-        (ys + identity)?.relu()
+        match &self.cbam {
+            Some(cbam) => cbam.forward_residual_relu(&ys, &identity, train),
+            None => (ys + identity)?.relu(),
+        }
     }
 }
 
@@ -101,14 +184,21 @@ pub struct ResNet {
     stem_pool: bool,
     blocks: Vec<BasicBlock>,
     out_dim: usize,
+    kernels: ConvKernels,
 }
 
 impl ResNet {
     pub fn new(cfg: &EncoderConfig, vb: VarBuilder) -> Result<Self> {
         let w0 = cfg.widths[0];
         let (stem, stem_pool) = match cfg.stem {
-            Stem::Conv3x3 => (ConvBn::new(1, w0, 3, 1, 1, vb.pp("stem"))?, false),
-            Stem::Conv7x7Pool => (ConvBn::new(1, w0, 7, 2, 3, vb.pp("stem"))?, true),
+            Stem::Conv3x3 => (
+                ConvBn::new(1, w0, 3, 1, 1, cfg.kernels, vb.pp("stem"))?,
+                false,
+            ),
+            Stem::Conv7x7Pool => (
+                ConvBn::new(1, w0, 7, 2, 3, cfg.kernels, vb.pp("stem"))?,
+                true,
+            ),
         };
         let mut blocks = Vec::new();
         let mut c_in = w0;
@@ -125,6 +215,7 @@ impl ResNet {
             stem_pool,
             blocks,
             out_dim: c_in,
+            kernels: cfg.kernels,
         })
     }
 
@@ -134,18 +225,11 @@ impl ResNet {
     }
 }
 
-/// 3x3 stride-2 max-pool with padding 1. Inputs are post-ReLU (≥ 0), so zero padding is
-/// equivalent to the usual −∞ padding.
-fn max_pool_3x3_s2(xs: &Tensor) -> Result<Tensor> {
-    let xs = xs.pad_with_zeros(2, 1, 1)?.pad_with_zeros(3, 1, 1)?;
-    xs.max_pool2d_with_stride(3, 2)
-}
-
 impl ModuleT for ResNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
-        let mut xs = self.stem.forward_t(xs, train)?.relu()?;
+        let mut xs = self.stem.forward_act(xs, train, true)?;
         if self.stem_pool {
-            xs = max_pool_3x3_s2(&xs)?;
+            xs = kernels::max_pool2d(&xs, 3, 2, 1, self.kernels)?;
         }
         for block in &self.blocks {
             xs = block.forward_t(&xs, train)?;

@@ -1,0 +1,96 @@
+//! Encoder cost, candle's built-in ops against fer-cam's kernels in the same run:
+//! forward at batch 1 and 8 for both stems (inference mode: BN folded on the fast path), and one
+//! full training step (forward, cross-entropy, backward, SGD update) at batch 64 with the 3x3
+//! stem. Bench ids name the device, the kernels, the stem and the batch.
+//!
+//! `cargo bench --bench encoder` (all), or e.g. `cargo bench --bench encoder -- forward`.
+
+use candle_core::{DType, Device, ModuleT, Tensor};
+use candle_nn::{linear, Linear, Module, Optimizer, VarBuilder, VarMap, SGD};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use fer_cam::config::{EncoderConfig, Stem};
+use fer_cam::kernels::ConvKernels;
+use fer_cam::model::resnet::ResNet;
+
+fn encoder(stem: Stem, kernels: ConvKernels) -> (VarMap, ResNet) {
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let cfg = EncoderConfig {
+        stem,
+        kernels,
+        ..Default::default()
+    };
+    let net = ResNet::new(&cfg, vb).expect("encoder");
+    (vm, net)
+}
+
+fn stem_name(stem: Stem) -> &'static str {
+    match stem {
+        Stem::Conv3x3 => "conv3x3",
+        Stem::Conv7x7Pool => "conv7x7_pool",
+    }
+}
+
+fn kernels_name(k: ConvKernels) -> &'static str {
+    match k {
+        ConvKernels::Fast => "fer",
+        ConvKernels::Candle => "candle",
+    }
+}
+
+fn forward(c: &mut Criterion) {
+    let mut group = c.benchmark_group("encoder_forward/cpu");
+    group.sample_size(20);
+    for stem in [Stem::Conv3x3, Stem::Conv7x7Pool] {
+        for kernels in [ConvKernels::Candle, ConvKernels::Fast] {
+            let (_vm, net) = encoder(stem, kernels);
+            for b in [1usize, 8] {
+                let xs = Tensor::randn(0f32, 1.0, (b, 1, 48, 48), &Device::Cpu).expect("input");
+                let id = BenchmarkId::new(
+                    format!("{}/{}", kernels_name(kernels), stem_name(stem)),
+                    format!("b{b}"),
+                );
+                group.bench_with_input(id, &xs, |bench, xs| {
+                    bench.iter(|| net.forward_t(xs, false).expect("forward"))
+                });
+            }
+        }
+    }
+    group.finish();
+}
+
+fn train_step(c: &mut Criterion) {
+    let mut group = c.benchmark_group("encoder_train_step/cpu");
+    group.sample_size(10);
+    let b = 64;
+    let xs = Tensor::randn(0f32, 1.0, (b, 1, 48, 48), &Device::Cpu).expect("input");
+    let labels = Tensor::from_vec(
+        (0..b as u32).map(|i| i % 7).collect::<Vec<u32>>(),
+        b,
+        &Device::Cpu,
+    )
+    .expect("labels");
+    for kernels in [ConvKernels::Candle, ConvKernels::Fast] {
+        let (vm, net) = encoder(Stem::Conv3x3, kernels);
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let head: Linear = linear(512, 7, vb.pp("head")).expect("head");
+        let mut opt = SGD::new(vm.all_vars(), 0.01).expect("sgd");
+        let id = BenchmarkId::new(
+            format!("{}/conv3x3", kernels_name(kernels)),
+            format!("b{b}"),
+        );
+        group.bench_function(id, |bench| {
+            bench.iter(|| {
+                let feats = net.forward_t(&xs, true).expect("forward");
+                let logits = head.forward(&feats).expect("head");
+                let loss = candle_nn::loss::cross_entropy(&logits, &labels).expect("loss");
+                opt.backward_step(&loss).expect("step");
+                loss
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, forward, train_step);
+criterion_main!(benches);

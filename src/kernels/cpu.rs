@@ -1,0 +1,909 @@
+//! CPU reference kernels for 2-D convolution (forward, input gradient, weight gradient) and
+//! max-pooling with its backward, on contiguous NCHW `f32` slices.
+//!
+//! Convolution is lowered to GEMM over im2col tiles: for one image, output `(K, OH·OW)` =
+//! `W (K, C·KH·KW) × col (C·KH·KW, OH·OW)`. The column matrix is built a tile of output positions
+//! at a time so it stays in L2 at 48x48, and NCHW weights are already the row-major left operand,
+//! so no operand is transposed or copied per call: the gemm crate takes arbitrary strides. The
+//! gradients are GEMMs too: `dcol = Wᵀ·dY` followed by a scatter-add (col2im), and
+//! `dW = Σ dY·colᵀ`. 1x1 stride-1 convolutions skip im2col entirely.
+//!
+//! The gemm crate picks its kernel (AVX2/FMA, AVX-512 with the `x86-v4` feature) at run time, so
+//! one binary runs on any x86-64.
+
+use rayon::prelude::*;
+
+/// Geometry of one convolution.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub b: usize,
+    pub c: usize,
+    pub h: usize,
+    pub w: usize,
+    pub k: usize,
+    pub kh: usize,
+    pub kw: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeom {
+    /// Checks the sizes and derives the output size; `None` if the kernel does not fit.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        b: usize,
+        c: usize,
+        h: usize,
+        w: usize,
+        k: usize,
+        kh: usize,
+        kw: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Option<Self> {
+        if stride == 0 || h + 2 * pad < kh || w + 2 * pad < kw || kh == 0 || kw == 0 {
+            return None;
+        }
+        let oh = (h + 2 * pad - kh) / stride + 1;
+        let ow = (w + 2 * pad - kw) / stride + 1;
+        Some(Self {
+            b,
+            c,
+            h,
+            w,
+            k,
+            kh,
+            kw,
+            stride,
+            pad,
+            oh,
+            ow,
+        })
+    }
+
+    /// Rows of the column matrix (C·KH·KW).
+    pub fn ckk(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+
+    /// Output positions per image.
+    pub fn ohw(&self) -> usize {
+        self.oh * self.ow
+    }
+
+    fn is_pointwise(&self) -> bool {
+        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
+    }
+
+    /// Output columns per im2col tile: about 128K floats of column matrix (512 KiB), which keeps
+    /// the tile and the packed GEMM operands in L2, rounded to a multiple of 64 (the column count
+    /// of gemm's widest AVX-512 micro-kernel, since it computes the transposed product).
+    fn tile(&self) -> usize {
+        let t = (128 * 1024 / self.ckk().max(1)).max(64) / 64 * 64;
+        if t >= self.ohw() {
+            self.ohw().max(1)
+        } else {
+            t
+        }
+    }
+
+    pub fn input_len(&self) -> usize {
+        self.b * self.c * self.h * self.w
+    }
+
+    pub fn weight_len(&self) -> usize {
+        self.k * self.ckk()
+    }
+
+    pub fn output_len(&self) -> usize {
+        self.b * self.k * self.ohw()
+    }
+}
+
+/// `C (m×n) = [C +] A (m×k) · B (k×n)` with explicit row/column strides. Sizes are asserted so that
+/// every element the strides reach is inside its slice.
+#[allow(clippy::too_many_arguments)]
+fn sgemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+    threads: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                c[i * c_rs..i * c_rs + n].fill(0.0);
+            }
+        }
+        return;
+    }
+    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(last(m, a_rs, k, a_cs) < a.len(), "gemm: A out of bounds");
+    assert!(last(k, b_rs, n, b_cs) < b.len(), "gemm: B out of bounds");
+    assert!(last(m, c_rs, n, 1) < c.len(), "gemm: C out of bounds");
+    let par = if threads > 1 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    };
+    // SAFETY: the asserts above bound every index the strides can reach; the slices do not
+    // overlap (c is &mut).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            1,
+            c_rs as isize,
+            accumulate,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Range of output columns `ox` whose input column `ox·s + kx − pad` lies inside `0..w`.
+fn valid_ox(g: &ConvGeom, kx: usize) -> (usize, usize) {
+    let s = g.stride;
+    // ox·s ≥ pad − kx  and  ox·s + kx − pad ≤ w − 1
+    let lo = g.pad.saturating_sub(kx).div_ceil(s);
+    let hi = if g.w + g.pad > kx {
+        ((g.w + g.pad - kx - 1) / s + 1).min(g.ow)
+    } else {
+        0
+    };
+    (lo.min(hi), hi)
+}
+
+/// Column tile `(ckk, np)` for output positions `p0..p0+np` of one image `(c, h, w)`.
+fn im2col_tile(g: &ConvGeom, x: &[f32], p0: usize, np: usize, col: &mut [f32]) {
+    let s = g.stride;
+    let mut row = 0;
+    for ci in 0..g.c {
+        let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let (lo, hi) = valid_ox(g, kx);
+                let dst = &mut col[row * np..(row + 1) * np];
+                let mut j = 0;
+                while j < np {
+                    let p = p0 + j;
+                    let (oy, ox0) = (p / g.ow, p % g.ow);
+                    let run = (g.ow - ox0).min(np - j);
+                    let seg = &mut dst[j..j + run];
+                    let iy = (oy * s + ky).wrapping_sub(g.pad);
+                    let (a, b) = (lo.clamp(ox0, ox0 + run), hi.clamp(ox0, ox0 + run));
+                    if iy >= g.h || a >= b {
+                        seg.fill(0.0);
+                    } else {
+                        let src = &plane[iy * g.w..(iy + 1) * g.w];
+                        seg[..a - ox0].fill(0.0);
+                        seg[b - ox0..].fill(0.0);
+                        let first = a * s + kx - g.pad;
+                        let out = &mut seg[a - ox0..b - ox0];
+                        if s == 1 {
+                            out.copy_from_slice(&src[first..first + out.len()]);
+                        } else {
+                            for (t, v) in out.iter_mut().enumerate() {
+                                *v = src[first + t * s];
+                            }
+                        }
+                    }
+                    j += run;
+                }
+                row += 1;
+            }
+        }
+    }
+}
+
+/// Scatter-adds a column tile back into the image gradient `(c, h, w)` (inverse of im2col).
+fn col2im_tile(g: &ConvGeom, col: &[f32], p0: usize, np: usize, dx: &mut [f32]) {
+    let (h, w, s, pad) = (g.h as isize, g.w as isize, g.stride, g.pad as isize);
+    let mut row = 0;
+    for ci in 0..g.c {
+        let plane = &mut dx[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+        for ky in 0..g.kh {
+            for kx in 0..g.kw {
+                let src = &col[row * np..(row + 1) * np];
+                let mut j = 0;
+                while j < np {
+                    let p = p0 + j;
+                    let (oy, ox0) = (p / g.ow, p % g.ow);
+                    let run = (g.ow - ox0).min(np - j);
+                    let iy = (oy * s) as isize + ky as isize - pad;
+                    if iy >= 0 && iy < h {
+                        let dst = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                        for (t, v) in src[j..j + run].iter().enumerate() {
+                            let ix = ((ox0 + t) * s) as isize + kx as isize - pad;
+                            if ix >= 0 && ix < w {
+                                dst[ix as usize] += v;
+                            }
+                        }
+                    }
+                    j += run;
+                }
+                row += 1;
+            }
+        }
+    }
+}
+
+fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// The output buffer, shared by parallel workers that each write a disjoint block of it.
+#[derive(Clone, Copy)]
+struct SharedOut {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: workers only write disjoint (row-range × column-range) blocks of one image each, as
+// laid out by `conv2d_forward`; the buffer outlives the parallel loop.
+unsafe impl Send for SharedOut {}
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    // Accessors make closures capture the whole (Sync) struct, not its raw-pointer field.
+    fn ptr(&self) -> *mut f32 {
+        self.ptr
+    }
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+/// Forward convolution `x (b,c,h,w) * w (k,c,kh,kw) [+ bias] [ReLU]` → `(b,k,oh,ow)`.
+///
+/// Work is split into (image, column tile, block of output channels) items, enough of them to
+/// keep every core busy even at batch 1; each item runs a single-threaded GEMM on its own im2col
+/// tile. That costs one fork-join per convolution instead of one per GEMM call.
+pub fn conv2d_forward(
+    g: &ConvGeom,
+    x: &[f32],
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    assert_eq!(x.len(), g.input_len());
+    assert_eq!(wt.len(), g.weight_len());
+    assert!(bias.is_none_or(|b| b.len() == g.k));
+    let mut y = vec![0f32; g.output_len()];
+    let (ckk, ohw) = (g.ckk(), g.ohw());
+    let in_img = g.c * g.h * g.w;
+    let tile = g.tile();
+    let tiles = ohw.div_ceil(tile);
+    let threads = threads();
+    // Split output channels only when images × tiles cannot fill the cores.
+    let mblocks = if g.b * tiles >= threads {
+        1
+    } else {
+        threads.div_ceil(g.b * tiles).min(g.k.div_ceil(16)).max(1)
+    };
+    let mper = g.k.div_ceil(mblocks);
+    let out = SharedOut {
+        ptr: y.as_mut_ptr(),
+        len: y.len(),
+    };
+    let pointwise = g.is_pointwise();
+    let items = g.b * tiles * mblocks;
+    let run = |col: &mut Vec<f32>, item: usize| {
+        let img = item / (tiles * mblocks);
+        let t = (item / mblocks) % tiles;
+        let mb = item % mblocks;
+        let (k0, k1) = (mb * mper, ((mb + 1) * mper).min(g.k));
+        if k0 >= k1 {
+            return;
+        }
+        let p0 = t * tile;
+        let np = tile.min(ohw - p0);
+        let xi = &x[img * in_img..(img + 1) * in_img];
+        let (rhs, rhs_rs): (&[f32], usize) = if pointwise {
+            (&xi[p0..], ohw)
+        } else {
+            im2col_tile(g, xi, p0, np, &mut col[..ckk * np]);
+            (&col[..ckk * np], np)
+        };
+        assert!(
+            (ckk - 1) * rhs_rs + np - 1 < rhs.len(),
+            "conv rhs out of bounds"
+        );
+        let dst_off = (img * g.k + k0) * ohw + p0;
+        let last = dst_off + (k1 - k0 - 1) * ohw + np - 1;
+        assert!(last < out.len(), "conv output block out of bounds");
+        // SAFETY: rows k0..k1 × columns p0..p0+np of image `img` belong to this item alone; the
+        // asserts bound every operand inside its buffer.
+        unsafe {
+            gemm::gemm(
+                k1 - k0,
+                np,
+                ckk,
+                out.ptr().add(dst_off),
+                1,
+                ohw as isize,
+                false,
+                wt[k0 * ckk..].as_ptr(),
+                1,
+                ckk as isize,
+                rhs.as_ptr(),
+                1,
+                rhs_rs as isize,
+                1.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+            if bias.is_some() || relu {
+                for ki in k0..k1 {
+                    let b = bias.map_or(0.0, |b| b[ki]);
+                    let row = std::slice::from_raw_parts_mut(
+                        out.ptr().add((img * g.k + ki) * ohw + p0),
+                        np,
+                    );
+                    if relu {
+                        row.iter_mut().for_each(|v| *v = (*v + b).max(0.0));
+                    } else {
+                        row.iter_mut().for_each(|v| *v += b);
+                    }
+                }
+            }
+        }
+    };
+    let col_len = if pointwise { 0 } else { ckk * tile };
+    if items == 1 {
+        run(&mut vec![0f32; col_len], 0);
+    } else {
+        (0..items)
+            .into_par_iter()
+            .for_each_init(|| vec![0f32; col_len], run);
+    }
+    y
+}
+
+/// Input gradient of one image: `dx (c,h,w)` from `dy (k, ohw)`.
+fn conv_bwd_input_image(g: &ConvGeom, dy: &[f32], wt: &[f32], dx: &mut [f32], gemm_threads: usize) {
+    let (ckk, ohw) = (g.ckk(), g.ohw());
+    if g.is_pointwise() {
+        // dx (c, hw) = Wᵀ (c, k) · dy (k, hw)
+        sgemm(
+            g.c,
+            ohw,
+            g.k,
+            wt,
+            1,
+            ckk,
+            dy,
+            ohw,
+            1,
+            dx,
+            ohw,
+            false,
+            gemm_threads,
+        );
+        return;
+    }
+    let tile = g.tile();
+    let mut dcol = vec![0f32; ckk * tile];
+    let mut p0 = 0;
+    while p0 < ohw {
+        let np = tile.min(ohw - p0);
+        sgemm(
+            ckk,
+            np,
+            g.k,
+            wt,
+            1,
+            ckk,
+            &dy[p0..],
+            ohw,
+            1,
+            &mut dcol[..ckk * np],
+            np,
+            false,
+            gemm_threads,
+        );
+        col2im_tile(g, &dcol[..ckk * np], p0, np, dx);
+        p0 += np;
+    }
+}
+
+/// Gradient w.r.t. the input: `(b,c,h,w)` from `dy (b,k,oh,ow)`.
+pub fn conv2d_backward_input(g: &ConvGeom, dy: &[f32], wt: &[f32]) -> Vec<f32> {
+    assert_eq!(dy.len(), g.output_len());
+    assert_eq!(wt.len(), g.weight_len());
+    let mut dx = vec![0f32; g.input_len()];
+    let (in_img, out_img) = (g.c * g.h * g.w, g.k * g.ohw());
+    if g.b == 1 {
+        conv_bwd_input_image(g, dy, wt, &mut dx, threads());
+    } else {
+        dx.par_chunks_mut(in_img)
+            .zip(dy.par_chunks(out_img))
+            .for_each(|(dxi, dyi)| conv_bwd_input_image(g, dyi, wt, dxi, 1));
+    }
+    dx
+}
+
+/// Accumulates `dw (k, ckk) += dy (k, ohw) · colᵀ` over the given images.
+fn conv_bwd_weight_images(
+    g: &ConvGeom,
+    x: &[f32],
+    dy: &[f32],
+    dw: &mut [f32],
+    gemm_threads: usize,
+) {
+    let (ckk, ohw) = (g.ckk(), g.ohw());
+    let (in_img, out_img) = (g.c * g.h * g.w, g.k * ohw);
+    let tile = g.tile();
+    let mut col = vec![0f32; if g.is_pointwise() { 0 } else { ckk * tile }];
+    for (xi, dyi) in x.chunks_exact(in_img).zip(dy.chunks_exact(out_img)) {
+        if g.is_pointwise() {
+            // dw (k, c) += dy (k, hw) · xᵀ (hw, c)
+            sgemm(
+                g.k,
+                ckk,
+                ohw,
+                dyi,
+                ohw,
+                1,
+                xi,
+                1,
+                ohw,
+                dw,
+                ckk,
+                true,
+                gemm_threads,
+            );
+            continue;
+        }
+        let mut p0 = 0;
+        while p0 < ohw {
+            let np = tile.min(ohw - p0);
+            im2col_tile(g, xi, p0, np, &mut col[..ckk * np]);
+            sgemm(
+                g.k,
+                ckk,
+                np,
+                &dyi[p0..],
+                ohw,
+                1,
+                &col[..ckk * np],
+                1,
+                np,
+                dw,
+                ckk,
+                true,
+                gemm_threads,
+            );
+            p0 += np;
+        }
+    }
+}
+
+/// Gradient w.r.t. the weight: `(k,c,kh,kw)` from `x` and `dy`.
+pub fn conv2d_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    assert_eq!(x.len(), g.input_len());
+    assert_eq!(dy.len(), g.output_len());
+    let (in_img, out_img) = (g.c * g.h * g.w, g.k * g.ohw());
+    let parts = threads().min(g.b).max(1);
+    if parts == 1 {
+        let mut dw = vec![0f32; g.weight_len()];
+        conv_bwd_weight_images(g, x, dy, &mut dw, threads());
+        return dw;
+    }
+    // Each worker sums its share of the batch into its own buffer; then the buffers are added.
+    let per = g.b.div_ceil(parts);
+    let partials: Vec<Vec<f32>> = (0..parts)
+        .into_par_iter()
+        .map(|p| {
+            let (lo, hi) = (p * per, ((p + 1) * per).min(g.b));
+            let mut dw = vec![0f32; g.weight_len()];
+            if lo < hi {
+                conv_bwd_weight_images(
+                    g,
+                    &x[lo * in_img..hi * in_img],
+                    &dy[lo * out_img..hi * out_img],
+                    &mut dw,
+                    1,
+                );
+            }
+            dw
+        })
+        .collect();
+    let mut iter = partials.into_iter();
+    let mut dw = iter.next().unwrap_or_else(|| vec![0f32; g.weight_len()]);
+    for p in iter {
+        dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
+    }
+    dw
+}
+
+/// Geometry of a max-pool over `(b·c)` planes of `h×w`; padding counts as −∞.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolGeom {
+    pub planes: usize,
+    pub h: usize,
+    pub w: usize,
+    pub kernel: usize,
+    pub stride: usize,
+    pub pad: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl PoolGeom {
+    pub fn new(
+        planes: usize,
+        h: usize,
+        w: usize,
+        kernel: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Option<Self> {
+        if kernel == 0
+            || stride == 0
+            || pad >= kernel
+            || h + 2 * pad < kernel
+            || w + 2 * pad < kernel
+        {
+            return None;
+        }
+        Some(Self {
+            planes,
+            h,
+            w,
+            kernel,
+            stride,
+            pad,
+            oh: (h + 2 * pad - kernel) / stride + 1,
+            ow: (w + 2 * pad - kernel) / stride + 1,
+        })
+    }
+
+    /// Index (within the plane) of the first maximum of the window of output `(oy, ox)`.
+    fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> usize {
+        let y0 = (oy * self.stride) as isize - self.pad as isize;
+        let x0 = (ox * self.stride) as isize - self.pad as isize;
+        let mut best = usize::MAX;
+        let mut best_v = f32::NEG_INFINITY;
+        for dy in 0..self.kernel as isize {
+            let iy = y0 + dy;
+            if iy < 0 || iy >= self.h as isize {
+                continue;
+            }
+            for dx in 0..self.kernel as isize {
+                let ix = x0 + dx;
+                if ix < 0 || ix >= self.w as isize {
+                    continue;
+                }
+                let i = iy as usize * self.w + ix as usize;
+                // `>` keeps the first maximum; a NaN wins so that it propagates.
+                if best == usize::MAX || plane[i] > best_v || plane[i].is_nan() {
+                    best = i;
+                    best_v = plane[i];
+                    if best_v.is_nan() {
+                        return best;
+                    }
+                }
+            }
+        }
+        best
+    }
+}
+
+/// Max-pool forward.
+pub fn max_pool_forward(g: &PoolGeom, x: &[f32]) -> Vec<f32> {
+    let (ihw, ohw) = (g.h * g.w, g.oh * g.ow);
+    let mut y = vec![0f32; g.planes * ohw];
+    y.par_chunks_mut(ohw)
+        .zip(x.par_chunks(ihw))
+        .for_each(|(yp, xp)| {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    yp[oy * g.ow + ox] = xp[g.argmax(xp, oy, ox)];
+                }
+            }
+        });
+    y
+}
+
+/// Max-pool backward: each output's gradient goes to the first maximum of its window.
+pub fn max_pool_backward(g: &PoolGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    let (ihw, ohw) = (g.h * g.w, g.oh * g.ow);
+    let mut dx = vec![0f32; g.planes * ihw];
+    dx.par_chunks_mut(ihw)
+        .zip(x.par_chunks(ihw).zip(dy.par_chunks(ohw)))
+        .for_each(|(dxp, (xp, dyp))| {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    dxp[g.argmax(xp, oy, ox)] += dyp[oy * g.ow + ox];
+                }
+            }
+        });
+    dx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct convolution, the definition itself.
+    fn naive(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
+        let mut y = vec![0f32; g.output_len()];
+        for b in 0..g.b {
+            for k in 0..g.k {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        let mut s = 0.0;
+                        for c in 0..g.c {
+                            for ky in 0..g.kh {
+                                for kx in 0..g.kw {
+                                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                                    let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                                    if iy >= 0
+                                        && ix >= 0
+                                        && (iy as usize) < g.h
+                                        && (ix as usize) < g.w
+                                    {
+                                        s += x[((b * g.c + c) * g.h + iy as usize) * g.w
+                                            + ix as usize]
+                                            * w[((k * g.c + c) * g.kh + ky) * g.kw + kx];
+                                    }
+                                }
+                            }
+                        }
+                        y[((b * g.k + k) * g.oh + oy) * g.ow + ox] = s;
+                    }
+                }
+            }
+        }
+        y
+    }
+
+    fn ramp(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(747796405).wrapping_add(1);
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s % 2001) as f32 / 1000.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn forward_matches_direct_convolution() {
+        for (b, c, h, w, k, ks, s, p) in [
+            (1, 3, 7, 5, 4, 3, 1, 1),
+            (2, 2, 9, 9, 3, 3, 2, 1),
+            (3, 4, 6, 6, 5, 1, 1, 0),
+            (2, 4, 7, 7, 5, 1, 2, 0),
+            (1, 1, 11, 11, 2, 7, 2, 3),
+        ] {
+            let g = ConvGeom::new(b, c, h, w, k, ks, ks, s, p).unwrap();
+            let x = ramp(g.input_len(), 1);
+            let wt = ramp(g.weight_len(), 2);
+            let want = naive(&g, &x, &wt);
+            let got = conv2d_forward(&g, &x, &wt, None, false);
+            for (a, b) in got.iter().zip(&want) {
+                assert!((a - b).abs() < 1e-4, "{g:?}: {a} vs {b}");
+            }
+        }
+    }
+
+    /// ⟨conv(x), dy⟩ = ⟨x, conv_bwd_input(dy)⟩ = ⟨w, conv_bwd_weight(x, dy)⟩ (adjoint identities).
+    #[test]
+    fn gradients_are_adjoint_to_forward() {
+        for (b, c, h, w, k, ks, s, p) in [
+            (2, 3, 7, 6, 4, 3, 1, 1),
+            (3, 2, 9, 9, 3, 3, 2, 1),
+            (2, 4, 5, 5, 3, 1, 1, 0),
+        ] {
+            let g = ConvGeom::new(b, c, h, w, k, ks, ks, s, p).unwrap();
+            let x = ramp(g.input_len(), 3);
+            let wt = ramp(g.weight_len(), 4);
+            let dy = ramp(g.output_len(), 5);
+            let y = conv2d_forward(&g, &x, &wt, None, false);
+            let lhs: f64 = y
+                .iter()
+                .zip(&dy)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum();
+            let dx = conv2d_backward_input(&g, &dy, &wt);
+            let rx: f64 = x
+                .iter()
+                .zip(&dx)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum();
+            let dw = conv2d_backward_weight(&g, &x, &dy);
+            let rw: f64 = wt
+                .iter()
+                .zip(&dw)
+                .map(|(a, b)| (*a as f64) * (*b as f64))
+                .sum();
+            assert!((lhs - rx).abs() < 1e-3 * lhs.abs().max(1.0), "{lhs} {rx}");
+            assert!((lhs - rw).abs() < 1e-3 * lhs.abs().max(1.0), "{lhs} {rw}");
+        }
+    }
+
+    #[test]
+    fn bias_relu_epilogue() {
+        let g = ConvGeom::new(1, 1, 2, 2, 2, 1, 1, 1, 0).unwrap();
+        let y = conv2d_forward(&g, &[1., -2., 3., -4.], &[1., -1.], Some(&[0.5, 0.0]), true);
+        assert_eq!(y, vec![1.5, 0., 3.5, 0., 0., 2., 0., 4.]);
+    }
+
+    #[test]
+    fn max_pool_overlapping_windows() {
+        // 1 plane 4x4, 3x3 stride 2 pad 1 → 2x2.
+        let x: Vec<f32> = (0..16).map(|v| v as f32).collect();
+        let g = PoolGeom::new(1, 4, 4, 3, 2, 1).unwrap();
+        assert_eq!(max_pool_forward(&g, &x), vec![5., 7., 13., 15.]);
+        let dx = max_pool_backward(&g, &x, &[1., 2., 3., 4.]);
+        let mut want = vec![0f32; 16];
+        want[5] = 1.;
+        want[7] = 2.;
+        want[13] = 3.;
+        want[15] = 4.;
+        assert_eq!(dx, want);
+        // Overlap: the same input wins two windows and collects both gradients.
+        let mut x = vec![0f32; 16];
+        x[6] = 9.0; // row 1, col 2: inside windows (0,1) and (1,1)
+        let dx = max_pool_backward(&g, &x, &[1., 1., 1., 1.]);
+        assert_eq!(dx[6], 2.0);
+        assert!(PoolGeom::new(1, 4, 4, 3, 2, 3).is_none());
+    }
+}
+
+/// Inference parameters of a CBAM gate (`crate::model::cbam`), batch-norm folded into the
+/// spatial conv.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CbamParams {
+    pub channels: usize,
+    pub hidden: usize,
+    /// `(hidden, channels)` row-major, and bias `(hidden,)`.
+    pub fc1_w: Vec<f32>,
+    pub fc1_b: Vec<f32>,
+    /// `(channels, hidden)` row-major, and bias `(channels,)`.
+    pub fc2_w: Vec<f32>,
+    pub fc2_b: Vec<f32>,
+    /// Spatial conv `(1, 2, k, k)` with BN folded in, and its bias.
+    pub spatial_w: Vec<f32>,
+    pub spatial_b: f32,
+    pub spatial_k: usize,
+}
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl CbamParams {
+    fn mlp(&self, v: &[f32], out: &mut [f32]) {
+        let mut h = vec![0f32; self.hidden];
+        for (j, hj) in h.iter_mut().enumerate() {
+            let row = &self.fc1_w[j * self.channels..(j + 1) * self.channels];
+            let s: f32 = row.iter().zip(v).map(|(a, b)| a * b).sum();
+            *hj = (s + self.fc1_b[j]).max(0.0);
+        }
+        for (i, o) in out.iter_mut().enumerate() {
+            let row = &self.fc2_w[i * self.hidden..(i + 1) * self.hidden];
+            *o += row.iter().zip(&h).map(|(a, b)| a * b).sum::<f32>() + self.fc2_b[i];
+        }
+    }
+
+    /// `relu(CBAM(x) + identity)` for one image `(c, h, w)`.
+    fn image(&self, x: &[f32], identity: &[f32], h: usize, w: usize, out: &mut [f32]) {
+        let (c, hw) = (self.channels, h * w);
+        let mut avg = vec![0f32; c];
+        let mut max = vec![f32::NEG_INFINITY; c];
+        for ci in 0..c {
+            let plane = &x[ci * hw..(ci + 1) * hw];
+            avg[ci] = plane.iter().sum::<f32>() / hw as f32;
+            max[ci] = plane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        }
+        let mut gate = vec![0f32; c];
+        self.mlp(&avg, &mut gate);
+        self.mlp(&max, &mut gate);
+        gate.iter_mut().for_each(|g| *g = sigmoid(*g));
+        // Channel mean and max of the channel-gated map, per pixel.
+        let mut mean = vec![0f32; hw];
+        let mut cmax = vec![f32::NEG_INFINITY; hw];
+        for ci in 0..c {
+            let g = gate[ci];
+            let plane = &x[ci * hw..(ci + 1) * hw];
+            for ((m, mx), &v) in mean.iter_mut().zip(cmax.iter_mut()).zip(plane) {
+                let gv = v * g;
+                *m += gv;
+                *mx = mx.max(gv);
+            }
+        }
+        mean.iter_mut().for_each(|m| *m /= c as f32);
+        // Spatial attention: k×k conv over [mean; max] with zero padding, then sigmoid.
+        let k = self.spatial_k;
+        let pad = k / 2;
+        let mut att = vec![self.spatial_b; hw];
+        for (ch, map) in [&mean, &cmax].into_iter().enumerate() {
+            let wk = &self.spatial_w[ch * k * k..(ch + 1) * k * k];
+            for y in 0..h {
+                for ky in 0..k {
+                    let iy = (y + ky).wrapping_sub(pad);
+                    if iy >= h {
+                        continue;
+                    }
+                    let src = &map[iy * w..(iy + 1) * w];
+                    let dst = &mut att[y * w..(y + 1) * w];
+                    for kx in 0..k {
+                        let wv = wk[ky * k + kx];
+                        // x + kx − pad ∈ 0..w
+                        let lo = pad.saturating_sub(kx);
+                        let hi = (w + pad).saturating_sub(kx).min(w);
+                        for xo in lo..hi {
+                            dst[xo] += wv * src[xo + kx - pad];
+                        }
+                    }
+                }
+            }
+        }
+        att.iter_mut().for_each(|a| *a = sigmoid(*a));
+        for ci in 0..c {
+            let g = gate[ci];
+            let range = ci * hw..(ci + 1) * hw;
+            for (((o, &v), &idn), &s) in out[range.clone()]
+                .iter_mut()
+                .zip(&x[range.clone()])
+                .zip(&identity[range])
+                .zip(&att)
+            {
+                *o = (v * g * s + idn).max(0.0);
+            }
+        }
+    }
+}
+
+/// `relu(CBAM(x) + identity)` over a batch `(b, c, h, w)` (inference only).
+pub fn cbam_residual_relu(
+    p: &CbamParams,
+    x: &[f32],
+    identity: &[f32],
+    b: usize,
+    h: usize,
+    w: usize,
+) -> Vec<f32> {
+    let img = p.channels * h * w;
+    assert_eq!(x.len(), b * img);
+    assert_eq!(identity.len(), b * img);
+    let mut out = vec![0f32; b * img];
+    out.par_chunks_mut(img)
+        .zip(x.par_chunks(img).zip(identity.par_chunks(img)))
+        .for_each(|(o, (xi, id))| p.image(xi, id, h, w, o));
+    out
+}

@@ -1,0 +1,468 @@
+//! Custom candle ops for the encoder's hot paths: convolution (forward, input and weight
+//! gradients), a fused conv + bias + ReLU for inference with batch-norm folded in, and an
+//! overlapping max-pool with backward.
+//!
+//! The kernels in [`cpu`] are the reference; candle's built-in ops are kept as a second reference
+//! and compared against in the parity tests (`tests/kernels.rs`). Tensors on other devices fall
+//! back to candle's ops, so the model code is device-agnostic.
+
+pub mod cpu;
+
+use candle_core::{
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
+
+use cpu::{ConvGeom, PoolGeom};
+
+/// Which implementation the encoder's convolutions and pools use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConvKernels {
+    /// fer-cam's GEMM kernels on CPU tensors (candle's ops elsewhere).
+    #[default]
+    Fast,
+    /// candle's built-in conv2d / max-pool everywhere (the reference).
+    Candle,
+}
+
+fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
+    let CpuStorage::F32(v) = s else {
+        bail!("{what}: fast kernels support f32 only")
+    };
+    match l.contiguous_offsets() {
+        Some((a, b)) => Ok(&v[a..b]),
+        None => bail!("{what}: input must be contiguous"),
+    }
+}
+
+fn geom(xs: &Layout, ws: &Layout, stride: usize, pad: usize) -> Result<ConvGeom> {
+    let (b, c, h, w) = xs.shape().dims4()?;
+    let (k, c2, kh, kw) = ws.shape().dims4()?;
+    if c != c2 {
+        bail!("conv2d: input has {c} channels, weight expects {c2}");
+    }
+    ConvGeom::new(b, c, h, w, k, kh, kw, stride, pad).ok_or_else(|| {
+        candle_core::Error::Msg(format!(
+            "conv2d: kernel {kh}x{kw} does not fit {h}x{w} with padding {pad}"
+        ))
+    })
+}
+
+/// `conv2d(x, w)` with backward.
+#[derive(Debug, Clone, Copy)]
+struct Conv2d {
+    stride: usize,
+    pad: usize,
+}
+
+impl CustomOp2 for Conv2d {
+    fn name(&self) -> &'static str {
+        "fer-conv2d"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = geom(l1, l2, self.stride, self.pad)?;
+        let y = cpu::conv2d_forward(
+            &g,
+            f32_slice(s1, l1, "conv2d input")?,
+            f32_slice(s2, l2, "conv2d weight")?,
+            None,
+            false,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((g.b, g.k, g.oh, g.ow))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (_, _, h, wd) = x.dims4()?;
+        let dx = dy.apply_op2_no_bwd(
+            w,
+            &Conv2dBackwardInput {
+                stride: self.stride,
+                pad: self.pad,
+                h,
+                w: wd,
+            },
+        )?;
+        let (_, _, kh, kw) = w.dims4()?;
+        let dw = x.apply_op2_no_bwd(
+            &dy,
+            &Conv2dBackwardWeight {
+                stride: self.stride,
+                pad: self.pad,
+                kh,
+                kw,
+            },
+        )?;
+        Ok((Some(dx), Some(dw)))
+    }
+}
+
+/// `(dy, w) → dx` for an input of spatial size `h × w`.
+struct Conv2dBackwardInput {
+    stride: usize,
+    pad: usize,
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for Conv2dBackwardInput {
+    fn name(&self) -> &'static str {
+        "fer-conv2d-bwd-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, k, _, _) = l1.shape().dims4()?;
+        let (k2, c, kh, kw) = l2.shape().dims4()?;
+        if k != k2 {
+            bail!("conv2d backward: gradient has {k} channels, weight {k2}");
+        }
+        let g = ConvGeom::new(b, c, self.h, self.w, k, kh, kw, self.stride, self.pad)
+            .ok_or_else(|| candle_core::Error::Msg("conv2d backward: bad geometry".into()))?;
+        if l1.shape().dims() != [b, k, g.oh, g.ow] {
+            bail!(
+                "conv2d backward: gradient shape {:?} does not match the output",
+                l1.shape()
+            );
+        }
+        let dx = cpu::conv2d_backward_input(
+            &g,
+            f32_slice(s1, l1, "conv2d grad")?,
+            f32_slice(s2, l2, "conv2d weight")?,
+        );
+        Ok((CpuStorage::F32(dx), Shape::from((b, c, self.h, self.w))))
+    }
+}
+
+/// `(x, dy) → dw` for a `kh × kw` kernel.
+struct Conv2dBackwardWeight {
+    stride: usize,
+    pad: usize,
+    kh: usize,
+    kw: usize,
+}
+
+impl CustomOp2 for Conv2dBackwardWeight {
+    fn name(&self) -> &'static str {
+        "fer-conv2d-bwd-weight"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l1.shape().dims4()?;
+        let (b2, k, oh, ow) = l2.shape().dims4()?;
+        let g = ConvGeom::new(b, c, h, w, k, self.kh, self.kw, self.stride, self.pad)
+            .ok_or_else(|| candle_core::Error::Msg("conv2d backward: bad geometry".into()))?;
+        if b != b2 || oh != g.oh || ow != g.ow {
+            bail!(
+                "conv2d backward: gradient shape {:?} does not match the output",
+                l2.shape()
+            );
+        }
+        let dw = cpu::conv2d_backward_weight(
+            &g,
+            f32_slice(s1, l1, "conv2d input")?,
+            f32_slice(s2, l2, "conv2d grad")?,
+        );
+        Ok((CpuStorage::F32(dw), Shape::from((k, c, self.kh, self.kw))))
+    }
+}
+
+/// Inference-only `relu?(conv2d(x, w) + bias)`.
+struct Conv2dBiasAct {
+    stride: usize,
+    pad: usize,
+    relu: bool,
+}
+
+impl CustomOp3 for Conv2dBiasAct {
+    fn name(&self) -> &'static str {
+        "fer-conv2d-bias-act"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = geom(l1, l2, self.stride, self.pad)?;
+        let bias = f32_slice(s3, l3, "conv2d bias")?;
+        if bias.len() != g.k {
+            bail!(
+                "conv2d: bias has {} values for {} channels",
+                bias.len(),
+                g.k
+            );
+        }
+        let y = cpu::conv2d_forward(
+            &g,
+            f32_slice(s1, l1, "conv2d input")?,
+            f32_slice(s2, l2, "conv2d weight")?,
+            Some(bias),
+            self.relu,
+        );
+        Ok((CpuStorage::F32(y), Shape::from((g.b, g.k, g.oh, g.ow))))
+    }
+}
+
+/// Max-pool with square `kernel`, `stride` and padding `pad` (padding is −∞).
+#[derive(Debug, Clone, Copy)]
+struct MaxPool {
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+}
+
+impl MaxPool {
+    fn geom(&self, l: &Layout) -> Result<PoolGeom> {
+        let (b, c, h, w) = l.shape().dims4()?;
+        PoolGeom::new(b * c, h, w, self.kernel, self.stride, self.pad).ok_or_else(|| {
+            candle_core::Error::Msg(format!(
+                "max-pool {}x{} does not fit {h}x{w}",
+                self.kernel, self.kernel
+            ))
+        })
+    }
+}
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "fer-max-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.geom(l)?;
+        let (b, c, _, _) = l.shape().dims4()?;
+        let y = cpu::max_pool_forward(&g, f32_slice(s, l, "max-pool input")?);
+        Ok((CpuStorage::F32(y), Shape::from((b, c, g.oh, g.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, _res: &Tensor, dy: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &MaxPoolBackward(*self),
+        )?))
+    }
+}
+
+struct MaxPoolBackward(MaxPool);
+
+impl CustomOp2 for MaxPoolBackward {
+    fn name(&self) -> &'static str {
+        "fer-max-pool-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = self.0.geom(l1)?;
+        if l2.shape().elem_count() != g.planes * g.oh * g.ow {
+            bail!(
+                "max-pool backward: gradient shape {:?} does not match",
+                l2.shape()
+            );
+        }
+        let dx = cpu::max_pool_backward(
+            &g,
+            f32_slice(s1, l1, "max-pool input")?,
+            f32_slice(s2, l2, "max-pool grad")?,
+        );
+        Ok((CpuStorage::F32(dx), l1.shape().clone()))
+    }
+}
+
+fn fast_ok(xs: &Tensor, kernels: ConvKernels) -> bool {
+    kernels == ConvKernels::Fast && xs.device().is_cpu() && xs.dtype() == DType::F32
+}
+
+/// 2-D convolution without bias, square kernel, with gradients for input and weight.
+pub fn conv2d(
+    xs: &Tensor,
+    ws: &Tensor,
+    stride: usize,
+    pad: usize,
+    kernels: ConvKernels,
+) -> Result<Tensor> {
+    if fast_ok(xs, kernels) {
+        xs.contiguous()?
+            .apply_op2(&ws.contiguous()?, Conv2d { stride, pad })
+    } else {
+        xs.conv2d(ws, pad, stride, 1, 1)
+    }
+}
+
+/// Inference-only `relu?(conv2d(x, w) + bias)` with `bias` of shape `(k,)`.
+pub fn conv2d_bias_act(
+    xs: &Tensor,
+    ws: &Tensor,
+    bias: &Tensor,
+    stride: usize,
+    pad: usize,
+    relu: bool,
+    kernels: ConvKernels,
+) -> Result<Tensor> {
+    if fast_ok(xs, kernels) {
+        xs.contiguous()?.apply_op3_no_bwd(
+            &ws.contiguous()?,
+            &bias.contiguous()?,
+            &Conv2dBiasAct { stride, pad, relu },
+        )
+    } else {
+        let k = bias.dim(0)?;
+        let ys = xs
+            .conv2d(ws, pad, stride, 1, 1)?
+            .broadcast_add(&bias.reshape((1, k, 1, 1))?)?;
+        if relu {
+            ys.relu()
+        } else {
+            Ok(ys)
+        }
+    }
+}
+
+/// Max-pool with square `kernel`, `stride`, padding `pad` (−∞), with backward.
+///
+/// candle's own max-pool has no padding and no backward for overlapping windows, so the reference
+/// path is built from differentiable candle ops: the element-wise maximum of the `kernel²` shifted
+/// views at stride 1, then every `stride`-th row and column.
+pub fn max_pool2d(
+    xs: &Tensor,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+    kernels: ConvKernels,
+) -> Result<Tensor> {
+    if fast_ok(xs, kernels) {
+        return xs.contiguous()?.apply_op1(MaxPool {
+            kernel,
+            stride,
+            pad,
+        });
+    }
+    let (b, c, h, w) = xs.dims4()?;
+    let g = PoolGeom::new(b * c, h, w, kernel, stride, pad).ok_or_else(|| {
+        candle_core::Error::Msg(format!("max-pool {kernel}x{kernel} does not fit {h}x{w}"))
+    })?;
+    let xs = if pad > 0 {
+        let fill = |hh: usize, ww: usize| {
+            Tensor::full(f32::MIN, (b, c, hh, ww), xs.device())?.to_dtype(xs.dtype())
+        };
+        let row = fill(pad, w)?;
+        let xs = Tensor::cat(&[&row, xs, &row], 2)?;
+        let col = fill(h + 2 * pad, pad)?;
+        Tensor::cat(&[&col, &xs, &col], 3)?
+    } else {
+        xs.clone()
+    };
+    // Stride-1 maxima over the window.
+    let (h1, w1) = (h + 2 * pad - kernel + 1, w + 2 * pad - kernel + 1);
+    let mut m: Option<Tensor> = None;
+    for dy in 0..kernel {
+        for dx in 0..kernel {
+            let v = xs.narrow(2, dy, h1)?.narrow(3, dx, w1)?;
+            m = Some(match m {
+                None => v,
+                Some(m) => m.maximum(&v)?,
+            });
+        }
+    }
+    let m = m.ok_or_else(|| candle_core::Error::Msg("max-pool: empty kernel".into()))?;
+    // Subsample: keep rows/cols 0, s, 2s, ... via pad-reshape-narrow.
+    let sub = |t: Tensor, dim: usize, len: usize, out: usize| -> Result<Tensor> {
+        let full = out * stride;
+        let t = if full > len {
+            t.pad_with_zeros(dim, 0, full - len)?
+        } else {
+            t.narrow(dim, 0, full)?
+        };
+        let mut shape = t.dims().to_vec();
+        shape[dim] = out;
+        shape.insert(dim + 1, stride);
+        t.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
+    };
+    let m = sub(m, 2, h1, g.oh)?;
+    sub(m, 3, w1, g.ow)
+}
+
+/// Inference-only `relu(CBAM(x) + identity)` with the gate's parameters packed in.
+struct CbamResidualRelu(std::sync::Arc<cpu::CbamParams>);
+
+impl CustomOp2 for CbamResidualRelu {
+    fn name(&self) -> &'static str {
+        "fer-cbam-residual-relu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, c, h, w) = l1.shape().dims4()?;
+        if l2.shape() != l1.shape() || c != self.0.channels {
+            bail!(
+                "cbam: input {:?}, identity {:?}, gate for {} channels",
+                l1.shape(),
+                l2.shape(),
+                self.0.channels
+            );
+        }
+        let y = cpu::cbam_residual_relu(
+            &self.0,
+            f32_slice(s1, l1, "cbam input")?,
+            f32_slice(s2, l2, "cbam identity")?,
+            b,
+            h,
+            w,
+        );
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+}
+
+/// `relu(CBAM(x) + identity)` in one pass over the feature map (CPU, f32, inference only).
+/// Returns `None` when the fast path does not apply, so the caller uses candle's ops.
+pub fn cbam_residual_relu(
+    xs: &Tensor,
+    identity: &Tensor,
+    params: &std::sync::Arc<cpu::CbamParams>,
+    kernels: ConvKernels,
+) -> Result<Option<Tensor>> {
+    if !fast_ok(xs, kernels) {
+        return Ok(None);
+    }
+    Ok(Some(xs.contiguous()?.apply_op2_no_bwd(
+        &identity.contiguous()?,
+        &CbamResidualRelu(params.clone()),
+    )?))
+}

@@ -1,0 +1,262 @@
+//! Parity of fer-cam's CPU kernels with candle's built-in ops: outputs and gradients of single
+//! ops and of the whole encoder (both stems, with and without CBAM, odd sizes, batch 1 and 64).
+//!
+//! Tolerances are relative to the largest magnitude of the reference tensor: 1e-4 for forward
+//! outputs and 2e-3 for gradients (f32 sums taken in a different order through deep networks).
+
+use candle_core::{DType, Device, ModuleT, Tensor, Var};
+use candle_nn::{VarBuilder, VarMap};
+use fer_cam::config::{EncoderConfig, Stem};
+use fer_cam::kernels::{conv2d, max_pool2d, ConvKernels};
+use fer_cam::model::resnet::ResNet;
+
+fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap();
+    let d = diff.to_scalar::<f32>().unwrap();
+    d / scale.to_scalar::<f32>().unwrap().max(1e-6)
+}
+
+fn randn(shape: &[usize], seed: u64) -> Tensor {
+    let dev = Device::Cpu;
+    dev.set_seed(seed).ok();
+    Tensor::randn(0f32, 1.0, shape, &dev).unwrap()
+}
+
+#[test]
+fn conv_forward_and_gradients_match_candle() {
+    // (b, c, h, w, k, kernel, stride, pad)
+    let cases = [
+        (1, 1, 48, 48, 64, 3, 1, 1),
+        (1, 1, 48, 48, 64, 7, 2, 3),
+        (2, 8, 13, 11, 6, 3, 1, 1),
+        (3, 6, 9, 9, 5, 3, 2, 1),
+        (4, 8, 7, 7, 16, 1, 2, 0),
+        (2, 8, 5, 5, 4, 1, 1, 0),
+        (64, 4, 12, 12, 8, 3, 1, 1),
+        (1, 64, 6, 6, 128, 3, 2, 1),
+    ];
+    for (i, &(b, c, h, w, k, ks, s, p)) in cases.iter().enumerate() {
+        let x = Var::from_tensor(&randn(&[b, c, h, w], i as u64)).unwrap();
+        let wt =
+            Var::from_tensor(&(randn(&[k, c, ks, ks], 100 + i as u64) * 0.1).unwrap()).unwrap();
+        let r = randn(
+            &[b, k, (h + 2 * p - ks) / s + 1, (w + 2 * p - ks) / s + 1],
+            200 + i as u64,
+        );
+        let run = |kernels| {
+            let y = conv2d(x.as_tensor(), wt.as_tensor(), s, p, kernels).unwrap();
+            let loss = (&y * &r).unwrap().sum_all().unwrap();
+            let g = loss.backward().unwrap();
+            (
+                y,
+                g.get(x.as_tensor()).unwrap().clone(),
+                g.get(wt.as_tensor()).unwrap().clone(),
+            )
+        };
+        let (y0, dx0, dw0) = run(ConvKernels::Candle);
+        let (y1, dx1, dw1) = run(ConvKernels::Fast);
+        let case = cases[i];
+        assert!(
+            rel_err(&y1, &y0) < 1e-4,
+            "forward {case:?}: {}",
+            rel_err(&y1, &y0)
+        );
+        assert!(
+            rel_err(&dx1, &dx0) < 1e-4,
+            "dx {case:?}: {}",
+            rel_err(&dx1, &dx0)
+        );
+        assert!(
+            rel_err(&dw1, &dw0) < 1e-4,
+            "dw {case:?}: {}",
+            rel_err(&dw1, &dw0)
+        );
+    }
+}
+
+#[test]
+fn max_pool_matches_candle() {
+    // Overlapping 3x3/2 with padding: forward against candle (explicit −∞ padding).
+    for (b, c, h, w) in [(1, 64, 24, 24), (3, 5, 13, 11)] {
+        let x = randn(&[b, c, h, w], 7);
+        let a = max_pool2d(&x, 3, 2, 1, ConvKernels::Fast).unwrap();
+        let e = max_pool2d(&x, 3, 2, 1, ConvKernels::Candle).unwrap();
+        assert!(rel_err(&a, &e) < 1e-7);
+    }
+    // Non-overlapping 2x2/2, where candle has a backward too.
+    let x = Var::from_tensor(&randn(&[2, 3, 8, 10], 8)).unwrap();
+    let r = randn(&[2, 3, 4, 5], 9);
+    let grad = |k| {
+        let y = max_pool2d(x.as_tensor(), 2, 2, 0, k).unwrap();
+        let g = (&y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        g.get(x.as_tensor()).unwrap().clone()
+    };
+    assert!(rel_err(&grad(ConvKernels::Fast), &grad(ConvKernels::Candle)) < 1e-7);
+}
+
+fn encoder_cfg(stem: Stem, cbam: bool, full: bool, kernels: ConvKernels) -> EncoderConfig {
+    let mut cfg = EncoderConfig {
+        stem,
+        cbam,
+        kernels,
+        ..Default::default()
+    };
+    if !full {
+        cfg.widths = [8, 16, 16, 32];
+        cfg.cbam_reduction = 4;
+    }
+    cfg
+}
+
+fn seeded(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu)
+        .unwrap()
+        .to_dtype(dtype)
+        .unwrap()
+}
+
+/// Features and the gradient of every weight (sorted by name) for `sum(features · r)`.
+fn train_grads(
+    net: &ResNet,
+    vm: &VarMap,
+    xs: &Tensor,
+    r: &Tensor,
+) -> (Tensor, Vec<(String, Tensor)>) {
+    let ys = net.forward_t(xs, true).unwrap();
+    let g = (&ys * r).unwrap().sum_all().unwrap().backward().unwrap();
+    let data = vm.data().lock().unwrap();
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let grads = names
+        .into_iter()
+        .filter_map(|n| {
+            g.get(data[n].as_tensor())
+                .map(|t| (n.clone(), t.to_dtype(DType::F64).unwrap()))
+        })
+        .collect();
+    (ys, grads)
+}
+
+/// The fast encoder against candle's ops. Gradients through train-mode batch-norm lose digits in
+/// f32 whichever kernels compute them, so both f32 paths are scored against candle in f64.
+/// Over all weights together (relative L2) the fast path must be within 4x candle's own f32 error
+/// + 1e-3. Per tensor (relative max) it must be within 4x candle's error + 2e-2: max-pool, CBAM-max
+/// and ReLU decisions on near-equal values flip under a different summation order and move a few
+/// entries of small, cancelling sums such as BN-bias gradients. A wrong kernel errs by order 1.
+/// Features (train and eval mode, BN folded on the fast path) must agree within 1e-4.
+fn encoder_parity(stem: Stem, cbam: bool, full: bool, b: usize, side: usize) {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let reference = ResNet::new(
+        &encoder_cfg(stem, cbam, full, ConvKernels::Candle),
+        vb.clone(),
+    )
+    .unwrap();
+    let fast = ResNet::new(&encoder_cfg(stem, cbam, full, ConvKernels::Fast), vb).unwrap();
+    let vm64 = VarMap::new();
+    {
+        let src = vm.data().lock().unwrap();
+        let mut dst = vm64.data().lock().unwrap();
+        for (k, v) in src.iter() {
+            let t = v.as_tensor().to_dtype(DType::F64).unwrap();
+            dst.insert(k.clone(), Var::from_tensor(&t).unwrap());
+        }
+    }
+    let exact = ResNet::new(
+        &encoder_cfg(stem, cbam, full, ConvKernels::Candle),
+        VarBuilder::from_varmap(&vm64, DType::F64, &dev),
+    )
+    .unwrap();
+    let xs = seeded(&[b, 1, side, side], 12, DType::F32);
+    let r = seeded(&[b, reference.out_dim()], 13, DType::F32);
+    let (_, g64) = train_grads(
+        &exact,
+        &vm64,
+        &xs.to_dtype(DType::F64).unwrap(),
+        &r.to_dtype(DType::F64).unwrap(),
+    );
+    let (y0, g0) = train_grads(&reference, &vm, &xs, &r);
+    let (y1, g1) = train_grads(&fast, &vm, &xs, &r);
+    let what = format!("{stem:?} cbam={cbam} full={full} b={b} side={side}");
+    assert!(
+        rel_err(&y1, &y0) < 1e-4,
+        "train features {what}: {}",
+        rel_err(&y1, &y0)
+    );
+    assert_eq!(g0.len(), g1.len());
+    assert_eq!(g0.len(), g64.len());
+    assert!(!g0.is_empty());
+    let rel64 = |a: &Tensor, e: &Tensor| -> f64 {
+        let d = (a - e)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap();
+        d / e
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+            .max(1e-12)
+    };
+    let sq = |t: &Tensor| {
+        t.sqr()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let (mut norm, mut d_candle, mut d_fast) = (0.0, 0.0, 0.0);
+    for (((name, exact), (_, c32)), (_, f32g)) in g64.iter().zip(&g0).zip(&g1) {
+        norm += sq(exact);
+        d_candle += sq(&(c32 - exact).unwrap());
+        d_fast += sq(&(f32g - exact).unwrap());
+        let (e_candle, e_fast) = (rel64(c32, exact), rel64(f32g, exact));
+        assert!(
+            e_fast <= 4.0 * e_candle + 2e-2,
+            "gradient of {name} ({what}): fast error {e_fast:.2e}, candle f32 error {e_candle:.2e}"
+        );
+    }
+    let (l2_candle, l2_fast) = ((d_candle / norm).sqrt(), (d_fast / norm).sqrt());
+    assert!(
+        l2_fast <= 4.0 * l2_candle + 1e-3,
+        "all gradients ({what}): fast L2 error {l2_fast:.2e}, candle f32 {l2_candle:.2e}"
+    );
+    // Eval mode: the fast path folds BN (running stats now non-trivial) into the convs.
+    let e0 = reference.forward_t(&xs, false).unwrap();
+    let e1 = fast.forward_t(&xs, false).unwrap();
+    assert!(
+        rel_err(&e1, &e0) < 1e-4,
+        "eval features {what}: {}",
+        rel_err(&e1, &e0)
+    );
+}
+
+#[test]
+fn encoder_parity_batch_1_full_width() {
+    encoder_parity(Stem::Conv3x3, true, true, 1, 48);
+    encoder_parity(Stem::Conv7x7Pool, true, true, 1, 48);
+    encoder_parity(Stem::Conv7x7Pool, false, true, 1, 48);
+}
+
+#[test]
+fn encoder_parity_batch_64_and_odd_sizes() {
+    encoder_parity(Stem::Conv3x3, true, false, 64, 48);
+    encoder_parity(Stem::Conv3x3, false, false, 64, 48);
+    encoder_parity(Stem::Conv7x7Pool, true, false, 64, 48);
+    encoder_parity(Stem::Conv3x3, true, false, 3, 45);
+    encoder_parity(Stem::Conv7x7Pool, true, false, 2, 41);
+}
