@@ -6,6 +6,12 @@
 //! `cargo bench --bench encoder` (all), or e.g. `cargo bench --bench encoder -- forward`.
 
 use candle_core::{DType, Device, ModuleT, Tensor};
+
+// The same allocator as the fer-cam binary: it keeps freed pages instead of unmapping them,
+// which matters for the large short-lived tensors of training.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use candle_nn::{linear, Linear, Module, Optimizer, VarBuilder, VarMap, SGD};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use fer_cam::config::{EncoderConfig, Stem};

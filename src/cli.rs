@@ -23,6 +23,72 @@ pub enum Command {
     Eval(EvalArgs),
     /// Load a dataset (through the cache) and print its splits, classes and load time.
     Data(DataArgs),
+    /// Train: Barlow Twins (ssl) → supervised f_phi (classifier) → CARD head (card), or all.
+    Train(TrainArgs),
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TrainStage {
+    Ssl,
+    Classifier,
+    Card,
+    All,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Stage(s) to run.
+    #[arg(value_enum)]
+    pub stage: TrainStage,
+    #[command(flatten)]
+    pub source: DataSource,
+    /// Run directory: config, metrics.jsonl, and per stage a model directory and a checkpoint.
+    #[arg(long)]
+    pub run_dir: PathBuf,
+    /// A full training config (JSON, as written to RUN/config.json); flags below override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Continue from the stage checkpoints in --run-dir.
+    #[arg(long)]
+    pub resume: bool,
+    /// Model directory to start from (classifier: an SSL model; card: a trained classifier).
+    #[arg(long)]
+    pub init: Option<PathBuf>,
+    /// Train the classifier from random weights (ablation: no SSL); `all` then skips ssl.
+    #[arg(long)]
+    pub from_scratch: bool,
+    /// Encoder stem: conv3x3 or conv7x7_pool.
+    #[arg(long)]
+    pub stem: Option<String>,
+    /// Encoder without CBAM (ablation).
+    #[arg(long)]
+    pub no_cbam: bool,
+    #[arg(long)]
+    pub ssl_epochs: Option<usize>,
+    #[arg(long)]
+    pub classifier_epochs: Option<usize>,
+    #[arg(long)]
+    pub card_epochs: Option<usize>,
+    /// Batch size of the ssl and classifier stages.
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Learning rate of the ssl and classifier stages.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Use only the first N Training images.
+    #[arg(long)]
+    pub train_limit: Option<usize>,
+    /// Use only the first N PublicTest images for validation.
+    #[arg(long)]
+    pub val_limit: Option<usize>,
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Compute device: cpu (cuda needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// No progress bar on stderr.
+    #[arg(long)]
+    pub quiet: bool,
 }
 
 #[derive(Debug, Args)]

@@ -23,10 +23,12 @@ pub mod config;
 pub mod data;
 pub mod error;
 pub mod eval;
+pub mod fsutil;
 pub mod infer;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
+pub mod train;
 
 pub use config::ModelConfig;
 pub use error::{Error, Result};

@@ -146,8 +146,8 @@ fn train_grads(
 /// The fast encoder against candle's ops. Gradients through train-mode batch-norm lose digits in
 /// f32 whichever kernels compute them, so both f32 paths are scored against candle in f64.
 /// Over all weights together (relative L2) the fast path must be within 4x candle's own f32 error
-/// + 1e-3. Per tensor (relative max) it must be within 4x candle's error + 2e-2: max-pool, CBAM-max
-/// and ReLU decisions on near-equal values flip under a different summation order and move a few
+/// plus 1e-3. Per tensor (relative max) it must be within 4x candle's error plus 2e-2: max-pool,
+/// CBAM-max and ReLU decisions on near-equal values flip under a different summation order and move a few
 /// entries of small, cancelling sums such as BN-bias gradients. A wrong kernel errs by order 1.
 /// Features (train and eval mode, BN folded on the fast path) must agree within 1e-4.
 fn encoder_parity(stem: Stem, cbam: bool, full: bool, b: usize, side: usize) {

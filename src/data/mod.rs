@@ -1,6 +1,7 @@
 //! Face-expression datasets: FER2013 in the Kaggle CSV layout (plain or gzip) and image folders
 //! (`<root>/<split>/<class>/*.png|jpg`), held in one compact in-memory form and cached on disk.
 
+pub mod augment;
 mod cache;
 mod fer_csv;
 mod folder;

@@ -825,10 +825,9 @@ impl CbamParams {
         let (c, hw) = (self.channels, h * w);
         let mut avg = vec![0f32; c];
         let mut max = vec![f32::NEG_INFINITY; c];
-        for ci in 0..c {
-            let plane = &x[ci * hw..(ci + 1) * hw];
-            avg[ci] = plane.iter().sum::<f32>() / hw as f32;
-            max[ci] = plane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        for ((a, m), plane) in avg.iter_mut().zip(max.iter_mut()).zip(x.chunks_exact(hw)) {
+            *a = plane.iter().sum::<f32>() / hw as f32;
+            *m = plane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         }
         let mut gate = vec![0f32; c];
         self.mlp(&avg, &mut gate);
@@ -837,9 +836,7 @@ impl CbamParams {
         // Channel mean and max of the channel-gated map, per pixel.
         let mut mean = vec![0f32; hw];
         let mut cmax = vec![f32::NEG_INFINITY; hw];
-        for ci in 0..c {
-            let g = gate[ci];
-            let plane = &x[ci * hw..(ci + 1) * hw];
+        for (plane, &g) in x.chunks_exact(hw).zip(&gate) {
             for ((m, mx), &v) in mean.iter_mut().zip(cmax.iter_mut()).zip(plane) {
                 let gv = v * g;
                 *m += gv;
@@ -874,15 +871,11 @@ impl CbamParams {
             }
         }
         att.iter_mut().for_each(|a| *a = sigmoid(*a));
-        for ci in 0..c {
-            let g = gate[ci];
-            let range = ci * hw..(ci + 1) * hw;
-            for (((o, &v), &idn), &s) in out[range.clone()]
-                .iter_mut()
-                .zip(&x[range.clone()])
-                .zip(&identity[range])
-                .zip(&att)
-            {
+        let planes = out
+            .chunks_exact_mut(hw)
+            .zip(x.chunks_exact(hw).zip(identity.chunks_exact(hw)));
+        for ((o_plane, (x_plane, id_plane)), &g) in planes.zip(&gate) {
+            for (((o, &v), &idn), &s) in o_plane.iter_mut().zip(x_plane).zip(id_plane).zip(&att) {
                 *o = (v * g * s + idn).max(0.0);
             }
         }

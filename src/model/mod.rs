@@ -201,53 +201,80 @@ pub fn expected_tensor_names(cfg: &ModelConfig) -> Result<HashMap<String, Vec<us
 /// A freshly initialised model (random weights) and its variables.
 pub fn init_model(cfg: &ModelConfig, device: &Device, seed: u64) -> Result<(VarMap, FerModel)> {
     cfg.validate()?;
-    // candle's initialisers draw from a thread rng; seeding the device makes them repeatable
-    // where the backend supports it.
-    let _ = device.set_seed(seed);
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, device);
     let model = FerModel::new(cfg, vb)?;
+    seeded_init(&vm, seed)?;
     Ok((vm, model))
 }
 
-/// Writes `config.json` and `model.safetensors` into `dir` so that a reader never sees a half
-/// written directory: everything goes into a sibling temp directory which then replaces `dir`.
-pub fn save_model_dir(dir: &Path, cfg: &ModelConfig, vars: &VarMap) -> Result<()> {
-    cfg.validate()?;
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::file(dir, "model directory needs a name"))?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    }
-    std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    let cfg_path = tmp.join(CONFIG_FILE);
-    std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
-    let w_path = tmp.join(WEIGHTS_FILE);
-    vars.save(&w_path)
-        .map_err(|e| Error::model(&w_path, first_line(e)))?;
-    for p in [&cfg_path, &w_path] {
-        let f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
-        f.sync_all().map_err(|e| Error::io(p, e))?;
-    }
-    if dir.exists() {
-        let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-        std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
-        std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
-    } else {
-        std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+/// Re-draws every randomly initialised variable from a generator seeded with `seed`, with the
+/// distributions candle's initialisers use, so that a seed fixes the initial weights (candle's
+/// own initialisers draw from an unseeded thread RNG). Constant-initialised variables (batch-norm
+/// scales and statistics) are left as they are.
+///
+/// - `*.gain.embeddings` (CARD's per-timestep gains): U(0, 1)
+/// - weights of rank ≥ 2: Kaiming normal, N(0, 2/fan_in), fan_in = product of the trailing dims
+/// - biases with a sibling `weight`: U(±1/√fan_in)
+pub fn seeded_init(vm: &VarMap, seed: u64) -> Result<()> {
+    use rand::SeedableRng;
+    use rand_distr::{Distribution, Normal, Uniform};
+    let data = vm
+        .data()
+        .lock()
+        .map_err(|_| Error::Msg("poisoned var map".into()))?;
+    let mut names: Vec<&String> = data.keys().collect();
+    names.sort();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    for name in names {
+        let var = &data[name];
+        let dims = var.dims().to_vec();
+        let n: usize = dims.iter().product();
+        let is_const = name.ends_with("running_mean")
+            || name.ends_with("running_var")
+            || (name.contains("bn") && (name.ends_with(".weight") || name.ends_with(".bias")));
+        if is_const {
+            continue;
+        }
+        let values: Vec<f32> = if name.ends_with("gain.embeddings") {
+            (0..n).map(|_| rng.random::<f32>()).collect()
+        } else if dims.len() >= 2 {
+            let fan_in: usize = dims[1..].iter().product();
+            let normal = Normal::new(0.0f32, (2.0 / fan_in.max(1) as f32).sqrt())
+                .map_err(|e| Error::Msg(e.to_string()))?;
+            (0..n).map(|_| normal.sample(&mut rng)).collect()
+        } else if let Some(w) = name
+            .strip_suffix("bias")
+            .and_then(|p| data.get(&format!("{p}weight")))
+        {
+            let fan_in: usize = w.dims()[1..].iter().product();
+            let bound = 1.0 / (fan_in.max(1) as f32).sqrt();
+            let uni =
+                Uniform::new_inclusive(-bound, bound).map_err(|e| Error::Msg(e.to_string()))?;
+            (0..n).map(|_| uni.sample(&mut rng)).collect()
+        } else {
+            continue;
+        };
+        var.set(&Tensor::from_vec(values, dims, var.device())?)?;
     }
     Ok(())
+}
+
+/// Writes `config.json` and `model.safetensors` into `dir` so that a reader never sees a half
+/// written directory (see [`crate::fsutil::write_dir_atomically`]).
+pub fn save_model_dir(dir: &Path, cfg: &ModelConfig, vars: &VarMap) -> Result<()> {
+    cfg.validate()?;
+    crate::fsutil::write_dir_atomically(dir, |tmp| write_model_files(tmp, cfg, vars))
+}
+
+/// Writes the two files of a model directory into `dir` (not atomically on its own).
+pub fn write_model_files(dir: &Path, cfg: &ModelConfig, vars: &VarMap) -> Result<()> {
+    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    let cfg_path = dir.join(CONFIG_FILE);
+    std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+    let w_path = dir.join(WEIGHTS_FILE);
+    vars.save(&w_path)
+        .map_err(|e| Error::model(&w_path, first_line(e)))
 }
 
 #[cfg(test)]

@@ -1,0 +1,221 @@
+//! `fer-cam train` end to end: all three stages into model directories that `eval` loads; an
+//! interrupted (killed) and resumed run ends with the same weights as an uninterrupted one; a
+//! non-finite loss stops the run and keeps the last good checkpoint.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+
+fn fer(args: &[&str]) -> Output {
+    Command::new(common::bin()).args(args).output().unwrap()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).to_string()
+}
+
+/// Common flags of a small, fast run: fast stem, tiny stages.
+fn small_run(stage: &str, data: &Path, run: &Path) -> Vec<String> {
+    [
+        "train",
+        stage,
+        "--data",
+        data.to_str().unwrap(),
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--stem",
+        "conv7x7_pool",
+        "--no-cache",
+        "--quiet",
+        "--batch-size",
+        "16",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect()
+}
+
+fn args(v: &[String]) -> Vec<&str> {
+    v.iter().map(|s| s.as_str()).collect()
+}
+
+fn load_all(path: &Path) -> Vec<(String, Vec<f32>)> {
+    let mut v: Vec<(String, Vec<f32>)> = candle_core::safetensors::load(path, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1::<f32>().unwrap()))
+        .collect();
+    v.sort_by(|a, b| a.0.cmp(&b.0));
+    v
+}
+
+fn synthetic(dir: &Path, per_split: usize) -> PathBuf {
+    let csv = dir.join("fer.csv");
+    common::write_fer_csv(&csv, per_split);
+    csv
+}
+
+#[test]
+fn train_all_stages_then_eval() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (data, limit) = match common::shared_dir() {
+        Some(s) => (s.join("data/fer2013/fer2013.csv.gz"), "320"),
+        None => {
+            common::skip_loudly(
+                "train_all_stages_then_eval (real FER2013 rows)",
+                Path::new("../shared"),
+            );
+            (synthetic(tmp.path(), 48), "48")
+        }
+    };
+    let run = tmp.path().join("run");
+    let mut a = small_run("all", &data, &run);
+    for extra in [
+        "--ssl-epochs",
+        "1",
+        "--classifier-epochs",
+        "1",
+        "--card-epochs",
+        "2",
+        "--train-limit",
+        limit,
+        "--val-limit",
+        "64",
+    ] {
+        a.push(extra.into());
+    }
+    // SSL's default projector is wide; keep this run small through a config file.
+    let mut cfg = fer_cam::train::TrainConfig::new(data.clone(), run.clone());
+    cfg.ssl.projector = vec![128, 128];
+    let cfg_path = tmp.path().join("train.json");
+    std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+    a.push("--config".into());
+    a.push(cfg_path.to_str().unwrap().into());
+    let o = fer(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    for stage in ["ssl:", "classifier:", "card:"] {
+        assert!(out.contains(stage), "{out}");
+    }
+    assert!(out.contains("PublicTest accuracy"), "{out}");
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 4, "{metrics}");
+    assert!(lines
+        .iter()
+        .all(|l| l["loss"].as_f64().unwrap().is_finite()));
+    // Every stage's model directory loads; the CARD model scores a split.
+    for stage in ["ssl", "classifier", "card"] {
+        fer_cam::model::load_model_dir(&run.join(stage).join("model"), &Device::Cpu).unwrap();
+    }
+    let card = run.join("card/model");
+    let o = fer(&[
+        "eval",
+        "--model",
+        card.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--split",
+        "PublicTest",
+        "--limit",
+        "64",
+        "--samples",
+        "4",
+        "--no-cache",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy (CARD majority vote)"));
+}
+
+#[test]
+fn killed_then_resumed_run_matches_uninterrupted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path(), 160);
+    let epochs = ["--classifier-epochs", "3"];
+    // Uninterrupted.
+    let run_a = tmp.path().join("a");
+    let mut a = small_run("classifier", &data, &run_a);
+    a.extend(epochs.iter().map(|s| s.to_string()));
+    let o = fer(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Interrupted: kill -9 once the first epoch's checkpoint exists, then resume.
+    let run_b = tmp.path().join("b");
+    let mut b = small_run("classifier", &data, &run_b);
+    b.extend(epochs.iter().map(|s| s.to_string()));
+    let mut child = Command::new(common::bin()).args(args(&b)).spawn().unwrap();
+    let state = run_b.join("classifier/checkpoint/state.json");
+    let start = Instant::now();
+    let mut killed = false;
+    while start.elapsed() < Duration::from_secs(120) {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        let done = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["epochs_done"].as_u64());
+        if done == Some(1) {
+            child.kill().unwrap();
+            killed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = child.wait();
+    assert!(killed, "the run finished before it could be interrupted");
+    // The model directory left behind by the killed run is whole.
+    fer_cam::model::load_model_dir(&run_b.join("classifier/model"), &Device::Cpu).unwrap();
+    // Without --resume the checkpoint is not silently overwritten.
+    let o = fer(&args(&b));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+    b.push("--resume".into());
+    let o = fer(&args(&b));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let wa = load_all(&run_a.join("classifier/checkpoint/model.safetensors"));
+    let wb = load_all(&run_b.join("classifier/checkpoint/model.safetensors"));
+    assert_eq!(wa.len(), wb.len());
+    for ((na, va), (nb, vb)) in wa.iter().zip(&wb) {
+        assert_eq!(na, nb);
+        assert!(va == vb, "{na} differs after resume");
+    }
+    let oa = load_all(&run_a.join("classifier/checkpoint/optimizer.safetensors"));
+    let ob = load_all(&run_b.join("classifier/checkpoint/optimizer.safetensors"));
+    assert!(oa == ob, "optimizer state differs after resume");
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path(), 48);
+    let run = tmp.path().join("run");
+    let mut a = small_run("classifier", &data, &run);
+    a.extend(["--classifier-epochs", "1"].iter().map(|s| s.to_string()));
+    let o = fer(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let good = load_all(&run.join("classifier/checkpoint/model.safetensors"));
+    // Continue with an absurd learning rate: the loss blows up in epoch 2.
+    let mut b = small_run("classifier", &data, &run);
+    b.extend(
+        ["--classifier-epochs", "2", "--lr", "1e30", "--resume"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    let o = fer(&args(&b));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(e.contains("loss became") && e.contains("epoch 2"), "{e}");
+    assert!(e.contains("last good checkpoint (1 epochs)"), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+    // The checkpoint and the model directory are the ones from epoch 1.
+    assert!(load_all(&run.join("classifier/checkpoint/model.safetensors")) == good);
+    fer_cam::model::load_model_dir(&run.join("classifier/model"), &Device::Cpu).unwrap();
+}
