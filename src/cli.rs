@@ -25,6 +25,72 @@ pub enum Command {
     Data(DataArgs),
     /// Train: Barlow Twins (ssl) → supervised f_phi (classifier) → CARD head (card), or all.
     Train(TrainArgs),
+    /// The real-time daemon: frames in, one JSON line per processed frame out.
+    Run(RunArgs),
+    /// List cameras and their formats.
+    Devices,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Model directory (config.json + model.safetensors).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Input: a .y4m file, `-` for YUV4MPEG2 on stdin, or image files / directories (sorted).
+    #[arg(long, num_args = 1.., conflicts_with = "camera")]
+    pub input: Vec<PathBuf>,
+    /// Camera index (needs a build with the `camera` feature).
+    #[arg(long)]
+    pub camera: Option<u32>,
+    /// Camera resolution, e.g. 640x480.
+    #[arg(long, default_value = "640x480")]
+    pub resolution: String,
+    /// Camera frame rate.
+    #[arg(long, default_value_t = 30)]
+    pub fps: u32,
+    /// Pace file input at its frame rate (default: as fast as possible).
+    #[arg(long)]
+    pub realtime: bool,
+    /// Process at most this many frames per second [default: 10 for cameras, no limit for
+    /// files and stdin]. 0 = no limit.
+    #[arg(long)]
+    pub max_fps: Option<f64>,
+    /// CARD samples per face [default: the model's].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Sampling steps [default: the model's].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Compute device: cpu (cuda needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Downscale full frames to this width for detection (0: never) [default: 320 for video,
+    /// 0 for stills].
+    #[arg(long)]
+    pub detect_width: Option<u32>,
+    /// Full-frame detection every N frames; in between only around known faces.
+    #[arg(long, default_value_t = 3)]
+    pub detect_every: u32,
+    /// Smallest face side searched (detector pixels).
+    #[arg(long, default_value_t = 20)]
+    pub min_face: u32,
+    /// Detector score threshold.
+    #[arg(long, default_value_t = 2.0)]
+    pub det_threshold: f64,
+    /// Crop margin around the face box (fraction of its side, each side).
+    #[arg(long, default_value_t = 0.1)]
+    pub margin: f32,
+    /// Per-track smoothing: weight of the newest probabilities (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub smooth: f32,
+    /// Seconds between status lines (0: none).
+    #[arg(long, default_value_t = 5.0)]
+    pub status_every: f64,
+    /// Print a latency / fps / drops summary to stderr at exit.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]

@@ -19,15 +19,19 @@
 //! Modules: [`data`] (FER2013 CSV and image folders, binary cache), [`model`] (networks, diffusion
 //! maths, model directory format), [`infer`] ([`infer::Classifier`]), [`metrics`] and [`eval`].
 
+pub mod capture;
 pub mod config;
 pub mod data;
+pub mod emit;
 pub mod error;
 pub mod eval;
+pub mod face;
 pub mod fsutil;
 pub mod infer;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
+pub mod pipeline;
 pub mod train;
 
 pub use config::ModelConfig;

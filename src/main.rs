@@ -16,7 +16,7 @@ use candle_core::Device;
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use cli::{Cli, Command, DataSource, EvalArgs, InitArgs, TrainArgs, TrainStage};
+use cli::{Cli, Command, DataSource, EvalArgs, InitArgs, RunArgs, TrainArgs, TrainStage};
 use fer_cam::config::{ModelConfig, Stem};
 use fer_cam::data::{self, Dataset, LoadOptions};
 use fer_cam::eval::{evaluate, EvalOptions};
@@ -31,6 +31,8 @@ fn main() {
         Command::Eval(a) => eval(a),
         Command::Data(a) => data_info(&a.source),
         Command::Train(a) => train(a),
+        Command::Run(a) => run_daemon(a),
+        Command::Devices => devices(),
     };
     if let Err(e) = result {
         // A reader that closed stdout is not an error of ours.
@@ -294,4 +296,115 @@ fn train(a: TrainArgs) -> Result<()> {
         text += &format!(", model {}\n", s.model_dir.display());
     }
     print_stdout(text.trim_end())
+}
+
+fn no_camera_support() -> anyhow::Error {
+    anyhow::anyhow!(
+        "this build has no camera support (rebuild with `--features camera`), or feed frames \
+         through ffmpeg: see README, \"Sharing the camera\""
+    )
+}
+
+fn devices() -> Result<()> {
+    Err(no_camera_support())
+}
+
+fn run_daemon(a: RunArgs) -> Result<()> {
+    use fer_cam::capture::{FrameSource, ImageSource, Y4mSource};
+    use fer_cam::face::{DetectConfig, TrackerConfig};
+    use fer_cam::pipeline::RunConfig;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+
+    let dev = device(&a.device)?;
+    let mut clf = Classifier::load(&a.model, &dev)?;
+    let defaults = clf.sampler();
+    clf.set_sampler(SamplerConfig {
+        samples: a.samples.unwrap_or(defaults.samples),
+        steps: a.steps.unwrap_or(defaults.steps),
+        seed: a.seed,
+    })?;
+    if a.camera.is_some() {
+        return Err(no_camera_support());
+    }
+    if a.input.is_empty() {
+        bail!("give --input FILE.y4m, --input - (YUV4MPEG2 on stdin), image files, or --camera N");
+    }
+    let stdin = a.input.len() == 1 && a.input[0].as_os_str() == "-";
+    let y4m = a.input.len() == 1
+        && a.input[0]
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("y4m"));
+    for p in &a.input {
+        let ext = p
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or("")
+            .to_ascii_lowercase();
+        if ["mp4", "mkv", "avi", "mov", "webm"].contains(&ext.as_str()) {
+            bail!(
+                "{}: compressed video is not decoded here; pipe it through ffmpeg: \
+                 ffmpeg -i {} -f yuv4mpegpipe - | fer-cam run --model {} --input -",
+                p.display(),
+                p.display(),
+                a.model.display()
+            );
+        }
+    }
+    let cfg = RunConfig {
+        detect: DetectConfig {
+            detect_width: a.detect_width.unwrap_or(if stdin || y4m { 320 } else { 0 }),
+            // Stills are unrelated pictures: detect on every one.
+            every: if stdin || y4m { a.detect_every } else { 1 },
+            min_face: a.min_face,
+            score_threshold: a.det_threshold,
+            ..Default::default()
+        },
+        tracker: TrackerConfig::default(),
+        margin: a.margin,
+        smooth: a.smooth,
+        max_fps: a.max_fps.unwrap_or(0.0),
+        realtime: a.realtime,
+        live: stdin,
+        status_every: a.status_every,
+        ..Default::default()
+    };
+    cfg.validate()?;
+    let inputs = a.input.clone();
+    let open = move || -> fer_cam::Result<Box<dyn FrameSource>> {
+        if stdin {
+            Ok(Box::new(Y4mSource::new(std::io::stdin(), "stdin")?))
+        } else if y4m {
+            let p = &inputs[0];
+            let f = std::fs::File::open(p).map_err(|e| fer_cam::Error::io(p, e))?;
+            Ok(Box::new(Y4mSource::new(
+                f,
+                format!("file:{}", p.display()),
+            )?))
+        } else {
+            Ok(Box::new(ImageSource::new(&inputs)?))
+        }
+    };
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, cancel.clone()).context("installing signal handlers")?;
+    }
+    let stdout = std::io::stdout().lock();
+    let stats = fer_cam::pipeline::run(&cfg, open, clf, stdout, cancel)?;
+    if a.stats {
+        eprintln!(
+            "frames {} in {:.2} s ({:.1} fps), faces {}, dropped {}, warnings {}; capture-to-emit ms: p50 {:.1}, p95 {:.1}, p99 {:.1}, max {:.1}",
+            stats.frames,
+            stats.seconds,
+            stats.frames as f64 / stats.seconds.max(1e-9),
+            stats.faces,
+            stats.dropped,
+            stats.warnings,
+            stats.latency.p50,
+            stats.latency.p95,
+            stats.latency.p99,
+            stats.latency.max
+        );
+    }
+    Ok(())
 }

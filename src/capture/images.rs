@@ -1,0 +1,88 @@
+//! Still images as frames: a list of files, or every image in a directory in name order.
+
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use super::{Frame, FrameSource, SourceEvent};
+use crate::error::{Error, Result};
+
+const EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "pgm", "ppm"];
+
+/// Decodes each still once, in order. Unreadable files become warnings.
+pub struct ImageSource {
+    files: Vec<PathBuf>,
+    next: usize,
+    name: String,
+}
+
+fn is_image(p: &Path) -> bool {
+    p.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+}
+
+impl ImageSource {
+    /// From paths; a directory contributes its image files sorted by name.
+    pub fn new(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::new();
+        for p in paths {
+            if p.is_dir() {
+                let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+                    .map_err(|e| Error::io(p, e))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|f| f.is_file() && is_image(f))
+                    .collect();
+                v.sort();
+                files.extend(v);
+            } else if p.is_file() {
+                files.push(p.clone());
+            } else {
+                return Err(Error::file(p, "no such file or directory"));
+            }
+        }
+        if files.is_empty() {
+            return Err(Error::Config("no image files to read".into()));
+        }
+        let name = match paths {
+            [one] => format!("file:{}", one.display()),
+            _ => format!("files:{}", files.len()),
+        };
+        Ok(Self {
+            files,
+            next: 0,
+            name,
+        })
+    }
+}
+
+impl FrameSource for ImageSource {
+    fn next_event(&mut self) -> Result<SourceEvent> {
+        let Some(path) = self.files.get(self.next).cloned() else {
+            return Ok(SourceEvent::End);
+        };
+        let seq = self.next as u64;
+        self.next += 1;
+        match image::open(&path) {
+            Ok(img) => {
+                let g = img.into_luma8();
+                Ok(SourceEvent::Frame(Frame {
+                    seq,
+                    captured: Instant::now(),
+                    wall: SystemTime::now(),
+                    width: g.width(),
+                    height: g.height(),
+                    gray: g.into_raw(),
+                    label: Some(path.display().to_string()),
+                }))
+            }
+            Err(e) => Ok(SourceEvent::Warning(format!(
+                "{}: cannot decode image: {e}",
+                path.display()
+            ))),
+        }
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+}

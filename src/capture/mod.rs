@@ -1,0 +1,53 @@
+//! Frame sources behind one trait: YUV4MPEG2 streams (files or stdin), still images (files or a
+//! sorted directory), and the reconnect logic used for cameras. Frames carry a sequence number
+//! and capture timestamps from here to the emitter.
+
+mod images;
+mod reconnect;
+mod y4m;
+
+use std::time::{Instant, SystemTime};
+
+pub use images::ImageSource;
+pub use reconnect::{Backoff, Reconnecting};
+pub use y4m::Y4mSource;
+
+use crate::error::Result;
+
+/// One grayscale frame (the luma plane of video, or a decoded still converted to gray).
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Position in the source, from 0, counting frames the pipeline later drops.
+    pub seq: u64,
+    pub captured: Instant,
+    pub wall: SystemTime,
+    pub width: u32,
+    pub height: u32,
+    /// Row-major 8-bit luma, `width * height` bytes.
+    pub gray: Vec<u8>,
+    /// Where the frame came from (e.g. a file name for stills).
+    pub label: Option<String>,
+}
+
+/// What a source produced.
+#[derive(Debug)]
+pub enum SourceEvent {
+    Frame(Frame),
+    /// A recoverable problem (an unreadable still, a camera that went away); counted and
+    /// reported as a `warning` line, then the source carries on.
+    Warning(String),
+    /// No more frames.
+    End,
+}
+
+/// Anything that yields frames. Built inside the capture thread (cameras are not `Send`).
+pub trait FrameSource {
+    /// The next frame, a warning, or the end. `Err` is fatal (e.g. a corrupt stream).
+    fn next_event(&mut self) -> Result<SourceEvent>;
+    /// Short description for the `source` field, e.g. `file:talk.y4m`, `stdin`, `camera:0`.
+    fn name(&self) -> String;
+    /// Nominal frame rate, when the source knows it.
+    fn fps(&self) -> Option<f64> {
+        None
+    }
+}

@@ -1,0 +1,234 @@
+//! YUV4MPEG2 reader (the format `ffmpeg -f yuv4mpegpipe` writes). Only the luma plane is kept;
+//! chroma is read and discarded. Header: `YUV4MPEG2 W<w> H<h> [F<n>:<d>] [C<colorspace>] ...`,
+//! then per frame `FRAME[ params]\n` and the planes.
+
+use std::io::{BufRead, BufReader, Read};
+use std::time::{Instant, SystemTime};
+
+use super::{Frame, FrameSource, SourceEvent};
+use crate::error::{Error, Result};
+
+/// Largest frame side accepted (guards allocations against garbage headers).
+const MAX_SIDE: u32 = 16384;
+
+/// A YUV4MPEG2 stream.
+pub struct Y4mSource<R: Read> {
+    reader: BufReader<R>,
+    name: String,
+    width: u32,
+    height: u32,
+    chroma_bytes: usize,
+    fps: Option<f64>,
+    seq: u64,
+    scratch: Vec<u8>,
+}
+
+fn read_line_limited<R: BufRead>(r: &mut R, limit: usize) -> std::io::Result<Option<Vec<u8>>> {
+    let mut line = Vec::new();
+    let n = r.take(limit as u64).read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    Ok(Some(line))
+}
+
+impl<R: Read> Y4mSource<R> {
+    /// Reads and checks the stream header.
+    pub fn new(inner: R, name: impl Into<String>) -> Result<Self> {
+        let name = name.into();
+        let bad = |msg: String| Error::file(&name, msg);
+        let mut reader = BufReader::with_capacity(1 << 20, inner);
+        let line = read_line_limited(&mut reader, 4096)
+            .map_err(|e| bad(format!("cannot read the header: {e}")))?
+            .ok_or_else(|| bad("empty input (expected a YUV4MPEG2 stream)".into()))?;
+        if !line.ends_with(b"\n") {
+            return Err(bad("not a YUV4MPEG2 stream (no header line)".into()));
+        }
+        let text = String::from_utf8_lossy(&line[..line.len() - 1]).to_string();
+        let mut parts = text.split(' ');
+        if parts.next() != Some("YUV4MPEG2") {
+            return Err(bad(
+                "not a YUV4MPEG2 stream (header must start with YUV4MPEG2)".into(),
+            ));
+        }
+        let (mut width, mut height, mut fps, mut colorspace) =
+            (0u32, 0u32, None, "420jpeg".to_string());
+        for p in parts.filter(|p| !p.is_empty()) {
+            let (tag, val) = p.split_at(1);
+            match tag {
+                "W" => width = val.parse().map_err(|_| bad(format!("bad width {val:?}")))?,
+                "H" => {
+                    height = val
+                        .parse()
+                        .map_err(|_| bad(format!("bad height {val:?}")))?
+                }
+                "F" => {
+                    let (n, d) = val.split_once(':').unwrap_or((val, "1"));
+                    if let (Ok(n), Ok(d)) = (n.parse::<f64>(), d.parse::<f64>()) {
+                        if n > 0.0 && d > 0.0 {
+                            fps = Some(n / d);
+                        }
+                    }
+                }
+                "C" => colorspace = val.to_string(),
+                _ => {}
+            }
+        }
+        if width == 0 || height == 0 || width > MAX_SIDE || height > MAX_SIDE {
+            return Err(bad(format!(
+                "frame size {width}x{height} is missing or out of range"
+            )));
+        }
+        let (w, h) = (width as usize, height as usize);
+        let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        let chroma_bytes = match colorspace.as_str() {
+            c if c.starts_with("420") => 2 * cw * ch,
+            c if c.starts_with("422") => 2 * cw * h,
+            c if c.starts_with("444") && !c.starts_with("444alpha") => 2 * w * h,
+            "444alpha" => 3 * w * h,
+            "mono" => 0,
+            other => {
+                return Err(bad(format!(
+                    "colorspace C{other} is not supported (420, 422, 444, mono)"
+                )))
+            }
+        };
+        Ok(Self {
+            reader,
+            name,
+            width,
+            height,
+            chroma_bytes,
+            fps,
+            seq: 0,
+            scratch: Vec::new(),
+        })
+    }
+
+    /// Frame size.
+    pub fn size(&self) -> (u32, u32) {
+        (self.width, self.height)
+    }
+}
+
+impl<R: Read> FrameSource for Y4mSource<R> {
+    fn next_event(&mut self) -> Result<SourceEvent> {
+        let n = self.seq;
+        let name = self.name.clone();
+        let bad = |msg: String| Error::file(&name, format!("frame {n}: {msg}"));
+        let Some(line) = read_line_limited(&mut self.reader, 1024)
+            .map_err(|e| bad(format!("read error: {e}")))?
+        else {
+            return Ok(SourceEvent::End);
+        };
+        if !line.starts_with(b"FRAME") || !line.ends_with(b"\n") {
+            return Err(bad(
+                "expected a FRAME marker (corrupt or truncated stream)".into()
+            ));
+        }
+        let captured = Instant::now();
+        let wall = SystemTime::now();
+        let luma = self.width as usize * self.height as usize;
+        let mut gray = vec![0u8; luma];
+        let read_exact = |r: &mut BufReader<R>, buf: &mut [u8], what: &str| -> Result<()> {
+            r.read_exact(buf).map_err(|e| {
+                if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                    bad(format!("truncated {what} (expected {} bytes)", buf.len()))
+                } else {
+                    bad(format!("read error: {e}"))
+                }
+            })
+        };
+        read_exact(&mut self.reader, &mut gray, "luma plane")?;
+        self.scratch.resize(self.chroma_bytes, 0);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        read_exact(&mut self.reader, &mut scratch, "chroma planes")?;
+        self.scratch = scratch;
+        self.seq += 1;
+        Ok(SourceEvent::Frame(Frame {
+            seq: n,
+            captured,
+            wall,
+            width: self.width,
+            height: self.height,
+            gray,
+            label: None,
+        }))
+    }
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+
+    fn fps(&self) -> Option<f64> {
+        self.fps
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stream(w: usize, h: usize, frames: usize) -> Vec<u8> {
+        let mut v = format!("YUV4MPEG2 W{w} H{h} F25:1 Ip A1:1 C420jpeg\n").into_bytes();
+        for f in 0..frames {
+            v.extend_from_slice(b"FRAME\n");
+            v.extend((0..w * h).map(|i| (i + f) as u8));
+            v.extend(std::iter::repeat_n(
+                128u8,
+                2 * w.div_ceil(2) * h.div_ceil(2),
+            ));
+        }
+        v
+    }
+
+    #[test]
+    fn reads_frames_and_end() {
+        let data = stream(5, 3, 2);
+        let mut s = Y4mSource::new(&data[..], "t.y4m").unwrap();
+        assert_eq!(s.size(), (5, 3));
+        assert_eq!(s.fps(), Some(25.0));
+        let SourceEvent::Frame(f) = s.next_event().unwrap() else {
+            panic!()
+        };
+        assert_eq!(f.seq, 0);
+        assert_eq!(f.gray[..3], [0, 1, 2]);
+        let SourceEvent::Frame(f) = s.next_event().unwrap() else {
+            panic!()
+        };
+        assert_eq!((f.seq, f.gray[0]), (1, 1));
+        assert!(matches!(s.next_event().unwrap(), SourceEvent::End));
+    }
+
+    #[test]
+    fn garbage_and_truncation_are_clear_errors() {
+        for (bytes, want) in [
+            (b"".to_vec(), "empty input"),
+            (b"RIFF....WAVE\n".to_vec(), "not a YUV4MPEG2 stream"),
+            (b"YUV4MPEG2 W0 H10\n".to_vec(), "frame size 0x10"),
+            (b"YUV4MPEG2 W10 H10 Cfoo\n".to_vec(), "colorspace Cfoo"),
+            (vec![0u8; 5000], "not a YUV4MPEG2 stream"),
+        ] {
+            let e = Y4mSource::new(&bytes[..], "x.y4m")
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains(want) && e.starts_with("x.y4m"), "{e}");
+        }
+        let mut data = stream(8, 8, 2);
+        data.truncate(data.len() - 10);
+        let mut s = Y4mSource::new(&data[..], "t.y4m").unwrap();
+        assert!(matches!(s.next_event().unwrap(), SourceEvent::Frame(_)));
+        let e = s.next_event().unwrap_err().to_string();
+        assert!(e.contains("frame 1: truncated chroma planes"), "{e}");
+        let mut data = stream(8, 8, 1);
+        data.extend_from_slice(b"GARBAGE\n");
+        let mut s = Y4mSource::new(&data[..], "t.y4m").unwrap();
+        s.next_event().unwrap();
+        assert!(s
+            .next_event()
+            .unwrap_err()
+            .to_string()
+            .contains("FRAME marker"));
+    }
+}

@@ -1,0 +1,229 @@
+//! The JSON-lines output of `fer-cam run`: one object per line on stdout, schema version 1.
+//!
+//! Every line has `"v": 1`, a `"type"`, a wall-clock `"ts"` (RFC 3339, UTC, milliseconds) and
+//! `"mono_ms"` (monotonic milliseconds since the run started). Types:
+//!
+//! - `frame`: one per processed frame —
+//!   `source`, `frame` (the source's frame number, from 0), `size` `[w, h]`, optional `file`
+//!   (stills), `faces` (below), `latency_ms` `{capture_to_emit, detect, infer}`, and `dropped`
+//!   (frames dropped so far because the pipeline was busy).
+//!   Each face: `id` (track id, stable across frames, never reused), `box` `[x, y, w, h]` in
+//!   source pixels, `det_score`, `label` (CARD majority vote), `probs` and `votes` (objects keyed
+//!   by class name, in the model's class order), `certain` (CARD's paired t-test between the two
+//!   most-voted classes, p < α), `p_value` (`null` when the test is undefined), `entropy` (nats,
+//!   of `probs`).
+//! - `status`: periodic health — `frames`, `fps` (processed frames per second since the last
+//!   status), `cpu_percent` (this process, 100 = one core), `dropped`, `faces`.
+//! - `warning`: a recoverable problem — `message`, and `count` (warnings so far).
+//! - `summary`: at the end of file input — totals and latency percentiles.
+
+use std::io::Write;
+use std::time::{Instant, SystemTime};
+
+use serde::ser::{SerializeMap, Serializer};
+use serde::Serialize;
+
+/// Schema version of every line.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Class name → value, serialised as a JSON object in class order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClassMap {
+    pub names: std::sync::Arc<Vec<String>>,
+    pub values: Vec<f32>,
+}
+
+impl Serialize for ClassMap {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(Some(self.values.len()))?;
+        for (k, v) in self.names.iter().zip(&self.values) {
+            m.serialize_entry(k, &round(*v as f64, 5))?;
+        }
+        m.end()
+    }
+}
+
+fn round(v: f64, digits: i32) -> f64 {
+    let p = 10f64.powi(digits);
+    (v * p).round() / p
+}
+
+/// One face of a `frame` line.
+#[derive(Debug, Clone, Serialize)]
+pub struct FaceOut {
+    pub id: u64,
+    #[serde(rename = "box")]
+    pub bbox: [i32; 4],
+    pub det_score: f64,
+    pub label: String,
+    pub probs: ClassMap,
+    pub votes: ClassMap,
+    pub certain: bool,
+    /// `None` (JSON null) when the t-test is undefined.
+    pub p_value: Option<f64>,
+    pub entropy: f64,
+}
+
+/// Per-frame stage latencies in milliseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    pub capture_to_emit: f64,
+    pub detect: f64,
+    pub infer: f64,
+}
+
+/// The body of each message type.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Body {
+    Frame {
+        source: String,
+        frame: u64,
+        size: [u32; 2],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        file: Option<String>,
+        faces: Vec<FaceOut>,
+        latency_ms: Latency,
+        dropped: u64,
+    },
+    Status {
+        frames: u64,
+        fps: f64,
+        cpu_percent: f64,
+        dropped: u64,
+        faces: u64,
+    },
+    Warning {
+        message: String,
+        count: u64,
+    },
+    Summary {
+        source: String,
+        frames: u64,
+        faces: u64,
+        dropped: u64,
+        warnings: u64,
+        seconds: f64,
+        fps: f64,
+        latency_ms: Percentiles,
+    },
+}
+
+/// Latency percentiles of `capture_to_emit`.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Percentiles {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+}
+
+impl Percentiles {
+    /// From samples (any order); zeros when empty.
+    pub fn from_samples(samples: &[f64]) -> Self {
+        if samples.is_empty() {
+            return Self::default();
+        }
+        let mut v = samples.to_vec();
+        v.sort_by(f64::total_cmp);
+        let at = |q: f64| v[((q * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
+        Self {
+            p50: round(at(0.50), 2),
+            p95: round(at(0.95), 2),
+            p99: round(at(0.99), 2),
+            max: round(at(1.0), 2),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct Line<'a> {
+    v: u32,
+    ts: String,
+    mono_ms: f64,
+    #[serde(flatten)]
+    body: &'a Body,
+}
+
+/// Writes lines to a sink (stdout in the daemon), flushing each one.
+pub struct Emitter<W: Write> {
+    out: W,
+    start: Instant,
+}
+
+impl<W: Write> Emitter<W> {
+    pub fn new(out: W, start: Instant) -> Self {
+        Self { out, start }
+    }
+
+    /// Serialises and writes one line. An `Err` with kind `BrokenPipe` means the reader left.
+    pub fn emit(&mut self, body: &Body) -> std::io::Result<()> {
+        let line = Line {
+            v: SCHEMA_VERSION,
+            ts: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
+            mono_ms: round(self.start.elapsed().as_secs_f64() * 1e3, 3),
+            body,
+        };
+        let mut text = serde_json::to_vec(&line).map_err(std::io::Error::other)?;
+        text.push(b'\n');
+        self.out.write_all(&text)?;
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[test]
+    fn frame_line_has_the_documented_fields() {
+        let names = Arc::new(vec!["happy".to_string(), "sad".to_string()]);
+        let body = Body::Frame {
+            source: "file:x.y4m".into(),
+            frame: 3,
+            size: [320, 180],
+            file: None,
+            faces: vec![FaceOut {
+                id: 1,
+                bbox: [10, 20, 30, 30],
+                det_score: 4.2,
+                label: "happy".into(),
+                probs: ClassMap {
+                    names: names.clone(),
+                    values: vec![0.9, 0.1],
+                },
+                votes: ClassMap {
+                    names,
+                    values: vec![1.0, 0.0],
+                },
+                certain: true,
+                p_value: None,
+                entropy: 0.325,
+            }],
+            latency_ms: Latency::default(),
+            dropped: 0,
+        };
+        let mut buf = Vec::new();
+        Emitter::new(&mut buf, Instant::now()).emit(&body).unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        assert!(text.ends_with('\n') && text.lines().count() == 1);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["v"], 1);
+        assert_eq!(v["type"], "frame");
+        assert!(v["ts"].as_str().unwrap().ends_with('Z'));
+        assert_eq!(v["faces"][0]["box"], serde_json::json!([10, 20, 30, 30]));
+        assert_eq!(v["faces"][0]["p_value"], serde_json::Value::Null);
+        // Class order is kept (happy before sad).
+        let probs = text.find("\"happy\":0.9").unwrap();
+        assert!(probs < text.find("\"sad\":0.1").unwrap());
+        assert!(v.get("file").is_none());
+    }
+
+    #[test]
+    fn percentiles() {
+        let p = Percentiles::from_samples(&(1..=100).map(|x| x as f64).collect::<Vec<_>>());
+        assert_eq!((p.p50, p.p95, p.p99, p.max), (51.0, 95.0, 99.0, 100.0));
+        assert_eq!(Percentiles::from_samples(&[]).max, 0.0);
+    }
+}

@@ -1,0 +1,254 @@
+//! rustface detection with the SeetaFace frontal model embedded in the binary.
+//!
+//! rustface costs ~66 ms on a full 640x480 frame here, so full frames are downscaled to
+//! `detect_width` first, and between full detections the stage only searches small regions
+//! around live tracks (see `crate::pipeline`).
+
+use image::imageops::FilterType;
+use image::GrayImage;
+use rustface::{Detector, ImageData};
+
+use super::FaceBox;
+use crate::error::{Error, Result};
+
+/// The SeetaFace frontal detector model (BSD-2-Clause, see models/).
+static SEETA_MODEL: &[u8] = include_bytes!("../../models/seeta_fd_frontal_v1.0.bin");
+
+/// Detection settings, validated before the pipeline starts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DetectConfig {
+    /// Full frames wider than this are downscaled before detection (0: never).
+    pub detect_width: u32,
+    /// A full-frame detection every N frames; in between, only regions around tracks.
+    pub every: u32,
+    /// Smallest face side searched, in detector pixels (≥ 20).
+    pub min_face: u32,
+    /// Detector score threshold (rustface's default is 2.0).
+    pub score_threshold: f64,
+    /// Region searched around a track, as a multiple of its box side.
+    pub roi_scale: f32,
+}
+
+impl Default for DetectConfig {
+    fn default() -> Self {
+        Self {
+            detect_width: 320,
+            every: 3,
+            min_face: 20,
+            score_threshold: 2.0,
+            roi_scale: 2.0,
+        }
+    }
+}
+
+impl DetectConfig {
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::Config(m));
+        if self.detect_width != 0 && self.detect_width < 64 {
+            return bad(format!(
+                "--detect-width {} (0 or at least 64)",
+                self.detect_width
+            ));
+        }
+        if !(1..=1000).contains(&self.every) {
+            return bad(format!("--detect-every {} (allowed 1..=1000)", self.every));
+        }
+        if !(20..=1000).contains(&self.min_face) {
+            return bad(format!("--min-face {} (allowed 20..=1000)", self.min_face));
+        }
+        if !self.score_threshold.is_finite() {
+            return bad("--det-threshold must be finite".into());
+        }
+        if !(1.2..=6.0).contains(&self.roi_scale) {
+            return bad(format!("roi scale {} (allowed 1.2..=6)", self.roi_scale));
+        }
+        Ok(())
+    }
+}
+
+/// A rustface detector (not `Send`: build it inside the face thread).
+pub struct FaceDetector {
+    det: Box<dyn Detector>,
+    cfg: DetectConfig,
+}
+
+/// Smallest image side rustface handles well (its window is 40 px).
+const MIN_SIDE: u32 = 48;
+
+impl FaceDetector {
+    pub fn new(cfg: DetectConfig) -> Result<Self> {
+        cfg.validate()?;
+        let model = rustface::read_model(std::io::Cursor::new(SEETA_MODEL))
+            .map_err(|e| Error::Msg(format!("embedded face model: {e}")))?;
+        let mut det = rustface::create_detector_with_model(model);
+        det.set_min_face_size(cfg.min_face);
+        det.set_score_thresh(cfg.score_threshold);
+        det.set_pyramid_scale_factor(0.8);
+        det.set_slide_window_step(4, 4);
+        Ok(Self { det, cfg })
+    }
+
+    pub fn config(&self) -> &DetectConfig {
+        &self.cfg
+    }
+
+    fn run(&mut self, gray: &[u8], w: u32, h: u32) -> Vec<FaceBox> {
+        if w < MIN_SIDE || h < MIN_SIDE || gray.len() != (w * h) as usize {
+            return Vec::new();
+        }
+        let img = ImageData::new(gray, w, h);
+        self.det
+            .detect(&img)
+            .into_iter()
+            .map(|f| {
+                let b = f.bbox();
+                FaceBox {
+                    x: b.x() as f32,
+                    y: b.y() as f32,
+                    w: b.width() as f32,
+                    h: b.height() as f32,
+                    score: f.score(),
+                }
+            })
+            .collect()
+    }
+
+    /// Detects faces on a whole frame (downscaled to `detect_width`), boxes in frame pixels.
+    pub fn detect_full(&mut self, gray: &[u8], w: u32, h: u32) -> Vec<FaceBox> {
+        let dw = self.cfg.detect_width;
+        if dw == 0 || w <= dw {
+            return self.run(gray, w, h);
+        }
+        let scale = w as f32 / dw as f32;
+        let dh = ((h as f32 / scale).round() as u32).max(1);
+        let Some(img) = GrayImage::from_raw(w, h, gray.to_vec()) else {
+            return Vec::new();
+        };
+        let small = image::imageops::resize(&img, dw, dh, FilterType::Triangle);
+        self.run(small.as_raw(), dw, dh)
+            .into_iter()
+            .map(|b| FaceBox {
+                x: b.x * scale,
+                y: b.y * scale,
+                w: b.w * scale,
+                h: b.h * scale,
+                score: b.score,
+            })
+            .collect()
+    }
+
+    /// Searches a region around `near` (roi_scale × its side) at full resolution; returns the
+    /// detection that overlaps `near` most, if any.
+    pub fn detect_near(&mut self, gray: &[u8], w: u32, h: u32, near: &FaceBox) -> Option<FaceBox> {
+        let side = near.w.max(near.h) * self.cfg.roi_scale;
+        let (cx, cy) = near.centre();
+        let x0 = (cx - side / 2.0).max(0.0).floor() as u32;
+        let y0 = (cy - side / 2.0).max(0.0).floor() as u32;
+        let x1 = ((cx + side / 2.0).ceil() as u32).min(w);
+        let y1 = ((cy + side / 2.0).ceil() as u32).min(h);
+        if x1 <= x0 + MIN_SIDE || y1 <= y0 + MIN_SIDE {
+            return None;
+        }
+        let (rw, rh) = (x1 - x0, y1 - y0);
+        let mut roi = Vec::with_capacity((rw * rh) as usize);
+        for y in y0..y1 {
+            let row = (y * w) as usize;
+            roi.extend_from_slice(&gray[row + x0 as usize..row + x1 as usize]);
+        }
+        // Large regions are scaled down like full frames, so detection cost stays bounded.
+        let found = if self.cfg.detect_width != 0 && rw > self.cfg.detect_width / 2 {
+            let s = rw as f32 / (self.cfg.detect_width / 2) as f32;
+            let (sw, sh) = (
+                self.cfg.detect_width / 2,
+                ((rh as f32 / s).round() as u32).max(1),
+            );
+            let img = GrayImage::from_raw(rw, rh, roi)?;
+            let small = image::imageops::resize(&img, sw, sh, FilterType::Triangle);
+            self.run(small.as_raw(), sw, sh)
+                .into_iter()
+                .map(|b| FaceBox {
+                    x: b.x * s,
+                    y: b.y * s,
+                    w: b.w * s,
+                    h: b.h * s,
+                    score: b.score,
+                })
+                .collect()
+        } else {
+            self.run(&roi, rw, rh)
+        };
+        found
+            .into_iter()
+            .map(|b| FaceBox {
+                x: b.x + x0 as f32,
+                y: b.y + y0 as f32,
+                ..b
+            })
+            .max_by(|a, b| a.iou(near).total_cmp(&b.iou(near)))
+            .filter(|b| b.iou(near) > 0.1)
+    }
+}
+
+/// A square crop around `b` enlarged by `margin` (fraction of the side on each side), clamped to
+/// the frame (edge pixels repeat), resized to `side × side`.
+pub fn crop_face(gray: &[u8], w: u32, h: u32, b: &FaceBox, margin: f32, side: u32) -> Vec<u8> {
+    let s = b.w.max(b.h) * (1.0 + 2.0 * margin);
+    let (cx, cy) = b.centre();
+    let n = (s.round() as i64).max(1);
+    let x0 = (cx - s / 2.0).round() as i64;
+    let y0 = (cy - s / 2.0).round() as i64;
+    let mut sq = Vec::with_capacity((n * n) as usize);
+    for y in 0..n {
+        let yy = (y0 + y).clamp(0, h as i64 - 1) as u32;
+        for x in 0..n {
+            let xx = (x0 + x).clamp(0, w as i64 - 1) as u32;
+            sq.push(gray[(yy * w + xx) as usize]);
+        }
+    }
+    match GrayImage::from_raw(n as u32, n as u32, sq) {
+        Some(img) => image::imageops::resize(&img, side, side, FilterType::Triangle).into_raw(),
+        None => vec![0; (side * side) as usize],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crop_is_square_resized_and_clamped() {
+        let (w, h) = (100u32, 60u32);
+        let gray: Vec<u8> = (0..w * h).map(|i| (i % w) as u8).collect();
+        let b = FaceBox {
+            x: 80.0,
+            y: 40.0,
+            w: 30.0,
+            h: 30.0,
+            score: 5.0,
+        };
+        let c = crop_face(&gray, w, h, &b, 0.1, 48);
+        assert_eq!(c.len(), 48 * 48);
+        // The right part lies outside the frame: clamped to the last column (99).
+        assert_eq!(c[47], 99);
+        assert!(c[0] < 80);
+    }
+
+    #[test]
+    fn config_is_validated_and_tiny_frames_have_no_faces() {
+        assert!(DetectConfig {
+            every: 0,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        assert!(DetectConfig {
+            detect_width: 10,
+            ..Default::default()
+        }
+        .validate()
+        .is_err());
+        let mut d = FaceDetector::new(DetectConfig::default()).unwrap();
+        assert!(d.detect_full(&[0u8; 16], 4, 4).is_empty());
+        assert!(d.detect_full(&[0u8; 10], 4, 4).is_empty());
+    }
+}

@@ -1,0 +1,40 @@
+//! The face stage: detection (rustface / SeetaFace), square crops at the classifier's input size,
+//! and a tracker that gives each face a stable id across frames.
+
+mod detect;
+mod track;
+
+pub use detect::{crop_face, DetectConfig, FaceDetector};
+pub use track::{Smoother, Tracker, TrackerConfig};
+
+/// A face box in source pixels, with the detector's score.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FaceBox {
+    pub x: f32,
+    pub y: f32,
+    pub w: f32,
+    pub h: f32,
+    pub score: f64,
+}
+
+impl FaceBox {
+    /// Intersection over union.
+    pub fn iou(&self, o: &FaceBox) -> f32 {
+        let x0 = self.x.max(o.x);
+        let y0 = self.y.max(o.y);
+        let x1 = (self.x + self.w).min(o.x + o.w);
+        let y1 = (self.y + self.h).min(o.y + o.h);
+        let inter = (x1 - x0).max(0.0) * (y1 - y0).max(0.0);
+        let union = self.w * self.h + o.w * o.h - inter;
+        if union <= 0.0 {
+            0.0
+        } else {
+            inter / union
+        }
+    }
+
+    /// Centre point.
+    pub fn centre(&self) -> (f32, f32) {
+        (self.x + self.w / 2.0, self.y + self.h / 2.0)
+    }
+}

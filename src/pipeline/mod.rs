@@ -1,0 +1,515 @@
+//! The real-time pipeline: capture → face → inference → emitter, each a named thread joined by
+//! bounded queues (DESIGN.md §1).
+//!
+//! - Capture never blocks on a live source: when the face stage is busy the stalest queued frame
+//!   is dropped and counted. File input without `--realtime` blocks instead (nothing is lost).
+//! - Shutdown: the cancel flag (signal, end of input, stdout closed) stops capture; each stage
+//!   ends when its input queue is empty and closed, so queued frames drain. A stage whose output
+//!   queue is gone (the emitter left because stdout closed) stops at once.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+
+use crate::capture::{Frame, FrameSource, SourceEvent};
+use crate::emit::{Body, ClassMap, Emitter, FaceOut, Latency, Percentiles};
+use crate::error::{Error, Result};
+use crate::face::{
+    crop_face, DetectConfig, FaceBox, FaceDetector, Smoother, Tracker, TrackerConfig,
+};
+use crate::infer::Classifier;
+
+/// Settings of one `fer-cam run`, validated before any thread starts.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    pub detect: DetectConfig,
+    pub tracker: TrackerConfig,
+    /// Crop margin around the detector's box, as a fraction of its side on each side.
+    pub margin: f32,
+    /// Weight of the newest probabilities in the per-track average (1.0: no smoothing).
+    pub smooth: f32,
+    /// Process at most this many frames per second (0: no limit).
+    pub max_fps: f64,
+    /// Pace file input at its nominal frame rate.
+    pub realtime: bool,
+    /// Whether the source is live (drop stale frames) or a file read as fast as possible (block).
+    pub live: bool,
+    /// Seconds between `status` lines (0: none).
+    pub status_every: f64,
+    /// Frames queued between capture and the face stage.
+    pub queue: usize,
+    /// Most faces classified in one batch.
+    pub max_batch: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            detect: DetectConfig::default(),
+            tracker: TrackerConfig::default(),
+            margin: 0.1,
+            smooth: 1.0,
+            max_fps: 0.0,
+            realtime: false,
+            live: false,
+            status_every: 5.0,
+            queue: 2,
+            max_batch: 32,
+        }
+    }
+}
+
+impl RunConfig {
+    pub fn validate(&self) -> Result<()> {
+        self.detect.validate()?;
+        let bad = |m: String| Err(Error::Config(m));
+        if !(0.0..=1.0).contains(&self.margin) {
+            return bad(format!("--margin {} (allowed 0..=1)", self.margin));
+        }
+        if !(self.smooth > 0.0 && self.smooth <= 1.0) {
+            return bad(format!(
+                "--smooth {} (allowed 0 < a <= 1; 1 disables smoothing)",
+                self.smooth
+            ));
+        }
+        if !(0.0..=1000.0).contains(&self.max_fps) {
+            return bad(format!(
+                "--max-fps {} (allowed 0..=1000; 0 = no limit)",
+                self.max_fps
+            ));
+        }
+        if !(0.0..=3600.0).contains(&self.status_every) {
+            return bad(format!(
+                "--status-every {} (allowed 0..=3600 s)",
+                self.status_every
+            ));
+        }
+        if !(1..=64).contains(&self.queue) || !(1..=1024).contains(&self.max_batch) {
+            return bad(format!(
+                "queue {} (1..=64) / max batch {} (1..=1024)",
+                self.queue, self.max_batch
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.tracker.iou_threshold) {
+            return bad(format!(
+                "iou threshold {} (allowed 0..=1)",
+                self.tracker.iou_threshold
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Totals of a finished run.
+#[derive(Debug, Clone, Default)]
+pub struct RunStats {
+    pub frames: u64,
+    pub faces: u64,
+    pub dropped: u64,
+    pub warnings: u64,
+    pub seconds: f64,
+    pub latency: Percentiles,
+    /// The reader closed stdout.
+    pub output_closed: bool,
+}
+
+/// A frame after the face stage.
+struct FaceJob {
+    frame: Frame,
+    faces: Vec<(u64, FaceBox)>,
+    crops: Vec<u8>,
+    detect_ms: f64,
+}
+
+/// A frame after inference.
+struct Result_ {
+    job: FaceJob,
+    out: Vec<FaceOut>,
+    infer_ms: f64,
+}
+
+enum Event {
+    Warning(String),
+}
+
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<thread::JoinHandle<T>> {
+    thread::Builder::new()
+        .name(name.into())
+        .spawn(f)
+        .map_err(|e| Error::Msg(format!("cannot start thread {name}: {e}")))
+}
+
+fn round1(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
+fn round2(v: f64) -> f64 {
+    (v * 100.0).round() / 100.0
+}
+
+/// The `frame` line of a classified frame, and its capture-to-emit latency in ms.
+fn frame_body(r: Result_, source: &str, dropped: u64) -> (Body, f64) {
+    let lat = r.job.frame.captured.elapsed().as_secs_f64() * 1e3;
+    let body = Body::Frame {
+        source: source.to_string(),
+        frame: r.job.frame.seq,
+        size: [r.job.frame.width, r.job.frame.height],
+        file: r.job.frame.label,
+        faces: r.out,
+        latency_ms: Latency {
+            capture_to_emit: round2(lat),
+            detect: round2(r.job.detect_ms),
+            infer: round2(r.infer_ms),
+        },
+        dropped,
+    };
+    (body, lat)
+}
+
+/// CPU time of this process in seconds (Linux: /proc/self/stat, USER_HZ = 100).
+fn process_cpu_seconds() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let after = text.rsplit_once(')')?.1;
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let utime: f64 = f.get(11)?.parse().ok()?;
+    let stime: f64 = f.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
+/// Runs the pipeline until the source ends, `cancel` is set, or the output closes.
+///
+/// `open` builds the source inside the capture thread. Lines go to `out`. Returns the totals,
+/// or the first fatal error (after the frames before it were emitted).
+pub fn run<W: Write>(
+    cfg: &RunConfig,
+    open: impl FnOnce() -> Result<Box<dyn FrameSource>> + Send + 'static,
+    classifier: Classifier,
+    out: W,
+    cancel: Arc<AtomicBool>,
+) -> Result<RunStats> {
+    cfg.validate()?;
+    let start = Instant::now();
+    let dropped = Arc::new(AtomicU64::new(0));
+    let (frame_tx, frame_rx) = bounded::<Frame>(cfg.queue);
+    let (job_tx, job_rx) = bounded::<FaceJob>(4);
+    let (res_tx, res_rx) = bounded::<Result_>(8);
+    let (ev_tx, ev_rx) = bounded::<Event>(256);
+    let (name_tx, name_rx) = bounded::<String>(1);
+
+    let capture = {
+        let cfg = cfg.clone();
+        let cancel = cancel.clone();
+        let dropped = dropped.clone();
+        let stale_rx = frame_rx.clone();
+        let ev_tx = ev_tx.clone();
+        spawn("fer-capture", move || {
+            capture_loop(
+                &cfg, open, frame_tx, stale_rx, ev_tx, name_tx, cancel, dropped,
+            )
+        })?
+    };
+    let face = {
+        let cfg = cfg.clone();
+        spawn("fer-face", move || face_loop(&cfg, frame_rx, job_tx))?
+    };
+    let infer = {
+        let cfg = cfg.clone();
+        spawn("fer-infer", move || {
+            infer_loop(&cfg, classifier, job_rx, res_tx)
+        })?
+    };
+    drop(ev_tx);
+
+    let source = name_rx
+        .recv_timeout(Duration::from_secs(30))
+        .unwrap_or_else(|_| "unknown".into());
+    let mut emitter = Emitter::new(out, start);
+    let mut stats = RunStats::default();
+    let mut latencies = Vec::new();
+    let mut last_status = (Instant::now(), 0u64, process_cpu_seconds());
+    let status_every = (cfg.status_every > 0.0).then(|| Duration::from_secs_f64(cfg.status_every));
+    let mut events = ev_rx.clone();
+    let write_result = (|| -> std::io::Result<()> {
+        loop {
+            let tick = status_every.map_or(Duration::from_secs(3600), |d| {
+                d.saturating_sub(last_status.0.elapsed())
+            });
+            select! {
+                recv(res_rx) -> msg => {
+                    let Ok(r) = msg else { break };
+                    let (body, lat) = frame_body(r, &source, dropped.load(Ordering::Relaxed));
+                    latencies.push(lat);
+                    stats.frames += 1;
+                    if let Body::Frame { faces, .. } = &body {
+                        stats.faces += faces.len() as u64;
+                    }
+                    emitter.emit(&body)?;
+                },
+                recv(events) -> ev => match ev {
+                    Ok(Event::Warning(message)) => {
+                        stats.warnings += 1;
+                        eprintln!("warning: {message}");
+                        emitter.emit(&Body::Warning { message, count: stats.warnings })?;
+                    }
+                    // Capture has finished: stop polling its event queue.
+                    Err(_) => events = crossbeam_channel::never(),
+                },
+                default(tick) => {}
+            }
+            if status_every.is_some_and(|e| last_status.0.elapsed() >= e) {
+                let secs = last_status.0.elapsed().as_secs_f64();
+                let cpu = process_cpu_seconds();
+                let cpu_percent = match (cpu, last_status.2) {
+                    (Some(now), Some(before)) => 100.0 * (now - before) / secs.max(1e-9),
+                    _ => -1.0,
+                };
+                emitter.emit(&Body::Status {
+                    frames: stats.frames,
+                    fps: round1((stats.frames - last_status.1) as f64 / secs.max(1e-9)),
+                    cpu_percent: round1(cpu_percent),
+                    dropped: dropped.load(Ordering::Relaxed),
+                    faces: stats.faces,
+                })?;
+                last_status = (Instant::now(), stats.frames, cpu);
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = &write_result {
+        // The reader left (or stdout failed): stop the source; dropping the receivers below
+        // unblocks every stage.
+        cancel.store(true, Ordering::SeqCst);
+        if e.kind() != std::io::ErrorKind::BrokenPipe {
+            drop(res_rx);
+            let _ = (capture.join(), face.join(), infer.join());
+            return Err(Error::Msg(format!("writing output: {e}")));
+        }
+        stats.output_closed = true;
+    }
+    drop(res_rx);
+    drop(ev_rx);
+    let capture_result = capture
+        .join()
+        .map_err(|_| Error::Msg("capture thread panicked".into()))?;
+    let face_result = face
+        .join()
+        .map_err(|_| Error::Msg("face thread panicked".into()))?;
+    let infer_result = infer
+        .join()
+        .map_err(|_| Error::Msg("inference thread panicked".into()))?;
+    stats.dropped = dropped.load(Ordering::Relaxed);
+    stats.seconds = start.elapsed().as_secs_f64();
+    stats.latency = Percentiles::from_samples(&latencies);
+    if !stats.output_closed {
+        capture_result?;
+        face_result?;
+        infer_result?;
+        let summary = Body::Summary {
+            source,
+            frames: stats.frames,
+            faces: stats.faces,
+            dropped: stats.dropped,
+            warnings: stats.warnings,
+            seconds: round2(stats.seconds),
+            fps: round1(stats.frames as f64 / stats.seconds.max(1e-9)),
+            latency_ms: stats.latency,
+        };
+        if let Err(e) = emitter.emit(&summary) {
+            if e.kind() == std::io::ErrorKind::BrokenPipe {
+                stats.output_closed = true;
+            } else {
+                return Err(Error::Msg(format!("writing output: {e}")));
+            }
+        }
+    }
+    Ok(stats)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn capture_loop(
+    cfg: &RunConfig,
+    open: impl FnOnce() -> Result<Box<dyn FrameSource>>,
+    tx: Sender<Frame>,
+    stale: Receiver<Frame>,
+    events: Sender<Event>,
+    name_tx: Sender<String>,
+    cancel: Arc<AtomicBool>,
+    dropped: Arc<AtomicU64>,
+) -> Result<()> {
+    let mut src = match open() {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = name_tx.send("unavailable".into());
+            return Err(e);
+        }
+    };
+    let _ = name_tx.send(src.name());
+    let pace = if cfg.realtime { src.fps() } else { None };
+    let min_gap = (cfg.max_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.max_fps));
+    let t0 = Instant::now();
+    let mut last_accepted: Option<Instant> = None;
+    while !cancel.load(Ordering::SeqCst) {
+        let frame = match src.next_event()? {
+            SourceEvent::End => break,
+            SourceEvent::Warning(w) => {
+                let _ = events.try_send(Event::Warning(w));
+                continue;
+            }
+            SourceEvent::Frame(f) => f,
+        };
+        if let Some(fps) = pace {
+            let due = t0 + Duration::from_secs_f64(frame.seq as f64 / fps);
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                thread::sleep(wait);
+            }
+        }
+        if let (Some(gap), Some(last)) = (min_gap, last_accepted) {
+            if last.elapsed() < gap {
+                continue;
+            }
+        }
+        last_accepted = Some(Instant::now());
+        let mut frame = frame;
+        // Stamp the capture time when the frame enters the pipeline (after pacing).
+        frame.captured = Instant::now();
+        frame.wall = SystemTime::now();
+        if cfg.live || cfg.realtime {
+            match tx.try_send(frame) {
+                Ok(()) => {}
+                Err(TrySendError::Full(f)) => {
+                    // Drop the stalest queued frame, then queue this one.
+                    if stale.try_recv().is_ok() {
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    if let Err(TrySendError::Full(_)) = tx.try_send(f) {
+                        dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Err(TrySendError::Disconnected(_)) => break,
+            }
+        } else if tx.send(frame).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn face_loop(cfg: &RunConfig, rx: Receiver<Frame>, tx: Sender<FaceJob>) -> Result<()> {
+    let mut detector = FaceDetector::new(cfg.detect.clone())?;
+    let mut tracker = Tracker::new(cfg.tracker);
+    let every = cfg.detect.every as usize;
+    for (n, frame) in rx.iter().enumerate() {
+        let t = Instant::now();
+        let (w, h) = (frame.width, frame.height);
+        let dets = if n.is_multiple_of(every) {
+            detector.detect_full(&frame.gray, w, h)
+        } else {
+            tracker
+                .live()
+                .iter()
+                .filter_map(|(_, b)| detector.detect_near(&frame.gray, w, h, b))
+                .collect()
+        };
+        let faces = tracker.update(&dets);
+        let mut crops = Vec::with_capacity(faces.len() * 48 * 48);
+        for (_, b) in &faces {
+            crops.extend(crop_face(&frame.gray, w, h, b, cfg.margin, 48));
+        }
+        let detect_ms = t.elapsed().as_secs_f64() * 1e3;
+        if tx
+            .send(FaceJob {
+                frame,
+                faces,
+                crops,
+                detect_ms,
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn infer_loop(
+    cfg: &RunConfig,
+    mut clf: Classifier,
+    rx: Receiver<FaceJob>,
+    tx: Sender<Result_>,
+) -> Result<()> {
+    let names = Arc::new(clf.config().classes.clone());
+    let side = clf.config().input.size;
+    let mut smoother = Smoother::new(cfg.smooth);
+    while let Ok(first) = rx.recv() {
+        // Batch the faces of this frame with those of frames already waiting.
+        let mut jobs = vec![first];
+        let mut faces: usize = jobs[0].faces.len();
+        while faces < cfg.max_batch {
+            match rx.try_recv() {
+                Ok(j) => {
+                    faces += j.faces.len();
+                    jobs.push(j);
+                }
+                Err(_) => break,
+            }
+        }
+        let t = Instant::now();
+        let crops: Vec<u8> = jobs.iter().flat_map(|j| j.crops.iter().copied()).collect();
+        let preds = if crops.is_empty() {
+            Vec::new()
+        } else if side == 48 {
+            clf.predict(&crops)?
+        } else {
+            return Err(Error::Config(format!(
+                "model input size {side} (the daemon crops 48x48)"
+            )));
+        };
+        let infer_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mut preds = preds.into_iter();
+        for job in jobs {
+            let mut out = Vec::with_capacity(job.faces.len());
+            for (id, b) in &job.faces {
+                let Some(p) = preds.next() else { break };
+                let probs = smoother.smooth(*id, job.frame.seq, &p.card.probs);
+                let label = if cfg.smooth < 1.0 {
+                    crate::metrics::argmax(&probs)
+                } else {
+                    p.card.label
+                };
+                out.push(FaceOut {
+                    id: *id,
+                    bbox: [
+                        b.x.round() as i32,
+                        b.y.round() as i32,
+                        b.w.round() as i32,
+                        b.h.round() as i32,
+                    ],
+                    det_score: (b.score * 1000.0).round() / 1000.0,
+                    label: names.get(label).cloned().unwrap_or_default(),
+                    probs: ClassMap {
+                        names: names.clone(),
+                        values: probs,
+                    },
+                    votes: ClassMap {
+                        names: names.clone(),
+                        values: p.card.votes.clone(),
+                    },
+                    certain: p.card.certain,
+                    p_value: p.card.p_value.is_finite().then_some(p.card.p_value),
+                    entropy: (p.card.entropy as f64 * 1e4).round() / 1e4,
+                });
+            }
+            if tx.send(Result_ { job, out, infer_ms }).is_err() {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
+}

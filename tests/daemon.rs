@@ -1,0 +1,386 @@
+//! `fer-cam run` end to end: the y4m clip and the group stills from ../shared, damaged streams,
+//! a reader that closes stdout, and a slow reader (bounded memory, counted drops).
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+fn model(dir: &Path) -> PathBuf {
+    let m = dir.join("model");
+    let o = Command::new(common::bin())
+        .args([
+            "init",
+            "--out",
+            m.to_str().unwrap(),
+            "--stem",
+            "conv7x7_pool",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    m
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(common::bin()).args(args).output().unwrap()
+}
+
+fn lines(o: &Output) -> Vec<Value> {
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
+/// Checks the fields every line and every face must have.
+fn check_schema(v: &Value, classes: usize) {
+    assert_eq!(v["v"], 1);
+    assert!(v["ts"].as_str().unwrap().ends_with('Z'));
+    assert!(v["mono_ms"].as_f64().unwrap() >= 0.0);
+    match v["type"].as_str().unwrap() {
+        "frame" => {
+            assert!(v["frame"].is_u64() && v["dropped"].is_u64() && v["source"].is_string());
+            assert_eq!(v["size"].as_array().unwrap().len(), 2);
+            for k in ["capture_to_emit", "detect", "infer"] {
+                assert!(v["latency_ms"][k].as_f64().unwrap() >= 0.0);
+            }
+            for f in v["faces"].as_array().unwrap() {
+                assert!(f["id"].as_u64().unwrap() >= 1);
+                assert_eq!(f["box"].as_array().unwrap().len(), 4);
+                assert!(f["det_score"].is_number() && f["label"].is_string());
+                assert!(f["certain"].is_boolean() && f["entropy"].is_number());
+                assert!(f["p_value"].is_number() || f["p_value"].is_null());
+                let probs = f["probs"].as_object().unwrap();
+                assert_eq!(probs.len(), classes);
+                let sum: f64 = probs.values().map(|p| p.as_f64().unwrap()).sum();
+                assert!((sum - 1.0).abs() < 1e-3, "{sum}");
+                assert_eq!(f["votes"].as_object().unwrap().len(), classes);
+            }
+        }
+        "status" | "warning" | "summary" => {}
+        other => panic!("unknown type {other}"),
+    }
+}
+
+fn shared_media(test: &str) -> Option<PathBuf> {
+    match common::shared_dir() {
+        Some(s) => Some(s.join("media")),
+        None => {
+            common::skip_loudly(test, Path::new("../shared/media"));
+            None
+        }
+    }
+}
+
+#[test]
+fn y4m_clip_streams_valid_lines_with_one_stable_face() {
+    let Some(media) = shared_media("y4m_clip_streams_valid_lines_with_one_stable_face") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let clip = media.join("woman_expressions_320x180_2fps.y4m");
+    let o = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        clip.to_str().unwrap(),
+        "--samples",
+        "8",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ls = lines(&o);
+    ls.iter().for_each(|l| check_schema(l, 7));
+    let frames: Vec<&Value> = ls.iter().filter(|l| l["type"] == "frame").collect();
+    assert_eq!(frames.len(), 40);
+    let nums: Vec<u64> = frames
+        .iter()
+        .map(|f| f["frame"].as_u64().unwrap())
+        .collect();
+    assert!(nums.windows(2).all(|w| w[1] > w[0]), "{nums:?}");
+    let with_face = frames
+        .iter()
+        .filter(|f| !f["faces"].as_array().unwrap().is_empty())
+        .count();
+    assert!(with_face >= 36, "faces in only {with_face} of 40 frames");
+    let mut ids: Vec<u64> = frames
+        .iter()
+        .flat_map(|f| {
+            f["faces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["id"].as_u64().unwrap())
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids, vec![1], "one woman, one id");
+    let summary = ls.last().unwrap();
+    assert_eq!(summary["type"], "summary");
+    assert_eq!(summary["frames"], 40);
+    // The same clip through stdin, as `ffmpeg ... -f yuv4mpegpipe - | fer-cam run --input -`.
+    let mut child = Command::new(common::bin())
+        .args([
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            "-",
+            "--samples",
+            "4",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let bytes = std::fs::read(&clip).unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&bytes);
+    });
+    let o = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ls = lines(&o);
+    let frames = ls.iter().filter(|l| l["type"] == "frame").count();
+    let summary = ls.last().unwrap();
+    assert_eq!(summary["source"], "stdin");
+    assert_eq!(frames as u64 + summary["dropped"].as_u64().unwrap(), 40);
+}
+
+#[test]
+fn group_stills_have_several_faces() {
+    let Some(media) = shared_media("group_stills_have_several_faces") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let stills = media.join("stills");
+    let o = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        stills.to_str().unwrap(),
+        "--samples",
+        "4",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ls = lines(&o);
+    ls.iter().for_each(|l| check_schema(l, 7));
+    let frames: Vec<&Value> = ls.iter().filter(|l| l["type"] == "frame").collect();
+    assert_eq!(frames.len(), 6);
+    let count = |name: &str| {
+        frames
+            .iter()
+            .find(|f| f["file"].as_str().unwrap().ends_with(name))
+            .map(|f| f["faces"].as_array().unwrap().len())
+            .unwrap()
+    };
+    assert!(
+        count("group5_pyfeat_multi_face.jpg") >= 3,
+        "{}",
+        count("group5_pyfeat_multi_face.jpg")
+    );
+    assert!(count("dlib_2008_002506.jpg") >= 2);
+    assert!(count("single_face_pyfeat.jpg") >= 1);
+    let multi = frames
+        .iter()
+        .filter(|f| f["faces"].as_array().unwrap().len() >= 2)
+        .count();
+    assert!(multi >= 4, "only {multi} stills with 2+ faces");
+}
+
+fn synthetic_y4m(frames: usize) -> Vec<u8> {
+    let (w, h) = (64usize, 48usize);
+    let mut v = format!("YUV4MPEG2 W{w} H{h} F25:1 Ip C420jpeg\n").into_bytes();
+    for f in 0..frames {
+        v.extend_from_slice(b"FRAME\n");
+        v.extend((0..w * h).map(|i| ((i + f) % 251) as u8));
+        v.extend(std::iter::repeat_n(128u8, 2 * (w / 2) * (h / 2)));
+    }
+    v
+}
+
+#[test]
+fn truncated_and_garbage_streams_fail_cleanly() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let mut data = synthetic_y4m(3);
+    data.truncate(data.len() - 100);
+    let cut = tmp.path().join("cut.y4m");
+    std::fs::write(&cut, &data).unwrap();
+    let o = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        cut.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("frame 2: truncated"), "{err}");
+    // The frames before the damage were still emitted.
+    assert_eq!(lines(&o).iter().filter(|l| l["type"] == "frame").count(), 2);
+    let junk = tmp.path().join("junk.y4m");
+    std::fs::write(&junk, b"\x00\x01garbage that is not a stream\n").unwrap();
+    let o = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        junk.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.trim().lines().last().unwrap().starts_with("error: ")
+            && err.contains("not a YUV4MPEG2"),
+        "{err}"
+    );
+    // An unreadable still is a counted warning, not the end of the run.
+    let dir = tmp.path().join("stills");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a_broken.png"), b"not a png").unwrap();
+    image::GrayImage::from_pixel(64, 64, image::Luma([90u8]))
+        .save(dir.join("b_ok.png"))
+        .unwrap();
+    let o = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        dir.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ls = lines(&o);
+    let warn = ls.iter().find(|l| l["type"] == "warning").unwrap();
+    assert!(warn["message"].as_str().unwrap().contains("a_broken.png"));
+    assert_eq!(warn["count"], 1);
+    assert_eq!(ls.iter().filter(|l| l["type"] == "frame").count(), 1);
+    assert_eq!(ls.last().unwrap()["warnings"], 1);
+    // Bad options are refused before anything starts.
+    let o = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        cut.to_str().unwrap(),
+        "--detect-every",
+        "0",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--detect-every 0"));
+    let o = run(&["run", "--model", m.to_str().unwrap(), "--input", "talk.mp4"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("yuv4mpegpipe"));
+}
+
+#[test]
+fn closed_stdout_ends_the_run_with_success() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let clip = tmp.path().join("long.y4m");
+    std::fs::write(&clip, synthetic_y4m(2000)).unwrap();
+    let mut child = Command::new(common::bin())
+        .args([
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            clip.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("\"type\":\"frame\""), "{first}");
+    // The reader is gone now (dropped with the BufReader).
+    let start = Instant::now();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(start.elapsed() < Duration::from_secs(30));
+}
+
+fn rss_kib(pid: u32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+#[test]
+fn slow_reader_keeps_memory_flat_and_counts_drops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let frames = 600;
+    let mut child = Command::new(common::bin())
+        .args([
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            "-",
+            "--samples",
+            "2",
+            "--status-every",
+            "0",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&synthetic_y4m(frames));
+    });
+    let mut out = child.stdout.take().unwrap();
+    let mut buf = [0u8; 256];
+    let mut text = Vec::new();
+    let mut peak = 0;
+    // Read slowly: 256 bytes every 20 ms, far slower than frames arrive.
+    loop {
+        peak = peak.max(rss_kib(pid).unwrap_or(0));
+        match out.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => text.extend_from_slice(&buf[..n]),
+        }
+        if text.len() < 20_000 {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    writer.join().unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success());
+    let ls: Vec<Value> = String::from_utf8_lossy(&text)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let summary = ls.last().unwrap();
+    assert_eq!(summary["type"], "summary");
+    let (done, dropped) = (
+        summary["frames"].as_u64().unwrap(),
+        summary["dropped"].as_u64().unwrap(),
+    );
+    assert_eq!(done + dropped, frames as u64);
+    assert!(dropped > 0, "a slow reader must cause drops");
+    // Frames are 3 KiB; a pipeline that queued them all would still be small, so bound the
+    // resident size loosely but far below what an unbounded queue of decoded tensors would take.
+    assert!(peak < 1_000_000, "peak RSS {peak} KiB");
+}
