@@ -298,6 +298,7 @@ fn train(a: TrainArgs) -> Result<()> {
     print_stdout(text.trim_end())
 }
 
+#[cfg(not(feature = "camera"))]
 fn no_camera_support() -> anyhow::Error {
     anyhow::anyhow!(
         "this build has no camera support (rebuild with `--features camera`), or feed frames \
@@ -305,8 +306,31 @@ fn no_camera_support() -> anyhow::Error {
     )
 }
 
+#[cfg(feature = "camera")]
+fn devices() -> Result<()> {
+    let lines = fer_cam::capture::camera::list_devices()?;
+    if lines.is_empty() {
+        eprintln!("no cameras found");
+        return Ok(());
+    }
+    print_stdout(&lines.join("\n"))
+}
+
+#[cfg(not(feature = "camera"))]
 fn devices() -> Result<()> {
     Err(no_camera_support())
+}
+
+/// `640x480` → (640, 480).
+fn parse_resolution(s: &str) -> Result<(u32, u32)> {
+    let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| {
+        anyhow::anyhow!("--resolution {s:?} (expected WIDTHxHEIGHT, e.g. 640x480)")
+    })?;
+    let (w, h): (u32, u32) = (w.trim().parse()?, h.trim().parse()?);
+    if !(16..=8192).contains(&w) || !(16..=8192).contains(&h) {
+        bail!("--resolution {s} (each side 16..=8192)");
+    }
+    Ok((w, h))
 }
 
 fn run_daemon(a: RunArgs) -> Result<()> {
@@ -324,12 +348,18 @@ fn run_daemon(a: RunArgs) -> Result<()> {
         steps: a.steps.unwrap_or(defaults.steps),
         seed: a.seed,
     })?;
+    let (cam_w, cam_h) = parse_resolution(&a.resolution)?;
+    if !(1..=240).contains(&a.fps) {
+        bail!("--fps {} (allowed 1..=240)", a.fps);
+    }
+    #[cfg(not(feature = "camera"))]
     if a.camera.is_some() {
         return Err(no_camera_support());
     }
-    if a.input.is_empty() {
+    if a.input.is_empty() && a.camera.is_none() {
         bail!("give --input FILE.y4m, --input - (YUV4MPEG2 on stdin), image files, or --camera N");
     }
+    let camera = a.camera;
     let stdin = a.input.len() == 1 && a.input[0].as_os_str() == "-";
     let y4m = a.input.len() == 1
         && a.input[0]
@@ -353,9 +383,19 @@ fn run_daemon(a: RunArgs) -> Result<()> {
     }
     let cfg = RunConfig {
         detect: DetectConfig {
-            detect_width: a.detect_width.unwrap_or(if stdin || y4m { 320 } else { 0 }),
+            detect_width: a
+                .detect_width
+                .unwrap_or(if stdin || y4m || camera.is_some() {
+                    320
+                } else {
+                    0
+                }),
             // Stills are unrelated pictures: detect on every one.
-            every: if stdin || y4m { a.detect_every } else { 1 },
+            every: if stdin || y4m || camera.is_some() {
+                a.detect_every
+            } else {
+                1
+            },
             min_face: a.min_face,
             score_threshold: a.det_threshold,
             ..Default::default()
@@ -363,15 +403,36 @@ fn run_daemon(a: RunArgs) -> Result<()> {
         tracker: TrackerConfig::default(),
         margin: a.margin,
         smooth: a.smooth,
-        max_fps: a.max_fps.unwrap_or(0.0),
+        max_fps: a
+            .max_fps
+            .unwrap_or(if camera.is_some() { 10.0 } else { 0.0 }),
         realtime: a.realtime,
-        live: stdin,
+        live: stdin || camera.is_some(),
         status_every: a.status_every,
         ..Default::default()
     };
     cfg.validate()?;
     let inputs = a.input.clone();
+    let cancel = Arc::new(AtomicBool::new(false));
+    let cam_cancel = cancel.clone();
+    let cam_fps = a.fps;
     let open = move || -> fer_cam::Result<Box<dyn FrameSource>> {
+        #[cfg(feature = "camera")]
+        if let Some(index) = camera {
+            use fer_cam::capture::camera::CameraSource;
+            use fer_cam::capture::{Backoff, Reconnecting};
+            let reopen = move || -> fer_cam::Result<Box<dyn FrameSource>> {
+                Ok(Box::new(CameraSource::open(index, cam_w, cam_h, cam_fps)?))
+            };
+            // The first open must succeed: a missing or busy camera is an error, not a retry loop.
+            let first = CameraSource::open(index, cam_w, cam_h, cam_fps)?;
+            drop(first);
+            let src = Reconnecting::new(format!("camera:{index}"), reopen, Backoff::default())
+                .with_cancel(move || cam_cancel.load(std::sync::atomic::Ordering::SeqCst));
+            return Ok(Box::new(src));
+        }
+        #[cfg(not(feature = "camera"))]
+        let _ = (&cam_cancel, cam_fps, cam_w, cam_h);
         if stdin {
             Ok(Box::new(Y4mSource::new(std::io::stdin(), "stdin")?))
         } else if y4m {
@@ -385,7 +446,6 @@ fn run_daemon(a: RunArgs) -> Result<()> {
             Ok(Box::new(ImageSource::new(&inputs)?))
         }
     };
-    let cancel = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, cancel.clone()).context("installing signal handlers")?;
     }

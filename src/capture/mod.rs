@@ -2,6 +2,8 @@
 //! sorted directory), and the reconnect logic used for cameras. Frames carry a sequence number
 //! and capture timestamps from here to the emitter.
 
+#[cfg(feature = "camera")]
+pub mod camera;
 mod images;
 mod reconnect;
 mod y4m;
