@@ -223,6 +223,9 @@ pub struct EvalArgs {
     /// Score only the first N images of the split.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Ten-crop test-time augmentation (corner and centre 44-px crops and mirrors).
+    #[arg(long)]
+    pub ten_crop: bool,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

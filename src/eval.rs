@@ -43,6 +43,8 @@ pub struct EvalReport {
     pub samples: usize,
     pub steps: usize,
     pub seed: u64,
+    /// Ten-crop test-time augmentation was used.
+    pub ten_crop: bool,
     pub accuracy: f64,
     /// Accuracy of f_φ alone (the CARD prior mean's argmax).
     pub fphi_accuracy: f64,
@@ -121,6 +123,7 @@ pub fn evaluate(
         samples: sampler.samples,
         steps: sampler.steps,
         seed: sampler.seed,
+        ten_crop: false,
         accuracy: metrics::accuracy(&pred, &labels),
         fphi_accuracy: metrics::accuracy(&fphi, &labels),
         pavpu_ttest: metrics::pavpu_ttest(&accurate, &p_values, alpha),
@@ -148,8 +151,11 @@ impl fmt::Display for EvalReport {
         )?;
         writeln!(
             f,
-            "sampler:  {} samples, {} steps, seed {}",
-            self.samples, self.steps, self.seed
+            "sampler:  {} samples, {} steps, seed {}{}",
+            self.samples,
+            self.steps,
+            self.seed,
+            if self.ten_crop { ", ten-crop TTA" } else { "" }
         )?;
         writeln!(
             f,

@@ -27,6 +27,17 @@ pub struct FacePrediction {
     pub fphi_probs: Vec<f32>,
 }
 
+/// Test-time augmentation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tta {
+    #[default]
+    None,
+    /// Ten views per face (corner and centre 44-px crops and their mirrors): f_φ's
+    /// probabilities are averaged over the views and CARD's samples are pooled across them
+    /// (⌈S/10⌉ per view).
+    TenCrop,
+}
+
 /// Sampler settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplerConfig {
@@ -35,13 +46,15 @@ pub struct SamplerConfig {
     pub seed: u64,
 }
 
-/// Encoder + f_φ + CARD sampler, ready to classify crops.
+/// Encoder + f_φ + CARD sampler, ready to classify crops. Clones share the weights.
+#[derive(Clone)]
 pub struct Classifier {
     config: ModelConfig,
     model: FerModel,
     device: Device,
     sampler: SamplerConfig,
     rng: StdRng,
+    tta: Tta,
 }
 
 impl Classifier {
@@ -64,7 +77,13 @@ impl Classifier {
             device,
             sampler,
             rng: StdRng::seed_from_u64(0),
+            tta: Tta::None,
         }
+    }
+
+    /// Turns test-time augmentation on or off.
+    pub fn set_tta(&mut self, tta: Tta) {
+        self.tta = tta;
     }
 
     /// Overrides samples / steps / seed (validated against the model's T).
@@ -115,8 +134,57 @@ impl Classifier {
 
     /// Classifies `n` crops given as `n·S·S` bytes. Returns one prediction per crop, in order.
     pub fn predict(&mut self, crops: &[u8]) -> Result<Vec<FacePrediction>> {
+        if self.tta == Tta::TenCrop {
+            return self.predict_ten_crop(crops);
+        }
         let xs = self.preprocess(crops)?;
         self.predict_tensor(&xs)
+    }
+
+    fn predict_ten_crop(&mut self, crops: &[u8]) -> Result<Vec<FacePrediction>> {
+        let side = self.config.input.size;
+        if side != crate::data::FACE_SIZE {
+            return Err(Error::Config(format!(
+                "ten-crop needs 48x48 inputs, the model takes {side}"
+            )));
+        }
+        let px = side * side;
+        if crops.is_empty() || !crops.len().is_multiple_of(px) {
+            return Err(Error::Msg(format!(
+                "crop buffer of {} bytes is not a whole number of {side}x{side} images",
+                crops.len()
+            )));
+        }
+        let n = crops.len() / px;
+        let views: Vec<u8> = crops
+            .chunks_exact(px)
+            .flat_map(|c| crate::data::augment::ten_crops(c, 44).into_iter().flatten())
+            .collect();
+        let xs = self.preprocess(&views)?;
+        let feats = self.model.features(&xs, false)?;
+        let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
+        let per_view = self.sampler.samples.div_ceil(10);
+        let y0 = self
+            .model
+            .sample(&feats, &f, per_view, self.sampler.steps, &mut self.rng)?;
+        let c = self.config.num_classes();
+        let probs = sample_probs(&y0, self.config.card.temperature)?
+            .reshape((n, 10 * per_view, c))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let fphi = f.reshape((n, 10, c))?.mean(1)?.to_vec2::<f32>()?;
+        let s = 10 * per_view;
+        Ok((0..n)
+            .zip(fphi)
+            .map(|(i, fphi_probs)| FacePrediction {
+                card: summarize_samples(
+                    &probs[i * s * c..(i + 1) * s * c],
+                    c,
+                    self.config.card.alpha,
+                ),
+                fphi_probs,
+            })
+            .collect())
     }
 
     /// Classifies a normalised batch `(n, 1, S, S)`.

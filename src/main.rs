@@ -128,6 +128,9 @@ fn eval(a: EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size 0 (must be at least 1)");
     }
+    if a.ten_crop {
+        clf.set_tta(fer_cam::infer::Tta::TenCrop);
+    }
     if !(0.0..=1.0).contains(&a.threshold) {
         bail!("--threshold {} (allowed 0..=1)", a.threshold);
     }
@@ -160,6 +163,7 @@ fn eval(a: EvalArgs) -> Result<()> {
     report.model = a.model.display().to_string();
     report.data = a.source.data.display().to_string();
     report.split = a.split.clone();
+    report.ten_crop = a.ten_crop;
     if let Some(path) = &a.json {
         write_json(path, &report)?;
     }

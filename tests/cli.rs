@@ -108,6 +108,21 @@ fn init_then_eval_writes_report_and_json() {
         serde_json::from_str(&std::fs::read_to_string(&json2).unwrap()).unwrap();
     assert_eq!(r["accuracy"], r2["accuracy"]);
     assert_eq!(r["pavpu_ttest"], r2["pavpu_ttest"]);
+    // Ten-crop test-time augmentation runs and says so.
+    let o = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        csv.to_str().unwrap(),
+        "--samples",
+        "10",
+        "--ten-crop",
+        "--no-cache",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("ten-crop TTA"));
 }
 
 #[test]

@@ -156,6 +156,24 @@ impl Augment {
     }
 }
 
+/// Ten-crop test-time views of a 48x48 image: the four corner and the centre crops of side
+/// `crop` (resized back to 48), and their horizontal mirrors.
+pub fn ten_crops(pixels: &[u8], crop: u32) -> Vec<Vec<u8>> {
+    let side = FACE_SIZE as u32;
+    let crop = crop.clamp(8, side);
+    let img = GrayImage::from_raw(side, side, pixels.to_vec())
+        .unwrap_or_else(|| GrayImage::new(side, side));
+    let far = side - crop;
+    let mut views = Vec::with_capacity(10);
+    for (x, y) in [(0, 0), (far, 0), (0, far), (far, far), (far / 2, far / 2)] {
+        let c = image::imageops::crop_imm(&img, x, y, crop, crop).to_image();
+        let r = image::imageops::resize(&c, side, side, FilterType::Triangle);
+        views.push(image::imageops::flip_horizontal(&r).into_raw());
+        views.push(r.into_raw());
+    }
+    views
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -178,6 +196,26 @@ mod tests {
                 assert_eq!(a.apply(&img, &mut rng).len(), FACE_SIZE * FACE_SIZE);
             }
         }
+    }
+
+    #[test]
+    fn ten_crops_are_ten_mirrored_views() {
+        let img = gradient();
+        let v = ten_crops(&img, 44);
+        assert_eq!(v.len(), 10);
+        assert!(v.iter().all(|x| x.len() == FACE_SIZE * FACE_SIZE));
+        for pair in v.chunks(2) {
+            for y in 0..FACE_SIZE {
+                for x in 0..FACE_SIZE {
+                    assert_eq!(
+                        pair[0][y * FACE_SIZE + x],
+                        pair[1][y * FACE_SIZE + FACE_SIZE - 1 - x]
+                    );
+                }
+            }
+        }
+        // The left corner crop starts darker than the right one (the gradient rises to the right).
+        assert!(v[1][0] < v[3][0]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 mod loader;
 pub mod optim;
+pub mod plots;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -638,6 +639,7 @@ fn run_epochs(
                 "seconds": seconds,
             }),
         )?;
+        plots::plot_stage(&run.cfg.run_dir, run.stage.name())?;
     }
     Ok(())
 }
@@ -949,6 +951,7 @@ pub fn train_card(
                 "feature_seconds": feature_seconds,
             }),
         )?;
+        plots::plot_stage(&cfg.run_dir, Stage::Card.name())?;
     }
     let dir = model_dir(&cfg.run_dir, Stage::Card);
     if !dir.exists() {

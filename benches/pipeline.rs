@@ -1,0 +1,145 @@
+//! Daemon stages on this machine: face detection on a 640x480 frame (full resolution and
+//! downscaled to 320 wide), the face crop, the CARD sampler per face (the encoder is in
+//! `benches/encoder.rs`), and the whole pipeline over the 40 recorded frames of
+//! `../shared/media/woman_expressions_320x180_2fps.y4m`.
+//!
+//! `cargo bench --bench pipeline`. Needs ../shared for the real frames; without it, the frame
+//! benches say so and are skipped.
+
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor, D};
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use fer_cam::capture::{FrameSource, Y4mSource};
+use fer_cam::config::{ModelConfig, Stem};
+use fer_cam::face::{crop_face, DetectConfig, FaceDetector};
+use fer_cam::infer::Classifier;
+use fer_cam::model::init_model;
+use fer_cam::pipeline::{run, RunConfig};
+use rand::SeedableRng;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn media() -> Option<PathBuf> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/media");
+    if p.is_dir() {
+        Some(p)
+    } else {
+        eprintln!("!!! SKIPPED frame benches: ../shared/media not found");
+        None
+    }
+}
+
+/// A 640x480 gray frame with one face (the single-face still, resized).
+fn frame_640x480(media: &std::path::Path) -> Vec<u8> {
+    let img = image::open(media.join("stills/single_face_pyfeat.jpg"))
+        .expect("still")
+        .into_luma8();
+    image::imageops::resize(&img, 640, 480, image::imageops::FilterType::Triangle).into_raw()
+}
+
+fn classifier(stem: Stem) -> Classifier {
+    let mut cfg = ModelConfig::default();
+    cfg.encoder.stem = stem;
+    let (_vm, model) = init_model(&cfg, &Device::Cpu, 0).expect("model");
+    Classifier::new(cfg, model, Device::Cpu)
+}
+
+fn detect(c: &mut Criterion) {
+    let Some(media) = media() else { return };
+    let frame = frame_640x480(&media);
+    let mut group = c.benchmark_group("face/cpu");
+    group.sample_size(20);
+    for width in [0u32, 320] {
+        let mut det = FaceDetector::new(DetectConfig {
+            detect_width: width,
+            ..Default::default()
+        })
+        .expect("detector");
+        let faces = det.detect_full(&frame, 640, 480);
+        assert!(!faces.is_empty(), "no face found in the bench frame");
+        let name = if width == 0 {
+            "detect_640x480_full".to_string()
+        } else {
+            format!("detect_640x480_at_{width}")
+        };
+        group.bench_function(name, |b| b.iter(|| det.detect_full(&frame, 640, 480)));
+        if width == 320 {
+            let face = faces[0];
+            group.bench_function("detect_near_track", |b| {
+                b.iter(|| det.detect_near(&frame, 640, 480, &face))
+            });
+            group.bench_function("crop_48x48", |b| {
+                b.iter(|| crop_face(&frame, 640, 480, &face, 0.1, 48))
+            });
+        }
+    }
+    group.finish();
+}
+
+fn sampler(c: &mut Criterion) {
+    let clf = classifier(Stem::Conv7x7Pool);
+    let model = clf.model();
+    let mut group = c.benchmark_group("card_sampler/cpu");
+    for (faces, samples) in [(1usize, 32usize), (8, 32), (1, 8)] {
+        let feats = Tensor::randn(0f32, 1.0, (faces, 512), &Device::Cpu).expect("feats");
+        let f = candle_nn::ops::softmax(&model.head_logits(&feats).expect("head"), D::Minus1)
+            .expect("softmax");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let id = BenchmarkId::new(format!("faces{faces}"), format!("samples{samples}_steps10"));
+        group.bench_function(id, |b| {
+            b.iter(|| {
+                model
+                    .sample(&feats, &f, samples, 10, &mut rng)
+                    .expect("sample")
+            })
+        });
+    }
+    group.finish();
+}
+
+fn end_to_end(c: &mut Criterion) {
+    let Some(media) = media() else { return };
+    let clip = std::fs::read(media.join("woman_expressions_320x180_2fps.y4m")).expect("clip");
+    let mut group = c.benchmark_group("pipeline/cpu");
+    group.sample_size(10);
+    for stem in [Stem::Conv7x7Pool, Stem::Conv3x3] {
+        let name = match stem {
+            Stem::Conv7x7Pool => "y4m_40_frames/conv7x7_pool",
+            Stem::Conv3x3 => "y4m_40_frames/conv3x3",
+        };
+        let clf = classifier(stem);
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let data = clip.clone();
+                let open = move || -> fer_cam::Result<Box<dyn FrameSource>> {
+                    Ok(Box::new(Y4mSource::new(
+                        std::io::Cursor::new(data),
+                        "bench",
+                    )?))
+                };
+                let cfg = RunConfig {
+                    status_every: 0.0,
+                    ..Default::default()
+                };
+                let stats = run(
+                    &cfg,
+                    open,
+                    clf.clone(),
+                    std::io::sink(),
+                    Arc::new(AtomicBool::new(false)),
+                )
+                .expect("run");
+                assert_eq!(stats.frames, 40);
+                stats
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, detect, sampler, end_to_end);
+criterion_main!(benches);

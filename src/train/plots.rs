@@ -1,0 +1,102 @@
+//! Training curves as SVG plots (loss, and PublicTest accuracy where the stage has one), redrawn
+//! from `RUN/metrics.jsonl` after every epoch so resumed runs plot their whole history. SVG keeps
+//! the axis labels as text, so no font files are needed.
+
+use std::path::{Path, PathBuf};
+
+use plotters::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// (epoch, value) series of one stage's `key` from the metrics log.
+fn series(metrics: &Path, stage: &str, key: &str) -> Result<Vec<(f64, f64)>> {
+    let text = std::fs::read_to_string(metrics).map_err(|e| Error::io(metrics, e))?;
+    Ok(text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["stage"] == stage)
+        .filter_map(|v| Some((v["epoch"].as_f64()?, v[key].as_f64()?)))
+        .filter(|(_, y)| y.is_finite())
+        .collect())
+}
+
+fn draw(path: &Path, title: &str, y_label: &str, points: &[(f64, f64)]) -> Result<()> {
+    let fail = |e: String| Error::file(path, format!("cannot draw plot: {e}"));
+    let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max);
+    let (mut y_min, mut y_max) = points
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
+            (a.min(p.1), b.max(p.1))
+        });
+    if y_min == y_max {
+        y_min -= 0.5;
+        y_max += 0.5;
+    }
+    let pad = 0.05 * (y_max - y_min);
+    let root = SVGBackend::new(path, (640, 400)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(36)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))
+        .map_err(|e| fail(e.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc(y_label)
+        .draw()
+        .map_err(|e| fail(e.to_string()))?;
+    chart
+        .draw_series(LineSeries::new(points.iter().copied(), &BLUE))
+        .map_err(|e| fail(e.to_string()))?;
+    chart
+        .draw_series(points.iter().map(|p| Circle::new(*p, 3, BLUE.filled())))
+        .map_err(|e| fail(e.to_string()))?;
+    root.present().map_err(|e| fail(e.to_string()))
+}
+
+/// Writes `RUN/plots/<stage>_loss.svg` and, when present, `<stage>_val_accuracy.svg`.
+pub fn plot_stage(run_dir: &Path, stage: &str) -> Result<Vec<PathBuf>> {
+    let metrics = run_dir.join("metrics.jsonl");
+    let dir = run_dir.join("plots");
+    std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
+    let mut written = Vec::new();
+    for (key, label, file) in [
+        ("loss", "training loss", format!("{stage}_loss.svg")),
+        (
+            "val_accuracy",
+            "PublicTest accuracy",
+            format!("{stage}_val_accuracy.svg"),
+        ),
+    ] {
+        let points = series(&metrics, stage, key)?;
+        if points.is_empty() {
+            continue;
+        }
+        let path = dir.join(file);
+        draw(&path, &format!("{stage}: {label}"), label, &points)?;
+        written.push(path);
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plots_from_the_metrics_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = "{\"stage\":\"classifier\",\"epoch\":1,\"loss\":2.0,\"val_accuracy\":0.3}\n\
+                   {\"stage\":\"classifier\",\"epoch\":2,\"loss\":1.5,\"val_accuracy\":0.4}\n\
+                   {\"stage\":\"ssl\",\"epoch\":1,\"loss\":900.0,\"val_accuracy\":null}\n";
+        std::fs::write(dir.path().join("metrics.jsonl"), log).unwrap();
+        let w = plot_stage(dir.path(), "classifier").unwrap();
+        assert_eq!(w.len(), 2);
+        let svg = std::fs::read_to_string(&w[0]).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("classifier: training loss"));
+        assert_eq!(plot_stage(dir.path(), "ssl").unwrap().len(), 1);
+    }
+}
