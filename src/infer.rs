@@ -110,26 +110,44 @@ impl Classifier {
         &self.device
     }
 
+    /// Number of crops in a buffer of `len` bytes (an error unless whole and non-empty).
+    fn crop_count(&self, len: usize) -> Result<usize> {
+        let side = self.config.input.size;
+        let px = side * side;
+        if len == 0 || !len.is_multiple_of(px) {
+            return Err(Error::Msg(format!(
+                "crop buffer of {len} bytes is not a whole number of {side}x{side} images"
+            )));
+        }
+        Ok(len / px)
+    }
+
+    /// Predictions from per-sample probabilities `(n, s, c)` (flat) and f_φ's probabilities.
+    fn summarize(&self, probs: &[f32], s: usize, fphi: Vec<Vec<f32>>) -> Vec<FacePrediction> {
+        let c = self.config.num_classes();
+        fphi.into_iter()
+            .enumerate()
+            .map(|(i, fphi_probs)| FacePrediction {
+                card: summarize_samples(
+                    &probs[i * s * c..(i + 1) * s * c],
+                    c,
+                    self.config.card.alpha,
+                ),
+                fphi_probs,
+            })
+            .collect()
+    }
+
     /// Normalised input tensor `(n, 1, S, S)` from `n` row-major gray crops of side S.
     pub fn preprocess(&self, crops: &[u8]) -> Result<Tensor> {
         let side = self.config.input.size;
-        let px = side * side;
-        if crops.is_empty() || !crops.len().is_multiple_of(px) {
-            return Err(Error::Msg(format!(
-                "crop buffer of {} bytes is not a whole number of {side}x{side} images",
-                crops.len()
-            )));
-        }
+        let n = self.crop_count(crops.len())?;
         let (mean, std) = (self.config.input.mean, self.config.input.std);
         let data: Vec<f32> = crops
             .iter()
             .map(|&p| (p as f32 / 255.0 - mean) / std)
             .collect();
-        Ok(Tensor::from_vec(
-            data,
-            (crops.len() / px, 1, side, side),
-            &self.device,
-        )?)
+        Ok(Tensor::from_vec(data, (n, 1, side, side), &self.device)?)
     }
 
     /// Classifies `n` crops given as `n·S·S` bytes. Returns one prediction per crop, in order.
@@ -149,13 +167,7 @@ impl Classifier {
             )));
         }
         let px = side * side;
-        if crops.is_empty() || !crops.len().is_multiple_of(px) {
-            return Err(Error::Msg(format!(
-                "crop buffer of {} bytes is not a whole number of {side}x{side} images",
-                crops.len()
-            )));
-        }
-        let n = crops.len() / px;
+        let n = self.crop_count(crops.len())?;
         let views: Vec<u8> = crops
             .chunks_exact(px)
             .flat_map(|c| crate::data::augment::ten_crops(c, 44).into_iter().flatten())
@@ -173,18 +185,7 @@ impl Classifier {
             .flatten_all()?
             .to_vec1::<f32>()?;
         let fphi = f.reshape((n, 10, c))?.mean(1)?.to_vec2::<f32>()?;
-        let s = 10 * per_view;
-        Ok((0..n)
-            .zip(fphi)
-            .map(|(i, fphi_probs)| FacePrediction {
-                card: summarize_samples(
-                    &probs[i * s * c..(i + 1) * s * c],
-                    c,
-                    self.config.card.alpha,
-                ),
-                fphi_probs,
-            })
-            .collect())
+        Ok(self.summarize(&probs, 10 * per_view, fphi))
     }
 
     /// Classifies a normalised batch `(n, 1, S, S)`.
@@ -199,19 +200,8 @@ impl Classifier {
             &mut self.rng,
         )?;
         let probs = sample_probs(&y0, self.config.card.temperature)?;
-        let (n, s, c) = probs.dims3()?;
+        let (_, s, _) = probs.dims3()?;
         let probs = probs.flatten_all()?.to_vec1::<f32>()?;
-        let fphi = f.to_vec2::<f32>()?;
-        Ok((0..n)
-            .zip(fphi)
-            .map(|(i, fphi_probs)| FacePrediction {
-                card: summarize_samples(
-                    &probs[i * s * c..(i + 1) * s * c],
-                    c,
-                    self.config.card.alpha,
-                ),
-                fphi_probs,
-            })
-            .collect())
+        Ok(self.summarize(&probs, s, f.to_vec2::<f32>()?))
     }
 }

@@ -69,6 +69,24 @@ fn load_options(src: &DataSource) -> LoadOptions {
     }
 }
 
+/// Loads a model onto the named device with the sampler overrides applied.
+fn load_classifier(
+    model: &Path,
+    device_name: &str,
+    samples: Option<usize>,
+    steps: Option<usize>,
+    seed: u64,
+) -> Result<Classifier> {
+    let mut clf = Classifier::load(model, &device(device_name)?)?;
+    let defaults = clf.sampler();
+    clf.set_sampler(SamplerConfig {
+        samples: samples.unwrap_or(defaults.samples),
+        steps: steps.unwrap_or(defaults.steps),
+        seed,
+    })?;
+    Ok(clf)
+}
+
 fn load_data(src: &DataSource) -> Result<Dataset> {
     let opts = load_options(src);
     let (ds, info) = data::load(&src.data, &opts)?;
@@ -117,14 +135,7 @@ fn init(a: InitArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let dev = device(&a.device)?;
-    let mut clf = Classifier::load(&a.model, &dev)?;
-    let defaults = clf.sampler();
-    clf.set_sampler(SamplerConfig {
-        samples: a.samples.unwrap_or(defaults.samples),
-        steps: a.steps.unwrap_or(defaults.steps),
-        seed: a.seed,
-    })?;
+    let mut clf = load_classifier(&a.model, &a.device, a.samples, a.steps, a.seed)?;
     if a.batch_size == 0 {
         bail!("--batch-size 0 (must be at least 1)");
     }
@@ -344,14 +355,7 @@ fn run_daemon(a: RunArgs) -> Result<()> {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
-    let dev = device(&a.device)?;
-    let mut clf = Classifier::load(&a.model, &dev)?;
-    let defaults = clf.sampler();
-    clf.set_sampler(SamplerConfig {
-        samples: a.samples.unwrap_or(defaults.samples),
-        steps: a.steps.unwrap_or(defaults.steps),
-        seed: a.seed,
-    })?;
+    let clf = load_classifier(&a.model, &a.device, a.samples, a.steps, a.seed)?;
     let (cam_w, cam_h) = parse_resolution(&a.resolution)?;
     if !(1..=240).contains(&a.fps) {
         bail!("--fps {} (allowed 1..=240)", a.fps);

@@ -111,7 +111,12 @@ fn train_all_stages_then_eval() {
     assert!(lines
         .iter()
         .all(|l| l["loss"].as_f64().unwrap().is_finite()));
-    for plot in ["ssl_loss.svg", "classifier_loss.svg", "classifier_val_accuracy.svg", "card_val_accuracy.svg"] {
+    for plot in [
+        "ssl_loss.svg",
+        "classifier_loss.svg",
+        "classifier_val_accuracy.svg",
+        "card_val_accuracy.svg",
+    ] {
         let svg = std::fs::read_to_string(run.join("plots").join(plot)).unwrap();
         assert!(svg.starts_with("<svg"), "{plot}");
     }

@@ -31,6 +31,16 @@ impl Fnv {
     pub fn finish(&self) -> u64 {
         self.0
     }
+    /// Hashes a file's size and modification time.
+    pub fn write_meta(&mut self, meta: &std::fs::Metadata) {
+        self.write(&meta.len().to_le_bytes());
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        self.write(&mtime.to_le_bytes());
+    }
 }
 
 /// `$FER_CAM_CACHE`, else `$XDG_CACHE_HOME/fer-cam`, else `$HOME/.cache/fer-cam`.
@@ -64,13 +74,7 @@ pub fn file_fingerprint(path: &Path) -> Result<u64> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let mut h = Fnv::new();
     h.write(&CACHE_VERSION.to_le_bytes());
-    h.write(&meta.len().to_le_bytes());
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    h.write(&mtime.to_le_bytes());
+    h.write_meta(&meta);
     Ok(h.finish())
 }
 

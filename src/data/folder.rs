@@ -63,13 +63,7 @@ pub fn fingerprint(root: &Path) -> Result<u64> {
     for (_, _, file) in list(root)? {
         let meta = std::fs::metadata(&file).map_err(|e| Error::io(&file, e))?;
         h.write(file.to_string_lossy().as_bytes());
-        h.write(&meta.len().to_le_bytes());
-        let mtime = meta
-            .modified()
-            .ok()
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_nanos());
-        h.write(&mtime.to_le_bytes());
+        h.write_meta(&meta);
     }
     Ok(h.finish())
 }

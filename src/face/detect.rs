@@ -127,13 +127,7 @@ impl FaceDetector {
         let small = image::imageops::resize(&img, dw, dh, FilterType::Triangle);
         self.run(small.as_raw(), dw, dh)
             .into_iter()
-            .map(|b| FaceBox {
-                x: b.x * scale,
-                y: b.y * scale,
-                w: b.w * scale,
-                h: b.h * scale,
-                score: b.score,
-            })
+            .map(|b| b.scaled(scale))
             .collect()
     }
 
@@ -166,13 +160,7 @@ impl FaceDetector {
             let small = image::imageops::resize(&img, sw, sh, FilterType::Triangle);
             self.run(small.as_raw(), sw, sh)
                 .into_iter()
-                .map(|b| FaceBox {
-                    x: b.x * s,
-                    y: b.y * s,
-                    w: b.w * s,
-                    h: b.h * s,
-                    score: b.score,
-                })
+                .map(|b| b.scaled(s))
                 .collect()
         } else {
             self.run(&roi, rw, rh)

@@ -33,6 +33,17 @@ impl FaceBox {
         }
     }
 
+    /// The box with coordinates multiplied by `s` (from a downscaled image back to the frame).
+    pub fn scaled(&self, s: f32) -> FaceBox {
+        FaceBox {
+            x: self.x * s,
+            y: self.y * s,
+            w: self.w * s,
+            h: self.h * s,
+            score: self.score,
+        }
+    }
+
     /// Centre point.
     pub fn centre(&self) -> (f32, f32) {
         (self.x + self.w / 2.0, self.y + self.h / 2.0)

@@ -644,6 +644,26 @@ fn run_epochs(
     Ok(())
 }
 
+/// The loader plan of one epoch: order and augmentation seeded by (seed, stage, epoch).
+fn epoch_plan(
+    cfg: &TrainConfig,
+    stage: Stage,
+    data: &Arc<Dataset>,
+    opt: &StageConfig,
+    views: usize,
+    epoch: usize,
+) -> EpochPlan {
+    EpochPlan {
+        data: data.clone(),
+        batch_size: opt.batch_size,
+        augment: opt.augment.clone(),
+        views,
+        seed: mix_seed(&[cfg.seed, stage.id(), epoch as u64]),
+        mean: cfg.model.input.mean,
+        std: cfg.model.input.std,
+    }
+}
+
 fn new_model(cfg: &TrainConfig, dev: &Device, seed: u64) -> Result<(VarMap, FerModel)> {
     let vm = VarMap::new();
     let model = FerModel::new(&cfg.model, VarBuilder::from_varmap(&vm, DType::F32, dev))?;
@@ -694,15 +714,7 @@ pub fn train_ssl(
         o.weight_decay,
         resume,
     )?;
-    let plan_for = |epoch: usize| EpochPlan {
-        data: data.unlabeled.clone(),
-        batch_size: o.batch_size,
-        augment: o.augment.clone(),
-        views: 2,
-        seed: mix_seed(&[cfg.seed, Stage::Ssl.id(), epoch as u64]),
-        mean: cfg.model.input.mean,
-        std: cfg.model.input.std,
-    };
+    let plan_for = |epoch| epoch_plan(cfg, Stage::Ssl, &data.unlabeled, o, 2, epoch);
     let mut step = |b: &loader::Batch| -> Result<Tensor> {
         let n = b.len();
         let za = projector.forward_t(
@@ -769,15 +781,7 @@ pub fn train_classifier(
         o.weight_decay,
         resume,
     )?;
-    let plan_for = |epoch: usize| EpochPlan {
-        data: data.train.clone(),
-        batch_size: o.batch_size,
-        augment: o.augment.clone(),
-        views: 1,
-        seed: mix_seed(&[cfg.seed, Stage::Classifier.id(), epoch as u64]),
-        mean: cfg.model.input.mean,
-        std: cfg.model.input.std,
-    };
+    let plan_for = |epoch| epoch_plan(cfg, Stage::Classifier, &data.train, o, 1, epoch);
     let mut step = |b: &loader::Batch| -> Result<Tensor> {
         let xs = batch_tensor(&b.views[0], b.len(), dev)?;
         let logits = model.head_logits(&model.features(&xs, true)?)?;
