@@ -400,8 +400,10 @@ fn features_and_fphi(
     let bs = 128;
     for start in (0..data.len()).step_by(bs) {
         let xs = normalised_batch(data, start..(start + bs).min(data.len()), cfg, dev)?;
-        let f = model.features(&xs, false)?;
-        probs.push(candle_nn::ops::softmax(&model.head_logits(&f)?, D::Minus1)?);
+        // Detached: the weights are training variables, and an attached result would keep the
+        // whole forward graph (every activation of every batch) alive.
+        let f = model.features(&xs, false)?.detach();
+        probs.push(candle_nn::ops::softmax(&model.head_logits(&f)?, D::Minus1)?.detach());
         feats.push(f);
     }
     Ok((Tensor::cat(&feats, 0)?, Tensor::cat(&probs, 0)?))
@@ -1028,4 +1030,33 @@ pub fn run(
         out.push(train_card(cfg, &data, &start, dev, resume, progress)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Features cached for the CARD stage must not hold the forward graph (it kept every
+    /// activation of the training set alive: 24 GB on FER2013).
+    #[test]
+    fn cached_features_are_detached() {
+        let mut cfg = TrainConfig::new("x".into(), "y".into());
+        cfg.model.encoder.stem = crate::config::Stem::Conv7x7Pool;
+        cfg.model.encoder.widths = [8, 8, 16, 16];
+        cfg.model.encoder.blocks = [1, 1, 1, 1];
+        cfg.model.encoder.cbam_reduction = 4;
+        let dev = Device::Cpu;
+        let (_vm, model) = new_model(&cfg, &dev, 1).unwrap();
+        let data = Dataset {
+            class_names: cfg.model.classes.clone(),
+            split_names: vec!["Training".into()],
+            pixels: vec![100; 3 * FACE_PIXELS],
+            labels: vec![0, 1, 2],
+            splits: vec![0; 3],
+        };
+        let (f, p) = features_and_fphi(&model, &data, &cfg.model, &dev).unwrap();
+        assert_eq!(f.dims(), &[3, 16]);
+        assert_eq!(p.dims(), &[3, 7]);
+        assert!(!f.track_op() && !p.track_op());
+    }
 }
