@@ -298,13 +298,20 @@ fn train(a: TrainArgs) -> Result<()> {
     bar.finish_and_clear();
     let mut text = String::new();
     for s in &summaries {
-        text += &format!(
-            "{}: {} epochs, {:.1} images/s, {:.1}% of the time waiting for data",
-            s.stage,
-            s.epochs_run,
-            s.images_per_s,
-            100.0 * s.data_wait_share
-        );
+        if s.images_per_s > 0.0 {
+            text += &format!(
+                "{}: {} epochs, {:.1} images/s, {:.1}% of the time waiting for data",
+                s.stage,
+                s.epochs_run,
+                s.images_per_s,
+                100.0 * s.data_wait_share
+            );
+        } else {
+            text += &format!(
+                "{}: {} epochs (all done in an earlier run)",
+                s.stage, s.epochs_run
+            );
+        }
         if let (Some(acc), Some(ep)) = (s.best_val_accuracy, s.best_epoch) {
             text += &format!(", PublicTest accuracy {:.2}% (epoch {ep})", 100.0 * acc);
         }

@@ -88,8 +88,10 @@ impl FerModel {
                 .broadcast_as((b, samples, d))?
                 .reshape((n, d))
         };
-        let emb = repeat(&self.card.embed_image(features, false)?)?;
-        let f_rep = repeat(f)?;
+        // Sampling never needs gradients; detaching keeps a model whose weights are training
+        // variables from holding every step's activations in the autograd graph.
+        let emb = repeat(&self.card.embed_image(&features.detach(), false)?.detach())?;
+        let f_rep = repeat(&f.detach())?;
         let mut noise = |len: usize| -> candle_core::Result<Tensor> {
             let v: Vec<f32> = (0..len).map(|_| rng.sample(StandardNormal)).collect();
             Tensor::from_vec(v, (n, c), dev)
@@ -107,7 +109,7 @@ impl FerModel {
             } else {
                 noise(n * c)?
             };
-            y = reverse_step(&y, &f_rep, &eps_hat, &z, &coeffs)?;
+            y = reverse_step(&y, &f_rep, &eps_hat.detach(), &z, &coeffs)?;
         }
         y.reshape((b, samples, c))
     }
@@ -307,6 +309,8 @@ mod tests {
             let mut rng = rand::rngs::StdRng::seed_from_u64(0);
             let ys = m.sample(&feats, &f, 5, 4, &mut rng)?;
             assert_eq!(ys.dims(), &[3, 5, 7]);
+            // The weights are training variables here; samples must not keep their graph.
+            assert!(!ys.track_op());
             let p = sample_probs(&ys, 1.0)?;
             let sums = p.sum(D::Minus1)?.flatten_all()?.to_vec1::<f32>()?;
             assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5));
