@@ -282,6 +282,9 @@ pub fn run<W: Write>(
         }
         Ok(())
     })();
+    // Nothing downstream is left (input ended, a stage failed, or the reader left): stop
+    // capture in every case so a live source does not run on.
+    cancel.store(true, Ordering::SeqCst);
     if let Err(e) = &write_result {
         // The reader left (or stdout failed): stop the source; dropping the receivers below
         // unblocks every stage.
@@ -394,8 +397,23 @@ fn capture_loop(
                 }
                 Err(TrySendError::Disconnected(_)) => break,
             }
-        } else if tx.send(frame).is_err() {
-            break;
+        } else {
+            // Files wait for the face stage, but never past cancellation: this thread also
+            // holds a receiver (for dropping stale frames), so the queue never disconnects
+            // while it blocks here.
+            let mut pending = frame;
+            loop {
+                match tx.send_timeout(pending, Duration::from_millis(50)) {
+                    Ok(()) => break,
+                    Err(crossbeam_channel::SendTimeoutError::Timeout(f)) => {
+                        if cancel.load(Ordering::SeqCst) {
+                            return Ok(());
+                        }
+                        pending = f;
+                    }
+                    Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return Ok(()),
+                }
+            }
         }
     }
     Ok(())
