@@ -201,10 +201,14 @@ fn data_info(src: &DataSource) -> Result<()> {
     for c in &ds.class_names {
         text += &format!(" {:>8}", c.chars().take(8).collect::<String>());
     }
-    for (i, name) in ds.split_names.iter().enumerate() {
-        let part = ds.select(|k| ds.splits[k] == i as u8);
-        text += &format!("\n{name:>12} {:>7}", part.len());
-        for n in part.class_counts() {
+    // Counts per split and class, without copying any pixels.
+    let mut counts = vec![vec![0usize; ds.class_names.len()]; ds.split_names.len()];
+    for (&split, &label) in ds.splits.iter().zip(&ds.labels) {
+        counts[split as usize][label as usize] += 1;
+    }
+    for (name, row) in ds.split_names.iter().zip(&counts) {
+        text += &format!("\n{name:>12} {:>7}", row.iter().sum::<usize>());
+        for n in row {
             text += &format!(" {n:>8}");
         }
     }
@@ -441,8 +445,8 @@ fn run_daemon(a: RunArgs) -> Result<()> {
             };
             // The first open must succeed: a missing or busy camera is an error, not a retry loop.
             let first = CameraSource::open(index, cam_w, cam_h, cam_fps)?;
-            drop(first);
             let src = Reconnecting::new(format!("camera:{index}"), reopen, Backoff::default())
+                .with_source(Box::new(first))
                 .with_cancel(move || cam_cancel.load(std::sync::atomic::Ordering::SeqCst));
             return Ok(Box::new(src));
         }

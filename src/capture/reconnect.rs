@@ -59,6 +59,13 @@ impl<F: FnMut() -> Result<Box<dyn FrameSource>>> Reconnecting<F> {
         }
     }
 
+    /// Starts from an already open source (opened by the caller so that a first failure is an
+    /// error rather than a retry), instead of opening one on the first read.
+    pub fn with_source(mut self, src: Box<dyn FrameSource>) -> Self {
+        self.current = Some(src);
+        self
+    }
+
     /// Replaces the sleep function (tests use a fake clock).
     pub fn with_sleep(mut self, sleep: impl FnMut(Duration) + Send + 'static) -> Self {
         self.sleep = Box::new(sleep);
@@ -173,8 +180,8 @@ mod tests {
 
     #[test]
     fn camera_loss_warns_and_reconnects_with_backoff() {
-        // Opens: ok (2 frames), fail, fail, ok (1 frame), then always fail.
-        let script = Arc::new(Mutex::new(vec![Some(2), None, None, Some(1)]));
+        // Reopens: fail, fail, ok (1 frame), then always fail.
+        let script = Arc::new(Mutex::new(vec![None, None, Some(1)]));
         let s2 = script.clone();
         let open = move || -> Result<Box<dyn FrameSource>> {
             let mut v = s2.lock().unwrap();
@@ -190,7 +197,9 @@ mod tests {
             max: Duration::from_millis(300),
             max_attempts: Some(5),
         };
+        // The caller opened the first camera itself; the script covers the reopens.
         let mut src = Reconnecting::new("camera:0", open, backoff)
+            .with_source(Box::new(Fake { left: 2 }))
             .with_sleep(move |d| sl.lock().unwrap().push(d));
         let mut events = Vec::new();
         loop {
