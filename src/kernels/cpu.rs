@@ -13,6 +13,10 @@
 
 use rayon::prelude::*;
 
+use std::sync::OnceLock;
+
+use super::{direct, winograd};
+
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConvGeom {
@@ -260,7 +264,7 @@ fn threads() -> usize {
 
 /// The output buffer, shared by parallel workers that each write a disjoint block of it.
 #[derive(Clone, Copy)]
-struct SharedOut {
+pub(crate) struct SharedOut {
     ptr: *mut f32,
     len: usize,
 }
@@ -271,21 +275,66 @@ unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
 impl SharedOut {
+    pub(crate) fn new(buf: &mut [f32]) -> Self {
+        Self {
+            ptr: buf.as_mut_ptr(),
+            len: buf.len(),
+        }
+    }
     // Accessors make closures capture the whole (Sync) struct, not its raw-pointer field.
-    fn ptr(&self) -> *mut f32 {
+    pub(crate) fn ptr(&self) -> *mut f32 {
         self.ptr
     }
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.len
     }
 }
 
+/// Weights packed for the AVX-512 kernels, each layout built on first use and kept (for
+/// inference, where the weights do not change between calls).
+#[derive(Debug, Default)]
+pub struct PackedCache {
+    direct: OnceLock<direct::PackedWeights>,
+    winograd: OnceLock<winograd::PackedWinograd>,
+}
+
 /// Forward convolution `x (b,c,h,w) * w (k,c,kh,kw) [+ bias] [ReLU]` → `(b,k,oh,ow)`.
+///
+/// Picks the kernel: Winograd F(2x2,3x3) for 3x3 stride-1 layers large enough to gain, the direct
+/// AVX-512 kernel for the rest, and im2col + GEMM where the CPU lacks AVX-512. Weights are
+/// packed for this call unless `cache` holds them.
+pub fn conv2d_forward(
+    g: &ConvGeom,
+    x: &[f32],
+    wt: &[f32],
+    bias: Option<&[f32]>,
+    relu: bool,
+    cache: Option<&PackedCache>,
+) -> Vec<f32> {
+    assert_eq!(wt.len(), g.weight_len());
+    if winograd::worthwhile(g) {
+        let pack = || winograd::PackedWinograd::pack(wt, g.k, g.c);
+        match cache {
+            Some(c) => winograd::conv_forward(g, x, c.winograd.get_or_init(pack), bias, relu),
+            None => winograd::conv_forward(g, x, &pack(), bias, relu),
+        }
+    } else if direct::available() {
+        let pack = || direct::PackedWeights::pack(wt, g.k, g.c, g.kh, g.kw);
+        match cache {
+            Some(c) => direct::conv_forward(g, x, c.direct.get_or_init(pack), bias, relu),
+            None => direct::conv_forward(g, x, &pack(), bias, relu),
+        }
+    } else {
+        conv2d_forward_gemm(g, x, wt, bias, relu)
+    }
+}
+
+/// Forward convolution through im2col + GEMM (the portable path).
 ///
 /// Work is split into (image, column tile, block of output channels) items, enough of them to
 /// keep every core busy even at batch 1; each item runs a single-threaded GEMM on its own im2col
 /// tile. That costs one fork-join per convolution instead of one per GEMM call.
-pub fn conv2d_forward(
+pub fn conv2d_forward_gemm(
     g: &ConvGeom,
     x: &[f32],
     wt: &[f32],
@@ -308,10 +357,7 @@ pub fn conv2d_forward(
         threads.div_ceil(g.b * tiles).min(g.k.div_ceil(16)).max(1)
     };
     let mper = g.k.div_ceil(mblocks);
-    let out = SharedOut {
-        ptr: y.as_mut_ptr(),
-        len: y.len(),
-    };
+    let out = SharedOut::new(&mut y);
     let pointwise = g.is_pointwise();
     let items = g.b * tiles * mblocks;
     let run = |col: &mut Vec<f32>, item: usize| {
@@ -437,7 +483,43 @@ fn conv_bwd_input_image(g: &ConvGeom, dy: &[f32], wt: &[f32], dx: &mut [f32], ge
 }
 
 /// Gradient w.r.t. the input: `(b,c,h,w)` from `dy (b,k,oh,ow)`.
+///
+/// For stride 1 on a CPU with AVX-512 this is the direct forward kernel run on `dy` with the
+/// transposed, flipped weights (padding `kh − 1 − pad`); otherwise GEMM + col2im.
 pub fn conv2d_backward_input(g: &ConvGeom, dy: &[f32], wt: &[f32]) -> Vec<f32> {
+    if direct::available() && g.stride == 1 && g.pad < g.kh && g.kh == g.kw {
+        if let Some(gt) = ConvGeom::new(g.b, g.k, g.oh, g.ow, g.c, g.kh, g.kw, 1, g.kh - 1 - g.pad)
+        {
+            if (gt.oh, gt.ow) == (g.h, g.w) {
+                assert_eq!(dy.len(), g.output_len());
+                let wt_flipped = transpose_flip(g, wt);
+                return conv2d_forward(&gt, dy, &wt_flipped, None, false, None);
+            }
+        }
+    }
+    conv2d_backward_input_gemm(g, dy, wt)
+}
+
+/// `w'(c, k, y, x) = w(k, c, kh−1−y, kw−1−x)`: the weights of the input gradient of a stride-1
+/// convolution, itself a `k → c` convolution.
+fn transpose_flip(g: &ConvGeom, wt: &[f32]) -> Vec<f32> {
+    let (kh, kw) = (g.kh, g.kw);
+    let mut out = vec![0f32; wt.len()];
+    for k in 0..g.k {
+        for c in 0..g.c {
+            for y in 0..kh {
+                for x in 0..kw {
+                    out[((c * g.k + k) * kh + y) * kw + x] =
+                        wt[((k * g.c + c) * kh + (kh - 1 - y)) * kw + (kw - 1 - x)];
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Gradient w.r.t. the input through GEMM + col2im (the portable path).
+pub fn conv2d_backward_input_gemm(g: &ConvGeom, dy: &[f32], wt: &[f32]) -> Vec<f32> {
     assert_eq!(dy.len(), g.output_len());
     assert_eq!(wt.len(), g.weight_len());
     let mut dx = vec![0f32; g.input_len()];
@@ -708,14 +790,19 @@ mod tests {
             (3, 4, 6, 6, 5, 1, 1, 0),
             (2, 4, 7, 7, 5, 1, 2, 0),
             (1, 1, 11, 11, 2, 7, 2, 3),
+            // Large enough for Winograd where AVX-512 is present.
+            (2, 3, 9, 10, 5, 3, 1, 1),
         ] {
             let g = ConvGeom::new(b, c, h, w, k, ks, ks, s, p).unwrap();
             let x = ramp(g.input_len(), 1);
             let wt = ramp(g.weight_len(), 2);
             let want = naive(&g, &x, &wt);
-            let got = conv2d_forward(&g, &x, &wt, None, false);
-            for (a, b) in got.iter().zip(&want) {
+            // The dispatching entry (AVX-512 kernels on this CPU, if present) and the GEMM path.
+            let got = conv2d_forward(&g, &x, &wt, None, false, None);
+            let gemm = conv2d_forward_gemm(&g, &x, &wt, None, false);
+            for ((a, b), c) in got.iter().zip(&want).zip(&gemm) {
                 assert!((a - b).abs() < 1e-4, "{g:?}: {a} vs {b}");
+                assert!((c - b).abs() < 1e-4, "{g:?} gemm: {c} vs {b}");
             }
         }
     }
@@ -727,12 +814,13 @@ mod tests {
             (2, 3, 7, 6, 4, 3, 1, 1),
             (3, 2, 9, 9, 3, 3, 2, 1),
             (2, 4, 5, 5, 3, 1, 1, 0),
+            (2, 3, 9, 8, 4, 3, 1, 1),
         ] {
             let g = ConvGeom::new(b, c, h, w, k, ks, ks, s, p).unwrap();
             let x = ramp(g.input_len(), 3);
             let wt = ramp(g.weight_len(), 4);
             let dy = ramp(g.output_len(), 5);
-            let y = conv2d_forward(&g, &x, &wt, None, false);
+            let y = conv2d_forward(&g, &x, &wt, None, false, None);
             let lhs: f64 = y
                 .iter()
                 .zip(&dy)
@@ -751,6 +839,13 @@ mod tests {
                 .map(|(a, b)| (*a as f64) * (*b as f64))
                 .sum();
             assert!((lhs - rx).abs() < 1e-3 * lhs.abs().max(1.0), "{lhs} {rx}");
+            let dx_gemm = conv2d_backward_input_gemm(&g, &dy, &wt);
+            for (a, b) in dx.iter().zip(&dx_gemm) {
+                assert!(
+                    (a - b).abs() < 1e-3 * b.abs().max(1.0),
+                    "{g:?} dx: {a} vs {b}"
+                );
+            }
             assert!((lhs - rw).abs() < 1e-3 * lhs.abs().max(1.0), "{lhs} {rw}");
         }
     }
@@ -758,7 +853,14 @@ mod tests {
     #[test]
     fn bias_relu_epilogue() {
         let g = ConvGeom::new(1, 1, 2, 2, 2, 1, 1, 1, 0).unwrap();
-        let y = conv2d_forward(&g, &[1., -2., 3., -4.], &[1., -1.], Some(&[0.5, 0.0]), true);
+        let y = conv2d_forward(
+            &g,
+            &[1., -2., 3., -4.],
+            &[1., -1.],
+            Some(&[0.5, 0.0]),
+            true,
+            None,
+        );
         assert_eq!(y, vec![1.5, 0., 3.5, 0., 0., 2., 0., 4.]);
     }
 

@@ -7,12 +7,16 @@
 //! back to candle's ops, so the model code is device-agnostic.
 
 pub mod cpu;
+pub mod direct;
+pub mod winograd;
 
 use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 
-use cpu::{ConvGeom, PoolGeom};
+use std::sync::Arc;
+
+use cpu::{ConvGeom, PackedCache, PoolGeom};
 
 /// Which implementation the encoder's convolutions and pools use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -73,6 +77,7 @@ impl CustomOp2 for Conv2d {
             f32_slice(s2, l2, "conv2d weight")?,
             None,
             false,
+            None,
         );
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.k, g.oh, g.ow))))
     }
@@ -190,11 +195,12 @@ impl CustomOp2 for Conv2dBackwardWeight {
     }
 }
 
-/// Inference-only `relu?(conv2d(x, w) + bias)`.
+/// Inference-only `relu?(conv2d(x, w) + bias)`, with `w` packed once for the direct kernel.
 struct Conv2dBiasAct {
     stride: usize,
     pad: usize,
     relu: bool,
+    packed: Option<Arc<PackedCache>>,
 }
 
 impl CustomOp3 for Conv2dBiasAct {
@@ -226,6 +232,7 @@ impl CustomOp3 for Conv2dBiasAct {
             f32_slice(s2, l2, "conv2d weight")?,
             Some(bias),
             self.relu,
+            self.packed.as_deref(),
         );
         Ok((CpuStorage::F32(y), Shape::from((g.b, g.k, g.oh, g.ow))))
     }
@@ -321,11 +328,14 @@ pub fn conv2d(
     }
 }
 
-/// Inference-only `relu?(conv2d(x, w) + bias)` with `bias` of shape `(k,)`.
+/// Inference-only `relu?(conv2d(x, w) + bias)` with `bias` of shape `(k,)`. `packed` keeps the
+/// packed forms of `w` across calls; it must only ever be used with this `w`.
+#[allow(clippy::too_many_arguments)]
 pub fn conv2d_bias_act(
     xs: &Tensor,
     ws: &Tensor,
     bias: &Tensor,
+    packed: Option<Arc<PackedCache>>,
     stride: usize,
     pad: usize,
     relu: bool,
@@ -335,7 +345,12 @@ pub fn conv2d_bias_act(
         xs.contiguous()?.apply_op3_no_bwd(
             &ws.contiguous()?,
             &bias.contiguous()?,
-            &Conv2dBiasAct { stride, pad, relu },
+            &Conv2dBiasAct {
+                stride,
+                pad,
+                relu,
+                packed,
+            },
         )
     } else {
         let k = bias.dim(0)?;

@@ -51,7 +51,7 @@ impl Cbam {
                 return Ok(p.clone());
             }
         }
-        let (sw, sb) = self.spatial.folded()?;
+        let (sw, sb, _) = self.spatial.folded()?;
         let fc1_b = self.fc1.bias().map(to_vec).transpose()?;
         let fc2_b = self.fc2.bias().map(to_vec).transpose()?;
         let (hidden, channels) = self.fc1.weight().dims2()?;

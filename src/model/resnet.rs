@@ -10,7 +10,7 @@ use candle_nn::{batch_norm, BatchNorm, VarBuilder};
 
 use super::cbam::Cbam;
 use crate::config::{EncoderConfig, Stem};
-use crate::kernels::{self, ConvKernels};
+use crate::kernels::{self, cpu::PackedCache, ConvKernels};
 
 /// Conv (no bias) followed by batch-norm: the unit every layer of the encoder is made of.
 ///
@@ -24,8 +24,11 @@ pub struct ConvBn {
     stride: usize,
     pad: usize,
     kernels: ConvKernels,
-    folded: Arc<RwLock<Option<(Tensor, Tensor)>>>,
+    folded: Arc<RwLock<Option<Folded>>>,
 }
+
+/// BN-folded inference weights and bias, with the weights also packed for the direct kernel.
+type Folded = (Tensor, Tensor, Option<Arc<PackedCache>>);
 
 impl ConvBn {
     pub fn new(
@@ -52,8 +55,9 @@ impl ConvBn {
         })
     }
 
-    /// BN folded into the conv: `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`.
-    pub(crate) fn folded(&self) -> Result<(Tensor, Tensor)> {
+    /// BN folded into the conv: `w' = w·γ/√(σ²+ε)`, `b' = β − μ·γ/√(σ²+ε)`, with a cache for the
+    /// kernels' packed forms of `w'`.
+    pub(crate) fn folded(&self) -> Result<Folded> {
         if let Ok(guard) = self.folded.read() {
             if let Some(f) = guard.as_ref() {
                 return Ok(f.clone());
@@ -75,10 +79,12 @@ impl ConvBn {
             .detach()
             .broadcast_mul(&scale.reshape((k, 1, 1, 1))?)?;
         let b = (shift - self.bn.running_mean().detach().mul(&scale)?)?;
+        let packed = Some(Arc::new(PackedCache::default()));
+        let f = (w, b, packed);
         if let Ok(mut guard) = self.folded.write() {
-            *guard = Some((w.clone(), b.clone()));
+            *guard = Some(f.clone());
         }
-        Ok((w, b))
+        Ok(f)
     }
 
     /// Drops the folded inference weights (call after changing weights outside training).
@@ -91,8 +97,17 @@ impl ConvBn {
     /// `relu?(BN(conv(x)))`.
     pub fn forward_act(&self, xs: &Tensor, train: bool, relu: bool) -> Result<Tensor> {
         if !train && self.kernels == ConvKernels::Fast {
-            let (w, b) = self.folded()?;
-            return kernels::conv2d_bias_act(xs, &w, &b, self.stride, self.pad, relu, self.kernels);
+            let (w, b, packed) = self.folded()?;
+            return kernels::conv2d_bias_act(
+                xs,
+                &w,
+                &b,
+                packed,
+                self.stride,
+                self.pad,
+                relu,
+                self.kernels,
+            );
         }
         if train {
             self.invalidate_folded();

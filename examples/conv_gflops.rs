@@ -1,0 +1,58 @@
+//! Throughput of single convolutions of the encoder (direct kernel vs GEMM path).
+//! `cargo run --release --example conv_gflops`
+use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+use fer_cam::kernels::{cpu, cpu::ConvGeom, direct, winograd};
+
+fn main() {
+    let cases = [
+        ("l1 64x48 3x3", 1, 64, 48, 64, 3, 1, 1),
+        ("l2 128x24 3x3", 1, 128, 24, 128, 3, 1, 1),
+        ("l3 256x12 3x3", 1, 256, 12, 256, 3, 1, 1),
+        ("l4 512x6 3x3", 1, 512, 6, 512, 3, 1, 1),
+        ("l1 64x48 3x3 b8", 8, 64, 48, 64, 3, 1, 1),
+        ("l3 256x12 b8", 8, 256, 12, 256, 3, 1, 1),
+        ("l4 512x6 b8", 8, 512, 6, 512, 3, 1, 1),
+        ("7x7: l1 64x12 b1", 1, 64, 12, 64, 3, 1, 1),
+        ("7x7: l1 64x12 b8", 8, 64, 12, 64, 3, 1, 1),
+        ("7x7: l2 128x6 b8", 8, 128, 6, 128, 3, 1, 1),
+        ("7x7: l3 256x3 b8", 8, 256, 3, 256, 3, 1, 1),
+        ("7x7: l4 512x2 b8", 8, 512, 2, 512, 3, 1, 1),
+    ];
+    for (name, b, c, hw, k, kh, s, p) in cases {
+        let g = ConvGeom::new(b, c, hw, hw, k, kh, kh, s, p).unwrap();
+        let x: Vec<f32> = (0..g.input_len()).map(|i| (i % 7) as f32 * 0.1).collect();
+        let w: Vec<f32> = (0..g.weight_len()).map(|i| (i % 5) as f32 * 0.1).collect();
+        let pw = direct::PackedWeights::pack(&w, k, c, kh, kh);
+        let pwino = winograd::applicable(&g).then(|| winograd::PackedWinograd::pack(&w, k, c));
+        let flops = 2.0 * (g.b * g.k * g.ohw() * g.ckk()) as f64;
+        let reps = (4e8 / flops).ceil() as usize;
+        for label in ["winograd", "direct", "gemm"] {
+            if label == "winograd" && pwino.is_none() {
+                continue;
+            }
+            // Best of 5 rounds: this machine is shared, the minimum is the least disturbed.
+            let mut dt = f64::INFINITY;
+            for _ in 0..5 {
+                let t = Instant::now();
+                for _ in 0..reps {
+                    let y = match (label, &pwino) {
+                        ("winograd", Some(p)) => winograd::conv_forward(&g, &x, p, None, false),
+                        ("direct", _) => direct::conv_forward(&g, &x, &pw, None, false),
+                        _ => cpu::conv2d_forward_gemm(&g, &x, &w, None, false),
+                    };
+                    std::hint::black_box(y);
+                }
+                dt = dt.min(t.elapsed().as_secs_f64() / reps as f64);
+            }
+            println!(
+                "{name:18} {label:8} {:8.3} ms {:6.1} GFLOP/s",
+                dt * 1e3,
+                flops / dt / 1e9
+            );
+        }
+    }
+}

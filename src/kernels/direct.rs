@@ -1,0 +1,422 @@
+//! Direct convolution with an AVX-512 micro-kernel and weights packed once.
+//!
+//! The convolution is an implicit GEMM, `out (K, positions) = W (K, C·KH·KW) × X`, where no column
+//! matrix is ever built: the input is laid out so that every row of X is a plain shift of one
+//! plane.
+//!
+//! - The zero-padded input is split into `stride²` phase planes (for stride 1, the padded image
+//!   itself): phase `(a, b)` holds padded pixels `(i·s + a, j·s + b)`, `PW = ⌈(W+2p)/s⌉` wide.
+//! - Outputs are computed on a grid `OH × PW` (the columns `≥ OW` are junk and never stored), so
+//!   output `(oy, ox)` at grid position `q = oy·PW + ox` reads kernel tap `(ky, kx)` of channel `c`
+//!   at `q + (ky/s)·PW + kx/s` of phase `(ky mod s, kx mod s)` of channel `c`: one offset per row of X.
+//! - Weights are packed into panels of [`MR`] output channels, `[C·KH·KW][MR]` each, once per
+//!   weight tensor (the inference path caches them; training packs per call).
+//! - The micro-kernel keeps a 16-channel × 16-position tile in 16 registers and, per tap, loads one
+//!   vector of 16 positions and broadcasts 16 weights from memory: 16 FMAs per vector load.
+//!   Bias and ReLU are applied when the tile is stored.
+//!
+//! Used when the CPU has AVX-512F (checked once at run time); otherwise the GEMM path in
+//! [`super::cpu`] runs. `FER_CAM_NO_AVX512=1` forces that path.
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+use super::cpu::{ConvGeom, SharedOut};
+
+/// Output channels per weight panel.
+pub const MR: usize = 16;
+/// Output positions per micro-tile (one 512-bit vector of f32).
+const NR: usize = 16;
+
+/// Whether the AVX-512 kernels can run on this CPU (and are not disabled by `FER_CAM_NO_AVX512`).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| std::env::var_os("FER_CAM_NO_AVX512").is_none() && detect())
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect() -> bool {
+    false
+}
+
+/// Convolution weights `(K, C, KH, KW)` packed into panels of [`MR`] output channels.
+#[derive(Debug, Clone)]
+pub struct PackedWeights {
+    pub k: usize,
+    pub c: usize,
+    pub kh: usize,
+    pub kw: usize,
+    data: Vec<f32>,
+}
+
+impl PackedWeights {
+    /// Packs row-major `(k, c, kh, kw)` weights; channels past `k` in the last panel are zero.
+    pub fn pack(w: &[f32], k: usize, c: usize, kh: usize, kw: usize) -> Self {
+        let kd = c * kh * kw;
+        assert_eq!(w.len(), k * kd, "pack: weight length");
+        Self::pack_with(k, c, kh, kw, |o, j| w[o * kd + j])
+    }
+
+    fn pack_with(
+        k: usize,
+        c: usize,
+        kh: usize,
+        kw: usize,
+        at: impl Fn(usize, usize) -> f32,
+    ) -> Self {
+        let kd = c * kh * kw;
+        let mut data = vec![0f32; k.div_ceil(MR) * kd * MR];
+        for o in 0..k {
+            let (panel, r) = (o / MR, o % MR);
+            let base = panel * kd * MR + r;
+            for j in 0..kd {
+                data[base + j * MR] = at(o, j);
+            }
+        }
+        Self { k, c, kh, kw, data }
+    }
+
+    fn panels(&self) -> usize {
+        self.k.div_ceil(MR)
+    }
+
+    fn kd(&self) -> usize {
+        self.c * self.kh * self.kw
+    }
+}
+
+/// The phase-plane layout of one convolution's input.
+struct Layout {
+    /// Phase grid width and height.
+    pw: usize,
+    ph: usize,
+    /// Floats per phase plane (the grid plus zero slack that the last tile may read).
+    plane: usize,
+    /// Micro-tiles per image.
+    tiles: usize,
+}
+
+impl Layout {
+    fn new(g: &ConvGeom) -> Self {
+        let s = g.stride;
+        let pw = (g.w + 2 * g.pad).div_ceil(s);
+        let ph = (g.h + 2 * g.pad).div_ceil(s);
+        let tiles = (g.oh * pw).div_ceil(NR);
+        let max_off = (g.kh - 1) / s * pw + (g.kw - 1) / s;
+        let plane = (tiles * NR + max_off).max(ph * pw);
+        Self {
+            pw,
+            ph,
+            plane,
+            tiles,
+        }
+    }
+
+    fn image_len(&self, g: &ConvGeom) -> usize {
+        g.c * g.stride * g.stride * self.plane
+    }
+
+    /// Offset of every row of X (channel, tap) inside one image's phase planes.
+    fn offsets(&self, g: &ConvGeom) -> Vec<u32> {
+        let s = g.stride;
+        let mut off = Vec::with_capacity(g.ckk());
+        for c in 0..g.c {
+            for ky in 0..g.kh {
+                for kx in 0..g.kw {
+                    let phase = (ky % s) * s + kx % s;
+                    let o = (c * s * s + phase) * self.plane + ky / s * self.pw + kx / s;
+                    off.push(u32::try_from(o).expect("conv input too large for u32 offsets"));
+                }
+            }
+        }
+        off
+    }
+
+    /// Splits one image `(c, h, w)` into its zero-padded phase planes.
+    fn fill(&self, g: &ConvGeom, x: &[f32], out: &mut [f32]) {
+        let s = g.stride;
+        for (ci, planes) in out.chunks_mut(s * s * self.plane).enumerate() {
+            let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
+            for a in 0..s {
+                for b in 0..s {
+                    let plane = &mut planes[(a * s + b) * self.plane..][..self.plane];
+                    // Phase columns j with 0 <= j·s + b − pad < w.
+                    let j0 = g.pad.saturating_sub(b).div_ceil(s);
+                    let j1 = (g.w + g.pad).saturating_sub(b).div_ceil(s).min(self.pw);
+                    for i in 0..self.ph {
+                        let Some(y) = (i * s + a).checked_sub(g.pad).filter(|&y| y < g.h) else {
+                            continue;
+                        };
+                        let row = &src[y * g.w..(y + 1) * g.w];
+                        let dst = &mut plane[i * self.pw..(i + 1) * self.pw];
+                        if s == 1 {
+                            if j1 > j0 {
+                                dst[j0..j1].copy_from_slice(&row[j0 - g.pad..j1 - g.pad]);
+                            }
+                        } else {
+                            for j in j0..j1 {
+                                dst[j] = row[j * s + b - g.pad];
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `relu?(conv(x, w) + bias)` for `x (b, c, h, w)` → `(b, k, oh, ow)`.
+///
+/// Panics if [`available`] is false or the sizes disagree; callers check both.
+pub fn conv_forward(
+    g: &ConvGeom,
+    x: &[f32],
+    pw: &PackedWeights,
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    assert!(available(), "direct conv without AVX-512");
+    assert_eq!((pw.k, pw.c, pw.kh, pw.kw), (g.k, g.c, g.kh, g.kw));
+    assert_eq!(x.len(), g.input_len());
+    assert!(bias.is_none_or(|b| b.len() == g.k));
+    let lay = Layout::new(g);
+    let img_len = lay.image_len(g);
+    let mut xp = vec![0f32; g.b * img_len];
+    let in_img = g.c * g.h * g.w;
+    xp.par_chunks_mut(img_len)
+        .zip(x.par_chunks(in_img))
+        .for_each(|(dst, src)| lay.fill(g, src, dst));
+    let off = lay.offsets(g);
+
+    let mut y = vec![0f32; g.output_len()];
+    let out = SharedOut::new(&mut y);
+    let panels = pw.panels();
+    // Enough items for every core even at batch 1, each a run of tiles sharing one weight panel.
+    let want = 8 * rayon::current_num_threads().max(1);
+    let chunks = want.div_ceil(g.b * panels).clamp(1, lay.tiles);
+    let per = lay.tiles.div_ceil(chunks);
+    let items = g.b * panels * chunks;
+    let run = |item: usize| {
+        let n = item / (panels * chunks);
+        let p = (item / chunks) % panels;
+        let ch = item % chunks;
+        let (t0, t1) = (ch * per, ((ch + 1) * per).min(lay.tiles));
+        if t0 >= t1 {
+            return;
+        }
+        let job = Job {
+            g,
+            lay: &lay,
+            kd: pw.kd(),
+            a: &pw.data[p * pw.kd() * MR..(p + 1) * pw.kd() * MR],
+            x: &xp[n * img_len..(n + 1) * img_len],
+            off: &off,
+            bias: bias.map(|b| &b[p * MR..((p + 1) * MR).min(g.k)]),
+            relu,
+            k0: p * MR,
+            rows: MR.min(g.k - p * MR),
+            out_base: n * g.k * g.oh * g.ow,
+        };
+        // SAFETY: AVX-512F is present (asserted above); the job writes only output rows
+        // k0..k0+rows of image n at positions of tiles t0..t1, which no other item touches.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            avx512::run_tiles(&job, t0, t1, out)
+        };
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (job, out, t0, t1);
+    };
+    if items == 1 {
+        run(0);
+    } else {
+        (0..items).into_par_iter().for_each(run);
+    }
+    y
+}
+
+/// One work item's operands.
+struct Job<'a> {
+    g: &'a ConvGeom,
+    lay: &'a Layout,
+    kd: usize,
+    /// The weight panel `[kd][MR]`.
+    a: &'a [f32],
+    /// One image's phase planes.
+    x: &'a [f32],
+    off: &'a [u32],
+    bias: Option<&'a [f32]>,
+    relu: bool,
+    k0: usize,
+    rows: usize,
+    out_base: usize,
+}
+
+impl Job<'_> {
+    /// The runs of a tile's lanes that land on valid outputs, `(first lane, lanes, output offset
+    /// within a channel plane)`, and how many there are.
+    fn segments(&self, tile: usize) -> ([(usize, usize, usize); NR], usize) {
+        let (g, pw) = (self.g, self.lay.pw);
+        let mut segs = [(0, 0, 0); NR];
+        let mut n = 0;
+        let mut lane = 0;
+        while lane < NR {
+            let q = tile * NR + lane;
+            let (oy, ox) = (q / pw, q % pw);
+            if oy >= g.oh {
+                break;
+            }
+            if ox >= g.ow {
+                lane += pw - ox;
+                continue;
+            }
+            let len = (g.ow - ox).min(NR - lane);
+            segs[n] = (lane, len, oy * g.ow + ox);
+            n += 1;
+            lane += len;
+        }
+        (segs, n)
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{Job, SharedOut, MR, NR};
+
+    /// Computes tiles `t0..t1` of one job and stores them.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F, and no other thread may write the job's output block.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn run_tiles(job: &Job, t0: usize, t1: usize, out: SharedOut) {
+        let plane = job.g.oh * job.g.ow;
+        let max_off = job.off.iter().copied().max().unwrap_or(0) as usize;
+        assert!(job.a.len() >= job.kd * MR && job.off.len() == job.kd);
+        assert!(t1 * NR + max_off <= job.x.len(), "direct conv: input slack");
+        assert!(job.out_base + (job.k0 + job.rows) * plane <= out.len());
+        let mut bias = [0f32; MR];
+        if let Some(b) = job.bias {
+            bias[..b.len()].copy_from_slice(b);
+        }
+        for t in t0..t1 {
+            // SAFETY: every read is inside `job.x` (asserted: the largest offset plus the last
+            // tile's end) and `job.a` (kd·MR floats).
+            let acc = unsafe { tile(job.kd, job.a.as_ptr(), job.x.as_ptr().add(t * NR), job.off) };
+            let mut vals = [_mm512_setzero_ps(); MR];
+            for r in 0..job.rows {
+                let mut v = _mm512_add_ps(acc[r], _mm512_set1_ps(bias[r]));
+                if job.relu {
+                    v = _mm512_max_ps(v, _mm512_setzero_ps());
+                }
+                vals[r] = v;
+            }
+            let (segs, n) = job.segments(t);
+            for &(lane, len, o) in &segs[..n] {
+                let mask: __mmask16 = (((1u32 << len) - 1) << lane) as u16;
+                for (r, v) in vals.iter().enumerate().take(job.rows) {
+                    let dst = job.out_base + (job.k0 + r) * plane + o;
+                    // SAFETY: lanes lane..lane+len go to dst..dst+len, inside this job's rows
+                    // (asserted above); masked-off lanes are not accessed.
+                    unsafe {
+                        let p = out.ptr().wrapping_add(dst).wrapping_sub(lane);
+                        _mm512_mask_storeu_ps(p, mask, *v);
+                    }
+                }
+            }
+        }
+    }
+
+    /// One 16-channel × 16-position tile over all `kd` rows of X: row `j` of X is the 16 floats
+    /// at `x + off[j]`, and `a` is a weight panel `[kd][MR]`.
+    ///
+    /// # Safety
+    /// AVX-512F; `a` must hold `kd·MR` floats and `x + off[j]` 16 floats for every `j < kd`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub(in crate::kernels) unsafe fn tile(
+        kd: usize,
+        a: *const f32,
+        x: *const f32,
+        off: &[u32],
+    ) -> [__m512; MR] {
+        let mut acc = [_mm512_setzero_ps(); MR];
+        for (j, &o) in off.iter().enumerate().take(kd) {
+            // SAFETY: the caller bounds x + o + 16 and a + kd·MR.
+            unsafe {
+                let xv = _mm512_loadu_ps(x.add(o as usize));
+                let w = a.add(j * MR);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*w.add(r)), xv, *acc);
+                }
+            }
+        }
+        acc
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu;
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
+        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    /// The direct kernel against the portable GEMM path, over strides, paddings, kernel sizes,
+    /// channel counts that do not fill a panel, and sizes whose grid rows straddle tiles.
+    #[test]
+    fn direct_matches_gemm_path() {
+        if !available() {
+            eprintln!("SKIPPED direct_matches_gemm_path: no AVX-512F on this CPU");
+            return;
+        }
+        let cases = [
+            // b, c, h, w, k, kh, stride, pad
+            (1, 1, 48, 48, 64, 3, 1, 1),
+            (2, 3, 13, 11, 17, 3, 1, 1),
+            (1, 64, 12, 12, 128, 3, 2, 1),
+            (3, 5, 9, 7, 33, 1, 2, 0),
+            (2, 1, 48, 48, 64, 7, 2, 3),
+            (1, 8, 6, 6, 16, 3, 1, 1),
+            (2, 4, 5, 9, 7, 5, 3, 2),
+            (1, 2, 20, 20, 1, 7, 1, 3),
+        ];
+        for (i, &(b, c, h, w, k, kh, s, p)) in cases.iter().enumerate() {
+            let g = ConvGeom::new(b, c, h, w, k, kh, kh, s, p).expect("geom");
+            let x = rand_vec(g.input_len(), 2 * i as u64);
+            let wt = rand_vec(g.weight_len(), 2 * i as u64 + 1);
+            let bias = rand_vec(k, 99);
+            for (bias, relu) in [(None, false), (Some(&bias[..]), true)] {
+                let want = cpu::conv2d_forward_gemm(&g, &x, &wt, bias, relu);
+                let pw = PackedWeights::pack(&wt, k, c, kh, kh);
+                let got = conv_forward(&g, &x, &pw, bias, relu);
+                assert_eq!(got.len(), want.len());
+                let err = max_rel(&got, &want);
+                assert!(err < 1e-5, "case {i} {g:?}: max rel err {err}");
+            }
+        }
+    }
+}
