@@ -45,6 +45,7 @@ fn kernels_name(k: ConvKernels) -> &'static str {
 }
 
 fn forward(c: &mut Criterion) {
+    fer_cam::alloc::keep_freed_memory_ms(30_000);
     let mut group = c.benchmark_group("encoder_forward/cpu");
     group.sample_size(20);
     for stem in [Stem::Conv3x3, Stem::Conv7x7Pool] {
@@ -66,6 +67,8 @@ fn forward(c: &mut Criterion) {
 }
 
 fn train_step(c: &mut Criterion) {
+    // As the fer-cam binary does: keep freed memory for reuse across steps (both kernel sets).
+    fer_cam::alloc::keep_freed_memory_ms(30_000);
     let mut group = c.benchmark_group("encoder_train_step/cpu");
     group.sample_size(10);
     let b = 64;

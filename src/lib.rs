@@ -19,6 +19,7 @@
 //! Modules: [`data`] (FER2013 CSV and image folders, binary cache), [`model`] (networks, diffusion
 //! maths, model directory format), [`infer`] ([`infer::Classifier`]), [`metrics`] and [`eval`].
 
+pub mod alloc;
 pub mod capture;
 pub mod config;
 pub mod data;

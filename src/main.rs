@@ -25,6 +25,8 @@ use fer_cam::model::{init_model, save_model_dir};
 use fer_cam::train::{Progress, StageSelection, TrainConfig};
 
 fn main() {
+    // Freed tensors stay mapped for 30 s: longer than a training step, so steps reuse memory.
+    fer_cam::alloc::keep_freed_memory_ms(30_000);
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Init(a) => init(a),

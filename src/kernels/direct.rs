@@ -93,6 +93,9 @@ impl PackedWeights {
 
 /// The phase-plane layout of one convolution's input.
 struct Layout {
+    /// Phases in use along y and x: `min(stride, kernel)` (a 1x1 stride-2 kernel reads one).
+    sa: usize,
+    sb: usize,
     /// Phase grid width and height.
     pw: usize,
     ph: usize,
@@ -111,6 +114,8 @@ impl Layout {
         let max_off = (g.kh - 1) / s * pw + (g.kw - 1) / s;
         let plane = (tiles * NR + max_off).max(ph * pw);
         Self {
+            sa: s.min(g.kh),
+            sb: s.min(g.kw),
             pw,
             ph,
             plane,
@@ -119,7 +124,7 @@ impl Layout {
     }
 
     fn image_len(&self, g: &ConvGeom) -> usize {
-        g.c * g.stride * g.stride * self.plane
+        g.c * self.sa * self.sb * self.plane
     }
 
     /// Offset of every row of X (channel, tap) inside one image's phase planes.
@@ -129,8 +134,9 @@ impl Layout {
         for c in 0..g.c {
             for ky in 0..g.kh {
                 for kx in 0..g.kw {
-                    let phase = (ky % s) * s + kx % s;
-                    let o = (c * s * s + phase) * self.plane + ky / s * self.pw + kx / s;
+                    let phase = (ky % s) * self.sb + kx % s;
+                    let o =
+                        (c * self.sa * self.sb + phase) * self.plane + ky / s * self.pw + kx / s;
                     off.push(u32::try_from(o).expect("conv input too large for u32 offsets"));
                 }
             }
@@ -141,11 +147,11 @@ impl Layout {
     /// Splits one image `(c, h, w)` into its zero-padded phase planes.
     fn fill(&self, g: &ConvGeom, x: &[f32], out: &mut [f32]) {
         let s = g.stride;
-        for (ci, planes) in out.chunks_mut(s * s * self.plane).enumerate() {
+        for (ci, planes) in out.chunks_mut(self.sa * self.sb * self.plane).enumerate() {
             let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-            for a in 0..s {
-                for b in 0..s {
-                    let plane = &mut planes[(a * s + b) * self.plane..][..self.plane];
+            for a in 0..self.sa {
+                for b in 0..self.sb {
+                    let plane = &mut planes[(a * self.sb + b) * self.plane..][..self.plane];
                     // Phase columns j with 0 <= j·s + b − pad < w.
                     let j0 = g.pad.saturating_sub(b).div_ceil(s);
                     let j1 = (g.w + g.pad).saturating_sub(b).div_ceil(s).min(self.pw);

@@ -86,9 +86,10 @@ pub fn applicable(g: &ConvGeom) -> bool {
 /// Whether Winograd beats the direct kernel here (measured with `examples/conv_gflops.rs`): with
 /// few tiles (over the batch) its fixed costs dominate unless the layer is wide, and with fewer
 /// still, streaming its 16/9 larger weights from memory costs more than the multiplications saved.
+/// With a handful of input channels (the stem) the transforms cost more than the GEMMs.
 pub fn worthwhile(g: &ConvGeom) -> bool {
     let tiles = g.b * g.oh.div_ceil(2) * g.ow.div_ceil(2);
-    applicable(g) && direct::available() && (tiles >= 64 || (tiles >= 32 && g.c >= 128))
+    applicable(g) && direct::available() && g.c >= 8 && (tiles >= 64 || (tiles >= 32 && g.c >= 128))
 }
 
 /// Tile geometry of one convolution.
