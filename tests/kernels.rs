@@ -7,7 +7,7 @@
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
 use fer_cam::config::{EncoderConfig, Stem};
-use fer_cam::kernels::{conv2d, max_pool2d, ConvKernels};
+use fer_cam::kernels::{batch_norm_train, conv2d, max_pool2d, ConvKernels};
 use fer_cam::model::resnet::ResNet;
 
 fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
@@ -73,6 +73,81 @@ fn conv_forward_and_gradients_match_candle() {
             "dw {case:?}: {}",
             rel_err(&dw1, &dw0)
         );
+    }
+}
+
+#[test]
+fn batch_norm_train_matches_candle() {
+    // Two layers with the same (non-trivial) parameters and running statistics; candle's
+    // BatchNorm::forward_train (+ ReLU) is the reference for the output, the gradients of input,
+    // weight and bias, and the updated running statistics.
+    let dev = Device::Cpu;
+    for (b, c, h, w, relu) in [
+        (4, 3, 5, 6, false),
+        (2, 16, 7, 7, true),
+        (64, 8, 3, 3, true),
+    ] {
+        let make = || {
+            let mut vm = VarMap::new();
+            let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+            let bnorm = candle_nn::batch_norm(c, 1e-5, vb.pp("bn")).unwrap();
+            for (name, seed, shift) in [
+                ("bn.weight", 31, 1.0),
+                ("bn.bias", 32, 0.0),
+                ("bn.running_mean", 33, 0.0),
+                ("bn.running_var", 34, 2.0),
+            ] {
+                let v = (seeded(&[c], seed, DType::F32).abs().unwrap() + shift).unwrap();
+                vm.set_one(name, &v).unwrap();
+            }
+            (vm, bnorm)
+        };
+        let (vm0, bn0) = make();
+        let (vm1, bn1) = make();
+        let x = seeded(&[b, c, h, w], 35, DType::F32)
+            .affine(3.0, 1.0)
+            .unwrap();
+        let x0 = Var::from_tensor(&x).unwrap();
+        let x1 = Var::from_tensor(&x).unwrap();
+        let r = seeded(&[b, c, h, w], 36, DType::F32);
+        let y0 = {
+            let y = bn0.forward_train(x0.as_tensor()).unwrap();
+            if relu {
+                y.relu().unwrap()
+            } else {
+                y
+            }
+        };
+        let y1 = batch_norm_train(x1.as_tensor(), &bn1, relu, ConvKernels::Fast).unwrap();
+        let what = format!("b={b} c={c} {h}x{w} relu={relu}");
+        assert!(
+            rel_err(&y1, &y0) < 1e-5,
+            "output {what}: {}",
+            rel_err(&y1, &y0)
+        );
+        let g0 = (&y0 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let g1 = (&y1 * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let e = rel_err(
+            g1.get(x1.as_tensor()).unwrap(),
+            g0.get(x0.as_tensor()).unwrap(),
+        );
+        assert!(e < 1e-4, "input gradient {what}: {e}");
+        for name in ["bn.weight", "bn.bias"] {
+            let p0 = vm0.data().lock().unwrap()[name].as_tensor().clone();
+            let p1 = vm1.data().lock().unwrap()[name].as_tensor().clone();
+            let e = rel_err(g1.get(&p1).unwrap(), g0.get(&p0).unwrap());
+            assert!(e < 1e-4, "{name} gradient {what}: {e}");
+        }
+        for name in ["bn.running_mean", "bn.running_var"] {
+            let s0 = vm0.data().lock().unwrap()[name].as_tensor().clone();
+            let s1 = vm1.data().lock().unwrap()[name].as_tensor().clone();
+            assert!(
+                rel_err(&s1, &s0) < 1e-5,
+                "{name} {what}: {}",
+                rel_err(&s1, &s0)
+            );
+        }
+        assert!(rel_err(bn1.running_var(), bn0.running_var()) < 1e-5);
     }
 }
 

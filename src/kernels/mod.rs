@@ -6,6 +6,7 @@
 //! and compared against in the parity tests (`tests/kernels.rs`). Tensors on other devices fall
 //! back to candle's ops, so the model code is device-agnostic.
 
+pub mod bn;
 pub mod cpu;
 pub mod direct;
 pub mod winograd;
@@ -14,7 +15,10 @@ use candle_core::{
     bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
 };
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use candle_core::Var;
+use candle_nn::BatchNorm;
 
 use cpu::{ConvGeom, PackedCache, PoolGeom};
 
@@ -480,4 +484,157 @@ pub fn cbam_residual_relu(
         &identity.contiguous()?,
         &CbamResidualRelu(params.clone()),
     )?))
+}
+
+/// Batch statistics `(mean, biased var)` handed from a batch-norm forward to its caller.
+type BnStats = Arc<Mutex<Option<(Vec<f32>, Vec<f32>)>>>;
+
+/// Training-mode `relu?(batch_norm(x))` over `(b, c, h, w)` with batch statistics, with backward.
+struct BatchNormTrain {
+    eps: f64,
+    relu: bool,
+    stats: BnStats,
+}
+
+fn bn_geom(l: &Layout) -> Result<bn::BnGeom> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    Ok(bn::BnGeom { b, c, hw: h * w })
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "fer-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = bn_geom(l1)?;
+        let gamma = f32_slice(s2, l2, "batch-norm weight")?;
+        let beta = f32_slice(s3, l3, "batch-norm bias")?;
+        if gamma.len() != g.c || beta.len() != g.c {
+            bail!(
+                "batch-norm: {} channels, parameters for {}",
+                g.c,
+                gamma.len()
+            );
+        }
+        let x = f32_slice(s1, l1, "batch-norm input")?;
+        let (y, mean, var) = bn::forward(&g, x, gamma, beta, self.eps, self.relu);
+        if let Ok(mut st) = self.stats.lock() {
+            *st = Some((mean, var));
+        }
+        Ok((CpuStorage::F32(y), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        gamma: &Tensor,
+        beta: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let c = gamma.dim(0)?;
+        let len = x.elem_count();
+        let flat = x.apply_op2_no_bwd(
+            &dy.contiguous()?,
+            &BatchNormBackward {
+                gamma: gamma.to_vec1()?,
+                beta: beta.to_vec1()?,
+                eps: self.eps,
+                relu: self.relu,
+            },
+        )?;
+        let dx = flat.narrow(0, 0, len)?.reshape(x.shape())?;
+        let dgamma = flat.narrow(0, len, c)?;
+        let dbeta = flat.narrow(0, len + c, c)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// `(x, dy) → [dx…, dγ…, dβ…]` (flat) for [`BatchNormTrain`].
+struct BatchNormBackward {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+    eps: f64,
+    relu: bool,
+}
+
+impl CustomOp2 for BatchNormBackward {
+    fn name(&self) -> &'static str {
+        "fer-batch-norm-train-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let g = bn_geom(l1)?;
+        if l2.shape() != l1.shape() || self.gamma.len() != g.c {
+            bail!("batch-norm backward: shapes disagree");
+        }
+        let (mut dx, dgamma, dbeta) = bn::backward(
+            &g,
+            f32_slice(s1, l1, "batch-norm input")?,
+            f32_slice(s2, l2, "batch-norm grad")?,
+            &self.gamma,
+            &self.beta,
+            self.eps,
+            self.relu,
+        );
+        dx.extend_from_slice(&dgamma);
+        dx.extend_from_slice(&dbeta);
+        let n = dx.len();
+        Ok((CpuStorage::F32(dx), Shape::from(n)))
+    }
+}
+
+/// Training-mode `relu?(bn(x))` for `x (b, c, h, w)`, updating `bn`'s running statistics as
+/// candle's `BatchNorm::forward_train` does (momentum, unbiased variance). The fast kernel runs
+/// for f32 CPU tensors with an affine `bn`; anything else goes through candle's ops.
+pub fn batch_norm_train(
+    xs: &Tensor,
+    bnorm: &BatchNorm,
+    relu: bool,
+    kernels: ConvKernels,
+) -> Result<Tensor> {
+    let affine = bnorm.weight_and_bias();
+    let (Some((gamma, beta)), true) = (affine, fast_ok(xs, kernels) && xs.rank() == 4) else {
+        let ys = bnorm.forward_train(xs)?;
+        return if relu { ys.relu() } else { Ok(ys) };
+    };
+    let stats: BnStats = Arc::default();
+    let op = BatchNormTrain {
+        eps: bnorm.eps(),
+        relu,
+        stats: stats.clone(),
+    };
+    let ys = xs
+        .contiguous()?
+        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
+    let Some((mean, var)) = stats.lock().ok().and_then(|mut s| s.take()) else {
+        bail!("batch-norm: forward produced no statistics")
+    };
+    let (b, c, h, w) = xs.dims4()?;
+    let n = (b * h * w) as f64;
+    let m = bnorm.momentum();
+    let dev = xs.device();
+    let mean = Tensor::from_vec(mean, c, dev)?;
+    let var = Tensor::from_vec(var, c, dev)?;
+    let rm = ((bnorm.running_mean() * (1.0 - m))? + (mean * m)?)?;
+    let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
+    let rv = ((bnorm.running_var() * (1.0 - m))? + (var * (m * unbias))?)?;
+    Var::from_tensor(bnorm.running_mean())?.set(&rm)?;
+    Var::from_tensor(bnorm.running_var())?.set(&rv)?;
+    Ok(ys)
 }

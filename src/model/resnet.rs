@@ -109,10 +109,13 @@ impl ConvBn {
                 self.kernels,
             );
         }
+        let ys = kernels::conv2d(xs, &self.weight, self.stride, self.pad, self.kernels)?;
         if train {
             self.invalidate_folded();
+            if self.kernels == ConvKernels::Fast {
+                return kernels::batch_norm_train(&ys, &self.bn, relu, self.kernels);
+            }
         }
-        let ys = kernels::conv2d(xs, &self.weight, self.stride, self.pad, self.kernels)?;
         let ys = self.bn.forward_t(&ys, train)?;
         if relu {
             ys.relu()
