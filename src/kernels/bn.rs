@@ -5,7 +5,7 @@
 //! With `x̂ = (x − μ)/σ` over the `N = b·h·w` values of a channel (biased variance, as training
 //! batch-norm normalises), `y = relu?(γ·x̂ + β)` and `dz = dy·[y > 0]` (or `dy`):
 //! `dβ = Σ dz`, `dγ = Σ dz·x̂`, `dx = γ/σ · (dz − dβ/N − x̂·dγ/N)`.
-//! Channel sums are accumulated in f64.
+//! Channel sums are accumulated in 16 f32 lanes within an image plane and in f64 across planes.
 
 use rayon::prelude::*;
 
@@ -39,6 +39,150 @@ impl BnGeom {
     }
 }
 
+/// `Σ f(i)` over `0..n` in 16 independent f32 lanes (so the compiler vectorises it; one plane is
+/// at most a few thousand values), returned as f64 for the sum over planes.
+#[inline(always)]
+fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f64 {
+    let mut acc = [0f32; 16];
+    let full = n / 16 * 16;
+    for i in (0..full).step_by(16) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(i + l);
+        }
+    }
+    let tail: f64 = (full..n).map(|i| f(i) as f64).sum();
+    acc.iter().map(|&a| a as f64).sum::<f64>() + tail
+}
+
+/// Per-plane loops, written branch-free so that they vectorise, and compiled twice: for the
+/// baseline target and, called where the CPU has it, for AVX-512.
+mod plane {
+    use super::lane_sum;
+
+    /// `(Σ x, Σ (x − mean)²)`; the second only when `mean` is given.
+    #[inline(always)]
+    pub fn sum(p: &[f32], mean: Option<f32>) -> f64 {
+        match mean {
+            None => lane_sum(p.len(), |i| p[i]),
+            Some(m) => lane_sum(p.len(), |i| (p[i] - m) * (p[i] - m)),
+        }
+    }
+
+    /// `y = relu?(x·scale + shift)`.
+    #[inline(always)]
+    pub fn forward(xp: &[f32], yp: &mut [f32], scale: f32, shift: f32, relu: bool) {
+        if relu {
+            for (o, &v) in yp.iter_mut().zip(xp) {
+                *o = (v * scale + shift).max(0.0);
+            }
+        } else {
+            for (o, &v) in yp.iter_mut().zip(xp) {
+                *o = v * scale + shift;
+            }
+        }
+    }
+
+    /// `(Σ dz, Σ dz·x̂)` with `x̂ = (x − m)·iv` and `dz = dy` masked where `γ·x̂ + β <= 0` (ReLU).
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn grad_sums(
+        xp: &[f32],
+        dp: &[f32],
+        m: f32,
+        iv: f32,
+        gm: f32,
+        bt: f32,
+        relu: bool,
+    ) -> (f64, f64) {
+        let dz = |i: usize| {
+            let xh = (xp[i] - m) * iv;
+            let keep = !relu || gm * xh + bt > 0.0;
+            (if keep { dp[i] } else { 0.0 }, xh)
+        };
+        let n = xp.len().min(dp.len());
+        (lane_sum(n, |i| dz(i).0), lane_sum(n, |i| dz(i).0 * dz(i).1))
+    }
+
+    /// `dx = k·(dz − mb − x̂·mg)`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn dx(
+        xp: &[f32],
+        dp: &[f32],
+        out: &mut [f32],
+        (m, iv, gm, bt): (f32, f32, f32, f32),
+        (k, mb, mg): (f32, f32, f32),
+        relu: bool,
+    ) {
+        for ((o, &v), &d) in out.iter_mut().zip(xp).zip(dp) {
+            let xh = (v - m) * iv;
+            let keep = !relu || gm * xh + bt > 0.0;
+            *o = k * ((if keep { d } else { 0.0 }) - mb - xh * mg);
+        }
+    }
+}
+
+/// The [`plane`] loops for AVX-512 (same code, wider vectors).
+#[cfg(target_arch = "x86_64")]
+mod plane512 {
+    use super::plane;
+
+    #[target_feature(enable = "avx512f")]
+    pub fn sum(p: &[f32], mean: Option<f32>) -> f64 {
+        plane::sum(p, mean)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn forward(xp: &[f32], yp: &mut [f32], scale: f32, shift: f32, relu: bool) {
+        plane::forward(xp, yp, scale, shift, relu)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn grad_sums(
+        xp: &[f32],
+        dp: &[f32],
+        m: f32,
+        iv: f32,
+        gm: f32,
+        bt: f32,
+        relu: bool,
+    ) -> (f64, f64) {
+        plane::grad_sums(xp, dp, m, iv, gm, bt, relu)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn dx(
+        xp: &[f32],
+        dp: &[f32],
+        out: &mut [f32],
+        stats: (f32, f32, f32, f32),
+        coef: (f32, f32, f32),
+        relu: bool,
+    ) {
+        plane::dx(xp, dp, out, stats, coef, relu)
+    }
+}
+
+/// Calls the AVX-512 build of a [`plane`] loop where the CPU has it, else the baseline one.
+macro_rules! dispatch {
+    ($f:ident($($a:expr),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if super::direct::available() {
+                // SAFETY: AVX-512F is present (checked at run time).
+                unsafe { plane512::$f($($a),*) }
+            } else {
+                plane::$f($($a),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            plane::$f($($a),*)
+        }
+    }};
+}
+
 /// Per-channel mean and biased variance (two passes: mean, then centred squares).
 pub fn channel_stats(g: &BnGeom, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), g.len());
@@ -46,16 +190,10 @@ pub fn channel_stats(g: &BnGeom, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     (0..g.c)
         .into_par_iter()
         .map(|c| {
-            let sum: f64 = g
-                .planes(x, c)
-                .map(|p| p.iter().map(|&v| v as f64).sum::<f64>())
-                .sum();
-            let mean = sum / n;
-            let sq: f64 = g
-                .planes(x, c)
-                .map(|p| p.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>())
-                .sum();
-            (mean as f32, (sq / n) as f32)
+            let sum: f64 = g.planes(x, c).map(|p| dispatch!(sum(p, None))).sum();
+            let mean = (sum / n) as f32;
+            let sq: f64 = g.planes(x, c).map(|p| dispatch!(sum(p, Some(mean)))).sum();
+            (mean, (sq / n) as f32)
         })
         .unzip()
 }
@@ -89,10 +227,7 @@ pub fn forward(
                 let c = i % g.c;
                 let scale = gamma[c] * inv[c];
                 let shift = beta[c] - mean[c] * scale;
-                for (o, &v) in yp.iter_mut().zip(xp) {
-                    let z = v * scale + shift;
-                    *o = if relu { z.max(0.0) } else { z };
-                }
+                dispatch!(forward(xp, yp, scale, shift, relu));
             });
     }
     (y, mean, var)
@@ -116,16 +251,12 @@ pub fn backward(
     let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = (0..g.c)
         .into_par_iter()
         .map(|c| {
+            let (m, iv, gm, bt) = (mean[c], inv[c], gamma[c], beta[c]);
             let (mut s, mut sx) = (0f64, 0f64);
             for (xp, dp) in g.planes(x, c).zip(g.planes(dy, c)) {
-                for (&v, &d) in xp.iter().zip(dp) {
-                    let xh = (v - mean[c]) * inv[c];
-                    if relu && gamma[c] * xh + beta[c] <= 0.0 {
-                        continue;
-                    }
-                    s += d as f64;
-                    sx += d as f64 * xh as f64;
-                }
+                let (a, b) = dispatch!(grad_sums(xp, dp, m, iv, gm, bt, relu));
+                s += a;
+                sx += b;
             }
             (s as f32, sx as f32)
         })
@@ -140,15 +271,8 @@ pub fn backward(
                 let c = i % g.c;
                 let k = gamma[c] * inv[c];
                 let (mb, mg) = (dbeta[c] / n, dgamma[c] / n);
-                for ((o, &v), &d) in dxp.iter_mut().zip(xp).zip(dp) {
-                    let xh = (v - mean[c]) * inv[c];
-                    let dz = if relu && gamma[c] * xh + beta[c] <= 0.0 {
-                        0.0
-                    } else {
-                        d
-                    };
-                    *o = k * (dz - mb - xh * mg);
-                }
+                let stats = (mean[c], inv[c], gamma[c], beta[c]);
+                dispatch!(dx(xp, dp, dxp, stats, (k, mb, mg), relu));
             });
     }
     (dx, dgamma, dbeta)
