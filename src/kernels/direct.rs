@@ -368,14 +368,13 @@ pub(super) mod avx512 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use crate::kernels::cpu;
 
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
+    /// Uniform values in [-1, 1) from a fixed-seed LCG (shared by the kernel unit tests).
+    pub(in crate::kernels) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
         (0..n)
             .map(|_| {
                 s = s
@@ -386,7 +385,8 @@ mod tests {
             .collect()
     }
 
-    fn max_rel(a: &[f32], b: &[f32]) -> f32 {
+    /// Largest absolute difference relative to the largest magnitude of `b`.
+    pub(in crate::kernels) fn max_rel(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }

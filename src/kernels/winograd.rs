@@ -86,10 +86,19 @@ pub fn applicable(g: &ConvGeom) -> bool {
 /// Whether Winograd beats the direct kernel here (measured with `examples/conv_gflops.rs`): with
 /// few tiles (over the batch) its fixed costs dominate unless the layer is wide, and with fewer
 /// still, streaming its 16/9 larger weights from memory costs more than the multiplications saved.
-/// With a handful of input channels (the stem) the transforms cost more than the GEMMs.
+/// With a handful of input channels (the stem) the transforms cost more than the GEMMs. On tiny
+/// maps (2x2, 3x3 over a batch) the direct kernel wastes most of its vector lanes and Winograd
+/// wins again.
 pub fn worthwhile(g: &ConvGeom) -> bool {
     let tiles = g.b * g.oh.div_ceil(2) * g.ow.div_ceil(2);
-    applicable(g) && direct::available() && g.c >= 8 && (tiles >= 64 || (tiles >= 32 && g.c >= 128))
+    // Share of the direct kernel's 16-wide vectors that land on outputs: its grid is `oh` rows of
+    // `ow + 2` (padded) columns per image, so tiny maps waste most lanes (2x2: a quarter).
+    let grid = g.oh * (g.ow + 2);
+    let direct_lane_use = (g.oh * g.ow) as f64 / (grid.div_ceil(16) * 16) as f64;
+    applicable(g)
+        && direct::available()
+        && g.c >= 8
+        && (tiles >= 64 || (tiles >= 32 && g.c >= 128) || (tiles >= 8 && direct_lane_use < 0.5))
 }
 
 /// Tile geometry of one convolution.
@@ -511,18 +520,7 @@ mod avx512 {
 mod tests {
     use super::*;
     use crate::kernels::cpu;
-
-    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::kernels::direct::tests::{max_rel, rand_vec};
 
     #[test]
     fn winograd_matches_gemm_path() {
@@ -539,6 +537,8 @@ mod tests {
             (3, 16, 7, 40, 33),
             (8, 128, 12, 12, 128),
             (1, 5, 35, 3, 2),
+            // Tiny maps over a batch (the 7x7 stem's last stage).
+            (8, 32, 2, 2, 40),
         ];
         for (i, &(b, c, h, w, k)) in cases.iter().enumerate() {
             let g = ConvGeom::new(b, c, h, w, k, 3, 3, 1, 1).expect("geom");
@@ -549,12 +549,7 @@ mod tests {
             for (bias, relu) in [(None, false), (Some(&bias[..]), true)] {
                 let want = cpu::conv2d_forward_gemm(&g, &x, &wt, bias, relu);
                 let got = conv_forward(&g, &x, &pw, bias, relu);
-                let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-                let err = got
-                    .iter()
-                    .zip(&want)
-                    .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
-                    / scale;
+                let err = max_rel(&got, &want);
                 assert!(err < 2e-5, "case {i} {g:?}: max rel err {err}");
             }
         }
