@@ -31,11 +31,12 @@ fn main() {
         let x: Vec<f32> = (0..g.input_len()).map(|i| (i % 7) as f32 * 0.1).collect();
         let w: Vec<f32> = (0..g.weight_len()).map(|i| (i % 5) as f32 * 0.1).collect();
         let pw = direct::PackedWeights::pack(&w, k, c, kh, kh);
-        let pwino = winograd::applicable(&g).then(|| winograd::PackedWinograd::pack(&w, k, c));
+        let pwino = winograd::applicable(&g).then(|| winograd::PackedWinograd::pack(&w, k, c, 2));
+        let pwino4 = winograd::applicable(&g).then(|| winograd::PackedWinograd::pack(&w, k, c, 4));
         let flops = 2.0 * (g.b * g.k * g.ohw() * g.ckk()) as f64;
         let reps = (4e8 / flops).ceil() as usize;
-        for label in ["winograd", "direct", "gemm"] {
-            if label == "winograd" && pwino.is_none() {
+        for label in ["winograd4", "winograd", "direct", "gemm"] {
+            if label.starts_with("winograd") && pwino.is_none() {
                 continue;
             }
             // Best of 5 rounds: this machine is shared, the minimum is the least disturbed.
@@ -44,6 +45,9 @@ fn main() {
                 let t = Instant::now();
                 for _ in 0..reps {
                     let y = match (label, &pwino) {
+                        ("winograd4", _) => {
+                            winograd::conv_forward(&g, &x, pwino4.as_ref().unwrap(), None, false)
+                        }
                         ("winograd", Some(p)) => winograd::conv_forward(&g, &x, p, None, false),
                         ("direct", _) => direct::conv_forward(&g, &x, &pw, None, false),
                         _ => cpu::conv2d_forward_gemm(&g, &x, &w, None, false),

@@ -295,12 +295,14 @@ impl SharedOut {
 #[derive(Debug, Default)]
 pub struct PackedCache {
     direct: OnceLock<direct::PackedWeights>,
-    winograd: OnceLock<winograd::PackedWinograd>,
+    /// F(2x2,3x3) and F(4x4,3x3) weights (which one runs depends on the input size).
+    winograd: [OnceLock<winograd::PackedWinograd>; 2],
 }
 
 /// Forward convolution `x (b,c,h,w) * w (k,c,kh,kw) [+ bias] [ReLU]` → `(b,k,oh,ow)`.
 ///
-/// Picks the kernel: Winograd F(2x2,3x3) for 3x3 stride-1 layers large enough to gain, the direct
+/// Picks the kernel: Winograd (F(4x4,3x3) or F(2x2,3x3), [`winograd::tile_size`]) for 3x3
+/// stride-1 layers large enough to gain, the direct
 /// AVX-512 kernel for the rest, and im2col + GEMM where the CPU lacks AVX-512. Weights are
 /// packed for this call unless `cache` holds them.
 pub fn conv2d_forward(
@@ -312,10 +314,13 @@ pub fn conv2d_forward(
     cache: Option<&PackedCache>,
 ) -> Vec<f32> {
     assert_eq!(wt.len(), g.weight_len());
-    if winograd::worthwhile(g) {
-        let pack = || winograd::PackedWinograd::pack(wt, g.k, g.c);
+    if let Some(m) = winograd::tile_size(g) {
+        let pack = || winograd::PackedWinograd::pack(wt, g.k, g.c, m);
         match cache {
-            Some(c) => winograd::conv_forward(g, x, c.winograd.get_or_init(pack), bias, relu),
+            Some(c) => {
+                let slot = &c.winograd[usize::from(m == 4)];
+                winograd::conv_forward(g, x, slot.get_or_init(pack), bias, relu)
+            }
             None => winograd::conv_forward(g, x, &pack(), bias, relu),
         }
     } else if direct::available() {
