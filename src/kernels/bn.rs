@@ -39,32 +39,42 @@ impl BnGeom {
     }
 }
 
-/// `Σ f(i)` over `0..n` in 16 independent f32 lanes (so the compiler vectorises it; one plane is
-/// at most a few thousand values), returned as f64 for the sum over planes.
+/// `(Σ f(x, d).0, Σ f(x, d).1)` over paired values in 16 independent f32 lanes (so the compiler
+/// vectorises it; one plane is at most a few thousand values), returned as f64 for the sum over
+/// planes.
 #[inline(always)]
-fn lane_sum(n: usize, f: impl Fn(usize) -> f32) -> f64 {
-    let mut acc = [0f32; 16];
-    let full = n / 16 * 16;
-    for i in (0..full).step_by(16) {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(i + l);
+fn lane_sums(x: &[f32], d: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f64, f64) {
+    let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
+    let (xc, dc) = (x.chunks_exact(16), d.chunks_exact(16));
+    let (xr, dr) = (xc.remainder(), dc.remainder());
+    for (xs, ds) in xc.zip(dc) {
+        for l in 0..16 {
+            let (u, v) = f(xs[l], ds[l]);
+            a[l] += u;
+            b[l] += v;
         }
     }
-    let tail: f64 = (full..n).map(|i| f(i) as f64).sum();
-    acc.iter().map(|&a| a as f64).sum::<f64>() + tail
+    let (mut ta, mut tb) = (0f64, 0f64);
+    for (&xv, &dv) in xr.iter().zip(dr) {
+        let (u, v) = f(xv, dv);
+        ta += u as f64;
+        tb += v as f64;
+    }
+    let total = |l: [f32; 16]| l.iter().map(|&v| v as f64).sum::<f64>();
+    (total(a) + ta, total(b) + tb)
 }
 
 /// Per-plane loops, written branch-free so that they vectorise, and compiled twice: for the
 /// baseline target and, called where the CPU has it, for AVX-512.
 mod plane {
-    use super::lane_sum;
+    use super::lane_sums;
 
-    /// `(Σ x, Σ (x − mean)²)`; the second only when `mean` is given.
+    /// `Σ x`, or `Σ (x − mean)²` when `mean` is given.
     #[inline(always)]
     pub fn sum(p: &[f32], mean: Option<f32>) -> f64 {
         match mean {
-            None => lane_sum(p.len(), |i| p[i]),
-            Some(m) => lane_sum(p.len(), |i| (p[i] - m) * (p[i] - m)),
+            None => lane_sums(p, p, |v, _| (v, 0.0)).0,
+            Some(m) => lane_sums(p, p, |v, _| ((v - m) * (v - m), 0.0)).0,
         }
     }
 
@@ -94,13 +104,12 @@ mod plane {
         bt: f32,
         relu: bool,
     ) -> (f64, f64) {
-        let dz = |i: usize| {
-            let xh = (xp[i] - m) * iv;
+        lane_sums(xp, dp, |v, d| {
+            let xh = (v - m) * iv;
             let keep = !relu || gm * xh + bt > 0.0;
-            (if keep { dp[i] } else { 0.0 }, xh)
-        };
-        let n = xp.len().min(dp.len());
-        (lane_sum(n, |i| dz(i).0), lane_sum(n, |i| dz(i).0 * dz(i).1))
+            let dz = if keep { d } else { 0.0 };
+            (dz, dz * xh)
+        })
     }
 
     /// `dx = k·(dz − mb − x̂·mg)`.
