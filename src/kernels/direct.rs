@@ -203,6 +203,35 @@ pub fn conv_forward(
     let mut y = vec![0f32; g.output_len()];
     let out = SharedOut::new(&mut y);
     let panels = pw.panels();
+    if few_positions(g, panels) {
+        // Few output positions per image (the last stage at batch 1): vectorise over output
+        // channels instead, so no lane is spent on padding columns.
+        let groups = panels / FEW_PANELS;
+        let (xp, off, lay) = (&xp, &off, &lay);
+        (0..g.b * groups).into_par_iter().for_each(|item| {
+            let (n, grp) = (item / groups, item % groups);
+            // SAFETY: AVX-512F is present (asserted above); the item writes only output rows of
+            // panels grp·FEW_PANELS.. of image n, which no other item touches.
+            #[cfg(target_arch = "x86_64")]
+            unsafe {
+                avx512::run_few(
+                    g,
+                    lay,
+                    pw,
+                    &xp[n * img_len..(n + 1) * img_len],
+                    off,
+                    bias,
+                    relu,
+                    n,
+                    grp * FEW_PANELS,
+                    out,
+                )
+            };
+            #[cfg(not(target_arch = "x86_64"))]
+            let _ = (n, grp, xp, off, lay, out);
+        });
+        return y;
+    }
     // Enough items for every core even at batch 1, each a run of tiles sharing one weight panel.
     let want = 8 * rayon::current_num_threads().max(1);
     let chunks = want.div_ceil(g.b * panels).clamp(1, lay.tiles);
@@ -244,6 +273,18 @@ pub fn conv_forward(
         (0..items).into_par_iter().for_each(run);
     }
     y
+}
+
+/// Output channel panels per item of the few-positions kernel.
+const FEW_PANELS: usize = 1;
+/// Output positions per micro-tile of the few-positions kernel.
+const FEW_POS: usize = 12;
+
+/// Whether the few-positions kernel runs: at most 48 outputs per image (6x6 and smaller maps),
+/// where the grid kernel's 16-position tiles spend a quarter or more of their lanes on padding
+/// columns and partial tiles.
+fn few_positions(g: &ConvGeom, panels: usize) -> bool {
+    g.oh * g.ow <= 48 && panels % FEW_PANELS == 0
 }
 
 /// One work item's operands.
@@ -294,7 +335,7 @@ impl Job<'_> {
 pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Job, SharedOut, MR, NR};
+    use super::{ConvGeom, Job, Layout, PackedWeights, SharedOut, FEW_PANELS, FEW_POS, MR, NR};
 
     /// Computes tiles `t0..t1` of one job and stores them.
     ///
@@ -336,6 +377,89 @@ pub(super) mod avx512 {
                     }
                 }
             }
+        }
+    }
+
+    /// The few-positions kernel: every output position of image `n` for the [`FEW_PANELS`]
+    /// weight panels from `p0`, [`FEW_POS`] positions at a time, each position's value of tap `j`
+    /// broadcast against 16 output channels of weights.
+    ///
+    /// # Safety
+    /// AVX-512F; no other thread writes these output channels of image `n`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn run_few(
+        g: &ConvGeom,
+        lay: &Layout,
+        pw: &PackedWeights,
+        x: &[f32],
+        off: &[u32],
+        bias: Option<&[f32]>,
+        relu: bool,
+        n: usize,
+        p0: usize,
+        out: SharedOut,
+    ) {
+        let kd = pw.kd();
+        let plane = g.oh * g.ow;
+        let max_off = off.iter().copied().max().unwrap_or(0) as usize;
+        // Grid index of every output position.
+        let qs: Vec<usize> = (0..plane).map(|p| p / g.ow * lay.pw + p % g.ow).collect();
+        assert!(off.len() == kd && qs.last().map_or(0, |q| q + max_off) < x.len());
+        assert!((p0 + FEW_PANELS) * kd * MR <= pw.data.len());
+        assert!((n + 1) * g.k * plane <= out.len());
+        let a: [&[f32]; FEW_PANELS] =
+            std::array::from_fn(|h| &pw.data[(p0 + h) * kd * MR..(p0 + h + 1) * kd * MR]);
+        let mut vbias = [[0f32; MR]; FEW_PANELS];
+        for (h, vb) in vbias.iter_mut().enumerate() {
+            for (r, v) in vb.iter_mut().enumerate() {
+                let k = (p0 + h) * MR + r;
+                *v = bias.and_then(|b| b.get(k).copied()).unwrap_or(0.0);
+            }
+        }
+        let mut start = 0;
+        while start < plane {
+            let cnt = FEW_POS.min(plane - start);
+            // Positions past `cnt` repeat the last one; their results are not stored.
+            let mut q = [0usize; FEW_POS];
+            for (i, slot) in q.iter_mut().enumerate() {
+                *slot = qs[start + i.min(cnt - 1)];
+            }
+            let mut acc = [[_mm512_setzero_ps(); FEW_PANELS]; FEW_POS];
+            for (j, &o) in off.iter().enumerate() {
+                // SAFETY: j < kd, so the weight loads are inside each panel; q + o <= the
+                // largest position plus the largest offset, inside x (asserted).
+                unsafe {
+                    let w: [__m512; FEW_PANELS] =
+                        std::array::from_fn(|h| _mm512_loadu_ps(a[h].as_ptr().add(j * MR)));
+                    let xo = x.as_ptr().add(o as usize);
+                    for (accp, &qp) in acc.iter_mut().zip(&q) {
+                        let xv = _mm512_set1_ps(*xo.add(qp));
+                        for (ah, wh) in accp.iter_mut().zip(&w) {
+                            *ah = _mm512_fmadd_ps(xv, *wh, *ah);
+                        }
+                    }
+                }
+            }
+            for (i, accp) in acc.iter().enumerate().take(cnt) {
+                let pos = start + i;
+                for (h, v) in accp.iter().enumerate() {
+                    let mut lanes = [0f32; MR];
+                    // SAFETY: MR floats.
+                    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
+                    for (r, val) in lanes.iter().enumerate() {
+                        let k = (p0 + h) * MR + r;
+                        if k >= g.k {
+                            break;
+                        }
+                        let y = val + vbias[h][r];
+                        let y = if relu { y.max(0.0) } else { y };
+                        // SAFETY: channel k < K of image n, position < plane (asserted bound).
+                        unsafe { *out.ptr().add((n * g.k + k) * plane + pos) = y };
+                    }
+                }
+            }
+            start += cnt;
         }
     }
 
@@ -409,6 +533,11 @@ pub(super) mod tests {
             (1, 8, 6, 6, 16, 3, 1, 1),
             (2, 4, 5, 9, 7, 5, 3, 2),
             (1, 2, 20, 20, 1, 7, 1, 3),
+            // Few positions per image (vectorised over output channels).
+            (2, 40, 6, 6, 64, 3, 1, 1),
+            (1, 20, 5, 7, 50, 3, 2, 1),
+            (3, 12, 2, 2, 32, 3, 1, 1),
+            (1, 64, 12, 12, 64, 1, 2, 0),
         ];
         for (i, &(b, c, h, w, k, kh, s, p)) in cases.iter().enumerate() {
             let g = ConvGeom::new(b, c, h, w, k, kh, kh, s, p).expect("geom");
