@@ -203,15 +203,14 @@ pub fn conv_forward(
     let mut y = vec![0f32; g.output_len()];
     let out = SharedOut::new(&mut y);
     let panels = pw.panels();
-    if few_positions(g, panels) {
+    if few_positions(g) {
         // Few output positions per image (the last stage at batch 1): vectorise over output
         // channels instead, so no lane is spent on padding columns.
-        let groups = panels / FEW_PANELS;
         let (xp, off, lay) = (&xp, &off, &lay);
-        (0..g.b * groups).into_par_iter().for_each(|item| {
-            let (n, grp) = (item / groups, item % groups);
-            // SAFETY: AVX-512F is present (asserted above); the item writes only output rows of
-            // panels grp·FEW_PANELS.. of image n, which no other item touches.
+        (0..g.b * panels).into_par_iter().for_each(|item| {
+            let (n, p) = (item / panels, item % panels);
+            // SAFETY: AVX-512F is present (asserted above); the item writes only the output
+            // channels of panel p of image n, which no other item touches.
             #[cfg(target_arch = "x86_64")]
             unsafe {
                 avx512::run_few(
@@ -223,12 +222,12 @@ pub fn conv_forward(
                     bias,
                     relu,
                     n,
-                    grp * FEW_PANELS,
+                    p,
                     out,
                 )
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (n, grp, xp, off, lay, out);
+            let _ = (n, p, xp, off, lay, out);
         });
         return y;
     }
@@ -275,16 +274,14 @@ pub fn conv_forward(
     y
 }
 
-/// Output channel panels per item of the few-positions kernel.
-const FEW_PANELS: usize = 1;
 /// Output positions per micro-tile of the few-positions kernel.
 const FEW_POS: usize = 12;
 
 /// Whether the few-positions kernel runs: at most 48 outputs per image (6x6 and smaller maps),
 /// where the grid kernel's 16-position tiles spend a quarter or more of their lanes on padding
 /// columns and partial tiles.
-fn few_positions(g: &ConvGeom, panels: usize) -> bool {
-    g.oh * g.ow <= 48 && panels % FEW_PANELS == 0
+fn few_positions(g: &ConvGeom) -> bool {
+    g.oh * g.ow <= 48
 }
 
 /// One work item's operands.
@@ -335,7 +332,7 @@ impl Job<'_> {
 pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{ConvGeom, Job, Layout, PackedWeights, SharedOut, FEW_PANELS, FEW_POS, MR, NR};
+    use super::{ConvGeom, Job, Layout, PackedWeights, SharedOut, FEW_POS, MR, NR};
 
     /// Computes tiles `t0..t1` of one job and stores them.
     ///
@@ -380,9 +377,9 @@ pub(super) mod avx512 {
         }
     }
 
-    /// The few-positions kernel: every output position of image `n` for the [`FEW_PANELS`]
-    /// weight panels from `p0`, [`FEW_POS`] positions at a time, each position's value of tap `j`
-    /// broadcast against 16 output channels of weights.
+    /// The few-positions kernel: every output position of image `n` for weight panel `p0`,
+    /// [`FEW_POS`] positions at a time, each position's value of tap `j` broadcast (from memory)
+    /// against 16 output channels of weights.
     ///
     /// # Safety
     /// AVX-512F; no other thread writes these output channels of image `n`.
@@ -406,16 +403,13 @@ pub(super) mod avx512 {
         // Grid index of every output position.
         let qs: Vec<usize> = (0..plane).map(|p| p / g.ow * lay.pw + p % g.ow).collect();
         assert!(off.len() == kd && qs.last().map_or(0, |q| q + max_off) < x.len());
-        assert!((p0 + FEW_PANELS) * kd * MR <= pw.data.len());
         assert!((n + 1) * g.k * plane <= out.len());
-        let a: [&[f32]; FEW_PANELS] =
-            std::array::from_fn(|h| &pw.data[(p0 + h) * kd * MR..(p0 + h + 1) * kd * MR]);
-        let mut vbias = [[0f32; MR]; FEW_PANELS];
-        for (h, vb) in vbias.iter_mut().enumerate() {
-            for (r, v) in vb.iter_mut().enumerate() {
-                let k = (p0 + h) * MR + r;
-                *v = bias.and_then(|b| b.get(k).copied()).unwrap_or(0.0);
-            }
+        let a = &pw.data[p0 * kd * MR..(p0 + 1) * kd * MR];
+        let mut vbias = [0f32; MR];
+        for (r, v) in vbias.iter_mut().enumerate() {
+            *v = bias
+                .and_then(|b| b.get(p0 * MR + r).copied())
+                .unwrap_or(0.0);
         }
         let mut start = 0;
         while start < plane {
@@ -425,38 +419,32 @@ pub(super) mod avx512 {
             for (i, slot) in q.iter_mut().enumerate() {
                 *slot = qs[start + i.min(cnt - 1)];
             }
-            let mut acc = [[_mm512_setzero_ps(); FEW_PANELS]; FEW_POS];
+            let mut acc = [_mm512_setzero_ps(); FEW_POS];
             for (j, &o) in off.iter().enumerate() {
-                // SAFETY: j < kd, so the weight loads are inside each panel; q + o <= the
-                // largest position plus the largest offset, inside x (asserted).
+                // SAFETY: j < kd, so the weight load is inside the panel; q + o <= the largest
+                // position plus the largest offset, inside x (asserted).
                 unsafe {
-                    let w: [__m512; FEW_PANELS] =
-                        std::array::from_fn(|h| _mm512_loadu_ps(a[h].as_ptr().add(j * MR)));
+                    let w = _mm512_loadu_ps(a.as_ptr().add(j * MR));
                     let xo = x.as_ptr().add(o as usize);
-                    for (accp, &qp) in acc.iter_mut().zip(&q) {
-                        let xv = _mm512_set1_ps(*xo.add(qp));
-                        for (ah, wh) in accp.iter_mut().zip(&w) {
-                            *ah = _mm512_fmadd_ps(xv, *wh, *ah);
-                        }
+                    for (ap, &qp) in acc.iter_mut().zip(&q) {
+                        *ap = _mm512_fmadd_ps(_mm512_set1_ps(*xo.add(qp)), w, *ap);
                     }
                 }
             }
-            for (i, accp) in acc.iter().enumerate().take(cnt) {
+            for (i, v) in acc.iter().enumerate().take(cnt) {
                 let pos = start + i;
-                for (h, v) in accp.iter().enumerate() {
-                    let mut lanes = [0f32; MR];
-                    // SAFETY: MR floats.
-                    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
-                    for (r, val) in lanes.iter().enumerate() {
-                        let k = (p0 + h) * MR + r;
-                        if k >= g.k {
-                            break;
-                        }
-                        let y = val + vbias[h][r];
-                        let y = if relu { y.max(0.0) } else { y };
-                        // SAFETY: channel k < K of image n, position < plane (asserted bound).
-                        unsafe { *out.ptr().add((n * g.k + k) * plane + pos) = y };
+                let mut lanes = [0f32; MR];
+                // SAFETY: MR floats.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
+                for (r, val) in lanes.iter().enumerate() {
+                    let k = p0 * MR + r;
+                    if k >= g.k {
+                        break;
                     }
+                    let y = val + vbias[r];
+                    let y = if relu { y.max(0.0) } else { y };
+                    // SAFETY: channel k < K of image n, position < plane (asserted bound).
+                    unsafe { *out.ptr().add((n * g.k + k) * plane + pos) = y };
                 }
             }
             start += cnt;
