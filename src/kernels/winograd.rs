@@ -374,6 +374,70 @@ mod avx512 {
         unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
     }
 
+    /// The `A x A` transformed outputs `M_ξ` of channel `k` for tile vector `tv`.
+    #[target_feature(enable = "avx512f")]
+    fn load_m<const A: usize>(
+        m: &[f32],
+        channels: usize,
+        k: usize,
+        ntp: usize,
+        tv: usize,
+    ) -> [[__m512; A]; A] {
+        let mut mm = [[_mm512_setzero_ps(); A]; A];
+        for (i, row) in mm.iter_mut().enumerate() {
+            for (j, val) in row.iter_mut().enumerate() {
+                let at = ((i * A + j) * channels + k) * ntp + tv * 16;
+                assert!(at + 16 <= m.len());
+                // SAFETY: asserted in bounds.
+                *val = unsafe { _mm512_loadu_ps(m.as_ptr().add(at)) };
+            }
+        }
+        mm
+    }
+
+    /// Stores output channel `k` of tiles `tstart..tend` (at most 16, one per lane): `rows[dy]`
+    /// holds output row `dy` of every tile as `M` vectors, the `M` columns of tile `lane` at floats
+    /// `M·lane ..` of their concatenation (interleaved by the caller).
+    ///
+    /// # Safety
+    /// AVX-512F; no other thread writes channel `k` of these tiles.
+    #[target_feature(enable = "avx512f")]
+    unsafe fn store_tiles<const M: usize>(
+        ctx: &Ctx,
+        k: usize,
+        tstart: usize,
+        tend: usize,
+        rows: &[[__m512; M]; M],
+    ) {
+        let g = ctx.g;
+        for (t, n, ty, tx, len) in ctx.tl.runs(tstart, tend) {
+            let lane = t - tstart;
+            // Floats M·lane .. M·lane + ncols of a row go to columns M·tx ...
+            let ncols = (M * len).min(g.ow - M * tx);
+            let (f0, f1) = (M * lane, M * lane + ncols);
+            for (dy, parts) in rows.iter().enumerate() {
+                let oy = M * ty + dy;
+                if oy >= g.oh {
+                    continue;
+                }
+                let row = ((n * g.k + k) * g.oh + oy) * g.ow + M * tx;
+                for (h, part) in parts.iter().enumerate() {
+                    let (a, b) = (f0.max(16 * h), f1.min(16 * (h + 1)));
+                    if a >= b {
+                        continue;
+                    }
+                    let mask: __mmask16 =
+                        ((((1u32 << (b - a)) - 1) << (a - 16 * h)) & 0xffff) as u16;
+                    // Float f of this part goes to row + f − f0; lanes outside a..b are masked.
+                    let p = ctx.out.ptr().wrapping_add(row + 16 * h).wrapping_sub(f0);
+                    // SAFETY: columns M·tx .. M·tx + ncols <= ow of row oy, channel k, image n:
+                    // inside the output (the callers assert its size) and owned by this item.
+                    unsafe { _mm512_mask_storeu_ps(p, mask, *part) };
+                }
+            }
+        }
+    }
+
     /// `V_ξ[c][t − t0]` for input channel `c` and tiles `t0..t1`.
     ///
     /// # Safety
@@ -477,22 +541,14 @@ mod avx512 {
     /// AVX-512F; no other thread writes channel `k` of these tiles.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn output2(ctx: &Ctx, m: &[f32], k: usize, t0: usize, t1: usize, ntp: usize) {
-        let (g, tl) = (ctx.g, ctx.tl);
+        let g = ctx.g;
         let (lo, hi) = (idx(&INTERLEAVE_LO), idx(&INTERLEAVE_HI));
         let bias = _mm512_set1_ps(ctx.bias[k]);
         assert!(16 * g.k * ntp <= m.len());
         assert!(g.b * g.k * g.oh * g.ow <= ctx.out.len());
         let mut tv = 0;
         while tv * 16 < t1 - t0 {
-            let mut mm = [[_mm512_setzero_ps(); 4]; 4];
-            for (i, row) in mm.iter_mut().enumerate() {
-                for (j, val) in row.iter_mut().enumerate() {
-                    // SAFETY: (ξ·K + k)·ntp + 16·tv + 16 <= 16·K·ntp.
-                    *val = unsafe {
-                        _mm512_loadu_ps(m.as_ptr().add(((i * 4 + j) * g.k + k) * ntp + tv * 16))
-                    };
-                }
-            }
+            let mm = load_m::<4>(m, g.k, k, ntp, tv);
             // Aᵀ = [1 1 1 0; 0 1 −1 −1] on both sides.
             let mut s = [[_mm512_setzero_ps(); 4]; 2];
             for j in 0..4 {
@@ -522,32 +578,8 @@ mod avx512 {
                 ],
             ];
             let tstart = t0 + tv * 16;
-            for (t, n, ty, tx, len) in tl.runs(tstart, (tstart + 16).min(t1)) {
-                let lane = t - tstart;
-                // Floats 2·lane .. 2·lane + ncols of the interleaved pair go to columns 2·tx...
-                let ncols = (2 * len).min(g.ow - 2 * tx);
-                let (f0, f1) = (2 * lane, 2 * lane + ncols);
-                for (dy, halves) in rows.iter().enumerate() {
-                    let oy = 2 * ty + dy;
-                    if oy >= g.oh {
-                        continue;
-                    }
-                    let row = ((n * g.k + k) * g.oh + oy) * g.ow + 2 * tx;
-                    for (h, half) in halves.iter().enumerate() {
-                        let (a, b) = (f0.max(16 * h), f1.min(16 * (h + 1)));
-                        if a >= b {
-                            continue;
-                        }
-                        let mask: __mmask16 =
-                            ((((1u32 << (b - a)) - 1) << (a - 16 * h)) & 0xffff) as u16;
-                        // Float f of this half goes to row + f − f0; lanes outside a..b masked.
-                        let p = ctx.out.ptr().wrapping_add(row + 16 * h).wrapping_sub(f0);
-                        // SAFETY: columns 2·tx .. 2·tx + ncols <= ow of row oy, channel k,
-                        // image n: inside the output and owned by this item.
-                        unsafe { _mm512_mask_storeu_ps(p, mask, *half) };
-                    }
-                }
-            }
+            // SAFETY: AVX-512F (this function's); channel k belongs to this item.
+            unsafe { store_tiles(ctx, k, tstart, (tstart + 16).min(t1), &rows) };
             tv += 1;
         }
     }
@@ -689,7 +721,7 @@ mod avx512 {
     /// AVX-512F; no other thread writes channel `k` of these tiles.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn output4(ctx: &Ctx, m: &[f32], k: usize, t0: usize, t1: usize, ntp: usize) {
-        let (g, tl) = (ctx.g, ctx.tl);
+        let g = ctx.g;
         let (lo, hi) = (idx(&INTERLEAVE_LO), idx(&INTERLEAVE_HI));
         let (plo, phi) = (idx64(&PAIRS_LO), idx64(&PAIRS_HI));
         let bias = _mm512_set1_ps(ctx.bias[k]);
@@ -697,15 +729,7 @@ mod avx512 {
         assert!(g.b * g.k * g.oh * g.ow <= ctx.out.len());
         let mut tv = 0;
         while tv * 16 < t1 - t0 {
-            let mut mm = [[_mm512_setzero_ps(); 6]; 6];
-            for (i, row) in mm.iter_mut().enumerate() {
-                for (j, val) in row.iter_mut().enumerate() {
-                    // SAFETY: (ξ·K + k)·ntp + 16·tv + 16 <= 36·K·ntp.
-                    *val = unsafe {
-                        _mm512_loadu_ps(m.as_ptr().add(((i * 6 + j) * g.k + k) * ntp + tv * 16))
-                    };
-                }
-            }
+            let mm = load_m::<6>(m, g.k, k, ntp, tv);
             // Aᵀ M A: columns of each row (6 rows → 6x4), then rows (→ 4x4).
             let mut cols = [[_mm512_setzero_ps(); 4]; 6];
             for (c, mi) in cols.iter_mut().zip(mm) {
@@ -745,31 +769,8 @@ mod avx512 {
                 ];
             }
             let tstart = t0 + tv * 16;
-            for (t, n, ty, tx, len) in tl.runs(tstart, (tstart + 16).min(t1)) {
-                let lane = t - tstart;
-                // Floats 4·lane .. 4·lane + ncols of the interleaved row go to columns 4·tx...
-                let ncols = (4 * len).min(g.ow - 4 * tx);
-                let (f0, f1) = (4 * lane, 4 * lane + ncols);
-                for (dy, quarters) in rows.iter().enumerate() {
-                    let oy = 4 * ty + dy;
-                    if oy >= g.oh {
-                        continue;
-                    }
-                    let row = ((n * g.k + k) * g.oh + oy) * g.ow + 4 * tx;
-                    for (h, part) in quarters.iter().enumerate() {
-                        let (a, b) = (f0.max(16 * h), f1.min(16 * (h + 1)));
-                        if a >= b {
-                            continue;
-                        }
-                        let mask: __mmask16 =
-                            ((((1u32 << (b - a)) - 1) << (a - 16 * h)) & 0xffff) as u16;
-                        let p = ctx.out.ptr().wrapping_add(row + 16 * h).wrapping_sub(f0);
-                        // SAFETY: columns 4·tx .. 4·tx + ncols <= ow of row oy, channel k,
-                        // image n: inside the output and owned by this item.
-                        unsafe { _mm512_mask_storeu_ps(p, mask, *part) };
-                    }
-                }
-            }
+            // SAFETY: AVX-512F (this function's); channel k belongs to this item.
+            unsafe { store_tiles(ctx, k, tstart, (tstart + 16).min(t1), &rows) };
             tv += 1;
         }
     }
