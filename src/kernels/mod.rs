@@ -7,6 +7,7 @@
 //! back to candle's ops, so the model code is device-agnostic.
 
 pub mod bn;
+pub mod cbam_train;
 pub mod cpu;
 pub mod direct;
 pub mod winograd;
@@ -637,4 +638,210 @@ pub fn batch_norm_train(
     Var::from_tensor(bnorm.running_mean())?.set(&rm)?;
     Var::from_tensor(bnorm.running_var())?.set(&rv)?;
     Ok(ys)
+}
+
+fn cbam_geom(l: &Layout) -> Result<cbam_train::CbamGeom> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    Ok(cbam_train::CbamGeom { b, c, hw: h * w })
+}
+
+/// Training CBAM, first half: `(x (b,c,h,w), g (b,c)) → [mean_c x·g, max_c x·g] (b,2,h,w)`.
+struct CbamGatePool;
+
+impl CustomOp2 for CbamGatePool {
+    fn name(&self) -> &'static str {
+        "fer-cbam-gate-pool"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = cbam_geom(l1)?;
+        if l2.shape().dims() != [d.b, d.c] {
+            bail!(
+                "cbam: channel gate {:?} for input {:?}",
+                l2.shape(),
+                l1.shape()
+            );
+        }
+        let pooled = cbam_train::gate_pool(
+            &d,
+            f32_slice(s1, l1, "cbam input")?,
+            f32_slice(s2, l2, "cbam channel gate")?,
+        );
+        let (_, _, h, w) = l1.shape().dims4()?;
+        Ok((CpuStorage::F32(pooled), Shape::from((d.b, 2, h, w))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        _res: &Tensor,
+        dpooled: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let flat = x.apply_op3_no_bwd(g, &dpooled.contiguous()?, &CbamGatePoolBackward)?;
+        let len = x.elem_count();
+        let dx = flat.narrow(0, 0, len)?.reshape(x.shape())?;
+        let dg = flat.narrow(0, len, g.elem_count())?.reshape(g.shape())?;
+        Ok((Some(dx), Some(dg)))
+    }
+}
+
+/// `(x, g, dpooled) → [dx…, dg…]` (flat) for [`CbamGatePool`].
+struct CbamGatePoolBackward;
+
+impl CustomOp3 for CbamGatePoolBackward {
+    fn name(&self) -> &'static str {
+        "fer-cbam-gate-pool-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = cbam_geom(l1)?;
+        let (mut dx, dg) = cbam_train::gate_pool_backward(
+            &d,
+            f32_slice(s1, l1, "cbam input")?,
+            f32_slice(s2, l2, "cbam channel gate")?,
+            f32_slice(s3, l3, "cbam pooled grad")?,
+        );
+        dx.extend_from_slice(&dg);
+        let n = dx.len();
+        Ok((CpuStorage::F32(dx), Shape::from(n)))
+    }
+}
+
+/// Training CBAM, second half: `relu(x·g·s + identity)` with `gates = [g (b·c); s (b·h·w)]`.
+struct CbamApply;
+
+fn split_gates<'a>(d: &cbam_train::CbamGeom, gates: &'a [f32]) -> Result<(&'a [f32], &'a [f32])> {
+    if gates.len() != d.b * (d.c + d.hw) {
+        bail!("cbam: {} gate values for {:?}", gates.len(), d);
+    }
+    Ok(gates.split_at(d.b * d.c))
+}
+
+impl CustomOp3 for CbamApply {
+    fn name(&self) -> &'static str {
+        "fer-cbam-apply"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = cbam_geom(l1)?;
+        if l2.shape() != l1.shape() {
+            bail!("cbam: identity {:?} for input {:?}", l2.shape(), l1.shape());
+        }
+        let (g, s) = split_gates(&d, f32_slice(s3, l3, "cbam gates")?)?;
+        let out = cbam_train::apply(
+            &d,
+            f32_slice(s1, l1, "cbam input")?,
+            f32_slice(s2, l2, "cbam identity")?,
+            g,
+            s,
+        );
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        identity: &Tensor,
+        gates: &Tensor,
+        res: &Tensor,
+        dout: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let flat = x.apply_op3_no_bwd(
+            res,
+            &dout.contiguous()?,
+            &CbamApplyBackward {
+                gates: gates.to_vec1()?,
+            },
+        )?;
+        let len = x.elem_count();
+        let dx = flat.narrow(0, 0, len)?.reshape(x.shape())?;
+        let did = flat.narrow(0, len, len)?.reshape(identity.shape())?;
+        let dgates = flat.narrow(0, 2 * len, gates.elem_count())?;
+        Ok((Some(dx), Some(did), Some(dgates)))
+    }
+}
+
+/// `(x, out, dout) → [dx…, d identity…, dg…, ds…]` (flat) for [`CbamApply`].
+struct CbamApplyBackward {
+    gates: Vec<f32>,
+}
+
+impl CustomOp3 for CbamApplyBackward {
+    fn name(&self) -> &'static str {
+        "fer-cbam-apply-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let d = cbam_geom(l1)?;
+        let (g, s) = split_gates(&d, &self.gates)?;
+        let (mut dx, did, dg, ds) = cbam_train::apply_backward(
+            &d,
+            f32_slice(s1, l1, "cbam input")?,
+            f32_slice(s2, l2, "cbam output")?,
+            f32_slice(s3, l3, "cbam grad")?,
+            g,
+            s,
+        );
+        dx.extend_from_slice(&did);
+        dx.extend_from_slice(&dg);
+        dx.extend_from_slice(&ds);
+        let n = dx.len();
+        Ok((CpuStorage::F32(dx), Shape::from(n)))
+    }
+}
+
+/// Training-mode end of a CBAM residual block with the fast kernels:
+/// `relu(x·g·σ(att) + identity)`, where `g (b, c)` is the channel gate and `spatial` maps the
+/// pooled `(b, 2, h, w)` map of `x·g` to the spatial attention logits `att (b, 1, h, w)`.
+/// `None` when the fast kernels do not apply (then the caller composes candle ops).
+pub fn cbam_train_residual_relu(
+    xs: &Tensor,
+    identity: &Tensor,
+    gate: &Tensor,
+    spatial: impl FnOnce(&Tensor) -> Result<Tensor>,
+    kernels: ConvKernels,
+) -> Result<Option<Tensor>> {
+    if !fast_ok(xs, kernels) || xs.rank() != 4 {
+        return Ok(None);
+    }
+    let xs = xs.contiguous()?;
+    let pooled = xs.apply_op2(&gate.contiguous()?, CbamGatePool)?;
+    let s = candle_nn::ops::sigmoid(&spatial(&pooled)?)?;
+    let gates = Tensor::cat(&[gate.flatten_all()?, s.flatten_all()?], 0)?;
+    Ok(Some(xs.apply_op3(
+        &identity.contiguous()?,
+        &gates,
+        CbamApply,
+    )?))
 }

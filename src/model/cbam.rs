@@ -84,6 +84,15 @@ impl Cbam {
             if let Ok(mut guard) = self.packed.write() {
                 *guard = None;
             }
+            if self.kernels == ConvKernels::Fast {
+                let gate = self.channel_gate(xs)?;
+                let spatial = |pooled: &Tensor| self.spatial.forward_t(pooled, true);
+                if let Some(ys) =
+                    kernels::cbam_train_residual_relu(xs, identity, &gate, spatial, self.kernels)?
+                {
+                    return Ok(ys);
+                }
+            }
         } else if self.kernels == ConvKernels::Fast {
             if let Some(ys) =
                 kernels::cbam_residual_relu(xs, identity, &self.packed()?, self.kernels)?
@@ -97,15 +106,20 @@ impl Cbam {
     fn mlp(&self, xs: &Tensor) -> Result<Tensor> {
         self.fc2.forward(&self.fc1.forward(xs)?.relu()?)
     }
+
+    /// Channel attention `σ(MLP(AvgPool(x)) + MLP(MaxPool(x)))`, `(b, c)`.
+    fn channel_gate(&self, xs: &Tensor) -> Result<Tensor> {
+        let flat = xs.flatten_from(2)?;
+        let avg = flat.mean(D::Minus1)?;
+        let max = flat.max(D::Minus1)?;
+        candle_nn::ops::sigmoid(&(self.mlp(&avg)? + self.mlp(&max)?)?)
+    }
 }
 
 impl ModuleT for Cbam {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let (b, c, _h, _w) = xs.dims4()?;
-        let flat = xs.flatten_from(2)?;
-        let avg = flat.mean(D::Minus1)?;
-        let max = flat.max(D::Minus1)?;
-        let gate = candle_nn::ops::sigmoid(&(self.mlp(&avg)? + self.mlp(&max)?)?)?;
+        let gate = self.channel_gate(xs)?;
         let xs = xs.broadcast_mul(&gate.reshape((b, c, 1, 1))?)?;
         let pooled = Tensor::cat(&[xs.mean_keepdim(1)?, xs.max_keepdim(1)?], 1)?;
         let att = self.spatial.forward_t(&pooled, train)?;

@@ -1,0 +1,388 @@
+//! The element-wise and channel-reduction parts of a CBAM gate in training, fused into two passes
+//! forward and two backward over `(b, c, h·w)` `f32` slices. The small parts (pooling over space,
+//! the channel MLP, the 7x7 spatial convolution and its batch-norm) stay ordinary ops.
+//!
+//! With the channel gate `g (b, c)` and the spatial gate `s (b, h·w)`:
+//! - gate-and-pool: `x' = x·g`, `pooled = [mean_c x', max_c x']` (`(b, 2, h·w)`);
+//! - apply: `out = relu(x·g·s + identity)`.
+//!
+//! Gradients follow candle's conventions, so that the fused path matches the composed one: the
+//! max passes its gradient to every element equal to the maximum.
+
+use rayon::prelude::*;
+
+use super::direct;
+
+/// Shape of a CBAM input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CbamGeom {
+    pub b: usize,
+    pub c: usize,
+    pub hw: usize,
+}
+
+impl CbamGeom {
+    pub fn len(&self) -> usize {
+        self.b * self.c * self.hw
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Per-image loops (baseline build; [`img512`] compiles the same code for AVX-512).
+mod img {
+    /// `pooled = [mean_c x·g, max_c x·g]` for one image.
+    #[inline(always)]
+    pub fn gate_pool(x: &[f32], g: &[f32], hw: usize, pooled: &mut [f32]) {
+        let (mean, max) = pooled.split_at_mut(hw);
+        mean.fill(0.0);
+        max.fill(f32::NEG_INFINITY);
+        for (xc, &gc) in x.chunks_exact(hw).zip(g) {
+            for ((m, mx), &v) in mean.iter_mut().zip(max.iter_mut()).zip(xc) {
+                let v = v * gc;
+                *m += v;
+                *mx = mx.max(v);
+            }
+        }
+        let inv = 1.0 / g.len().max(1) as f32;
+        mean.iter_mut().for_each(|m| *m *= inv);
+    }
+
+    /// Backward of [`gate_pool`]: `dx` and `dg` from `dpooled`; `mx` is scratch of `hw` floats.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn gate_pool_bwd(
+        x: &[f32],
+        g: &[f32],
+        dpooled: &[f32],
+        hw: usize,
+        mx: &mut [f32],
+        dx: &mut [f32],
+        dg: &mut [f32],
+    ) {
+        mx.fill(f32::NEG_INFINITY);
+        for (xc, &gc) in x.chunks_exact(hw).zip(g) {
+            for (m, &v) in mx.iter_mut().zip(xc) {
+                *m = m.max(v * gc);
+            }
+        }
+        let (dmean, dmax) = dpooled.split_at(hw);
+        let inv = 1.0 / g.len().max(1) as f32;
+        for (((xc, dxc), &gc), dgc) in x
+            .chunks_exact(hw)
+            .zip(dx.chunks_exact_mut(hw))
+            .zip(g)
+            .zip(dg.iter_mut())
+        {
+            let mut acc = 0f32;
+            for ((((&v, d), &m), &dm), &dmx) in xc.iter().zip(dxc).zip(&*mx).zip(dmean).zip(dmax) {
+                let v1 = v * gc;
+                let d1 = dm * inv + if v1 == m { dmx } else { 0.0 };
+                *d = d1 * gc;
+                acc += d1 * v;
+            }
+            *dgc = acc;
+        }
+    }
+
+    /// `out = relu(x·g·s + identity)` for one image.
+    #[inline(always)]
+    pub fn apply(x: &[f32], id: &[f32], g: &[f32], s: &[f32], hw: usize, out: &mut [f32]) {
+        for (((xc, ic), oc), &gc) in x
+            .chunks_exact(hw)
+            .zip(id.chunks_exact(hw))
+            .zip(out.chunks_exact_mut(hw))
+            .zip(g)
+        {
+            for (((o, &v), &i), &sv) in oc.iter_mut().zip(xc).zip(ic).zip(s) {
+                *o = (v * gc * sv + i).max(0.0);
+            }
+        }
+    }
+
+    /// Backward of [`apply`] from its output `out` and `dout`: `dx`, `d identity`, `dg`, `ds`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_bwd(
+        x: &[f32],
+        out: &[f32],
+        dout: &[f32],
+        g: &[f32],
+        s: &[f32],
+        hw: usize,
+        dx: &mut [f32],
+        did: &mut [f32],
+        dg: &mut [f32],
+        ds: &mut [f32],
+    ) {
+        ds.fill(0.0);
+        for (k, &gc) in g.iter().enumerate() {
+            let r = k * hw..(k + 1) * hw;
+            let (xc, oc, doc) = (&x[r.clone()], &out[r.clone()], &dout[r.clone()]);
+            let (dxc, dic) = (&mut dx[r.clone()], &mut did[r]);
+            let mut acc = 0f32;
+            for i in 0..hw {
+                let dz = if oc[i] > 0.0 { doc[i] } else { 0.0 };
+                dic[i] = dz;
+                dxc[i] = dz * gc * s[i];
+                let t = dz * xc[i];
+                acc += t * s[i];
+                ds[i] += t * gc;
+            }
+            dg[k] = acc;
+        }
+    }
+}
+
+/// The [`img`] loops compiled for AVX-512.
+#[cfg(target_arch = "x86_64")]
+mod img512 {
+    use super::img;
+
+    #[target_feature(enable = "avx512f")]
+    pub fn gate_pool(x: &[f32], g: &[f32], hw: usize, pooled: &mut [f32]) {
+        img::gate_pool(x, g, hw, pooled)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn gate_pool_bwd(
+        x: &[f32],
+        g: &[f32],
+        dpooled: &[f32],
+        hw: usize,
+        mx: &mut [f32],
+        dx: &mut [f32],
+        dg: &mut [f32],
+    ) {
+        img::gate_pool_bwd(x, g, dpooled, hw, mx, dx, dg)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    pub fn apply(x: &[f32], id: &[f32], g: &[f32], s: &[f32], hw: usize, out: &mut [f32]) {
+        img::apply(x, id, g, s, hw, out)
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_bwd(
+        x: &[f32],
+        out: &[f32],
+        dout: &[f32],
+        g: &[f32],
+        s: &[f32],
+        hw: usize,
+        dx: &mut [f32],
+        did: &mut [f32],
+        dg: &mut [f32],
+        ds: &mut [f32],
+    ) {
+        img::apply_bwd(x, out, dout, g, s, hw, dx, did, dg, ds)
+    }
+}
+
+/// Calls the AVX-512 build of an [`img`] loop where the CPU has it, else the baseline one.
+macro_rules! dispatch {
+    ($f:ident($($a:expr),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if direct::available() {
+                // SAFETY: AVX-512F is present (checked at run time).
+                unsafe { img512::$f($($a),*) }
+            } else {
+                img::$f($($a),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            img::$f($($a),*)
+        }
+    }};
+}
+
+/// `[mean_c x·g, max_c x·g]`: `(b, 2, hw)` from `x (b, c, hw)` and `g (b, c)`.
+pub fn gate_pool(d: &CbamGeom, x: &[f32], g: &[f32]) -> Vec<f32> {
+    assert!(x.len() == d.len() && g.len() == d.b * d.c);
+    let mut pooled = vec![0f32; d.b * 2 * d.hw];
+    let img = d.c * d.hw;
+    if img > 0 {
+        pooled
+            .par_chunks_mut(2 * d.hw)
+            .zip(x.par_chunks(img).zip(g.par_chunks(d.c)))
+            .for_each(|(p, (xi, gi))| dispatch!(gate_pool(xi, gi, d.hw, p)));
+    }
+    pooled
+}
+
+/// Backward of [`gate_pool`]: `(dx, dg)`.
+pub fn gate_pool_backward(
+    d: &CbamGeom,
+    x: &[f32],
+    g: &[f32],
+    dpooled: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    assert!(x.len() == d.len() && g.len() == d.b * d.c && dpooled.len() == d.b * 2 * d.hw);
+    let (mut dx, mut dg) = (vec![0f32; d.len()], vec![0f32; d.b * d.c]);
+    let img = d.c * d.hw;
+    if img > 0 {
+        dx.par_chunks_mut(img)
+            .zip(dg.par_chunks_mut(d.c))
+            .zip(x.par_chunks(img).zip(g.par_chunks(d.c)))
+            .zip(dpooled.par_chunks(2 * d.hw))
+            .for_each_init(
+                || vec![0f32; d.hw],
+                |mx, (((dxi, dgi), (xi, gi)), dpi)| {
+                    dispatch!(gate_pool_bwd(xi, gi, dpi, d.hw, mx, dxi, dgi))
+                },
+            );
+    }
+    (dx, dg)
+}
+
+/// `relu(x·g·s + identity)` with `g (b, c)` and `s (b, hw)`.
+pub fn apply(d: &CbamGeom, x: &[f32], id: &[f32], g: &[f32], s: &[f32]) -> Vec<f32> {
+    assert!(x.len() == d.len() && id.len() == d.len());
+    assert!(g.len() == d.b * d.c && s.len() == d.b * d.hw);
+    let mut out = vec![0f32; d.len()];
+    let img = d.c * d.hw;
+    if img > 0 {
+        out.par_chunks_mut(img)
+            .zip(x.par_chunks(img).zip(id.par_chunks(img)))
+            .zip(g.par_chunks(d.c).zip(s.par_chunks(d.hw)))
+            .for_each(|((o, (xi, ii)), (gi, si))| dispatch!(apply(xi, ii, gi, si, d.hw, o)));
+    }
+    out
+}
+
+/// Backward of [`apply`] from its output: `(dx, d identity, dg, ds)`.
+pub fn apply_backward(
+    d: &CbamGeom,
+    x: &[f32],
+    out: &[f32],
+    dout: &[f32],
+    g: &[f32],
+    s: &[f32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+    assert!(x.len() == d.len() && out.len() == d.len() && dout.len() == d.len());
+    assert!(g.len() == d.b * d.c && s.len() == d.b * d.hw);
+    let (mut dx, mut did) = (vec![0f32; d.len()], vec![0f32; d.len()]);
+    let (mut dg, mut ds) = (vec![0f32; d.b * d.c], vec![0f32; d.b * d.hw]);
+    let img = d.c * d.hw;
+    if img > 0 {
+        dx.par_chunks_mut(img)
+            .zip(did.par_chunks_mut(img))
+            .zip(dg.par_chunks_mut(d.c).zip(ds.par_chunks_mut(d.hw)))
+            .zip(x.par_chunks(img).zip(out.par_chunks(img)))
+            .zip(
+                dout.par_chunks(img)
+                    .zip(g.par_chunks(d.c).zip(s.par_chunks(d.hw))),
+            )
+            .for_each(|((((dxi, didi), (dgi, dsi)), (xi, oi)), (doi, (gi, si)))| {
+                dispatch!(apply_bwd(xi, oi, doi, gi, si, d.hw, dxi, didi, dgi, dsi))
+            });
+    }
+    (dx, did, dg, ds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let v = (i as u32).wrapping_mul(2654435761).wrapping_add(seed) % 1000;
+                v as f32 / 250.0 - 2.0
+            })
+            .collect()
+    }
+
+    fn dot(a: &[f32], b: &[f32]) -> f64 {
+        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
+    }
+
+    /// Analytic gradients of `Σ w·f` against central differences, for both halves.
+    #[test]
+    fn backward_matches_finite_differences() {
+        let d = CbamGeom { b: 2, c: 3, hw: 5 };
+        // Channels apart by more than the step, so the max over channels has no kink in reach.
+        let x: Vec<f32> = data(d.len(), 1)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + 5.0 * ((i / d.hw) % d.c) as f32)
+            .collect();
+        let id = data(d.len(), 2);
+        let g: Vec<f32> = data(d.b * d.c, 3)
+            .iter()
+            .map(|v| 0.5 + v.abs() / 4.0)
+            .collect();
+        let s: Vec<f32> = data(d.b * d.hw, 4)
+            .iter()
+            .map(|v| 0.2 + v.abs() / 3.0)
+            .collect();
+        let h = 1e-2f32;
+        let close = |num: f64, ana: f32, what: &str| {
+            assert!(
+                (num - ana as f64).abs() < 1e-2 * (1.0 + num.abs()),
+                "{what}: numeric {num} analytic {ana}"
+            );
+        };
+        // Gate and pool.
+        let wp = data(d.b * 2 * d.hw, 5);
+        let f = |x: &[f32], g: &[f32]| dot(&gate_pool(&d, x, g), &wp);
+        let (dx, dg) = gate_pool_backward(&d, &x, &g, &wp);
+        for i in [0, 4, 7, 13, 22, 29] {
+            let (mut xp, mut xm) = (x.clone(), x.clone());
+            xp[i] += h;
+            xm[i] -= h;
+            close(
+                (f(&xp, &g) - f(&xm, &g)) / (2.0 * h as f64),
+                dx[i],
+                &format!("pool dx[{i}]"),
+            );
+        }
+        for i in 0..g.len() {
+            let (mut gp, mut gm) = (g.clone(), g.clone());
+            gp[i] += h;
+            gm[i] -= h;
+            close(
+                (f(&x, &gp) - f(&x, &gm)) / (2.0 * h as f64),
+                dg[i],
+                &format!("pool dg[{i}]"),
+            );
+        }
+        // Apply.
+        let wa = data(d.len(), 6);
+        let fa = |x: &[f32], id: &[f32], g: &[f32], s: &[f32]| dot(&apply(&d, x, id, g, s), &wa);
+        let out = apply(&d, &x, &id, &g, &s);
+        let (dx, did, dg, ds) = apply_backward(&d, &x, &out, &wa, &g, &s);
+        for i in [0, 5, 11, 18, 26] {
+            let (mut p, mut m) = (x.clone(), x.clone());
+            p[i] += h;
+            m[i] -= h;
+            let num = (fa(&p, &id, &g, &s) - fa(&m, &id, &g, &s)) / (2.0 * h as f64);
+            close(num, dx[i], &format!("apply dx[{i}]"));
+            let (mut p, mut m) = (id.clone(), id.clone());
+            p[i] += h;
+            m[i] -= h;
+            let num = (fa(&x, &p, &g, &s) - fa(&x, &m, &g, &s)) / (2.0 * h as f64);
+            close(num, did[i], &format!("apply did[{i}]"));
+        }
+        for i in 0..g.len() {
+            let (mut p, mut m) = (g.clone(), g.clone());
+            p[i] += h;
+            m[i] -= h;
+            let num = (fa(&x, &id, &p, &s) - fa(&x, &id, &m, &s)) / (2.0 * h as f64);
+            close(num, dg[i], &format!("apply dg[{i}]"));
+        }
+        for i in 0..s.len() {
+            let (mut p, mut m) = (s.clone(), s.clone());
+            p[i] += h;
+            m[i] -= h;
+            let num = (fa(&x, &id, &g, &p) - fa(&x, &id, &g, &m)) / (2.0 * h as f64);
+            close(num, ds[i], &format!("apply ds[{i}]"));
+        }
+    }
+}
