@@ -65,23 +65,25 @@ impl PackedWinograd {
         let a = m + 2;
         let panels = k.div_ceil(MR);
         let mut data = vec![0f32; a * a * panels * c * MR];
-        for o in 0..k {
-            for ci in 0..c {
-                let g = &w[(o * c + ci) * 9..][..9];
-                for (i, gi) in gm.iter().enumerate() {
-                    for (j, gj) in gm.iter().enumerate() {
+        // One block of U per position ξ = (i, j): u = Σ_yx G[i][y]·g[y][x]·G[j][x]. Training packs
+        // every step, so the blocks are filled in parallel.
+        data.par_chunks_mut(panels * c * MR)
+            .enumerate()
+            .for_each(|(xi, blk)| {
+                let (gi, gj) = (&gm[xi / a], &gm[xi % a]);
+                for o in 0..k {
+                    for ci in 0..c {
+                        let g = &w[(o * c + ci) * 9..][..9];
                         let mut u = 0f64;
                         for (y, &gy) in gi.iter().enumerate() {
                             for (x, &gx) in gj.iter().enumerate() {
                                 u += gy * g[y * 3 + x] as f64 * gx;
                             }
                         }
-                        let xi = i * a + j;
-                        data[((xi * panels + o / MR) * c + ci) * MR + o % MR] = u as f32;
+                        blk[((o / MR) * c + ci) * MR + o % MR] = u as f32;
                     }
                 }
-            }
-        }
+            });
         Self { k, c, m, data }
     }
 
