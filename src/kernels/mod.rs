@@ -1,10 +1,13 @@
 //! Custom candle ops for the encoder's hot paths: convolution (forward, input and weight
-//! gradients), a fused conv + bias + ReLU for inference with batch-norm folded in, and an
-//! overlapping max-pool with backward.
+//! gradients), a fused conv + bias + ReLU for inference with batch-norm folded in, an overlapping
+//! max-pool with backward, and fused training-mode batch-norm and CBAM gates with backward.
 //!
-//! The kernels in [`cpu`] are the reference; candle's built-in ops are kept as a second reference
-//! and compared against in the parity tests (`tests/kernels.rs`). Tensors on other devices fall
-//! back to candle's ops, so the model code is device-agnostic.
+//! Kernels: [`winograd`] (F(2x2,3x3), F(4x4,3x3)) and [`direct`] (implicit GEMM) on an AVX-512
+//! micro-kernel, chosen per layer in [`cpu::conv2d_forward`]; the im2col + GEMM path in [`cpu`]
+//! where AVX-512 is missing; [`bn`] and [`cbam_train`] for training. candle's built-in ops are
+//! the reference in the parity tests (`tests/kernels.rs`); the GEMM path is the reference in the
+//! unit tests of the AVX-512 kernels. Tensors on other devices fall back to candle's ops, so the
+//! model code is device-agnostic.
 
 pub mod bn;
 pub mod cbam_train;
