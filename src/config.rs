@@ -50,7 +50,7 @@ pub struct EncoderConfig {
     pub cbam_reduction: usize,
     /// Stage widths (64-128-256-512 for ResNet18).
     pub widths: [usize; 4],
-    /// BasicBlocks per stage ([2,2,2,2] for ResNet18).
+    /// BasicBlocks per stage (`[2, 2, 2, 2]` for ResNet18).
     pub blocks: [usize; 4],
     /// Convolution implementation: a run-time choice, not part of the saved model.
     #[serde(skip)]
