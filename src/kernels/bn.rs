@@ -173,25 +173,6 @@ mod plane512 {
     }
 }
 
-/// Calls the AVX-512 build of a [`plane`] loop where the CPU has it, else the baseline one.
-macro_rules! dispatch {
-    ($f:ident($($a:expr),* $(,)?)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            if super::direct::available() {
-                // SAFETY: AVX-512F is present (checked at run time).
-                unsafe { plane512::$f($($a),*) }
-            } else {
-                plane::$f($($a),*)
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            plane::$f($($a),*)
-        }
-    }};
-}
-
 /// Per-channel mean and biased variance (two passes: mean, then centred squares).
 pub fn channel_stats(g: &BnGeom, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), g.len());
@@ -199,9 +180,15 @@ pub fn channel_stats(g: &BnGeom, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     (0..g.c)
         .into_par_iter()
         .map(|c| {
-            let sum: f64 = g.planes(x, c).map(|p| dispatch!(sum(p, None))).sum();
+            let sum: f64 = g
+                .planes(x, c)
+                .map(|p| avx512_or!(plane512, plane, sum(p, None)))
+                .sum();
             let mean = (sum / n) as f32;
-            let sq: f64 = g.planes(x, c).map(|p| dispatch!(sum(p, Some(mean)))).sum();
+            let sq: f64 = g
+                .planes(x, c)
+                .map(|p| avx512_or!(plane512, plane, sum(p, Some(mean))))
+                .sum();
             (mean, (sq / n) as f32)
         })
         .unzip()
@@ -236,7 +223,7 @@ pub fn forward(
                 let c = i % g.c;
                 let scale = gamma[c] * inv[c];
                 let shift = beta[c] - mean[c] * scale;
-                dispatch!(forward(xp, yp, scale, shift, relu));
+                avx512_or!(plane512, plane, forward(xp, yp, scale, shift, relu));
             });
     }
     (y, mean, var)
@@ -263,7 +250,7 @@ pub fn backward(
             let (m, iv, gm, bt) = (mean[c], inv[c], gamma[c], beta[c]);
             let (mut s, mut sx) = (0f64, 0f64);
             for (xp, dp) in g.planes(x, c).zip(g.planes(dy, c)) {
-                let (a, b) = dispatch!(grad_sums(xp, dp, m, iv, gm, bt, relu));
+                let (a, b) = avx512_or!(plane512, plane, grad_sums(xp, dp, m, iv, gm, bt, relu));
                 s += a;
                 sx += b;
             }
@@ -281,7 +268,7 @@ pub fn backward(
                 let k = gamma[c] * inv[c];
                 let (mb, mg) = (dbeta[c] / n, dgamma[c] / n);
                 let stats = (mean[c], inv[c], gamma[c], beta[c]);
-                dispatch!(dx(xp, dp, dxp, stats, (k, mb, mg), relu));
+                avx512_or!(plane512, plane, dx(xp, dp, dxp, stats, (k, mb, mg), relu));
             });
     }
     (dx, dgamma, dbeta)

@@ -11,8 +11,6 @@
 
 use rayon::prelude::*;
 
-use super::direct;
-
 /// Shape of a CBAM input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CbamGeom {
@@ -183,25 +181,6 @@ mod img512 {
     }
 }
 
-/// Calls the AVX-512 build of an [`img`] loop where the CPU has it, else the baseline one.
-macro_rules! dispatch {
-    ($f:ident($($a:expr),* $(,)?)) => {{
-        #[cfg(target_arch = "x86_64")]
-        {
-            if direct::available() {
-                // SAFETY: AVX-512F is present (checked at run time).
-                unsafe { img512::$f($($a),*) }
-            } else {
-                img::$f($($a),*)
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            img::$f($($a),*)
-        }
-    }};
-}
-
 /// `[mean_c x·g, max_c x·g]`: `(b, 2, hw)` from `x (b, c, hw)` and `g (b, c)`.
 pub fn gate_pool(d: &CbamGeom, x: &[f32], g: &[f32]) -> Vec<f32> {
     assert!(x.len() == d.len() && g.len() == d.b * d.c);
@@ -211,7 +190,7 @@ pub fn gate_pool(d: &CbamGeom, x: &[f32], g: &[f32]) -> Vec<f32> {
         pooled
             .par_chunks_mut(2 * d.hw)
             .zip(x.par_chunks(img).zip(g.par_chunks(d.c)))
-            .for_each(|(p, (xi, gi))| dispatch!(gate_pool(xi, gi, d.hw, p)));
+            .for_each(|(p, (xi, gi))| avx512_or!(img512, img, gate_pool(xi, gi, d.hw, p)));
     }
     pooled
 }
@@ -234,7 +213,7 @@ pub fn gate_pool_backward(
             .for_each_init(
                 || vec![0f32; d.hw],
                 |mx, (((dxi, dgi), (xi, gi)), dpi)| {
-                    dispatch!(gate_pool_bwd(xi, gi, dpi, d.hw, mx, dxi, dgi))
+                    avx512_or!(img512, img, gate_pool_bwd(xi, gi, dpi, d.hw, mx, dxi, dgi))
                 },
             );
     }
@@ -251,7 +230,9 @@ pub fn apply(d: &CbamGeom, x: &[f32], id: &[f32], g: &[f32], s: &[f32]) -> Vec<f
         out.par_chunks_mut(img)
             .zip(x.par_chunks(img).zip(id.par_chunks(img)))
             .zip(g.par_chunks(d.c).zip(s.par_chunks(d.hw)))
-            .for_each(|((o, (xi, ii)), (gi, si))| dispatch!(apply(xi, ii, gi, si, d.hw, o)));
+            .for_each(|((o, (xi, ii)), (gi, si))| {
+                avx512_or!(img512, img, apply(xi, ii, gi, si, d.hw, o))
+            });
     }
     out
 }
@@ -280,7 +261,11 @@ pub fn apply_backward(
                     .zip(g.par_chunks(d.c).zip(s.par_chunks(d.hw))),
             )
             .for_each(|((((dxi, didi), (dgi, dsi)), (xi, oi)), (doi, (gi, si)))| {
-                dispatch!(apply_bwd(xi, oi, doi, gi, si, d.hw, dxi, didi, dgi, dsi))
+                avx512_or!(
+                    img512,
+                    img,
+                    apply_bwd(xi, oi, doi, gi, si, d.hw, dxi, didi, dgi, dsi)
+                )
             });
     }
     (dx, did, dg, ds)

@@ -9,6 +9,26 @@
 //! unit tests of the AVX-512 kernels. Tensors on other devices fall back to candle's ops, so the
 //! model code is device-agnostic.
 
+/// Calls `$avx::$f` (a loop compiled with `#[target_feature(enable = "avx512f")]`) where the CPU
+/// has AVX-512, else the baseline build `$base::$f` of the same loop.
+macro_rules! avx512_or {
+    ($avx:ident, $base:ident, $f:ident($($a:expr),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            if $crate::kernels::direct::available() {
+                // SAFETY: AVX-512F is present (checked at run time).
+                unsafe { $avx::$f($($a),*) }
+            } else {
+                $base::$f($($a),*)
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $base::$f($($a),*)
+        }
+    }};
+}
+
 pub mod bn;
 pub mod cbam_train;
 pub mod cpu;
