@@ -229,19 +229,25 @@ pub fn forward(
     (y, mean, var)
 }
 
-/// Backward: `(dx, dγ, dβ)` from the input `x` and the output gradient `dy`.
+/// Backward: `(dx, dγ, dβ)` from the input `x` and the output gradient `dy`. `stats` are the
+/// batch statistics [`forward`] returned for this `x`; they are recomputed when absent.
+#[allow(clippy::too_many_arguments)]
 pub fn backward(
     g: &BnGeom,
     x: &[f32],
     dy: &[f32],
     gamma: &[f32],
     beta: &[f32],
+    stats: Option<(&[f32], &[f32])>,
     eps: f64,
     relu: bool,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     assert!(x.len() == g.len() && dy.len() == g.len());
     assert!(gamma.len() == g.c && beta.len() == g.c);
-    let (mean, var) = channel_stats(g, x);
+    let (mean, var) = match stats {
+        Some((m, v)) if m.len() == g.c && v.len() == g.c => (m.to_vec(), v.to_vec()),
+        _ => channel_stats(g, x),
+    };
     let inv = inv_std(&var, eps);
     // Per channel: Σ dz and Σ dz·x̂, where dz is dy masked by the ReLU (γ·x̂ + β > 0).
     let (dbeta, dgamma): (Vec<f32>, Vec<f32>) = (0..g.c)
@@ -321,7 +327,11 @@ mod tests {
                     .map(|(a, b)| (*a as f64) * (*b as f64))
                     .sum()
             };
-            let (dx, dgamma, dbeta) = backward(&g, &x, &w, &gamma, &beta, 1e-5, relu);
+            let (dx, dgamma, dbeta) = backward(&g, &x, &w, &gamma, &beta, None, 1e-5, relu);
+            // With the forward's statistics handed over: the same result, bit for bit.
+            let (_, mean, var) = forward(&g, &x, &gamma, &beta, 1e-5, relu);
+            let given = backward(&g, &x, &w, &gamma, &beta, Some((&mean, &var)), 1e-5, relu);
+            assert_eq!(given, (dx.clone(), dgamma.clone(), dbeta.clone()));
             let h = 1e-2f32;
             let check = |num: f64, ana: f32, what: &str| {
                 assert!(

@@ -510,7 +510,8 @@ pub fn cbam_residual_relu(
     )?))
 }
 
-/// Batch statistics `(mean, biased var)` handed from a batch-norm forward to its caller.
+/// Batch statistics `(mean, biased var)` handed from a batch-norm forward to its caller and to
+/// its backward.
 type BnStats = Arc<Mutex<Option<(Vec<f32>, Vec<f32>)>>>;
 
 /// Training-mode `relu?(batch_norm(x))` over `(b, c, h, w)` with batch statistics, with backward.
@@ -572,6 +573,8 @@ impl CustomOp3 for BatchNormTrain {
             &BatchNormBackward {
                 gamma: gamma.to_vec1()?,
                 beta: beta.to_vec1()?,
+                // The forward's batch statistics, so backward need not recompute them.
+                stats: self.stats.lock().ok().and_then(|s| s.clone()),
                 eps: self.eps,
                 relu: self.relu,
             },
@@ -587,6 +590,7 @@ impl CustomOp3 for BatchNormTrain {
 struct BatchNormBackward {
     gamma: Vec<f32>,
     beta: Vec<f32>,
+    stats: Option<(Vec<f32>, Vec<f32>)>,
     eps: f64,
     relu: bool,
 }
@@ -613,6 +617,7 @@ impl CustomOp2 for BatchNormBackward {
             f32_slice(s2, l2, "batch-norm grad")?,
             &self.gamma,
             &self.beta,
+            self.stats.as_ref().map(|(m, v)| (&m[..], &v[..])),
             self.eps,
             self.relu,
         );
@@ -646,7 +651,8 @@ pub fn batch_norm_train(
     let ys = xs
         .contiguous()?
         .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, op)?;
-    let Some((mean, var)) = stats.lock().ok().and_then(|mut s| s.take()) else {
+    // Cloned, not taken: the op keeps them for its backward.
+    let Some((mean, var)) = stats.lock().ok().and_then(|s| s.clone()) else {
         bail!("batch-norm: forward produced no statistics")
     };
     let (b, c, h, w) = xs.dims4()?;
