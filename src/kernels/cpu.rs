@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use std::sync::OnceLock;
 
-use super::{direct, winograd};
+use super::{direct, wgrad, winograd};
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -596,7 +596,18 @@ fn conv_bwd_weight_images(
 }
 
 /// Gradient w.r.t. the weight: `(k,c,kh,kw)` from `x` and `dy`.
+///
+/// 3x3 stride-1 layers on a CPU with AVX-512 go through Winograd F(3x3, 2x2)
+/// ([`super::wgrad`]); the rest through im2col + GEMM.
 pub fn conv2d_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    if wgrad::applicable(g) {
+        return wgrad::conv_backward_weight(g, x, dy);
+    }
+    conv2d_backward_weight_gemm(g, x, dy)
+}
+
+/// Gradient w.r.t. the weight through im2col + GEMM (the portable path).
+pub fn conv2d_backward_weight_gemm(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), g.input_len());
     assert_eq!(dy.len(), g.output_len());
     let (in_img, out_img) = (g.c * g.h * g.w, g.k * g.ohw());

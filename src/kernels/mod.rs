@@ -33,6 +33,7 @@ pub mod bn;
 pub mod cbam_train;
 pub mod cpu;
 pub mod direct;
+pub mod wgrad;
 pub mod winograd;
 
 use candle_core::{

@@ -135,20 +135,20 @@ pub fn tile_size(g: &ConvGeom) -> Option<usize> {
 }
 
 /// Tile geometry of one convolution.
-struct Tiles {
+pub(super) struct Tiles {
     /// Output tile size.
-    m: usize,
+    pub(super) m: usize,
     tw: usize,
     /// Tiles per image.
     per_img: usize,
-    total: usize,
+    pub(super) total: usize,
     /// Padded input row width and rows (m·tiles + 2).
-    wp: usize,
-    hp: usize,
+    pub(super) wp: usize,
+    pub(super) hp: usize,
 }
 
 impl Tiles {
-    fn new(g: &ConvGeom, m: usize) -> Self {
+    pub(super) fn new(g: &ConvGeom, m: usize) -> Self {
         let (th, tw) = (g.oh.div_ceil(m), g.ow.div_ceil(m));
         Self {
             m,
@@ -161,7 +161,7 @@ impl Tiles {
     }
 
     /// Runs of up to 16 tiles of one tile row, covering tiles `t0..t1`: `(tile, n, ty, tx, len)`.
-    fn runs(&self, t0: usize, t1: usize) -> Runs<'_> {
+    pub(super) fn runs(&self, t0: usize, t1: usize) -> Runs<'_> {
         Runs {
             tl: self,
             t: t0,
@@ -170,7 +170,7 @@ impl Tiles {
     }
 }
 
-struct Runs<'a> {
+pub(super) struct Runs<'a> {
     tl: &'a Tiles,
     t: usize,
     t1: usize,
@@ -193,7 +193,31 @@ impl Iterator for Runs<'_> {
 }
 
 /// Floats past the padded input that the last tile row's vector loads may read.
-const SLACK: usize = 96;
+pub(super) const SLACK: usize = 96;
+
+/// Planes of `h x w` (`src` holds a whole number of them) copied into zero-padded planes of
+/// `hp x wp` at row and column offset `pad`, followed by [`SLACK`] zeros for the last vector
+/// loads. Built by appending, so no float is written twice.
+pub(super) fn padded_planes(
+    src: &[f32],
+    (h, w): (usize, usize),
+    (hp, wp): (usize, usize),
+    pad: usize,
+) -> Vec<f32> {
+    assert!(h + pad <= hp && w + pad <= wp && src.len().is_multiple_of(h * w));
+    let mut out = Vec::with_capacity(src.len() / (h * w) * hp * wp + SLACK);
+    for plane in src.chunks(h * w) {
+        out.resize(out.len() + pad * wp, 0.0);
+        for row in plane.chunks(w) {
+            out.resize(out.len() + pad, 0.0);
+            out.extend_from_slice(row);
+            out.resize(out.len() + wp - w - pad, 0.0);
+        }
+        out.resize(out.len() + (hp - h - pad) * wp, 0.0);
+    }
+    out.resize(out.len() + SLACK, 0.0);
+    out
+}
 
 /// `relu?(conv3x3(x, w) + bias)` with stride 1 and padding 1, `x (b, c, h, w)` → `(b, k, h, w)`.
 ///
@@ -211,20 +235,7 @@ pub fn conv_forward(
     assert!(bias.is_none_or(|b| b.len() == g.k));
     let tl = Tiles::new(g, pw.m);
 
-    // Zero-padded copy of the input, (b, c, hp, wp), with slack for the last vector loads; built
-    // by appending, so no float is written twice.
-    let mut xp = Vec::with_capacity(g.b * g.c * tl.hp * tl.wp + SLACK);
-    for src in x.chunks(g.h * g.w) {
-        xp.resize(xp.len() + tl.wp, 0.0);
-        for row in src.chunks(g.w) {
-            xp.push(0.0);
-            xp.extend_from_slice(row);
-            xp.resize(xp.len() + tl.wp - g.w - 1, 0.0);
-        }
-        xp.resize(xp.len() + (tl.hp - g.h - 1) * tl.wp, 0.0);
-    }
-    xp.resize(xp.len() + SLACK, 0.0);
-    let xp = &xp[..];
+    let xp = &padded_planes(x, (g.h, g.w), (tl.hp, tl.wp), 1)[..];
 
     let mut y = vec![0f32; g.output_len()];
     let out = SharedOut::new(&mut y);
@@ -267,8 +278,8 @@ pub fn conv_forward(
 /// time (the block buffers are bounded by the block size). Popped from the thread's pool while in
 /// use, so a nested call (a rayon worker that runs another convolution while it waits) gets a
 /// different one.
-struct Scratch {
-    buf: Vec<f32>,
+pub(super) struct Scratch {
+    pub(super) buf: Vec<f32>,
 }
 
 thread_local! {
@@ -277,7 +288,7 @@ thread_local! {
 
 impl Scratch {
     /// A buffer of at least `len` initialised floats (of unspecified value).
-    fn take(len: usize) -> Self {
+    pub(super) fn take(len: usize) -> Self {
         let mut buf = SCRATCH.with(|s| s.borrow_mut().pop().unwrap_or_default());
         if buf.len() < len {
             buf.resize(len, 0.0);
@@ -294,7 +305,7 @@ impl Drop for Scratch {
 }
 
 /// `f(i)` for `i < n`, split across the cores when `par`.
-fn for_each(n: usize, par: bool, f: impl Fn(usize) + Sync + Send) {
+pub(super) fn for_each(n: usize, par: bool, f: impl Fn(usize) + Sync + Send) {
     if par && n > 1 {
         (0..n).into_par_iter().for_each(f);
     } else {
@@ -359,19 +370,21 @@ impl Ctx<'_> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Ctx, SharedOut, Tiles, MR};
     use crate::kernels::direct::avx512::tile;
 
-    const EVEN: [i32; 16] = [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
-    const ODD: [i32; 16] = [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
+    pub(in crate::kernels) const EVEN: [i32; 16] =
+        [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30];
+    pub(in crate::kernels) const ODD: [i32; 16] =
+        [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31];
     const INTERLEAVE_LO: [i32; 16] = [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23];
     const INTERLEAVE_HI: [i32; 16] = [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31];
 
     #[target_feature(enable = "avx512f")]
-    fn idx(v: &[i32; 16]) -> __m512i {
+    pub(in crate::kernels) fn idx(v: &[i32; 16]) -> __m512i {
         // SAFETY: 16 i32 are 64 bytes.
         unsafe { _mm512_loadu_si512(v.as_ptr().cast()) }
     }
@@ -446,7 +459,7 @@ mod avx512 {
     /// AVX-512F; no other thread writes channel `c` of `v`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn input2(
+    pub(in crate::kernels) unsafe fn input2(
         tl: &Tiles,
         xp: &[f32],
         channels: usize,

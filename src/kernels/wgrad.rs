@@ -1,0 +1,363 @@
+//! Weight gradient of 3x3 stride-1 padding-1 convolutions by Winograd F(3x3, 2x2).
+//!
+//! The weight gradient `dW[k][c][u][v] = Σ_{n,y,x} dY[n][k][y][x] · Xpad[n][c][y+u][x+v]` is a
+//! correlation with a 3x3 output. Split the sum over output positions into the 2x2 tiles of
+//! [`super::winograd`]'s F(2x2, 3x3); each tile's share is a 3x3 correlation of its 4x4 input
+//! patch `D` with its 2x2 gradient tile `E`. That is F(3x3, 2x2), and by transposing F(2x2, 3x3)
+//! (the weight is the argument the forward algorithm is linear in) it reuses that algorithm's
+//! matrices:
+//!
+//! `dW[k][c] = Gᵀ [ Σ_tiles (A E_k Aᵀ) ⊙ (Bᵀ D_c B) ] G`
+//!
+//! - `Bᵀ D B` is the forward input transform, unchanged.
+//! - `A E Aᵀ` (with `A` the transpose of the forward `Aᵀ`) transforms the gradient tiles.
+//! - Summed over tiles, the element-wise products are 16 GEMMs with the tiles as the reduction:
+//!   `M_ξ (K, C) = U_ξ (K, tiles) · V_ξ (C, tiles)ᵀ`, 16·K·C multiply-adds per tile instead of
+//!   the direct 36·K·C.
+//! - `Gᵀ M G` turns the 4x4 `M` of every `(k, c)` into the 3x3 gradient, once per call.
+//!
+//! Both transforms write tiles contiguously (16 per vector), so the GEMM is a set of dot
+//! products over tiles: a 4x4 block of `(k, c)` pairs keeps 16 vector accumulators, loads 4 + 4
+//! vectors per 16 FMAs, and folds the 16 accumulators into one vector per chunk of tiles.
+//! Tiles are processed in chunks so that the transformed chunk stays near the caches.
+
+use rayon::prelude::*;
+
+use super::cpu::{ConvGeom, SharedOut};
+use super::direct;
+use super::winograd::{self, for_each, padded_planes, Scratch, Tiles};
+
+/// Tiles per chunk: the transforms of a chunk are written, then reduced by the GEMMs.
+const CHUNK: usize = 1024;
+/// Rows of `U_ξ` per GEMM work item: that block (at most 256 KiB per chunk) stays in L2 while
+/// the rows of `V_ξ` stream past it, four at a time.
+const KB: usize = 64;
+
+/// Whether this path computes the weight gradient of `g`: 3x3, stride 1, padding 1, AVX-512, and
+/// channel counts that are multiples of 4 (the GEMM's block).
+pub fn applicable(g: &ConvGeom) -> bool {
+    winograd::applicable(g) && direct::available() && g.k.is_multiple_of(4) && g.c.is_multiple_of(4)
+}
+
+/// `dW (k, c, 3, 3)` of a 3x3 stride-1 padding-1 convolution from its input `x (b, c, h, w)` and
+/// output gradient `dy (b, k, h, w)`.
+///
+/// Panics unless [`applicable`] and the sizes agree.
+pub fn conv_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
+    assert!(
+        applicable(g),
+        "winograd weight gradient: not applicable to {g:?}"
+    );
+    assert_eq!(x.len(), g.input_len());
+    assert_eq!(dy.len(), g.output_len());
+    let (c, k) = (g.c, g.k);
+    let tl = Tiles::new(g, 2);
+    let xp = padded_planes(x, (g.h, g.w), (tl.hp, tl.wp), 1);
+    // The gradient padded to whole tiles (2·tiles per side), no offset.
+    let dyp = padded_planes(dy, (g.oh, g.ow), (tl.hp - 2, tl.wp - 2), 0);
+    let mut m = vec![0f32; 16 * k * c];
+    let ms = SharedOut::new(&mut m);
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (&xp, &dyp, ms);
+    let mut t0 = 0;
+    while t0 < tl.total {
+        let t1 = (t0 + CHUNK).min(tl.total);
+        let ntp = (t1 - t0).div_ceil(16) * 16;
+        let mut v_buf = Scratch::take(16 * c * ntp);
+        let mut u_buf = Scratch::take(16 * k * ntp);
+        let v = &mut v_buf.buf[..16 * c * ntp];
+        let u = &mut u_buf.buf[..16 * k * ntp];
+        let (vs, us) = (SharedOut::new(v), SharedOut::new(u));
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (vs, us);
+        // SAFETY (both stages): AVX-512F is present (`applicable`); every item writes a disjoint
+        // part: the 16 rows of one channel of V or U; the rows k0..k1 of one M_ξ.
+        #[cfg(target_arch = "x86_64")]
+        for_each(c + k, true, |i| unsafe {
+            if i < c {
+                winograd::avx512::input2(&tl, &xp, c, i, t0, t1, ntp, vs);
+                zero_tails(vs, c, i, t1 - t0, ntp);
+            } else {
+                avx512::grad2(&tl, &dyp, k, i - c, t0, t1, ntp, us);
+                zero_tails(us, k, i - c, t1 - t0, ntp);
+            }
+        });
+        let (v, u) = (&*v, &*u);
+        let kblocks = k.div_ceil(KB);
+        #[cfg(target_arch = "x86_64")]
+        for_each(16 * kblocks, true, |i| unsafe {
+            let (xi, kb) = (i / kblocks, i % kblocks);
+            let (k0, k1) = (kb * KB, ((kb + 1) * KB).min(k));
+            avx512::reduce(u, v, ms, xi, k0, k1, (k, c), ntp);
+        });
+        t0 = t1;
+    }
+
+    // dW = Gᵀ M G per (k, c); Gᵀ = [1 ½ ½ 0; 0 ½ −½ 0; 0 ½ ½ 1].
+    let gt = |a: f32, b: f32, c: f32, d: f32| {
+        let h = 0.5 * (b + c);
+        [a + h, 0.5 * (b - c), h + d]
+    };
+    let mut dw = vec![0f32; k * c * 9];
+    let m = &m;
+    dw.par_chunks_mut(c * 9).enumerate().for_each(|(ko, out)| {
+        for (ci, o) in out.chunks_exact_mut(9).enumerate() {
+            let at = |xi: usize| m[(xi * k + ko) * c + ci];
+            let rows: [[f32; 3]; 4] =
+                std::array::from_fn(|i| gt(at(4 * i), at(4 * i + 1), at(4 * i + 2), at(4 * i + 3)));
+            for v in 0..3 {
+                let col = gt(rows[0][v], rows[1][v], rows[2][v], rows[3][v]);
+                for (uy, val) in col.into_iter().enumerate() {
+                    o[uy * 3 + v] = val;
+                }
+            }
+        }
+    });
+    dw
+}
+
+/// Zeroes the lanes `used..ntp` of channel `ch`'s 16 rows (one per ξ) of a transformed chunk:
+/// they are summed by the dot products, so they must not hold stale values.
+///
+/// # Safety
+/// `buf` holds `16·channels·ntp` floats, and no other thread writes channel `ch`'s rows.
+unsafe fn zero_tails(buf: SharedOut, channels: usize, ch: usize, used: usize, ntp: usize) {
+    assert!(16 * channels * ntp <= buf.len() && used <= ntp);
+    for xi in 0..16 {
+        let row = (xi * channels + ch) * ntp;
+        // SAFETY: inside the buffer (asserted) and owned by this channel.
+        unsafe { std::ptr::write_bytes(buf.ptr().add(row + used), 0, ntp - used) };
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::Tiles;
+    use crate::kernels::cpu::SharedOut;
+    use crate::kernels::winograd::avx512::{idx, EVEN, ODD};
+
+    /// `U_ξ[k][t − t0] = (A E Aᵀ)_ξ` for output channel `k` and tiles `t0..t1`, where `E` is the
+    /// tile's 2x2 block of the padded gradient `dyp (b, channels, 2·th, 2·tw)`.
+    ///
+    /// # Safety
+    /// AVX-512F; no other thread writes channel `k` of `u`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn grad2(
+        tl: &Tiles,
+        dyp: &[f32],
+        channels: usize,
+        k: usize,
+        t0: usize,
+        t1: usize,
+        ntp: usize,
+        u: SharedOut,
+    ) {
+        let (even, odd) = (idx(&EVEN), idx(&ODD));
+        let (hq, wq) = (tl.hp - 2, tl.wp - 2);
+        assert!(16 * channels * ntp <= u.len());
+        // A as a column transform: (e0, e1) → (e0, e0 + e1, e0 − e1, −e1).
+        let a = |e0: __m512, e1: __m512| {
+            [
+                e0,
+                _mm512_add_ps(e0, e1),
+                _mm512_sub_ps(e0, e1),
+                _mm512_sub_ps(_mm512_setzero_ps(), e1),
+            ]
+        };
+        for (t, n, ty, tx, len) in tl.runs(t0, t1) {
+            let base = (n * channels + k) * hq * wq + 2 * ty * wq + 2 * tx;
+            // The farthest read: the second row, 32 floats across (slack covers the overrun).
+            assert!(base + wq + 32 <= dyp.len());
+            let mut e = [[_mm512_setzero_ps(); 2]; 2];
+            for (i, row) in e.iter_mut().enumerate() {
+                // SAFETY: asserted above.
+                let (lo, hi) = unsafe {
+                    let r = dyp.as_ptr().add(base + i * wq);
+                    (_mm512_loadu_ps(r), _mm512_loadu_ps(r.add(16)))
+                };
+                row[0] = _mm512_permutex2var_ps(lo, even, hi);
+                row[1] = _mm512_permutex2var_ps(lo, odd, hi);
+            }
+            // cols[j][i] = (A E)[i][j]; then A again along each row.
+            let cols = [a(e[0][0], e[1][0]), a(e[0][1], e[1][1])];
+            let mask: __mmask16 = ((1u32 << len) - 1) as u16;
+            for (i, (&c0, &c1)) in cols[0].iter().zip(&cols[1]).enumerate() {
+                for (j, val) in a(c0, c1).into_iter().enumerate() {
+                    let dst = ((i * 4 + j) * channels + k) * ntp + (t - t0);
+                    // SAFETY: dst + len <= 16·channels·ntp (asserted), lanes past len masked.
+                    unsafe { _mm512_mask_storeu_ps(u.ptr().add(dst), mask, val) };
+                }
+            }
+        }
+    }
+
+    /// `M_ξ[k][c] += Σ_t U_ξ[k][t] · V_ξ[c][t]` for rows `k0..k1` (multiples of 4) and every `c`,
+    /// over the `ntp` tiles of a chunk.
+    ///
+    /// # Safety
+    /// AVX-512F; no other thread writes rows `k0..k1` of `M_ξ`.
+    #[target_feature(enable = "avx512f")]
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn reduce(
+        u: &[f32],
+        v: &[f32],
+        m: SharedOut,
+        xi: usize,
+        k0: usize,
+        k1: usize,
+        (k, c): (usize, usize),
+        ntp: usize,
+    ) {
+        assert!(k1 <= k && ntp.is_multiple_of(16));
+        assert!([k0, k1, c].iter().all(|v| v.is_multiple_of(4)));
+        assert!(u.len() >= 16 * k * ntp && v.len() >= 16 * c * ntp);
+        assert!(m.len() >= 16 * k * c);
+        let (u, v) = (u[xi * k * ntp..].as_ptr(), v[xi * c * ntp..].as_ptr());
+        for c0 in (0..c).step_by(4) {
+            for kk in (k0..k1).step_by(4) {
+                // SAFETY: rows kk..kk+4 of U_ξ and c0..c0+4 of V_ξ, ntp floats each (asserted).
+                let acc = unsafe { dot4x4(u.add(kk * ntp), v.add(c0 * ntp), ntp) };
+                let mut sums = [0f32; 16];
+                // SAFETY: 16 floats.
+                unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), hsum16(acc)) };
+                for (i, s) in sums.chunks_exact(4).enumerate() {
+                    let row = (xi * k + kk + i) * c + c0;
+                    for (j, &val) in s.iter().enumerate() {
+                        // SAFETY: row kk+i < k1 of M_ξ, column c0+j < c (asserted); owned here.
+                        unsafe { *m.ptr().add(row + j) += val };
+                    }
+                }
+            }
+        }
+    }
+
+    /// The 16 dot products of rows `u + i·ntp` with rows `v + j·ntp` (`i, j < 4`) as 16-lane
+    /// partial sums, accumulator `4i + j`.
+    ///
+    /// # Safety
+    /// AVX-512F; 4 rows of `ntp` (a multiple of 16) floats at `u` and at `v`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn dot4x4(u: *const f32, v: *const f32, ntp: usize) -> [__m512; 16] {
+        let mut acc = [_mm512_setzero_ps(); 16];
+        let mut t = 0;
+        while t < ntp {
+            // SAFETY: the caller bounds all 8 rows.
+            unsafe {
+                let us = [
+                    _mm512_loadu_ps(u.add(t)),
+                    _mm512_loadu_ps(u.add(ntp + t)),
+                    _mm512_loadu_ps(u.add(2 * ntp + t)),
+                    _mm512_loadu_ps(u.add(3 * ntp + t)),
+                ];
+                for j in 0..4 {
+                    let vj = _mm512_loadu_ps(v.add(j * ntp + t));
+                    for (i, &ui) in us.iter().enumerate() {
+                        acc[4 * i + j] = _mm512_fmadd_ps(ui, vj, acc[4 * i + j]);
+                    }
+                }
+            }
+            t += 16;
+        }
+        acc
+    }
+
+    /// Lane `l` of the result is the sum of the 16 lanes of `v[l]`: two rounds across 128-bit
+    /// lanes, then two within them, each round halving the number of vectors.
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::kernels) fn hsum16(v: [__m512; 16]) -> __m512 {
+        // Round 1: v[j] and v[j+4] → 128-bit lanes (v[j].0+2, v[j].1+3, v[j+4].0+2, v[j+4].1+3);
+        // likewise v[j+8] and v[j+12].
+        let half = |a: __m512, b: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b),
+            )
+        };
+        // Round 2: 128-bit lane q of w[j] holds four partial sums of v[4q + j].
+        let w: [__m512; 4] = std::array::from_fn(|j| {
+            let (p, q) = (half(v[j], v[j + 4]), half(v[j + 8], v[j + 12]));
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0b10_00_10_00>(p, q),
+                _mm512_shuffle_f32x4::<0b11_01_11_01>(p, q),
+            )
+        });
+        // Rounds 3 and 4, within each 128-bit lane q: (w0, w1, w2, w3) → sums of v[4q..4q+4].
+        let pair = |a: __m512, b: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_ps::<0b01_00_01_00>(a, b),
+                _mm512_shuffle_ps::<0b11_10_11_10>(a, b),
+            )
+        };
+        let (s01, s23) = (pair(w[0], w[1]), pair(w[2], w[3]));
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0b10_00_10_00>(s01, s23),
+            _mm512_shuffle_ps::<0b11_01_11_01>(s01, s23),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::kernels::cpu::conv2d_backward_weight_gemm;
+    use crate::kernels::direct::tests::{max_rel, rand_vec};
+
+    #[test]
+    fn hsum16_sums_each_vector_into_its_lane() {
+        if !direct::available() {
+            eprintln!("SKIPPED hsum16_sums_each_vector_into_its_lane: no AVX-512 on this CPU");
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::*;
+            let vals: Vec<f32> = (0..256).map(|i| ((i * 37) % 101) as f32).collect();
+            let mut got = [0f32; 16];
+            // SAFETY: AVX-512F checked above; 16 floats per load and store.
+            unsafe {
+                let v: [__m512; 16] =
+                    std::array::from_fn(|l| _mm512_loadu_ps(vals[16 * l..].as_ptr()));
+                _mm512_storeu_ps(got.as_mut_ptr(), avx512::hsum16(v));
+            }
+            for (l, &g) in got.iter().enumerate() {
+                assert_eq!(
+                    g,
+                    vals[16 * l..16 * (l + 1)].iter().sum::<f32>(),
+                    "lane {l}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn winograd_weight_gradient_matches_gemm_path() {
+        if !direct::available() {
+            eprintln!("SKIPPED winograd_weight_gradient_matches_gemm_path: no AVX-512 on this CPU");
+            return;
+        }
+        // (b, c, h, w, k): odd sizes (partial tiles), two chunks (1152 tiles), a partial K block.
+        for (i, &(b, c, h, w, k)) in [
+            (1, 4, 5, 7, 4),
+            (2, 8, 6, 6, 12),
+            (3, 12, 9, 4, 68),
+            (2, 8, 47, 48, 8),
+            (2, 64, 12, 12, 128),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let g = ConvGeom::new(b, c, h, w, k, 3, 3, 1, 1).unwrap();
+            assert!(applicable(&g));
+            let x = rand_vec(g.input_len(), 10 + i as u64);
+            let dy = rand_vec(g.output_len(), 20 + i as u64);
+            let want = conv2d_backward_weight_gemm(&g, &x, &dy);
+            let got = conv_backward_weight(&g, &x, &dy);
+            let err = max_rel(&got, &want);
+            assert!(err < 5e-6, "{g:?}: max relative error {err}");
+        }
+    }
+}
