@@ -1,13 +1,17 @@
-//! Throughput of single convolutions of the encoder (direct kernel vs GEMM path).
-//! `cargo run --release --example conv_gflops`
+//! Throughput of single convolutions of the encoder: forward (Winograd, direct kernel, GEMM
+//! path), then the weight gradients of the training step's 3x3 layers (Winograd vs GEMM path).
+//! GFLOP/s count the direct convolution's multiply-adds.
+//! `cargo run --release --example conv_gflops [-- NAME]` (only the cases whose name contains NAME)
 use std::time::Instant;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use fer_cam::kernels::{cpu, cpu::ConvGeom, direct, winograd};
+use fer_cam::kernels::{cpu, cpu::ConvGeom, direct, wgrad, winograd};
 
 fn main() {
+    // As the fer-cam binary does: keep freed pages for reuse instead of faulting them in again.
+    fer_cam::alloc::keep_freed_memory_ms(30_000);
     let cases = [
         ("stem 3x3 b1", 1, 1, 48, 64, 3, 1, 1),
         ("stem 7x7 b1", 1, 1, 48, 64, 7, 2, 3),
@@ -27,6 +31,9 @@ fn main() {
         ("7x7: l4 512x2 b8", 8, 512, 2, 512, 3, 1, 1),
     ];
     for (name, b, c, hw, k, kh, s, p) in cases {
+        if !selected(name) {
+            continue;
+        }
         let g = ConvGeom::new(b, c, hw, hw, k, kh, kh, s, p).unwrap();
         let x: Vec<f32> = (0..g.input_len()).map(|i| (i % 7) as f32 * 0.1).collect();
         let w: Vec<f32> = (0..g.weight_len()).map(|i| (i % 5) as f32 * 0.1).collect();
@@ -56,6 +63,62 @@ fn main() {
                 }
                 dt = dt.min(t.elapsed().as_secs_f64() / reps as f64);
             }
+            println!(
+                "{name:18} {label:8} {:8.3} ms {:6.1} GFLOP/s",
+                dt * 1e3,
+                flops / dt / 1e9
+            );
+        }
+    }
+    weight_gradients();
+}
+
+/// Whether the case named `name` runs: all of them, or those containing the first argument.
+fn selected(name: &str) -> bool {
+    std::env::args().nth(1).is_none_or(|f| name.contains(&f))
+}
+
+/// Best of 5 rounds of `reps` calls, in seconds per call: this machine is shared, the minimum is
+/// the least disturbed.
+fn best_of_5(reps: usize, f: impl Fn()) -> f64 {
+    let mut dt = f64::INFINITY;
+    for _ in 0..5 {
+        let t = Instant::now();
+        for _ in 0..reps {
+            f();
+        }
+        dt = dt.min(t.elapsed().as_secs_f64() / reps as f64);
+    }
+    dt
+}
+
+fn weight_gradients() {
+    let cases = [
+        ("dW l1 64x48 b64", 64, 64, 48, 64),
+        ("dW l2 128x24 b64", 64, 128, 24, 128),
+        ("dW l3 256x12 b64", 64, 256, 12, 256),
+        ("dW l4 512x6 b64", 64, 512, 6, 512),
+    ];
+    for (name, b, c, hw, k) in cases {
+        if !selected(name) {
+            continue;
+        }
+        let g = ConvGeom::new(b, c, hw, hw, k, 3, 3, 1, 1).unwrap();
+        let x: Vec<f32> = (0..g.input_len()).map(|i| (i % 7) as f32 * 0.1).collect();
+        let dy: Vec<f32> = (0..g.output_len()).map(|i| (i % 5) as f32 * 0.1).collect();
+        let flops = 2.0 * (g.b * g.k * g.ohw() * g.ckk()) as f64;
+        let reps = (2e10 / flops).ceil() as usize;
+        for label in ["winograd", "gemm"] {
+            if label == "winograd" && !wgrad::applicable(&g) {
+                continue;
+            }
+            let dt = best_of_5(reps, || {
+                let dw = match label {
+                    "winograd" => wgrad::conv_backward_weight(&g, &x, &dy),
+                    _ => cpu::conv2d_backward_weight_gemm(&g, &x, &dy),
+                };
+                std::hint::black_box(dw);
+            });
             println!(
                 "{name:18} {label:8} {:8.3} ms {:6.1} GFLOP/s",
                 dt * 1e3,

@@ -264,7 +264,8 @@ pub fn backward(
         })
         .unzip();
     let n = g.n().max(1) as f32;
-    let mut dx = vec![0f32; g.len()];
+    // dx has room for dγ and dβ after it: the custom op returns all three as one buffer.
+    let mut dx = super::zeros_with_room(g.len(), 2 * g.c);
     if g.hw > 0 {
         dx.par_chunks_mut(g.hw)
             .zip(x.par_chunks(g.hw).zip(dy.par_chunks(g.hw)))

@@ -203,7 +203,8 @@ pub fn gate_pool_backward(
     dpooled: &[f32],
 ) -> (Vec<f32>, Vec<f32>) {
     assert!(x.len() == d.len() && g.len() == d.b * d.c && dpooled.len() == d.b * 2 * d.hw);
-    let (mut dx, mut dg) = (vec![0f32; d.len()], vec![0f32; d.b * d.c]);
+    // dx has room for dg after it: the custom op returns them as one buffer.
+    let (mut dx, mut dg) = (super::zeros_with_room(d.len(), d.b * d.c), vec![0f32; d.b * d.c]);
     let img = d.c * d.hw;
     if img > 0 {
         dx.par_chunks_mut(img)
@@ -237,7 +238,8 @@ pub fn apply(d: &CbamGeom, x: &[f32], id: &[f32], g: &[f32], s: &[f32]) -> Vec<f
     out
 }
 
-/// Backward of [`apply`] from its output: `(dx, d identity, dg, ds)`.
+/// Backward of [`apply`] from its output: `[dx | d identity | dg | ds]` in one buffer (the
+/// custom op's flat output, so nothing is copied after).
 pub fn apply_backward(
     d: &CbamGeom,
     x: &[f32],
@@ -245,11 +247,13 @@ pub fn apply_backward(
     dout: &[f32],
     g: &[f32],
     s: &[f32],
-) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+) -> Vec<f32> {
     assert!(x.len() == d.len() && out.len() == d.len() && dout.len() == d.len());
     assert!(g.len() == d.b * d.c && s.len() == d.b * d.hw);
-    let (mut dx, mut did) = (vec![0f32; d.len()], vec![0f32; d.len()]);
-    let (mut dg, mut ds) = (vec![0f32; d.b * d.c], vec![0f32; d.b * d.hw]);
+    let mut flat = vec![0f32; 2 * d.len() + d.b * (d.c + d.hw)];
+    let (dx, rest) = flat.split_at_mut(d.len());
+    let (did, rest) = rest.split_at_mut(d.len());
+    let (dg, ds) = rest.split_at_mut(d.b * d.c);
     let img = d.c * d.hw;
     if img > 0 {
         dx.par_chunks_mut(img)
@@ -268,7 +272,7 @@ pub fn apply_backward(
                 )
             });
     }
-    (dx, did, dg, ds)
+    flat
 }
 
 #[cfg(test)]
@@ -342,7 +346,10 @@ mod tests {
         let wa = data(d.len(), 6);
         let fa = |x: &[f32], id: &[f32], g: &[f32], s: &[f32]| dot(&apply(&d, x, id, g, s), &wa);
         let out = apply(&d, &x, &id, &g, &s);
-        let (dx, did, dg, ds) = apply_backward(&d, &x, &out, &wa, &g, &s);
+        let flat = apply_backward(&d, &x, &out, &wa, &g, &s);
+        let (dx, rest) = flat.split_at(d.len());
+        let (did, rest) = rest.split_at(d.len());
+        let (dg, ds) = rest.split_at(d.b * d.c);
         for i in [0, 5, 11, 18, 26] {
             let (mut p, mut m) = (x.clone(), x.clone());
             p[i] += h;

@@ -835,7 +835,7 @@ impl CustomOp3 for CbamApplyBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let d = cbam_geom(l1)?;
         let (g, s) = split_gates(&d, &self.gates)?;
-        let (mut dx, did, dg, ds) = cbam_train::apply_backward(
+        let flat = cbam_train::apply_backward(
             &d,
             f32_slice(s1, l1, "cbam input")?,
             f32_slice(s2, l2, "cbam output")?,
@@ -843,12 +843,18 @@ impl CustomOp3 for CbamApplyBackward {
             g,
             s,
         );
-        dx.extend_from_slice(&did);
-        dx.extend_from_slice(&dg);
-        dx.extend_from_slice(&ds);
-        let n = dx.len();
-        Ok((CpuStorage::F32(dx), Shape::from(n)))
+        let n = flat.len();
+        Ok((CpuStorage::F32(flat), Shape::from(n)))
     }
+}
+
+
+/// `len` zeros in a vector with capacity for `extra` more floats: a custom op's flat output that
+/// gets small parts appended without a reallocation (which would copy the large part).
+pub(crate) fn zeros_with_room(len: usize, extra: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len + extra);
+    v.resize(len, 0.0);
+    v
 }
 
 /// Training-mode end of a CBAM residual block with the fast kernels:

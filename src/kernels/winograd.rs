@@ -288,10 +288,22 @@ thread_local! {
 
 impl Scratch {
     /// A buffer of at least `len` initialised floats (of unspecified value).
+    ///
+    /// Takes the smallest pooled buffer that is large enough, else the largest, which is then
+    /// replaced by a fresh one of `len` floats (not grown: growing copies the old contents).
     pub(super) fn take(len: usize) -> Self {
-        let mut buf = SCRATCH.with(|s| s.borrow_mut().pop().unwrap_or_default());
+        let buf = SCRATCH.with(|s| {
+            let mut pool = s.borrow_mut();
+            let fits = (0..pool.len())
+                .filter(|&i| pool[i].len() >= len)
+                .min_by_key(|&i| pool[i].len());
+            let pick = fits.or_else(|| (0..pool.len()).max_by_key(|&i| pool[i].len()));
+            pick.map(|i| pool.swap_remove(i)).unwrap_or_default()
+        });
         if buf.len() < len {
-            buf.resize(len, 0.0);
+            return Self {
+                buf: vec![0.0; len],
+            };
         }
         Self { buf }
     }
