@@ -1,7 +1,8 @@
 //! Throughput of single convolutions of the encoder: forward (Winograd, direct kernel, GEMM
 //! path), then the weight gradients of the training step's 3x3 layers (Winograd vs GEMM path).
 //! GFLOP/s count the direct convolution's multiply-adds.
-//! `cargo run --release --example conv_gflops [-- NAME]` (only the cases whose name contains NAME)
+//! `cargo run --release --example conv_gflops [-- NAME]` (only the cases whose name contains NAME;
+//! for the weight gradients the name is followed by the kernel, e.g. `"dW l1 64x48 b64 gemm"`)
 use std::time::Instant;
 
 #[global_allocator]
@@ -73,7 +74,8 @@ fn main() {
     weight_gradients();
 }
 
-/// Whether the case named `name` runs: all of them, or those containing the first argument.
+/// Whether the case named `name` (for the weight gradients: name, space, kernel) runs: all of
+/// them, or those containing the first argument.
 fn selected(name: &str) -> bool {
     std::env::args().nth(1).is_none_or(|f| name.contains(&f))
 }
@@ -100,21 +102,21 @@ fn weight_gradients() {
         ("dW l4 512x6 b64", 64, 512, 6, 512),
     ];
     for (name, b, c, hw, k) in cases {
-        if !selected(name) {
-            continue;
-        }
         let g = ConvGeom::new(b, c, hw, hw, k, 3, 3, 1, 1).unwrap();
         let x: Vec<f32> = (0..g.input_len()).map(|i| (i % 7) as f32 * 0.1).collect();
         let dy: Vec<f32> = (0..g.output_len()).map(|i| (i % 5) as f32 * 0.1).collect();
         let flops = 2.0 * (g.b * g.k * g.ohw() * g.ckk()) as f64;
         let reps = (2e10 / flops).ceil() as usize;
-        for label in ["winograd", "gemm"] {
-            if label == "winograd" && !wgrad::applicable(&g) {
+        for label in ["winograd4", "winograd", "gemm"] {
+            if !selected(&format!("{name} {label}"))
+                || (label.starts_with("winograd") && !wgrad::applicable(&g))
+            {
                 continue;
             }
             let dt = best_of_5(reps, || {
                 let dw = match label {
-                    "winograd" => wgrad::conv_backward_weight(&g, &x, &dy),
+                    "winograd4" => wgrad::conv_backward_weight_tiles(&g, &x, &dy, 4),
+                    "winograd" => wgrad::conv_backward_weight_tiles(&g, &x, &dy, 2),
                     _ => cpu::conv2d_backward_weight_gemm(&g, &x, &dy),
                 };
                 std::hint::black_box(dw);

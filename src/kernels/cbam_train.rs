@@ -204,7 +204,10 @@ pub fn gate_pool_backward(
 ) -> (Vec<f32>, Vec<f32>) {
     assert!(x.len() == d.len() && g.len() == d.b * d.c && dpooled.len() == d.b * 2 * d.hw);
     // dx has room for dg after it: the custom op returns them as one buffer.
-    let (mut dx, mut dg) = (super::zeros_with_room(d.len(), d.b * d.c), vec![0f32; d.b * d.c]);
+    let (mut dx, mut dg) = (
+        super::zeros_with_room(d.len(), d.b * d.c),
+        vec![0f32; d.b * d.c],
+    );
     let img = d.c * d.hw;
     if img > 0 {
         dx.par_chunks_mut(img)

@@ -848,7 +848,6 @@ impl CustomOp3 for CbamApplyBackward {
     }
 }
 
-
 /// `len` zeros in a vector with capacity for `extra` more floats: a custom op's flat output that
 /// gets small parts appended without a reallocation (which would copy the large part).
 pub(crate) fn zeros_with_room(len: usize, extra: usize) -> Vec<f32> {

@@ -24,7 +24,7 @@ use super::cpu::{ConvGeom, SharedOut};
 use super::direct::{self, MR};
 
 /// `G` of F(2x2, 3x3): the weight transform (4x3).
-const G2: [[f64; 3]; 4] = [
+pub(super) const G2: [[f64; 3]; 4] = [
     [1.0, 0.0, 0.0],
     [0.5, 0.5, 0.5],
     [0.5, -0.5, 0.5],
@@ -32,7 +32,7 @@ const G2: [[f64; 3]; 4] = [
 ];
 
 /// `G` of F(4x4, 3x3) with interpolation points 0, ±1, ±2, ∞ (6x3).
-const G4: [[f64; 3]; 6] = [
+pub(super) const G4: [[f64; 3]; 6] = [
     [1.0 / 4.0, 0.0, 0.0],
     [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
     [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
@@ -622,7 +622,8 @@ pub(super) mod avx512 {
         }
         v
     }
-    const STRIDE4: [[i32; 16]; 4] = [stride4(0), stride4(1), stride4(2), stride4(3)];
+    pub(in crate::kernels) const STRIDE4: [[i32; 16]; 4] =
+        [stride4(0), stride4(1), stride4(2), stride4(3)];
     /// Interleave 64-bit pairs: `[a0 b0 a1 b1 a2 b2 a3 b3]` and the upper half.
     const PAIRS_LO: [i64; 8] = [0, 8, 1, 9, 2, 10, 3, 11];
     const PAIRS_HI: [i64; 8] = [4, 12, 5, 13, 6, 14, 7, 15];
@@ -677,7 +678,7 @@ pub(super) mod avx512 {
     /// AVX-512F; no other thread writes channel `c` of `v`.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn input4(
+    pub(in crate::kernels) unsafe fn input4(
         tl: &Tiles,
         xp: &[f32],
         channels: usize,
