@@ -36,6 +36,7 @@ fn conv_forward_and_gradients_match_candle() {
         (2, 8, 5, 5, 4, 1, 1, 0),
         (64, 4, 12, 12, 8, 3, 1, 1),
         (1, 64, 6, 6, 128, 3, 2, 1),
+        (8, 16, 24, 24, 32, 3, 1, 1),
     ];
     for (i, &(b, c, h, w, k, ks, s, p)) in cases.iter().enumerate() {
         let x = Var::from_tensor(&randn(&[b, c, h, w], i as u64)).unwrap();
@@ -74,6 +75,24 @@ fn conv_forward_and_gradients_match_candle() {
             rel_err(&dw1, &dw0)
         );
     }
+    // An input that needs no gradient (the stem's image) gets none from the fast kernels
+    // (candle's conv computes one anyway); the weight gradient is unchanged.
+    let x = randn(&[2, 1, 9, 9], 300);
+    let wt = Var::from_tensor(&randn(&[4, 1, 3, 3], 301)).unwrap();
+    let dw = |kernels| {
+        let y = conv2d(&x, wt.as_tensor(), 1, 1, kernels).unwrap();
+        let g = y.sum_all().unwrap().backward().unwrap();
+        if kernels == ConvKernels::Fast {
+            assert!(g.get(&x).is_none(), "gradient for an untracked input");
+        }
+        g.get(wt.as_tensor()).unwrap().clone()
+    };
+    let (dw0, dw1) = (dw(ConvKernels::Candle), dw(ConvKernels::Fast));
+    assert!(
+        rel_err(&dw1, &dw0) < 1e-4,
+        "untracked input: dw {}",
+        rel_err(&dw1, &dw0)
+    );
 }
 
 #[test]

@@ -120,15 +120,19 @@ impl CustomOp2 for Conv2d {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
         let (_, _, h, wd) = x.dims4()?;
-        let dx = dy.apply_op2_no_bwd(
-            w,
-            &Conv2dBackwardInput {
-                stride: self.stride,
-                pad: self.pad,
-                h,
-                w: wd,
-            },
-        )?;
+        // No input gradient where nothing upstream wants one (the stem's input image).
+        let dx = match x.track_op() {
+            true => Some(dy.apply_op2_no_bwd(
+                w,
+                &Conv2dBackwardInput {
+                    stride: self.stride,
+                    pad: self.pad,
+                    h,
+                    w: wd,
+                },
+            )?),
+            false => None,
+        };
         let (_, _, kh, kw) = w.dims4()?;
         let dw = x.apply_op2_no_bwd(
             &dy,
@@ -139,7 +143,7 @@ impl CustomOp2 for Conv2d {
                 kw,
             },
         )?;
-        Ok((Some(dx), Some(dw)))
+        Ok((dx, Some(dw)))
     }
 }
 
