@@ -171,6 +171,43 @@ fn batch_norm_train_matches_candle() {
 }
 
 #[test]
+fn channel_pool_matches_candle() {
+    // (b, c, h, w): planes shorter and longer than a vector, not multiples of 16.
+    for (i, &(b, c, h, w)) in [(2, 3, 5, 7), (4, 16, 12, 12), (1, 8, 1, 1), (3, 5, 17, 9)]
+        .iter()
+        .enumerate()
+    {
+        let x = Var::from_tensor(&randn(&[b, c, h, w], 400 + i as u64)).unwrap();
+        let (ra, rm) = (
+            randn(&[b, c], 500 + i as u64),
+            randn(&[b, c], 600 + i as u64),
+        );
+        let (avg, max) = fer_cam::kernels::channel_pool(x.as_tensor(), ConvKernels::Fast)
+            .unwrap()
+            .expect("fast channel pool");
+        let flat = x.as_tensor().flatten_from(2).unwrap();
+        let (avg0, max0) = (flat.mean(2).unwrap(), flat.max(2).unwrap());
+        assert!(rel_err(&avg, &avg0) < 1e-6, "mean {:?}", (b, c, h, w));
+        assert_eq!(
+            max.to_vec2::<f32>().unwrap(),
+            max0.to_vec2::<f32>().unwrap()
+        );
+        let grad = |a: &Tensor, m: &Tensor| {
+            let loss = ((a * &ra).unwrap() + (m * &rm).unwrap()).unwrap();
+            let g = loss.sum_all().unwrap().backward().unwrap();
+            g.get(x.as_tensor()).unwrap().clone()
+        };
+        let (dx, dx0) = (grad(&avg, &max), grad(&avg0, &max0));
+        assert!(
+            rel_err(&dx, &dx0) < 1e-6,
+            "dx {:?}: {}",
+            (b, c, h, w),
+            rel_err(&dx, &dx0)
+        );
+    }
+}
+
+#[test]
 fn max_pool_matches_candle() {
     // Overlapping 3x3/2 with padding: forward against candle (explicit −∞ padding).
     for (b, c, h, w) in [(1, 64, 24, 24), (3, 5, 13, 11)] {

@@ -100,6 +100,32 @@ mod img {
         }
     }
 
+    /// Mean, maximum and index of the first maximum of one plane (16 running sums and maxima,
+    /// so that the loop vectorises).
+    #[inline(always)]
+    pub fn plane_pool(x: &[f32]) -> (f32, f32, usize) {
+        let (mut sum, mut max) = ([0f32; 16], [f32::NEG_INFINITY; 16]);
+        let chunks = x.chunks_exact(16);
+        let rest = chunks.remainder();
+        for ch in chunks {
+            for l in 0..16 {
+                sum[l] += ch[l];
+                max[l] = max[l].max(ch[l]);
+            }
+        }
+        let (mut s, mut m) = (0f32, f32::NEG_INFINITY);
+        for (&a, &b) in sum.iter().zip(&max) {
+            s += a;
+            m = m.max(b);
+        }
+        for &v in rest {
+            s += v;
+            m = m.max(v);
+        }
+        let at = x.iter().position(|&v| v == m).unwrap_or(0);
+        (s / x.len().max(1) as f32, m, at)
+    }
+
     /// Backward of [`apply`] from its output `out` and `dout`: `dx`, `d identity`, `dg`, `ds`.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
@@ -159,6 +185,11 @@ mod img512 {
     }
 
     #[target_feature(enable = "avx512f")]
+    pub fn plane_pool(x: &[f32]) -> (f32, f32, usize) {
+        img::plane_pool(x)
+    }
+
+    #[target_feature(enable = "avx512f")]
     pub fn apply(x: &[f32], id: &[f32], g: &[f32], s: &[f32], hw: usize, out: &mut [f32]) {
         img::apply(x, id, g, s, hw, out)
     }
@@ -179,6 +210,50 @@ mod img512 {
     ) {
         img::apply_bwd(x, out, dout, g, s, hw, dx, did, dg, ds)
     }
+}
+
+/// CBAM's channel-attention pooling: per channel of `x (b, c, hw)` the spatial mean, the maximum
+/// and the index of the first maximum (as f32, exact below 2²⁴), laid out `(b, 3, c)`. The
+/// indices are for [`channel_pool_backward`].
+pub fn channel_pool(d: &CbamGeom, x: &[f32]) -> Vec<f32> {
+    assert_eq!(x.len(), d.len());
+    let mut out = vec![0f32; d.b * 3 * d.c];
+    let img = d.c * d.hw;
+    if img > 0 {
+        out.par_chunks_mut(3 * d.c)
+            .zip(x.par_chunks(img))
+            .for_each(|(o, xi)| {
+                let (mean, rest) = o.split_at_mut(d.c);
+                let (max, at) = rest.split_at_mut(d.c);
+                for (k, xc) in xi.chunks_exact(d.hw).enumerate() {
+                    let (a, m, i) = avx512_or!(img512, img, plane_pool(xc));
+                    (mean[k], max[k], at[k]) = (a, m, i as f32);
+                }
+            });
+    }
+    out
+}
+
+/// Backward of [`channel_pool`] from its output and `dpooled (b, 3, c)` (the index row's
+/// gradient is ignored): the mean's gradient spread evenly over the plane, the maximum's to the
+/// first maximum. (Candle's `max` splits it among tied maxima; ties have measure zero here.)
+pub fn channel_pool_backward(d: &CbamGeom, pooled: &[f32], dpooled: &[f32]) -> Vec<f32> {
+    assert!(pooled.len() == d.b * 3 * d.c && dpooled.len() == pooled.len());
+    let mut dx = vec![0f32; d.len()];
+    let img = d.c * d.hw;
+    if img > 0 {
+        let inv = 1.0 / d.hw as f32;
+        dx.par_chunks_mut(img)
+            .zip(pooled.par_chunks(3 * d.c).zip(dpooled.par_chunks(3 * d.c)))
+            .for_each(|(dxi, (p, dp))| {
+                for (k, dxc) in dxi.chunks_exact_mut(d.hw).enumerate() {
+                    dxc.fill(dp[k] * inv);
+                    let at = (p[2 * d.c + k] as usize).min(d.hw - 1);
+                    dxc[at] += dp[d.c + k];
+                }
+            });
+    }
+    dx
 }
 
 /// `[mean_c x·g, max_c x·g]`: `(b, 2, hw)` from `x (b, c, hw)` and `g (b, c)`.

@@ -679,6 +679,82 @@ fn cbam_geom(l: &Layout) -> Result<cbam_train::CbamGeom> {
     Ok(cbam_train::CbamGeom { b, c, hw: h * w })
 }
 
+/// CBAM's channel pooling: `x (b,c,h,w) → (b,3,c)`, per channel the spatial mean, the maximum
+/// and the index of the maximum (see [`cbam_train::channel_pool`]).
+struct ChannelPool;
+
+impl CustomOp1 for ChannelPool {
+    fn name(&self) -> &'static str {
+        "fer-channel-pool"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let d = cbam_geom(l)?;
+        let out = cbam_train::channel_pool(&d, f32_slice(s, l, "channel pool input")?);
+        Ok((CpuStorage::F32(out), Shape::from((d.b, 3, d.c))))
+    }
+
+    fn bwd(&self, x: &Tensor, res: &Tensor, dres: &Tensor) -> Result<Option<Tensor>> {
+        let (_, _, h, w) = x.dims4()?;
+        let dx = res.apply_op2_no_bwd(&dres.contiguous()?, &ChannelPoolBackward { h, w })?;
+        Ok(Some(dx))
+    }
+}
+
+/// `(pooled (b,3,c), dpooled) → dx (b,c,h,w)` for [`ChannelPool`].
+struct ChannelPoolBackward {
+    h: usize,
+    w: usize,
+}
+
+impl CustomOp2 for ChannelPoolBackward {
+    fn name(&self) -> &'static str {
+        "fer-channel-pool-bwd"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (b, three, c) = l1.shape().dims3()?;
+        if three != 3 || l2.shape() != l1.shape() {
+            bail!(
+                "channel pool backward: shapes {:?} {:?}",
+                l1.shape(),
+                l2.shape()
+            );
+        }
+        let d = cbam_train::CbamGeom {
+            b,
+            c,
+            hw: self.h * self.w,
+        };
+        let dx = cbam_train::channel_pool_backward(
+            &d,
+            f32_slice(s1, l1, "channel pool output")?,
+            f32_slice(s2, l2, "channel pool grad")?,
+        );
+        Ok((CpuStorage::F32(dx), Shape::from((b, c, self.h, self.w))))
+    }
+}
+
+/// CBAM's channel pooling with the fast kernels: the spatial mean and maximum of every channel of
+/// `xs (b, c, h, w)`, `(b, c)` each, in one pass with a one-pass backward. `None` when the fast
+/// kernels do not apply.
+pub fn channel_pool(xs: &Tensor, kernels: ConvKernels) -> Result<Option<(Tensor, Tensor)>> {
+    if !fast_ok(xs, kernels) || xs.rank() != 4 {
+        return Ok(None);
+    }
+    let pooled = xs.contiguous()?.apply_op1(ChannelPool)?;
+    Ok(Some((
+        pooled.narrow(1, 0, 1)?.squeeze(1)?,
+        pooled.narrow(1, 1, 1)?.squeeze(1)?,
+    )))
+}
+
 /// Training CBAM, first half: `(x (b,c,h,w), g (b,c)) → [mean_c x·g, max_c x·g] (b,2,h,w)`.
 struct CbamGatePool;
 

@@ -109,9 +109,13 @@ impl Cbam {
 
     /// Channel attention `σ(MLP(AvgPool(x)) + MLP(MaxPool(x)))`, `(b, c)`.
     fn channel_gate(&self, xs: &Tensor) -> Result<Tensor> {
-        let flat = xs.flatten_from(2)?;
-        let avg = flat.mean(D::Minus1)?;
-        let max = flat.max(D::Minus1)?;
+        let (avg, max) = match kernels::channel_pool(xs, self.kernels)? {
+            Some(pooled) => pooled,
+            None => {
+                let flat = xs.flatten_from(2)?;
+                (flat.mean(D::Minus1)?, flat.max(D::Minus1)?)
+            }
+        };
         candle_nn::ops::sigmoid(&(self.mlp(&avg)? + self.mlp(&max)?)?)
     }
 }
