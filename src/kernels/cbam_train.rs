@@ -29,8 +29,35 @@ impl CbamGeom {
     }
 }
 
+/// `Σ f(a[i], b[i], …)` over the columns `cols` (summed up to the shortest) in 16 independent
+/// lanes, so that the compiler vectorises the sum (a single running sum is a dependency chain it
+/// must keep in order).
+#[inline(always)]
+fn lane_sum<const N: usize>(cols: [&[f32]; N], f: impl Fn([f32; N]) -> f32) -> f32 {
+    let n = cols.iter().map(|c| c.len()).min().unwrap_or(0);
+    let full = n - n % 16;
+    let mut acc = [0f32; 16];
+    let mut base = 0;
+    while base < full {
+        // One bounds check per column per 16 values; the lanes index fixed-size arrays.
+        let chunk: [&[f32; 16]; N] = cols.map(|c| {
+            c[base..base + 16]
+                .try_into()
+                .expect("16 floats (inside the shortest column)")
+        });
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a += f(chunk.map(|c| c[l]));
+        }
+        base += 16;
+    }
+    let tail: f32 = (full..n).map(|i| f(cols.map(|c| c[i]))).sum();
+    tail + acc.iter().sum::<f32>()
+}
+
 /// Per-image loops (baseline build; [`img512`] compiles the same code for AVX-512).
 mod img {
+    use super::lane_sum;
+
     /// `pooled = [mean_c x·g, max_c x·g]` for one image.
     #[inline(always)]
     pub fn gate_pool(x: &[f32], g: &[f32], hw: usize, pooled: &mut [f32]) {
@@ -66,7 +93,8 @@ mod img {
                 *m = m.max(v * gc);
             }
         }
-        let (dmean, dmax) = dpooled.split_at(hw);
+        let (dmean, dmax) = (&dpooled[..hw], &dpooled[hw..2 * hw]);
+        let mx = &mx[..hw];
         let inv = 1.0 / g.len().max(1) as f32;
         for (((xc, dxc), &gc), dgc) in x
             .chunks_exact(hw)
@@ -74,14 +102,13 @@ mod img {
             .zip(g)
             .zip(dg.iter_mut())
         {
-            let mut acc = 0f32;
-            for ((((&v, d), &m), &dm), &dmx) in xc.iter().zip(dxc).zip(&*mx).zip(dmean).zip(dmax) {
-                let v1 = v * gc;
-                let d1 = dm * inv + if v1 == m { dmx } else { 0.0 };
-                *d = d1 * gc;
-                acc += d1 * v;
+            // The gradient through the pooled maps at a position: (x, max, dmean, dmax) → d1.
+            let d1 = |[v, m, dm, dmx]: [f32; 4]| dm * inv + if v * gc == m { dmx } else { 0.0 };
+            for ((((d, &v), &m), &dm), &dmx) in dxc.iter_mut().zip(xc).zip(mx).zip(dmean).zip(dmax)
+            {
+                *d = d1([v, m, dm, dmx]) * gc;
             }
-            *dgc = acc;
+            *dgc = lane_sum([xc, mx, dmean, dmax], |a| d1(a) * a[0]);
         }
     }
 
@@ -141,21 +168,19 @@ mod img {
         dg: &mut [f32],
         ds: &mut [f32],
     ) {
+        let (s, ds) = (&s[..hw], &mut ds[..hw]);
         ds.fill(0.0);
         for (k, &gc) in g.iter().enumerate() {
             let r = k * hw..(k + 1) * hw;
             let (xc, oc, doc) = (&x[r.clone()], &out[r.clone()], &dout[r.clone()]);
             let (dxc, dic) = (&mut dx[r.clone()], &mut did[r]);
-            let mut acc = 0f32;
             for i in 0..hw {
                 let dz = if oc[i] > 0.0 { doc[i] } else { 0.0 };
                 dic[i] = dz;
                 dxc[i] = dz * gc * s[i];
-                let t = dz * xc[i];
-                acc += t * s[i];
-                ds[i] += t * gc;
+                ds[i] += dz * xc[i] * gc;
             }
-            dg[k] = acc;
+            dg[k] = lane_sum([dic, xc, s], |[dz, v, sv]| dz * v * sv);
         }
     }
 }
