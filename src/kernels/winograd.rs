@@ -137,7 +137,7 @@ pub fn tile_size(g: &ConvGeom) -> Option<usize> {
 /// Tile geometry of one convolution.
 pub(super) struct Tiles {
     /// Output tile size.
-    pub(super) m: usize,
+    m: usize,
     tw: usize,
     /// Tiles per image.
     per_img: usize,
@@ -193,7 +193,7 @@ impl Iterator for Runs<'_> {
 }
 
 /// Floats past the padded input that the last tile row's vector loads may read.
-pub(super) const SLACK: usize = 96;
+const SLACK: usize = 96;
 
 /// Planes of `h x w` (`src` holds a whole number of them) copied into zero-padded planes of
 /// `hp x wp` at row and column offset `pad`, followed by [`SLACK`] zeros for the last vector
@@ -704,22 +704,31 @@ pub(super) mod avx512 {
             for (i, row) in d.iter_mut().enumerate() {
                 // SAFETY: asserted above.
                 let r = unsafe { xp.as_ptr().add(base + i * tl.wp) };
-                for (shift, cols) in [(0usize, 0..4usize), (4, 4..6)] {
-                    // SAFETY: asserted above (r + shift + 64 <= the slack's end).
-                    let q = unsafe {
+                // SAFETY: asserted above (r + 64 floats, and r[64], r[65], are in bounds).
+                let (q, next) = unsafe {
+                    (
                         [
-                            _mm512_loadu_ps(r.add(shift)),
-                            _mm512_loadu_ps(r.add(shift + 16)),
-                            _mm512_loadu_ps(r.add(shift + 32)),
-                            _mm512_loadu_ps(r.add(shift + 48)),
-                        ]
-                    };
-                    for j in cols {
-                        let s = &sel[j - shift];
-                        let lo = _mm512_permutex2var_ps(q[0], *s, q[1]);
-                        let hi = _mm512_permutex2var_ps(q[2], *s, q[3]);
-                        row[j] = _mm512_mask_blend_ps(0xff00, lo, hi);
-                    }
+                            _mm512_loadu_ps(r),
+                            _mm512_loadu_ps(r.add(16)),
+                            _mm512_loadu_ps(r.add(32)),
+                            _mm512_loadu_ps(r.add(48)),
+                        ],
+                        [*r.add(64), *r.add(65)],
+                    )
+                };
+                for (j, s) in sel.iter().enumerate() {
+                    let lo = _mm512_permutex2var_ps(q[0], *s, q[1]);
+                    let hi = _mm512_permutex2var_ps(q[2], *s, q[3]);
+                    row[j] = _mm512_mask_blend_ps(0xff00, lo, hi);
+                }
+                // Columns 4 and 5 of tile t are columns 0 and 1 of tile t + 1: shift those down
+                // one lane and take tile 16's from the row (floats 64 and 65).
+                for j in 0..2 {
+                    let shifted = _mm512_alignr_epi32::<1>(
+                        _mm512_castps_si512(_mm512_set1_ps(next[j])),
+                        _mm512_castps_si512(row[j]),
+                    );
+                    row[4 + j] = _mm512_castsi512_ps(shifted);
                 }
             }
             // Bᵀ d B: columns of each row, then rows of the result.
