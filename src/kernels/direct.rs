@@ -204,30 +204,30 @@ pub fn conv_forward(
     let out = SharedOut::new(&mut y);
     let panels = pw.panels();
     if few_positions(g) {
-        // Few output positions per image (the last stage at batch 1): vectorise over output
-        // channels instead, so no lane is spent on padding columns.
+        // Few output positions per image (the last stages): vectorise over output channels
+        // instead, so no lane is spent on padding columns, and fill each micro-tile with the
+        // positions of consecutive images, so tiny maps fill it too. An item is one weight panel
+        // over a chunk of images whose phase planes fit in L2 (all of a small batch); items are
+        // chunk-major, so a worker's consecutive items share the chunk while the panels stream.
+        let plane = g.oh * g.ow;
+        let per_chunk = ((512 << 10) / (4 * img_len).max(1)).clamp(1, g.b);
+        let chunks = g.b.div_ceil(per_chunk);
         let (xp, off, lay) = (&xp, &off, &lay);
-        (0..g.b * panels).into_par_iter().for_each(|item| {
-            let (n, p) = (item / panels, item % panels);
+        (0..chunks * panels).into_par_iter().for_each(|item| {
+            let (ch, p) = (item / panels, item % panels);
+            let q0 = ch * per_chunk * plane;
+            let q1 = ((ch + 1) * per_chunk).min(g.b) * plane;
+            if q0 >= q1 {
+                return;
+            }
             // SAFETY: AVX-512F is present (asserted above); the item writes only the output
-            // channels of panel p of image n, which no other item touches.
+            // channels of panel p at batch positions q0..q1, which no other item touches.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                avx512::run_few(
-                    g,
-                    lay,
-                    pw,
-                    &xp[n * img_len..(n + 1) * img_len],
-                    off,
-                    bias,
-                    relu,
-                    n,
-                    p,
-                    out,
-                )
+                avx512::run_few(g, lay, pw, xp, img_len, off, bias, relu, p, (q0, q1), out)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (n, p, xp, off, lay, out);
+            let _ = (p, q0, q1, xp, off, lay, out);
         });
         return y;
     }
@@ -280,7 +280,7 @@ const FEW_POS: usize = 12;
 /// Whether the few-positions kernel runs: at most 48 outputs per image (6x6 and smaller maps),
 /// where the grid kernel's 16-position tiles spend a quarter or more of their lanes on padding
 /// columns and partial tiles.
-fn few_positions(g: &ConvGeom) -> bool {
+pub(super) fn few_positions(g: &ConvGeom) -> bool {
     g.oh * g.ow <= 48
 }
 
@@ -377,12 +377,13 @@ pub(super) mod avx512 {
         }
     }
 
-    /// The few-positions kernel: every output position of image `n` for weight panel `p0`,
-    /// [`FEW_POS`] positions at a time, each position's value of tap `j` broadcast (from memory)
-    /// against 16 output channels of weights.
+    /// The few-positions kernel: output positions `q0..q1` of the whole batch (position `q` is
+    /// pixel `q mod oh·ow` of image `q / (oh·ow)`) for weight panel `p0`, [`FEW_POS`] positions
+    /// at a time, each position's value of tap `j` broadcast (from memory) against 16 output
+    /// channels of weights. `x` holds every image's phase planes, `img_len` floats each.
     ///
     /// # Safety
-    /// AVX-512F; no other thread writes these output channels of image `n`.
+    /// AVX-512F; no other thread writes these output channels at these positions.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run_few(
@@ -390,20 +391,23 @@ pub(super) mod avx512 {
         lay: &Layout,
         pw: &PackedWeights,
         x: &[f32],
+        img_len: usize,
         off: &[u32],
         bias: Option<&[f32]>,
         relu: bool,
-        n: usize,
         p0: usize,
+        (q0, q1): (usize, usize),
         out: SharedOut,
     ) {
         let kd = pw.kd();
         let plane = g.oh * g.ow;
         let max_off = off.iter().copied().max().unwrap_or(0) as usize;
-        // Grid index of every output position.
-        let qs: Vec<usize> = (0..plane).map(|p| p / g.ow * lay.pw + p % g.ow).collect();
-        assert!(off.len() == kd && qs.last().map_or(0, |q| q + max_off) < x.len());
-        assert!((n + 1) * g.k * plane <= out.len());
+        // Where position q reads in x (its image's grid) and writes in the output (channel 0).
+        let src = |q: usize| q / plane * img_len + q % plane / g.ow * lay.pw + q % g.ow;
+        let dst = |q: usize| q / plane * g.k * plane + q % plane;
+        assert!(off.len() == kd && q0 < q1 && q1 <= g.b * plane);
+        assert!(src(q1 - 1) + max_off < x.len() && x.len() <= g.b * img_len);
+        assert!(g.b * g.k * plane <= out.len());
         let a = &pw.data[p0 * kd * MR..(p0 + 1) * kd * MR];
         let mut vbias = [0f32; MR];
         for (r, v) in vbias.iter_mut().enumerate() {
@@ -411,18 +415,19 @@ pub(super) mod avx512 {
                 .and_then(|b| b.get(p0 * MR + r).copied())
                 .unwrap_or(0.0);
         }
-        let mut start = 0;
-        while start < plane {
-            let cnt = FEW_POS.min(plane - start);
-            // Positions past `cnt` repeat the last one; their results are not stored.
-            let mut q = [0usize; FEW_POS];
-            for (i, slot) in q.iter_mut().enumerate() {
-                *slot = qs[start + i.min(cnt - 1)];
-            }
+        // Looked up, not computed in the loop: computed, the compiler splits each offset into
+        // its parts and keeps those on the stack.
+        let srcs: Vec<usize> = (q0..q1).map(src).collect();
+        let mut start = q0;
+        while start < q1 {
+            let cnt = FEW_POS.min(q1 - start);
+            // Positions past `cnt` repeat the last one; their results are not stored. Grid
+            // positions rise with q, so the last one bounds every read (asserted above).
+            let q: [usize; FEW_POS] = std::array::from_fn(|i| srcs[start - q0 + i.min(cnt - 1)]);
             let mut acc = [_mm512_setzero_ps(); FEW_POS];
             for (j, &o) in off.iter().enumerate() {
-                // SAFETY: j < kd, so the weight load is inside the panel; q + o <= the largest
-                // position plus the largest offset, inside x (asserted).
+                // SAFETY: j < kd, so the weight load is inside the panel; q + o <= the last
+                // position's grid offset plus the largest offset, inside x (asserted).
                 unsafe {
                     let w = _mm512_loadu_ps(a.as_ptr().add(j * MR));
                     let xo = x.as_ptr().add(o as usize);
@@ -432,7 +437,7 @@ pub(super) mod avx512 {
                 }
             }
             for (i, v) in acc.iter().enumerate().take(cnt) {
-                let pos = start + i;
+                let base = dst(start + i);
                 let mut lanes = [0f32; MR];
                 // SAFETY: MR floats.
                 unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
@@ -443,8 +448,8 @@ pub(super) mod avx512 {
                     }
                     let y = val + vbias[r];
                     let y = if relu { y.max(0.0) } else { y };
-                    // SAFETY: channel k < K of image n, position < plane (asserted bound).
-                    unsafe { *out.ptr().add((n * g.k + k) * plane + pos) = y };
+                    // SAFETY: channel k < K, position inside the batch (asserted bound).
+                    unsafe { *out.ptr().add(base + k * plane) = y };
                 }
             }
             start += cnt;
@@ -521,8 +526,11 @@ pub(super) mod tests {
             (1, 8, 6, 6, 16, 3, 1, 1),
             (2, 4, 5, 9, 7, 5, 3, 2),
             (1, 2, 20, 20, 1, 7, 1, 3),
-            // Few positions per image (vectorised over output channels).
+            // Few positions per image (vectorised over output channels; micro-tiles straddle
+            // images).
             (2, 40, 6, 6, 64, 3, 1, 1),
+            (5, 8, 3, 3, 20, 3, 1, 1),
+            (7, 16, 4, 4, 24, 3, 2, 1),
             (1, 20, 5, 7, 50, 3, 2, 1),
             (3, 12, 2, 2, 32, 3, 1, 1),
             (1, 64, 12, 12, 64, 1, 2, 0),
