@@ -378,7 +378,7 @@ pub(super) mod avx512 {
     }
 
     /// The few-positions kernel: output positions `q0..q1` of the whole batch (position `q` is
-    /// pixel `q mod oh·ow` of image `q / (oh·ow)`) for weight panel `p0`, [`FEW_POS`] positions
+    /// pixel `q mod oh·ow` of image `q / (oh·ow)`; whole images) for weight panel `p0`, [`FEW_POS`] positions
     /// at a time, each position's value of tap `j` broadcast (from memory) against 16 output
     /// channels of weights. `x` holds every image's phase planes, `img_len` floats each.
     ///
@@ -403,11 +403,24 @@ pub(super) mod avx512 {
         let plane = g.oh * g.ow;
         let max_off = off.iter().copied().max().unwrap_or(0) as usize;
         // Where position q reads in x (its image's grid) and writes in the output (channel 0).
-        let src = |q: usize| q / plane * img_len + q % plane / g.ow * lay.pw + q % g.ow;
-        let dst = |q: usize| q / plane * g.k * plane + q % plane;
         assert!(off.len() == kd && q0 < q1 && q1 <= g.b * plane);
-        assert!(src(q1 - 1) + max_off < x.len() && x.len() <= g.b * img_len);
-        assert!(g.b * g.k * plane <= out.len());
+        assert!(
+            q0.is_multiple_of(plane) && q1.is_multiple_of(plane),
+            "whole images"
+        );
+        // Where each position reads in x (its image's grid) and writes in the output (channel
+        // 0), listed once: looked up, not recomputed (divisions) in the loop.
+        let (mut srcs, mut dsts) = (Vec::with_capacity(q1 - q0), Vec::with_capacity(q1 - q0));
+        for n in q0 / plane..q1 / plane {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    srcs.push(n * img_len + oy * lay.pw + ox);
+                    dsts.push(n * g.k * plane + oy * g.ow + ox);
+                }
+            }
+        }
+        assert!(srcs.last().is_some_and(|&q| q + max_off < x.len()));
+        assert!(x.len() <= g.b * img_len && g.b * g.k * plane <= out.len());
         let a = &pw.data[p0 * kd * MR..(p0 + 1) * kd * MR];
         let mut vbias = [0f32; MR];
         for (r, v) in vbias.iter_mut().enumerate() {
@@ -415,9 +428,6 @@ pub(super) mod avx512 {
                 .and_then(|b| b.get(p0 * MR + r).copied())
                 .unwrap_or(0.0);
         }
-        // Looked up, not computed in the loop: computed, the compiler splits each offset into
-        // its parts and keeps those on the stack.
-        let srcs: Vec<usize> = (q0..q1).map(src).collect();
         let mut start = q0;
         while start < q1 {
             let cnt = FEW_POS.min(q1 - start);
@@ -437,7 +447,7 @@ pub(super) mod avx512 {
                 }
             }
             for (i, v) in acc.iter().enumerate().take(cnt) {
-                let base = dst(start + i);
+                let base = dsts[start - q0 + i];
                 let mut lanes = [0f32; MR];
                 // SAFETY: MR floats.
                 unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
