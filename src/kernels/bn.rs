@@ -9,72 +9,19 @@
 
 use rayon::prelude::*;
 
-/// Shape of a batch-norm input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BnGeom {
-    pub b: usize,
-    pub c: usize,
-    /// Values per channel per image (h·w).
-    pub hw: usize,
-}
-
-impl BnGeom {
-    pub fn len(&self) -> usize {
-        self.b * self.c * self.hw
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Values per channel over the batch.
-    pub fn n(&self) -> usize {
-        self.b * self.hw
-    }
-
-    /// The `b` planes of channel `c`.
-    fn planes<'a>(&self, x: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
-        let (cs, hw) = (self.c * self.hw, self.hw);
-        (0..self.b).map(move |n| &x[n * cs + c * hw..][..hw])
-    }
-}
-
-/// `(Σ f(x, d).0, Σ f(x, d).1)` over paired values in 16 independent f32 lanes (so the compiler
-/// vectorises it; one plane is at most a few thousand values), returned as f64 for the sum over
-/// planes.
-#[inline(always)]
-fn lane_sums(x: &[f32], d: &[f32], f: impl Fn(f32, f32) -> (f32, f32)) -> (f64, f64) {
-    let (mut a, mut b) = ([0f32; 16], [0f32; 16]);
-    let (xc, dc) = (x.chunks_exact(16), d.chunks_exact(16));
-    let (xr, dr) = (xc.remainder(), dc.remainder());
-    for (xs, ds) in xc.zip(dc) {
-        for l in 0..16 {
-            let (u, v) = f(xs[l], ds[l]);
-            a[l] += u;
-            b[l] += v;
-        }
-    }
-    let (mut ta, mut tb) = (0f64, 0f64);
-    for (&xv, &dv) in xr.iter().zip(dr) {
-        let (u, v) = f(xv, dv);
-        ta += u as f64;
-        tb += v as f64;
-    }
-    let total = |l: [f32; 16]| l.iter().map(|&v| v as f64).sum::<f64>();
-    (total(a) + ta, total(b) + tb)
-}
+use super::MapGeom;
 
 /// Per-plane loops, written branch-free so that they vectorise, and compiled twice: for the
 /// baseline target and, called where the CPU has it, for AVX-512.
 mod plane {
-    use super::lane_sums;
+    use crate::kernels::lane_sums;
 
     /// `Σ x`, or `Σ (x − mean)²` when `mean` is given.
     #[inline(always)]
     pub fn sum(p: &[f32], mean: Option<f32>) -> f64 {
         match mean {
-            None => lane_sums(p, p, |v, _| (v, 0.0)).0,
-            Some(m) => lane_sums(p, p, |v, _| ((v - m) * (v - m), 0.0)).0,
+            None => lane_sums([p], |[v]| [v])[0],
+            Some(m) => lane_sums([p], |[v]| [(v - m) * (v - m)])[0],
         }
     }
 
@@ -104,12 +51,13 @@ mod plane {
         bt: f32,
         relu: bool,
     ) -> (f64, f64) {
-        lane_sums(xp, dp, |v, d| {
+        let [s, sx] = lane_sums([xp, dp], |[v, d]| {
             let xh = (v - m) * iv;
             let keep = !relu || gm * xh + bt > 0.0;
             let dz = if keep { d } else { 0.0 };
-            (dz, dz * xh)
-        })
+            [dz, dz * xh]
+        });
+        (s, sx)
     }
 
     /// `dx = k·(dz − mb − x̂·mg)`.
@@ -174,7 +122,7 @@ mod plane512 {
 }
 
 /// Per-channel mean and biased variance (two passes: mean, then centred squares).
-pub fn channel_stats(g: &BnGeom, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
+pub fn channel_stats(g: &MapGeom, x: &[f32]) -> (Vec<f32>, Vec<f32>) {
     assert_eq!(x.len(), g.len());
     let n = g.n().max(1) as f64;
     (0..g.c)
@@ -204,7 +152,7 @@ fn inv_std(var: &[f32], eps: f64) -> Vec<f32> {
 /// Forward: `relu?(γ·(x − μ)/σ + β)` with the batch statistics, which are returned as well
 /// (`mean`, biased `var`) for the running averages.
 pub fn forward(
-    g: &BnGeom,
+    g: &MapGeom,
     x: &[f32],
     gamma: &[f32],
     beta: &[f32],
@@ -233,7 +181,7 @@ pub fn forward(
 /// batch statistics [`forward`] returned for this `x`; they are recomputed when absent.
 #[allow(clippy::too_many_arguments)]
 pub fn backward(
-    g: &BnGeom,
+    g: &MapGeom,
     x: &[f32],
     dy: &[f32],
     gamma: &[f32],
@@ -295,7 +243,7 @@ mod tests {
 
     #[test]
     fn forward_normalises_each_channel() {
-        let g = BnGeom { b: 3, c: 2, hw: 5 };
+        let g = MapGeom { b: 3, c: 2, hw: 5 };
         let x = data(g.len(), 1);
         let (y, mean, var) = forward(&g, &x, &[1.0, 2.0], &[0.0, -1.0], 1e-5, false);
         for c in 0..2 {
@@ -315,7 +263,7 @@ mod tests {
     /// The analytic gradient against central differences of `Σ w·y`.
     #[test]
     fn backward_matches_finite_differences() {
-        let g = BnGeom { b: 2, c: 3, hw: 4 };
+        let g = MapGeom { b: 2, c: 3, hw: 4 };
         let x = data(g.len(), 7);
         let w = data(g.len(), 3);
         let gamma = [0.7f32, -1.2, 1.5];

@@ -11,52 +11,11 @@
 
 use rayon::prelude::*;
 
-/// Shape of a CBAM input.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CbamGeom {
-    pub b: usize,
-    pub c: usize,
-    pub hw: usize,
-}
-
-impl CbamGeom {
-    pub fn len(&self) -> usize {
-        self.b * self.c * self.hw
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// `Σ f(a[i], b[i], …)` over the columns `cols` (summed up to the shortest) in 16 independent
-/// lanes, so that the compiler vectorises the sum (a single running sum is a dependency chain it
-/// must keep in order).
-#[inline(always)]
-fn lane_sum<const N: usize>(cols: [&[f32]; N], f: impl Fn([f32; N]) -> f32) -> f32 {
-    let n = cols.iter().map(|c| c.len()).min().unwrap_or(0);
-    let full = n - n % 16;
-    let mut acc = [0f32; 16];
-    let mut base = 0;
-    while base < full {
-        // One bounds check per column per 16 values; the lanes index fixed-size arrays.
-        let chunk: [&[f32; 16]; N] = cols.map(|c| {
-            c[base..base + 16]
-                .try_into()
-                .expect("16 floats (inside the shortest column)")
-        });
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(chunk.map(|c| c[l]));
-        }
-        base += 16;
-    }
-    let tail: f32 = (full..n).map(|i| f(cols.map(|c| c[i]))).sum();
-    tail + acc.iter().sum::<f32>()
-}
+use super::MapGeom;
 
 /// Per-image loops (baseline build; [`img512`] compiles the same code for AVX-512).
 mod img {
-    use super::lane_sum;
+    use crate::kernels::lane_sums;
 
     /// `pooled = [mean_c x·g, max_c x·g]` for one image.
     #[inline(always)]
@@ -108,7 +67,7 @@ mod img {
             {
                 *d = d1([v, m, dm, dmx]) * gc;
             }
-            *dgc = lane_sum([xc, mx, dmean, dmax], |a| d1(a) * a[0]);
+            *dgc = lane_sums([xc, mx, dmean, dmax], |a| [d1(a) * a[0]])[0] as f32;
         }
     }
 
@@ -180,7 +139,7 @@ mod img {
                 dxc[i] = dz * gc * s[i];
                 ds[i] += dz * xc[i] * gc;
             }
-            dg[k] = lane_sum([dic, xc, s], |[dz, v, sv]| dz * v * sv);
+            dg[k] = lane_sums([dic, xc, s], |[dz, v, sv]| [dz * v * sv])[0] as f32;
         }
     }
 }
@@ -240,7 +199,7 @@ mod img512 {
 /// CBAM's channel-attention pooling: per channel of `x (b, c, hw)` the spatial mean, the maximum
 /// and the index of the first maximum (as f32, exact below 2²⁴), laid out `(b, 3, c)`. The
 /// indices are for [`channel_pool_backward`].
-pub fn channel_pool(d: &CbamGeom, x: &[f32]) -> Vec<f32> {
+pub fn channel_pool(d: &MapGeom, x: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), d.len());
     let mut out = vec![0f32; d.b * 3 * d.c];
     let img = d.c * d.hw;
@@ -262,7 +221,7 @@ pub fn channel_pool(d: &CbamGeom, x: &[f32]) -> Vec<f32> {
 /// Backward of [`channel_pool`] from its output and `dpooled (b, 3, c)` (the index row's
 /// gradient is ignored): the mean's gradient spread evenly over the plane, the maximum's to the
 /// first maximum. (Candle's `max` splits it among tied maxima; ties have measure zero here.)
-pub fn channel_pool_backward(d: &CbamGeom, pooled: &[f32], dpooled: &[f32]) -> Vec<f32> {
+pub fn channel_pool_backward(d: &MapGeom, pooled: &[f32], dpooled: &[f32]) -> Vec<f32> {
     assert!(pooled.len() == d.b * 3 * d.c && dpooled.len() == pooled.len());
     let mut dx = vec![0f32; d.len()];
     let img = d.c * d.hw;
@@ -282,7 +241,7 @@ pub fn channel_pool_backward(d: &CbamGeom, pooled: &[f32], dpooled: &[f32]) -> V
 }
 
 /// `[mean_c x·g, max_c x·g]`: `(b, 2, hw)` from `x (b, c, hw)` and `g (b, c)`.
-pub fn gate_pool(d: &CbamGeom, x: &[f32], g: &[f32]) -> Vec<f32> {
+pub fn gate_pool(d: &MapGeom, x: &[f32], g: &[f32]) -> Vec<f32> {
     assert!(x.len() == d.len() && g.len() == d.b * d.c);
     let mut pooled = vec![0f32; d.b * 2 * d.hw];
     let img = d.c * d.hw;
@@ -297,7 +256,7 @@ pub fn gate_pool(d: &CbamGeom, x: &[f32], g: &[f32]) -> Vec<f32> {
 
 /// Backward of [`gate_pool`]: `(dx, dg)`.
 pub fn gate_pool_backward(
-    d: &CbamGeom,
+    d: &MapGeom,
     x: &[f32],
     g: &[f32],
     dpooled: &[f32],
@@ -325,7 +284,7 @@ pub fn gate_pool_backward(
 }
 
 /// `relu(x·g·s + identity)` with `g (b, c)` and `s (b, hw)`.
-pub fn apply(d: &CbamGeom, x: &[f32], id: &[f32], g: &[f32], s: &[f32]) -> Vec<f32> {
+pub fn apply(d: &MapGeom, x: &[f32], id: &[f32], g: &[f32], s: &[f32]) -> Vec<f32> {
     assert!(x.len() == d.len() && id.len() == d.len());
     assert!(g.len() == d.b * d.c && s.len() == d.b * d.hw);
     let mut out = vec![0f32; d.len()];
@@ -344,7 +303,7 @@ pub fn apply(d: &CbamGeom, x: &[f32], id: &[f32], g: &[f32], s: &[f32]) -> Vec<f
 /// Backward of [`apply`] from its output: `[dx | d identity | dg | ds]` in one buffer (the
 /// custom op's flat output, so nothing is copied after).
 pub fn apply_backward(
-    d: &CbamGeom,
+    d: &MapGeom,
     x: &[f32],
     out: &[f32],
     dout: &[f32],
@@ -398,7 +357,7 @@ mod tests {
     /// Analytic gradients of `Σ w·f` against central differences, for both halves.
     #[test]
     fn backward_matches_finite_differences() {
-        let d = CbamGeom { b: 2, c: 3, hw: 5 };
+        let d = MapGeom { b: 2, c: 3, hw: 5 };
         // Channels apart by more than the step, so the max over channels has no kink in reach.
         let x: Vec<f32> = data(d.len(), 1)
             .iter()

@@ -29,6 +29,71 @@ macro_rules! avx512_or {
     }};
 }
 
+/// Shape of a `(b, c, h, w)` feature map as the batch-norm and CBAM kernels see it: `hw` values
+/// per channel per image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MapGeom {
+    pub b: usize,
+    pub c: usize,
+    pub hw: usize,
+}
+
+impl MapGeom {
+    pub fn len(&self) -> usize {
+        self.b * self.c * self.hw
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Values per channel over the batch.
+    pub fn n(&self) -> usize {
+        self.b * self.hw
+    }
+
+    /// The `b` planes of channel `c` of `x`.
+    pub fn planes<'a>(&self, x: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
+        let (cs, hw) = (self.c * self.hw, self.hw);
+        (0..self.b).map(move |n| &x[n * cs + c * hw..][..hw])
+    }
+}
+
+/// `M` sums `Σ f(a[i], b[i], …)` over the columns `cols` (up to the shortest), each in 16
+/// independent f32 lanes so that the compiler vectorises the loop (a single running sum is a
+/// dependency chain it must keep in order), then added up in f64. `f` sees one value of each
+/// column; the columns are read in chunks of 16, one bounds check per column per chunk.
+#[inline(always)]
+pub(crate) fn lane_sums<const N: usize, const M: usize>(
+    cols: [&[f32]; N],
+    f: impl Fn([f32; N]) -> [f32; M],
+) -> [f64; M] {
+    let n = cols.iter().map(|c| c.len()).min().unwrap_or(0);
+    let full = n - n % 16;
+    let mut acc = [[0f32; 16]; M];
+    let mut base = 0;
+    while base < full {
+        let chunk: [&[f32; 16]; N] = cols.map(|c| {
+            c[base..base + 16]
+                .try_into()
+                .expect("16 floats (inside the shortest column)")
+        });
+        for l in 0..16 {
+            for (a, v) in acc.iter_mut().zip(f(chunk.map(|c| c[l]))) {
+                a[l] += v;
+            }
+        }
+        base += 16;
+    }
+    let mut total = acc.map(|lanes| lanes.iter().map(|&v| v as f64).sum::<f64>());
+    for i in full..n {
+        for (t, v) in total.iter_mut().zip(f(cols.map(|c| c[i]))) {
+            *t += v as f64;
+        }
+    }
+    total
+}
+
 pub mod bn;
 pub mod cbam_train;
 pub mod cpu;
@@ -526,11 +591,6 @@ struct BatchNormTrain {
     stats: BnStats,
 }
 
-fn bn_geom(l: &Layout) -> Result<bn::BnGeom> {
-    let (b, c, h, w) = l.shape().dims4()?;
-    Ok(bn::BnGeom { b, c, hw: h * w })
-}
-
 impl CustomOp3 for BatchNormTrain {
     fn name(&self) -> &'static str {
         "fer-batch-norm-train"
@@ -545,7 +605,7 @@ impl CustomOp3 for BatchNormTrain {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = bn_geom(l1)?;
+        let g = map_geom(l1)?;
         let gamma = f32_slice(s2, l2, "batch-norm weight")?;
         let beta = f32_slice(s3, l3, "batch-norm bias")?;
         if gamma.len() != g.c || beta.len() != g.c {
@@ -612,7 +672,7 @@ impl CustomOp2 for BatchNormBackward {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let g = bn_geom(l1)?;
+        let g = map_geom(l1)?;
         if l2.shape() != l1.shape() || self.gamma.len() != g.c {
             bail!("batch-norm backward: shapes disagree");
         }
@@ -674,9 +734,10 @@ pub fn batch_norm_train(
     Ok(ys)
 }
 
-fn cbam_geom(l: &Layout) -> Result<cbam_train::CbamGeom> {
+/// The `(b, c, h, w)` map laid out by `l`.
+fn map_geom(l: &Layout) -> Result<MapGeom> {
     let (b, c, h, w) = l.shape().dims4()?;
-    Ok(cbam_train::CbamGeom { b, c, hw: h * w })
+    Ok(MapGeom { b, c, hw: h * w })
 }
 
 /// CBAM's channel pooling: `x (b,c,h,w) → (b,3,c)`, per channel the spatial mean, the maximum
@@ -689,7 +750,7 @@ impl CustomOp1 for ChannelPool {
     }
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        let d = cbam_geom(l)?;
+        let d = map_geom(l)?;
         let out = cbam_train::channel_pool(&d, f32_slice(s, l, "channel pool input")?);
         Ok((CpuStorage::F32(out), Shape::from((d.b, 3, d.c))))
     }
@@ -727,7 +788,7 @@ impl CustomOp2 for ChannelPoolBackward {
                 l2.shape()
             );
         }
-        let d = cbam_train::CbamGeom {
+        let d = MapGeom {
             b,
             c,
             hw: self.h * self.w,
@@ -770,7 +831,7 @@ impl CustomOp2 for CbamGatePool {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = cbam_geom(l1)?;
+        let d = map_geom(l1)?;
         if l2.shape().dims() != [d.b, d.c] {
             bail!(
                 "cbam: channel gate {:?} for input {:?}",
@@ -819,7 +880,7 @@ impl CustomOp3 for CbamGatePoolBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = cbam_geom(l1)?;
+        let d = map_geom(l1)?;
         let (mut dx, dg) = cbam_train::gate_pool_backward(
             &d,
             f32_slice(s1, l1, "cbam input")?,
@@ -835,7 +896,7 @@ impl CustomOp3 for CbamGatePoolBackward {
 /// Training CBAM, second half: `relu(x·g·s + identity)` with `gates = [g (b·c); s (b·h·w)]`.
 struct CbamApply;
 
-fn split_gates<'a>(d: &cbam_train::CbamGeom, gates: &'a [f32]) -> Result<(&'a [f32], &'a [f32])> {
+fn split_gates<'a>(d: &MapGeom, gates: &'a [f32]) -> Result<(&'a [f32], &'a [f32])> {
     if gates.len() != d.b * (d.c + d.hw) {
         bail!("cbam: {} gate values for {:?}", gates.len(), d);
     }
@@ -856,7 +917,7 @@ impl CustomOp3 for CbamApply {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = cbam_geom(l1)?;
+        let d = map_geom(l1)?;
         if l2.shape() != l1.shape() {
             bail!("cbam: identity {:?} for input {:?}", l2.shape(), l1.shape());
         }
@@ -913,7 +974,7 @@ impl CustomOp3 for CbamApplyBackward {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let d = cbam_geom(l1)?;
+        let d = map_geom(l1)?;
         let (g, s) = split_gates(&d, &self.gates)?;
         let flat = cbam_train::apply_backward(
             &d,
