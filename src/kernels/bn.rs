@@ -11,22 +11,19 @@ use rayon::prelude::*;
 
 use super::MapGeom;
 
-/// Per-plane loops, written branch-free so that they vectorise, and compiled twice: for the
-/// baseline target and, called where the CPU has it, for AVX-512.
-mod plane {
-    use crate::kernels::lane_sums;
+avx512_twins! {
+    /// Per-plane loops, written branch-free so that they vectorise.
+    plane, plane512;
 
     /// `Σ x`, or `Σ (x − mean)²` when `mean` is given.
-    #[inline(always)]
     pub fn sum(p: &[f32], mean: Option<f32>) -> f64 {
         match mean {
-            None => lane_sums([p], |[v]| [v])[0],
-            Some(m) => lane_sums([p], |[v]| [(v - m) * (v - m)])[0],
+            None => crate::kernels::lane_sums([p], |[v]| [v])[0],
+            Some(m) => crate::kernels::lane_sums([p], |[v]| [(v - m) * (v - m)])[0],
         }
     }
 
     /// `y = relu?(x·scale + shift)`.
-    #[inline(always)]
     pub fn forward(xp: &[f32], yp: &mut [f32], scale: f32, shift: f32, relu: bool) {
         if relu {
             for (o, &v) in yp.iter_mut().zip(xp) {
@@ -40,8 +37,6 @@ mod plane {
     }
 
     /// `(Σ dz, Σ dz·x̂)` with `x̂ = (x − m)·iv` and `dz = dy` masked where `γ·x̂ + β <= 0` (ReLU).
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     pub fn grad_sums(
         xp: &[f32],
         dp: &[f32],
@@ -51,7 +46,7 @@ mod plane {
         bt: f32,
         relu: bool,
     ) -> (f64, f64) {
-        let [s, sx] = lane_sums([xp, dp], |[v, d]| {
+        let [s, sx] = crate::kernels::lane_sums([xp, dp], |[v, d]| {
             let xh = (v - m) * iv;
             let keep = !relu || gm * xh + bt > 0.0;
             let dz = if keep { d } else { 0.0 };
@@ -61,54 +56,6 @@ mod plane {
     }
 
     /// `dx = k·(dz − mb − x̂·mg)`.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    pub fn dx(
-        xp: &[f32],
-        dp: &[f32],
-        out: &mut [f32],
-        (m, iv, gm, bt): (f32, f32, f32, f32),
-        (k, mb, mg): (f32, f32, f32),
-        relu: bool,
-    ) {
-        for ((o, &v), &d) in out.iter_mut().zip(xp).zip(dp) {
-            let xh = (v - m) * iv;
-            let keep = !relu || gm * xh + bt > 0.0;
-            *o = k * ((if keep { d } else { 0.0 }) - mb - xh * mg);
-        }
-    }
-}
-
-/// The [`plane`] loops for AVX-512 (same code, wider vectors).
-#[cfg(target_arch = "x86_64")]
-mod plane512 {
-    use super::plane;
-
-    #[target_feature(enable = "avx512f")]
-    pub fn sum(p: &[f32], mean: Option<f32>) -> f64 {
-        plane::sum(p, mean)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub fn forward(xp: &[f32], yp: &mut [f32], scale: f32, shift: f32, relu: bool) {
-        plane::forward(xp, yp, scale, shift, relu)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub fn grad_sums(
-        xp: &[f32],
-        dp: &[f32],
-        m: f32,
-        iv: f32,
-        gm: f32,
-        bt: f32,
-        relu: bool,
-    ) -> (f64, f64) {
-        plane::grad_sums(xp, dp, m, iv, gm, bt, relu)
-    }
-
-    #[target_feature(enable = "avx512f")]
     pub fn dx(
         xp: &[f32],
         dp: &[f32],
@@ -117,7 +64,12 @@ mod plane512 {
         coef: (f32, f32, f32),
         relu: bool,
     ) {
-        plane::dx(xp, dp, out, stats, coef, relu)
+        let ((m, iv, gm, bt), (k, mb, mg)) = (stats, coef);
+        for ((o, &v), &d) in out.iter_mut().zip(xp).zip(dp) {
+            let xh = (v - m) * iv;
+            let keep = !relu || gm * xh + bt > 0.0;
+            *o = k * ((if keep { d } else { 0.0 }) - mb - xh * mg);
+        }
     }
 }
 

@@ -13,12 +13,11 @@ use rayon::prelude::*;
 
 use super::MapGeom;
 
-/// Per-image loops (baseline build; [`img512`] compiles the same code for AVX-512).
-mod img {
-    use crate::kernels::lane_sums;
+avx512_twins! {
+    /// Per-image loops.
+    img, img512;
 
     /// `pooled = [mean_c x·g, max_c x·g]` for one image.
-    #[inline(always)]
     pub fn gate_pool(x: &[f32], g: &[f32], hw: usize, pooled: &mut [f32]) {
         let (mean, max) = pooled.split_at_mut(hw);
         mean.fill(0.0);
@@ -35,8 +34,6 @@ mod img {
     }
 
     /// Backward of [`gate_pool`]: `dx` and `dg` from `dpooled`; `mx` is scratch of `hw` floats.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     pub fn gate_pool_bwd(
         x: &[f32],
         g: &[f32],
@@ -67,12 +64,11 @@ mod img {
             {
                 *d = d1([v, m, dm, dmx]) * gc;
             }
-            *dgc = lane_sums([xc, mx, dmean, dmax], |a| [d1(a) * a[0]])[0] as f32;
+            *dgc = crate::kernels::lane_sums([xc, mx, dmean, dmax], |a| [d1(a) * a[0]])[0] as f32;
         }
     }
 
     /// `out = relu(x·g·s + identity)` for one image.
-    #[inline(always)]
     pub fn apply(x: &[f32], id: &[f32], g: &[f32], s: &[f32], hw: usize, out: &mut [f32]) {
         for (((xc, ic), oc), &gc) in x
             .chunks_exact(hw)
@@ -88,7 +84,6 @@ mod img {
 
     /// Mean, maximum and index of the first maximum of one plane (16 running sums and maxima,
     /// so that the loop vectorises).
-    #[inline(always)]
     pub fn plane_pool(x: &[f32]) -> (f32, f32, usize) {
         let (mut sum, mut max) = ([0f32; 16], [f32::NEG_INFINITY; 16]);
         let chunks = x.chunks_exact(16);
@@ -113,8 +108,6 @@ mod img {
     }
 
     /// Backward of [`apply`] from its output `out` and `dout`: `dx`, `d identity`, `dg`, `ds`.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
     pub fn apply_bwd(
         x: &[f32],
         out: &[f32],
@@ -139,60 +132,8 @@ mod img {
                 dxc[i] = dz * gc * s[i];
                 ds[i] += dz * xc[i] * gc;
             }
-            dg[k] = lane_sums([dic, xc, s], |[dz, v, sv]| [dz * v * sv])[0] as f32;
+            dg[k] = crate::kernels::lane_sums([dic, xc, s], |[dz, v, sv]| [dz * v * sv])[0] as f32;
         }
-    }
-}
-
-/// The [`img`] loops compiled for AVX-512.
-#[cfg(target_arch = "x86_64")]
-mod img512 {
-    use super::img;
-
-    #[target_feature(enable = "avx512f")]
-    pub fn gate_pool(x: &[f32], g: &[f32], hw: usize, pooled: &mut [f32]) {
-        img::gate_pool(x, g, hw, pooled)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub fn gate_pool_bwd(
-        x: &[f32],
-        g: &[f32],
-        dpooled: &[f32],
-        hw: usize,
-        mx: &mut [f32],
-        dx: &mut [f32],
-        dg: &mut [f32],
-    ) {
-        img::gate_pool_bwd(x, g, dpooled, hw, mx, dx, dg)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub fn plane_pool(x: &[f32]) -> (f32, f32, usize) {
-        img::plane_pool(x)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    pub fn apply(x: &[f32], id: &[f32], g: &[f32], s: &[f32], hw: usize, out: &mut [f32]) {
-        img::apply(x, id, g, s, hw, out)
-    }
-
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub fn apply_bwd(
-        x: &[f32],
-        out: &[f32],
-        dout: &[f32],
-        g: &[f32],
-        s: &[f32],
-        hw: usize,
-        dx: &mut [f32],
-        did: &mut [f32],
-        dg: &mut [f32],
-        ds: &mut [f32],
-    ) {
-        img::apply_bwd(x, out, dout, g, s, hw, dx, did, dg, ds)
     }
 }
 

@@ -29,6 +29,42 @@ macro_rules! avx512_or {
     }};
 }
 
+/// Defines the given loops twice: in module `$base` for the baseline target, inlined into their
+/// callers, and in module `$avx`, the same code compiled with `#[target_feature(enable =
+/// "avx512f")]` (wider vectors). Callers pick one with [`avx512_or!`].
+macro_rules! avx512_twins {
+    (
+        $(#[$doc:meta])*
+        $base:ident, $avx:ident;
+        $(
+            $(#[$m:meta])*
+            pub fn $f:ident($($a:ident: $t:ty),* $(,)?) $(-> $r:ty)? $body:block
+        )*
+    ) => {
+        $(#[$doc])*
+        mod $base {
+            $(
+                $(#[$m])*
+                #[inline(always)]
+                #[allow(clippy::too_many_arguments)]
+                pub fn $f($($a: $t),*) $(-> $r)? $body
+            )*
+        }
+
+        /// The same loops compiled for AVX-512.
+        #[cfg(target_arch = "x86_64")]
+        mod $avx {
+            $(
+                #[target_feature(enable = "avx512f")]
+                #[allow(clippy::too_many_arguments)]
+                pub fn $f($($a: $t),*) $(-> $r)? {
+                    super::$base::$f($($a),*)
+                }
+            )*
+        }
+    };
+}
+
 /// Shape of a `(b, c, h, w)` feature map as the batch-norm and CBAM kernels see it: `hw` values
 /// per channel per image.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
