@@ -686,30 +686,25 @@ impl PoolGeom {
         })
     }
 
-    /// Index (within the plane) of the first maximum of the window of output `(oy, ox)`.
+    /// Input rows (or columns) `0..len` that the window of output row (column) `o` covers.
+    /// Never empty: the padding is smaller than the kernel, and the last window starts inside.
+    fn window(&self, o: usize, len: usize) -> std::ops::Range<usize> {
+        let start = (o * self.stride).saturating_sub(self.pad);
+        start..(o * self.stride + self.kernel - self.pad).min(len)
+    }
+
+    /// Index (within the plane) of the first maximum of the window of output `(oy, ox)`; the
+    /// first NaN wins, so that it propagates.
     fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> usize {
-        let y0 = (oy * self.stride) as isize - self.pad as isize;
-        let x0 = (ox * self.stride) as isize - self.pad as isize;
-        let mut best = usize::MAX;
-        let mut best_v = f32::NEG_INFINITY;
-        for dy in 0..self.kernel as isize {
-            let iy = y0 + dy;
-            if iy < 0 || iy >= self.h as isize {
-                continue;
-            }
-            for dx in 0..self.kernel as isize {
-                let ix = x0 + dx;
-                if ix < 0 || ix >= self.w as isize {
-                    continue;
-                }
-                let i = iy as usize * self.w + ix as usize;
-                // `>` keeps the first maximum; a NaN wins so that it propagates.
-                if best == usize::MAX || plane[i] > best_v || plane[i].is_nan() {
-                    best = i;
-                    best_v = plane[i];
-                    if best_v.is_nan() {
-                        return best;
-                    }
+        let (ys, xs) = (self.window(oy, self.h), self.window(ox, self.w));
+        let mut best = ys.start * self.w + xs.start;
+        let mut best_v = plane[best];
+        for iy in ys {
+            let row = iy * self.w;
+            for (ix, &v) in plane[row + xs.start..row + xs.end].iter().enumerate() {
+                if v > best_v || (v.is_nan() && !best_v.is_nan()) {
+                    best = row + xs.start + ix;
+                    best_v = v;
                 }
             }
         }
@@ -899,6 +894,69 @@ mod tests {
         let dx = max_pool_backward(&g, &x, &[1., 1., 1., 1.]);
         assert_eq!(dx[6], 2.0);
         assert!(PoolGeom::new(1, 4, 4, 3, 2, 3).is_none());
+    }
+
+    /// Windows clipped at every border, against the definition: the first maximum over the
+    /// in-bounds taps, a NaN winning; ties and NaNs planted.
+    #[test]
+    fn max_pool_matches_definition() {
+        for (i, &(h, w, k, s, p)) in [
+            (7, 5, 3, 2, 1),
+            (6, 9, 2, 2, 0),
+            (5, 5, 5, 3, 2),
+            (1, 4, 3, 1, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let g = PoolGeom::new(2, h, w, k, s, p).expect("geom");
+            let mut x: Vec<f32> = crate::kernels::direct::tests::rand_vec(2 * h * w, i as u64)
+                .iter()
+                .map(|v| (v * 4.0).round())
+                .collect();
+            x[3] = f32::NAN;
+            let mut want = Vec::new();
+            for plane in x.chunks(h * w) {
+                for oy in 0..g.oh {
+                    for ox in 0..g.ow {
+                        let mut best: Option<usize> = None;
+                        for dy in 0..k {
+                            for dx in 0..k {
+                                let (iy, ix) =
+                                    ((oy * s + dy).checked_sub(p), (ox * s + dx).checked_sub(p));
+                                let (Some(iy), Some(ix)) = (iy, ix) else {
+                                    continue;
+                                };
+                                if iy >= h || ix >= w {
+                                    continue;
+                                }
+                                let v = plane[iy * w + ix];
+                                let b = best.map(|b| plane[b]);
+                                if b.is_none_or(|b| v > b || (v.is_nan() && !b.is_nan())) {
+                                    best = Some(iy * w + ix);
+                                }
+                            }
+                        }
+                        want.push(best.expect("window"));
+                    }
+                }
+            }
+            let y = max_pool_forward(&g, &x);
+            let ohw = g.oh * g.ow;
+            for (j, &b) in want.iter().enumerate() {
+                let v = x[j / ohw * h * w + b];
+                assert!(
+                    y[j] == v || (v.is_nan() && y[j].is_nan()),
+                    "case {i} output {j}"
+                );
+            }
+            let dy: Vec<f32> = (0..y.len()).map(|j| j as f32 + 1.0).collect();
+            let mut dx_want = vec![0f32; x.len()];
+            for (j, &b) in want.iter().enumerate() {
+                dx_want[j / ohw * h * w + b] += dy[j];
+            }
+            assert_eq!(max_pool_backward(&g, &x, &dy), dx_want, "case {i}");
+        }
     }
 }
 

@@ -124,19 +124,27 @@ impl Layout {
     }
 
     fn image_len(&self, g: &ConvGeom) -> usize {
-        g.c * self.sa * self.sb * self.plane
+        g.c * self.channel_len()
+    }
+
+    /// Floats per channel of one image's phase planes.
+    fn channel_len(&self) -> usize {
+        self.sa * self.sb * self.plane
+    }
+
+    /// Offset of kernel tap `(ky, kx)` of channel 0 inside one image's phase planes.
+    fn tap_offset(&self, g: &ConvGeom, ky: usize, kx: usize) -> usize {
+        let s = g.stride;
+        ((ky % s) * self.sb + kx % s) * self.plane + ky / s * self.pw + kx / s
     }
 
     /// Offset of every row of X (channel, tap) inside one image's phase planes.
     fn offsets(&self, g: &ConvGeom) -> Vec<u32> {
-        let s = g.stride;
         let mut off = Vec::with_capacity(g.ckk());
         for c in 0..g.c {
             for ky in 0..g.kh {
                 for kx in 0..g.kw {
-                    let phase = (ky % s) * self.sb + kx % s;
-                    let o =
-                        (c * self.sa * self.sb + phase) * self.plane + ky / s * self.pw + kx / s;
+                    let o = c * self.channel_len() + self.tap_offset(g, ky, kx);
                     off.push(u32::try_from(o).expect("conv input too large for u32 offsets"));
                 }
             }
@@ -198,8 +206,6 @@ pub fn conv_forward(
     xp.par_chunks_mut(img_len)
         .zip(x.par_chunks(in_img))
         .for_each(|(dst, src)| lay.fill(g, src, dst));
-    let off = lay.offsets(g);
-
     let mut y = vec![0f32; g.output_len()];
     let out = SharedOut::new(&mut y);
     let panels = pw.panels();
@@ -209,31 +215,36 @@ pub fn conv_forward(
         // positions of consecutive images, so tiny maps fill it too. An item is one weight panel
         // over a chunk of images whose phase planes fit in L2 (all of a small batch); items are
         // chunk-major, so a worker's consecutive items share the chunk while the panels stream.
-        let plane = g.oh * g.ow;
         let per_chunk = ((512 << 10) / (4 * img_len).max(1)).clamp(1, g.b);
         let chunks = g.b.div_ceil(per_chunk);
-        let (xp, off, lay) = (&xp, &off, &lay);
+        let full = FewPlan::new(g, &lay, per_chunk);
+        let last = g.b - (chunks - 1) * per_chunk;
+        let tail = (last != per_chunk).then(|| FewPlan::new(g, &lay, last));
+        let (xp, lay) = (&xp, &lay);
         (0..chunks * panels).into_par_iter().for_each(|item| {
             let (ch, p) = (item / panels, item % panels);
-            let q0 = ch * per_chunk * plane;
-            let q1 = ((ch + 1) * per_chunk).min(g.b) * plane;
-            if q0 >= q1 {
-                return;
-            }
+            let plan = if ch + 1 == chunks {
+                tail.as_ref().unwrap_or(&full)
+            } else {
+                &full
+            };
+            let n0 = ch * per_chunk;
+            let x = &xp[n0 * img_len..(n0 + plan.images) * img_len];
             // SAFETY: AVX-512F is present (asserted above); the item writes only the output
-            // channels of panel p at batch positions q0..q1, which no other item touches.
+            // channels of panel p of images n0.., which no other item touches.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                avx512::run_few(g, lay, pw, xp, img_len, off, bias, relu, p, (q0, q1), out)
+                avx512::run_few(g, lay, pw, plan, x, bias, relu, p, n0, out)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (p, q0, q1, xp, off, lay, out);
+            let _ = (p, x, lay, out);
         });
         return y;
     }
     // Enough items for every core even at batch 1, each a run of tiles sharing one weight panel.
     let want = 8 * rayon::current_num_threads().max(1);
     let chunks = want.div_ceil(g.b * panels).clamp(1, lay.tiles);
+    let off = &lay.offsets(g);
     let per = lay.tiles.div_ceil(chunks);
     let items = g.b * panels * chunks;
     let run = |item: usize| {
@@ -250,7 +261,7 @@ pub fn conv_forward(
             kd: pw.kd(),
             a: &pw.data[p * pw.kd() * MR..(p + 1) * pw.kd() * MR],
             x: &xp[n * img_len..(n + 1) * img_len],
-            off: &off,
+            off,
             bias: bias.map(|b| &b[p * MR..((p + 1) * MR).min(g.k)]),
             relu,
             k0: p * MR,
@@ -282,6 +293,123 @@ const FEW_POS: usize = 12;
 /// columns and partial tiles.
 pub(super) fn few_positions(g: &ConvGeom) -> bool {
     g.oh * g.ow <= 48
+}
+
+/// One micro-tile of the few-positions kernel: positions `start..start + len` of the plan's
+/// order, over the taps of `taps[set]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FewTile {
+    start: usize,
+    len: usize,
+    set: usize,
+}
+
+/// The few-positions kernel's schedule for a chunk of `images` images, shared by every weight
+/// panel. On these small maps many taps of a border output read only padding (at 2x2 with a 3x3
+/// kernel, 5 of 9 taps for every output), so positions are grouped by the set of taps that read
+/// the image, and each micro-tile multiplies only those: exact, since the skipped products are
+/// zeros. Groups too small to fill a 4-wide tile share tiles over the union of their taps.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FewPlan {
+    images: usize,
+    /// Grid offset in the chunk's phase planes of each position, in tile order.
+    src: Vec<usize>,
+    /// Output offset (channel 0, relative to the chunk's first image) of each position.
+    dst: Vec<usize>,
+    tiles: Vec<FewTile>,
+    /// Tap sets: `(tap index ky·KW + kx, offset in a channel's phase planes)`.
+    taps: Vec<Vec<(usize, usize)>>,
+}
+
+impl FewPlan {
+    fn new(g: &ConvGeom, lay: &Layout, images: usize) -> Self {
+        let kk = g.kh * g.kw;
+        let plane = g.oh * g.ow;
+        let valid = |o: usize, k: usize, len: usize| {
+            (o * g.stride + k)
+                .checked_sub(g.pad)
+                .is_some_and(|i| i < len)
+        };
+        // Taps that read the image, as a bit mask (every tap when there are more than 64).
+        let mask = |oy: usize, ox: usize| -> u64 {
+            if kk > 64 {
+                return u64::MAX;
+            }
+            (0..kk)
+                .filter(|&t| valid(oy, t / g.kw, g.h) && valid(ox, t % g.kw, g.w))
+                .fold(0, |m, t| m | 1 << t)
+        };
+        // Positions by tap set (in a fixed order), each set's positions image by image.
+        let mut groups: Vec<(u64, Vec<(usize, usize)>)> = Vec::new();
+        for oy in 0..g.oh {
+            for ox in 0..g.ow {
+                let m = mask(oy, ox);
+                let at = match groups.iter().position(|(gm, _)| *gm == m) {
+                    Some(i) => i,
+                    None => {
+                        groups.push((m, Vec::new()));
+                        groups.len() - 1
+                    }
+                };
+                groups[at].1.push((oy, ox));
+            }
+        }
+        let mut plan = Self {
+            images,
+            src: Vec::with_capacity(images * plane),
+            dst: Vec::with_capacity(images * plane),
+            tiles: Vec::new(),
+            taps: Vec::new(),
+        };
+        let set_of = |plan: &mut Self, m: u64| -> usize {
+            let taps: Vec<(usize, usize)> = (0..kk)
+                .filter(|&t| t >= 64 || m >> t & 1 == 1)
+                .map(|t| (t, lay.tap_offset(g, t / g.kw, t % g.kw)))
+                .collect();
+            match plan.taps.iter().position(|s| *s == taps) {
+                Some(i) => i,
+                None => {
+                    plan.taps.push(taps);
+                    plan.taps.len() - 1
+                }
+            }
+        };
+        let img_len = lay.image_len(g);
+        let push = |plan: &mut Self, pos: &[(usize, usize)]| {
+            for n in 0..images {
+                for &(oy, ox) in pos {
+                    plan.src.push(n * img_len + oy * lay.pw + ox);
+                    plan.dst.push(n * g.k * plane + oy * g.ow + ox);
+                }
+            }
+        };
+        let mut mixed = (0u64, Vec::new());
+        for (m, pos) in &groups {
+            if images * pos.len() < 4 {
+                mixed.0 |= m;
+                mixed.1.extend_from_slice(pos);
+                continue;
+            }
+            let (start, set) = (plan.src.len(), set_of(&mut plan, *m));
+            push(&mut plan, pos);
+            plan.cut(start, set);
+        }
+        if !mixed.1.is_empty() {
+            let (start, set) = (plan.src.len(), set_of(&mut plan, mixed.0));
+            push(&mut plan, &mixed.1);
+            plan.cut(start, set);
+        }
+        plan
+    }
+
+    /// Cuts positions `start..` (one tap set) into micro-tiles of at most [`FEW_POS`].
+    fn cut(&mut self, mut start: usize, set: usize) {
+        while start < self.src.len() {
+            let len = FEW_POS.min(self.src.len() - start);
+            self.tiles.push(FewTile { start, len, set });
+            start += len;
+        }
+    }
 }
 
 /// One work item's operands.
@@ -332,7 +460,7 @@ impl Job<'_> {
 pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{ConvGeom, Job, Layout, PackedWeights, SharedOut, FEW_POS, MR, NR};
+    use super::{ConvGeom, FewPlan, Job, Layout, PackedWeights, SharedOut, FEW_POS, MR, NR};
 
     /// Computes tiles `t0..t1` of one job and stores them.
     ///
@@ -377,93 +505,130 @@ pub(super) mod avx512 {
         }
     }
 
-    /// The few-positions kernel: output positions `q0..q1` of the whole batch (position `q` is
-    /// pixel `q mod oh·ow` of image `q / (oh·ow)`; whole images) for weight panel `p0`, [`FEW_POS`] positions
-    /// at a time, each position's value of tap `j` broadcast (from memory) against 16 output
-    /// channels of weights. `x` holds every image's phase planes, `img_len` floats each.
+    /// The few-positions kernel: every position of `plan` (images `n0..` of the batch, whose
+    /// phase planes are `x`) for weight panel `p0`, one micro-tile of up to [`FEW_POS`] positions
+    /// at a time, each position's input value broadcast (from memory) against 16 output
+    /// channels of weights.
     ///
     /// # Safety
-    /// AVX-512F; no other thread writes these output channels at these positions.
+    /// AVX-512F; no other thread writes these output channels of these images.
     #[target_feature(enable = "avx512f")]
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run_few(
         g: &ConvGeom,
         lay: &Layout,
         pw: &PackedWeights,
+        plan: &FewPlan,
         x: &[f32],
-        img_len: usize,
-        off: &[u32],
         bias: Option<&[f32]>,
         relu: bool,
         p0: usize,
-        (q0, q1): (usize, usize),
+        n0: usize,
         out: SharedOut,
     ) {
-        let kd = pw.kd();
         let plane = g.oh * g.ow;
-        let max_off = off.iter().copied().max().unwrap_or(0) as usize;
-        // Where position q reads in x (its image's grid) and writes in the output (channel 0).
-        assert!(off.len() == kd && q0 < q1 && q1 <= g.b * plane);
-        assert!(
-            q0.is_multiple_of(plane) && q1.is_multiple_of(plane),
-            "whole images"
-        );
-        // Where each position reads in x (its image's grid) and writes in the output (channel
-        // 0), listed once: looked up, not recomputed (divisions) in the loop.
-        let (mut srcs, mut dsts) = (Vec::with_capacity(q1 - q0), Vec::with_capacity(q1 - q0));
-        for n in q0 / plane..q1 / plane {
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    srcs.push(n * img_len + oy * lay.pw + ox);
-                    dsts.push(n * g.k * plane + oy * g.ow + ox);
-                }
-            }
-        }
-        assert!(srcs.last().is_some_and(|&q| q + max_off < x.len()));
-        assert!(x.len() <= g.b * img_len && g.b * g.k * plane <= out.len());
-        let a = &pw.data[p0 * kd * MR..(p0 + 1) * kd * MR];
+        let kk = g.kh * g.kw;
+        let cl = lay.channel_len();
+        let max_tap = plan.taps.iter().flatten().map(|t| t.1).max().unwrap_or(0);
+        let max_src = plan.src.iter().copied().max().unwrap_or(0);
+        // Every read is inside x, every write inside the output, every tap inside the panel.
+        assert!(max_src + (g.c - 1) * cl + max_tap < x.len());
+        assert!(plan.taps.iter().flatten().all(|t| t.0 < kk));
+        assert!(n0 + plan.images <= g.b && g.b * g.k * plane <= out.len());
+        assert!(plan.dst.iter().all(|&d| d < plan.images * g.k * plane));
+        let a = &pw.data[p0 * pw.kd() * MR..(p0 + 1) * pw.kd() * MR];
         let mut vbias = [0f32; MR];
         for (r, v) in vbias.iter_mut().enumerate() {
             *v = bias
                 .and_then(|b| b.get(p0 * MR + r).copied())
                 .unwrap_or(0.0);
         }
-        let mut start = q0;
-        while start < q1 {
-            let cnt = FEW_POS.min(q1 - start);
-            // Positions past `cnt` repeat the last one; their results are not stored. Grid
-            // positions rise with q, so the last one bounds every read (asserted above).
-            let q: [usize; FEW_POS] = std::array::from_fn(|i| srcs[start - q0 + i.min(cnt - 1)]);
-            let mut acc = [_mm512_setzero_ps(); FEW_POS];
-            for (j, &o) in off.iter().enumerate() {
-                // SAFETY: j < kd, so the weight load is inside the panel; q + o <= the last
-                // position's grid offset plus the largest offset, inside x (asserted).
-                unsafe {
-                    let w = _mm512_loadu_ps(a.as_ptr().add(j * MR));
-                    let xo = x.as_ptr().add(o as usize);
-                    for (ap, &qp) in acc.iter_mut().zip(&q) {
+        let rows = MR.min(g.k - p0 * MR);
+        let out_base = n0 * g.k * plane + p0 * MR * plane;
+        // Channel blocks whose weights (all taps) fit in L1: every tile runs over one block
+        // before the next, so the panel streams in once, in order, however the tiles split
+        // the taps; the tiles' sums wait in `acc` between blocks.
+        let cb = ((16 << 10) / (4 * kk * MR)).max(1);
+        let slots: Vec<usize> = plan
+            .tiles
+            .iter()
+            .map(|t| t.len.next_multiple_of(4))
+            .collect();
+        let mut acc = vec![_mm512_setzero_ps(); slots.iter().sum()];
+        for c0 in (0..g.c).step_by(cb) {
+            let chans = (c0, (c0 + cb).min(g.c));
+            let mut at = 0;
+            for (t, &n) in plan.tiles.iter().zip(&slots) {
+                let src = &plan.src[t.start..t.start + t.len];
+                let taps = &plan.taps[t.set];
+                let acc = &mut acc[at..at + n];
+                at += n;
+                // The micro-tile is as wide as its positions, rounded up to 4: at batch 1 the
+                // 2x2 and 3x3 maps of the last stages have 4 and 9 positions, and a full-width
+                // tile would spend most of its FMAs on copies. SAFETY: the reads are bounded
+                // (asserted above).
+                let geo = (chans, kk, cl, cb * kk * MR);
+                match n {
+                    4 => unsafe { few_tile::<4>(acc, a, x, geo, taps, src) },
+                    8 => unsafe { few_tile::<8>(acc, a, x, geo, taps, src) },
+                    _ => unsafe { few_tile::<FEW_POS>(acc, a, x, geo, taps, src) },
+                }
+            }
+        }
+        let mut at = 0;
+        for (t, &n) in plan.tiles.iter().zip(&slots) {
+            for (v, &d) in acc[at..].iter().zip(&plan.dst[t.start..t.start + t.len]) {
+                let mut lanes = [0f32; MR];
+                // SAFETY: MR floats.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
+                for (r, (val, b)) in lanes.iter().zip(&vbias).take(rows).enumerate() {
+                    let y = val + b;
+                    let y = if relu { y.max(0.0) } else { y };
+                    // SAFETY: channel p0·MR + r < K, position inside the chunk (asserted).
+                    unsafe { *out.ptr().add(out_base + d + r * plane) = y };
+                }
+            }
+            at += n;
+        }
+    }
+
+    /// Adds to `acc` `P` output positions (grid offsets `src`, at most `P`; slots past them
+    /// repeat the last one) × 16 output channels over the kernel taps `taps` of input channels
+    /// `c0..c1`: each tap's weight vector from the panel `a` (`[c][kk][MR]`), each position's
+    /// input value broadcast from memory (channel `ci` at `ci·cl`).
+    ///
+    /// # Safety
+    /// AVX-512F; `acc` holds `P` vectors, `a` holds `c1·kk·MR` floats, every tap index is below
+    /// `kk`, and `x + q + ci·cl + o` is inside the input for every `q` in `src`, `ci < c1`, tap
+    /// offset `o`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn few_tile<const P: usize>(
+        acc: &mut [__m512],
+        a: &[f32],
+        x: &[f32],
+        ((c0, c1), kk, cl, pf): ((usize, usize), usize, usize, usize),
+        taps: &[(usize, usize)],
+        src: &[usize],
+    ) {
+        let q: [usize; P] = std::array::from_fn(|i| src[i.min(src.len() - 1)]);
+        let mut sum: [__m512; P] = std::array::from_fn(|i| acc[i]);
+        for ci in c0..c1 {
+            // SAFETY: the caller bounds the weight and input reads.
+            unsafe {
+                let wc = a.as_ptr().add(ci * kk * MR);
+                let xc = x.as_ptr().add(ci * cl);
+                for &(t, o) in taps {
+                    let w = _mm512_loadu_ps(wc.add(t * MR));
+                    _mm_prefetch::<_MM_HINT_T0>(wc.add(t * MR).wrapping_add(pf) as *const i8);
+                    let xo = xc.add(o);
+                    for (ap, &qp) in sum.iter_mut().zip(&q) {
                         *ap = _mm512_fmadd_ps(_mm512_set1_ps(*xo.add(qp)), w, *ap);
                     }
                 }
             }
-            for (i, v) in acc.iter().enumerate().take(cnt) {
-                let base = dsts[start - q0 + i];
-                let mut lanes = [0f32; MR];
-                // SAFETY: MR floats.
-                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
-                for (r, val) in lanes.iter().enumerate() {
-                    let k = p0 * MR + r;
-                    if k >= g.k {
-                        break;
-                    }
-                    let y = val + vbias[r];
-                    let y = if relu { y.max(0.0) } else { y };
-                    // SAFETY: channel k < K, position inside the batch (asserted bound).
-                    unsafe { *out.ptr().add(base + k * plane) = y };
-                }
-            }
-            start += cnt;
         }
+        acc[..P].copy_from_slice(&sum);
     }
 
     /// One 16-channel × 16-position tile over all `kd` rows of X: row `j` of X is the 16 floats
@@ -518,6 +683,34 @@ pub(super) mod tests {
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
     }
 
+    /// Every position in exactly one tile; at 2x2 with a 3x3 kernel, tiles of 8 over the 4
+    /// taps that read the image; at batch 1, one mixed tile over all 9.
+    #[test]
+    fn few_plan_skips_padding_taps() {
+        let g = ConvGeom::new(8, 4, 2, 2, 16, 3, 3, 1, 1).expect("geom");
+        let lay = Layout::new(&g);
+        let plan = FewPlan::new(&g, &lay, 8);
+        assert_eq!(plan.tiles.len(), 4);
+        let mut seen = vec![0; 32];
+        for t in &plan.tiles {
+            assert_eq!((t.len, plan.taps[t.set].len()), (8, 4));
+            for &d in &plan.dst[t.start..t.start + t.len] {
+                seen[d / (g.k * 4) * 4 + d % (g.k * 4)] += 1;
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1), "{seen:?}");
+        let one = FewPlan::new(&g, &lay, 1);
+        assert_eq!(
+            one.tiles,
+            vec![FewTile {
+                start: 0,
+                len: 4,
+                set: 0
+            }]
+        );
+        assert_eq!(one.taps[0].len(), 9);
+    }
+
     /// The direct kernel against the portable GEMM path, over strides, paddings, kernel sizes,
     /// channel counts that do not fill a panel, and sizes whose grid rows straddle tiles.
     #[test]
@@ -544,6 +737,13 @@ pub(super) mod tests {
             (1, 20, 5, 7, 50, 3, 2, 1),
             (3, 12, 2, 2, 32, 3, 1, 1),
             (1, 64, 12, 12, 64, 1, 2, 0),
+            // Positions grouped by the taps that read the image: groups of 8 (2x2 maps at
+            // batch 8), interior and edge groups beside the mixed corners (6x6), stride 2, and
+            // chunks of 3 images with a shorter last chunk (512 channels of 6x6 at batch 8).
+            (8, 64, 2, 2, 40, 3, 1, 1),
+            (6, 16, 3, 3, 16, 3, 2, 1),
+            (3, 32, 6, 6, 20, 3, 1, 1),
+            (8, 512, 6, 6, 16, 3, 1, 1),
         ];
         for (i, &(b, c, h, w, k, kh, s, p)) in cases.iter().enumerate() {
             let g = ConvGeom::new(b, c, h, w, k, kh, kh, s, p).expect("geom");

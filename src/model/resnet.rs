@@ -245,6 +245,12 @@ impl ResNet {
 
 impl ModuleT for ResNet {
     fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        rayon::scope(|_| self.forward_in_pool(xs, train))
+    }
+}
+
+impl ResNet {
+    fn forward_in_pool(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
         let mut xs = self.stem.forward_act(xs, train, true)?;
         if self.stem_pool {
             xs = kernels::max_pool2d(&xs, 3, 2, 1, self.kernels)?;
