@@ -982,18 +982,39 @@ fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
 }
 
+/// Dot product summed in 16 independent lanes, so that it vectorises (a single running sum is
+/// one long dependency chain of scalar adds).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    let mut lanes = [0f32; 16];
+    for (x, y) in ac.zip(bc) {
+        for ((l, x), y) in lanes.iter_mut().zip(x).zip(y) {
+            *l += x * y;
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
 impl CbamParams {
-    fn mlp(&self, v: &[f32], out: &mut [f32]) {
-        let mut h = vec![0f32; self.hidden];
-        for (j, hj) in h.iter_mut().enumerate() {
-            let row = &self.fc1_w[j * self.channels..(j + 1) * self.channels];
-            let s: f32 = row.iter().zip(v).map(|(a, b)| a * b).sum();
-            *hj = (s + self.fc1_b[j]).max(0.0);
-        }
-        for (i, o) in out.iter_mut().enumerate() {
-            let row = &self.fc2_w[i * self.hidden..(i + 1) * self.hidden];
-            *o += row.iter().zip(&h).map(|(a, b)| a * b).sum::<f32>() + self.fc2_b[i];
-        }
+    /// The channel gate before its sigmoid, `MLP(avg) + MLP(max)`. The second layer is
+    /// linear, so both branches go through it in one pass: `fc2·(h_avg + h_max) + 2·b2`.
+    fn gate_logits(&self, avg: &[f32], max: &[f32]) -> Vec<f32> {
+        let (c, hidden) = (self.channels, self.hidden);
+        let h: Vec<f32> = (0..hidden)
+            .map(|j| {
+                let (row, b) = (&self.fc1_w[j * c..(j + 1) * c], self.fc1_b[j]);
+                (dot(row, avg) + b).max(0.0) + (dot(row, max) + b).max(0.0)
+            })
+            .collect();
+        (0..c)
+            .map(|i| dot(&self.fc2_w[i * hidden..(i + 1) * hidden], &h) + 2.0 * self.fc2_b[i])
+            .collect()
     }
 
     /// `relu(CBAM(x) + identity)` for one image `(c, h, w)`.
@@ -1005,9 +1026,7 @@ impl CbamParams {
             *a = plane.iter().sum::<f32>() / hw as f32;
             *m = plane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         }
-        let mut gate = vec![0f32; c];
-        self.mlp(&avg, &mut gate);
-        self.mlp(&max, &mut gate);
+        let mut gate = self.gate_logits(&avg, &max);
         gate.iter_mut().for_each(|g| *g = sigmoid(*g));
         // Channel mean and max of the channel-gated map, per pixel.
         let mut mean = vec![0f32; hw];
