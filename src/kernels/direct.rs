@@ -480,7 +480,9 @@ pub(super) mod avx512 {
         for t in t0..t1 {
             // SAFETY: every read is inside `job.x` (asserted: the largest offset plus the last
             // tile's end) and `job.a` (kd·MR floats).
-            let acc = unsafe { tile(job.kd, job.a.as_ptr(), job.x.as_ptr().add(t * NR), job.off) };
+            let acc = unsafe {
+                tile::<false>(job.kd, job.a.as_ptr(), job.x.as_ptr().add(t * NR), job.off)
+            };
             let mut vals = [_mm512_setzero_ps(); MR];
             for r in 0..job.rows {
                 let mut v = _mm512_add_ps(acc[r], _mm512_set1_ps(bias[r]));
@@ -635,13 +637,14 @@ pub(super) mod avx512 {
     }
 
     /// One 16-channel × 16-position tile over all `kd` rows of X: row `j` of X is the 16 floats
-    /// at `x + off[j]`, and `a` is a weight panel `[kd][MR]`.
+    /// at `x + off[j]`, and `a` is a weight panel `[kd][MR]`. With `PF`, each row prefetches the
+    /// same row of the next panel into L2 (for callers that go through the panels in order).
     ///
     /// # Safety
     /// AVX-512F; `a` must hold `kd·MR` floats and `x + off[j]` 16 floats for every `j < kd`.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    pub(in crate::kernels) unsafe fn tile(
+    pub(in crate::kernels) unsafe fn tile<const PF: bool>(
         kd: usize,
         a: *const f32,
         x: *const f32,
@@ -653,6 +656,9 @@ pub(super) mod avx512 {
             unsafe {
                 let xv = _mm512_loadu_ps(x.add(o as usize));
                 let w = a.add(j * MR);
+                if PF {
+                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add(kd * MR) as *const i8);
+                }
                 for (r, acc) in acc.iter_mut().enumerate() {
                     *acc = _mm512_fmadd_ps(_mm512_set1_ps(*w.add(r)), xv, *acc);
                 }
