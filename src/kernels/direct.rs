@@ -286,7 +286,7 @@ pub fn conv_forward(
 }
 
 /// Output positions per micro-tile of the few-positions kernel.
-const FEW_POS: usize = 12;
+pub(super) const FEW_POS: usize = 12;
 
 /// Whether the few-positions kernel runs: at most 48 outputs per image (6x6 and smaller maps),
 /// where the grid kernel's 16-position tiles spend a quarter or more of their lanes on padding
@@ -608,7 +608,7 @@ pub(super) mod avx512 {
     /// offset `o`.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn few_tile<const P: usize>(
+    pub(in crate::kernels) unsafe fn few_tile<const P: usize>(
         acc: &mut [__m512],
         a: &[f32],
         x: &[f32],
