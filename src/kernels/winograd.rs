@@ -117,13 +117,17 @@ pub fn applicable(g: &ConvGeom) -> bool {
 /// multiplications saved. With a handful of input channels (the stem) the transforms cost more
 /// than the GEMMs. Tiny maps (6x6 and smaller) below 64 tiles stay with the direct kernel's
 /// few-positions form, which fills its vectors from the whole batch (measured at batch 8: 3x3
-/// and 2x2 maps 20% faster than F(2x2)).
+/// and 2x2 maps 20% faster than F(2x2)), except 6x6 maps of 256 channels or more: there
+/// F(2x2)'s 2.25x fewer multiplications win even at batch 1 (3x3 stem at batch 1 7% faster;
+/// at 128 channels, no gain).
 pub fn tile_size(g: &ConvGeom) -> Option<usize> {
     let tiles = g.b * g.oh.div_ceil(2) * g.ow.div_ceil(2);
     let wins = applicable(g)
         && direct::available()
         && g.c >= 8
-        && (tiles >= 64 || (tiles >= 32 && g.c >= 128 && !direct::few_positions(g)));
+        && (tiles >= 64
+            || (tiles >= 32 && g.c >= 128 && !direct::few_positions(g))
+            || (g.oh.min(g.ow) >= 6 && g.c >= 256));
     match wins {
         false => None,
         true if g.oh.min(g.ow) >= if g.c >= 128 { 12 } else { 24 } => Some(4),
