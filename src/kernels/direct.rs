@@ -152,31 +152,28 @@ impl Layout {
         off
     }
 
-    /// Splits one image `(c, h, w)` into its zero-padded phase planes.
-    fn fill(&self, g: &ConvGeom, x: &[f32], out: &mut [f32]) {
+    /// Splits one channel `(h, w)` into its zero-padded phase planes (`planes`, zeroed).
+    fn fill(&self, g: &ConvGeom, src: &[f32], planes: &mut [f32]) {
         let s = g.stride;
-        for (ci, planes) in out.chunks_mut(self.sa * self.sb * self.plane).enumerate() {
-            let src = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-            for a in 0..self.sa {
-                for b in 0..self.sb {
-                    let plane = &mut planes[(a * self.sb + b) * self.plane..][..self.plane];
-                    // Phase columns j with 0 <= j·s + b − pad < w.
-                    let j0 = g.pad.saturating_sub(b).div_ceil(s);
-                    let j1 = (g.w + g.pad).saturating_sub(b).div_ceil(s).min(self.pw);
-                    for i in 0..self.ph {
-                        let Some(y) = (i * s + a).checked_sub(g.pad).filter(|&y| y < g.h) else {
-                            continue;
-                        };
-                        let row = &src[y * g.w..(y + 1) * g.w];
-                        let dst = &mut plane[i * self.pw..(i + 1) * self.pw];
-                        if s == 1 {
-                            if j1 > j0 {
-                                dst[j0..j1].copy_from_slice(&row[j0 - g.pad..j1 - g.pad]);
-                            }
-                        } else {
-                            for j in j0..j1 {
-                                dst[j] = row[j * s + b - g.pad];
-                            }
+        for a in 0..self.sa {
+            for b in 0..self.sb {
+                let plane = &mut planes[(a * self.sb + b) * self.plane..][..self.plane];
+                // Phase columns j with 0 <= j·s + b − pad < w.
+                let j0 = g.pad.saturating_sub(b).div_ceil(s);
+                let j1 = (g.w + g.pad).saturating_sub(b).div_ceil(s).min(self.pw);
+                for i in 0..self.ph {
+                    let Some(y) = (i * s + a).checked_sub(g.pad).filter(|&y| y < g.h) else {
+                        continue;
+                    };
+                    let row = &src[y * g.w..(y + 1) * g.w];
+                    let dst = &mut plane[i * self.pw..(i + 1) * self.pw];
+                    if s == 1 {
+                        if j1 > j0 {
+                            dst[j0..j1].copy_from_slice(&row[j0 - g.pad..j1 - g.pad]);
+                        }
+                    } else {
+                        for j in j0..j1 {
+                            dst[j] = row[j * s + b - g.pad];
                         }
                     }
                 }
@@ -202,9 +199,10 @@ pub fn conv_forward(
     let lay = Layout::new(g);
     let img_len = lay.image_len(g);
     let mut xp = vec![0f32; g.b * img_len];
-    let in_img = g.c * g.h * g.w;
-    xp.par_chunks_mut(img_len)
-        .zip(x.par_chunks(in_img))
+    // Channel by channel, so that batch 1 is split across the cores too.
+    xp.par_chunks_mut(lay.channel_len())
+        .zip(x.par_chunks(g.h * g.w))
+        .with_min_len(8)
         .for_each(|(dst, src)| lay.fill(g, src, dst));
     let mut y = vec![0f32; g.output_len()];
     let out = SharedOut::new(&mut y);
