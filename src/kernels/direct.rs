@@ -565,16 +565,8 @@ pub(super) mod avx512 {
                 let taps = &plan.taps[t.set];
                 let acc = &mut acc[at..at + n];
                 at += n;
-                // The micro-tile is as wide as its positions, rounded up to 4: at batch 1 the
-                // 2x2 and 3x3 maps of the last stages have 4 and 9 positions, and a full-width
-                // tile would spend most of its FMAs on copies. SAFETY: the reads are bounded
-                // (asserted above).
-                let geo = (chans, kk, cl, cb * kk * MR);
-                match n {
-                    4 => unsafe { few_tile::<4>(acc, a, x, geo, taps, src) },
-                    8 => unsafe { few_tile::<8>(acc, a, x, geo, taps, src) },
-                    _ => unsafe { few_tile::<FEW_POS>(acc, a, x, geo, taps, src) },
-                }
+                // SAFETY: the reads are bounded (asserted above).
+                unsafe { few_tile_any(acc, a, x, (chans, kk, cl, cb * kk * MR), taps, src) };
             }
         }
         let mut at = 0;
@@ -594,6 +586,29 @@ pub(super) mod avx512 {
         }
     }
 
+    /// [`few_tile`] as wide as `src`, rounded up to 4 (`acc` holds that many vectors): at
+    /// batch 1 the 2x2 and 3x3 maps of the last stages have 4 and 9 positions, and a
+    /// full-width tile would spend most of its FMAs on copies.
+    ///
+    /// # Safety
+    /// As for [`few_tile`].
+    #[target_feature(enable = "avx512f")]
+    pub(in crate::kernels) unsafe fn few_tile_any(
+        acc: &mut [__m512],
+        a: &[f32],
+        x: &[f32],
+        geo: ((usize, usize), usize, usize, usize),
+        taps: &[(usize, usize)],
+        src: &[usize],
+    ) {
+        // SAFETY: passed on.
+        match src.len().div_ceil(4) {
+            1 => unsafe { few_tile::<4>(acc, a, x, geo, taps, src) },
+            2 => unsafe { few_tile::<8>(acc, a, x, geo, taps, src) },
+            _ => unsafe { few_tile::<FEW_POS>(acc, a, x, geo, taps, src) },
+        }
+    }
+
     /// Adds to `acc` `P` output positions (grid offsets `src`, at most `P`; slots past them
     /// repeat the last one) × 16 output channels over the kernel taps `taps` of input channels
     /// `c0..c1`: each tap's weight vector from the panel `a` (`[c][kk][MR]`), each position's
@@ -606,7 +621,7 @@ pub(super) mod avx512 {
     /// offset `o`.
     #[target_feature(enable = "avx512f")]
     #[inline]
-    pub(in crate::kernels) unsafe fn few_tile<const P: usize>(
+    unsafe fn few_tile<const P: usize>(
         acc: &mut [__m512],
         a: &[f32],
         x: &[f32],

@@ -405,7 +405,7 @@ pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Ctx, SharedOut, Tiles, MR};
-    use crate::kernels::direct::avx512::{few_tile, tile};
+    use crate::kernels::direct::avx512::{few_tile_any, tile};
     use crate::kernels::direct::FEW_POS;
 
     pub(in crate::kernels) const EVEN: [i32; 16] =
@@ -608,11 +608,7 @@ pub(super) mod avx512 {
         let geo = ((0, c), 1, ntp, c * MR);
         let taps = [(0, 0)];
         // SAFETY: the panel holds c·MR floats; tile t < ntp of channel ci < c is inside xv.
-        match (b - a).div_ceil(4) {
-            1 => unsafe { few_tile::<4>(&mut acc, w, xv, geo, &taps, &src) },
-            2 => unsafe { few_tile::<8>(&mut acc, w, xv, geo, &taps, &src) },
-            _ => unsafe { few_tile::<FEW_POS>(&mut acc, w, xv, geo, &taps, &src) },
-        }
+        unsafe { few_tile_any(&mut acc, w, xv, geo, &taps, &src) };
         let rows = MR.min(k - p * MR);
         assert!((xi * k + p * MR + rows) * ntp <= m.len());
         for (t, v) in (a..b).zip(&acc) {
