@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use std::sync::OnceLock;
 
-use super::{direct, wgrad, winograd};
+use super::{direct, lane_sums, wgrad, winograd};
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -597,7 +597,7 @@ fn conv_bwd_weight_images(
 
 /// Gradient w.r.t. the weight: `(k,c,kh,kw)` from `x` and `dy`.
 ///
-/// 3x3 stride-1 layers on a CPU with AVX-512 go through Winograd F(3x3, 2x2)
+/// 3x3 stride-1 layers on a CPU with AVX-512 go through Winograd F(3x3,2x2) or F(3x3,4x4)
 /// ([`super::wgrad`]); the rest through im2col + GEMM.
 pub fn conv2d_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     if wgrad::applicable(g) {
@@ -982,38 +982,24 @@ fn sigmoid(v: f32) -> f32 {
     1.0 / (1.0 + (-v).exp())
 }
 
-/// Dot product summed in 16 independent lanes, so that it vectorises (a single running sum is
-/// one long dependency chain of scalar adds).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    let mut lanes = [0f32; 16];
-    for (x, y) in ac.zip(bc) {
-        for ((l, x), y) in lanes.iter_mut().zip(x).zip(y) {
-            *l += x * y;
-        }
-    }
-    lanes.iter().sum::<f32>() + tail
-}
-
 impl CbamParams {
     /// The channel gate before its sigmoid, `MLP(avg) + MLP(max)`. The second layer is
     /// linear, so both branches go through it in one pass: `fc2·(h_avg + h_max) + 2·b2`.
     fn gate_logits(&self, avg: &[f32], max: &[f32]) -> Vec<f32> {
         let (c, hidden) = (self.channels, self.hidden);
+        // Vectorised dot products (`lane_sums`); a single running sum is a scalar chain.
         let h: Vec<f32> = (0..hidden)
             .map(|j| {
                 let (row, b) = (&self.fc1_w[j * c..(j + 1) * c], self.fc1_b[j]);
-                (dot(row, avg) + b).max(0.0) + (dot(row, max) + b).max(0.0)
+                let [sa, sm] = lane_sums([row, avg, max], |[w, a, m]| [w * a, w * m]);
+                (sa as f32 + b).max(0.0) + (sm as f32 + b).max(0.0)
             })
             .collect();
         (0..c)
-            .map(|i| dot(&self.fc2_w[i * hidden..(i + 1) * hidden], &h) + 2.0 * self.fc2_b[i])
+            .map(|i| {
+                let row = &self.fc2_w[i * hidden..(i + 1) * hidden];
+                lane_sums([row, &h], |[w, v]| [w * v])[0] as f32 + 2.0 * self.fc2_b[i]
+            })
             .collect()
     }
 

@@ -603,12 +603,13 @@ pub(super) mod avx512 {
         let w = ctx.pw.panel(xi, p);
         let xv = &v[xi * c * ntp..(xi + 1) * c * ntp];
         assert!(a < b && b - a <= FEW_POS && b <= ntp);
-        let src: Vec<usize> = (a..b).collect();
+        let src: [usize; FEW_POS] = std::array::from_fn(|i| a + i);
+        let src = &src[..b - a];
         let mut acc = [_mm512_setzero_ps(); FEW_POS];
         let geo = ((0, c), 1, ntp, c * MR);
         let taps = [(0, 0)];
         // SAFETY: the panel holds c·MR floats; tile t < ntp of channel ci < c is inside xv.
-        unsafe { few_tile_any(&mut acc, w, xv, geo, &taps, &src) };
+        unsafe { few_tile_any(&mut acc, w, xv, geo, &taps, src) };
         let rows = MR.min(k - p * MR);
         assert!((xi * k + p * MR + rows) * ntp <= m.len());
         for (t, v) in (a..b).zip(&acc) {
