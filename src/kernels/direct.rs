@@ -196,29 +196,22 @@ pub fn conv_forward(
     assert_eq!((pw.k, pw.c, pw.kh, pw.kw), (g.k, g.c, g.kh, g.kw));
     assert_eq!(x.len(), g.input_len());
     assert!(bias.is_none_or(|b| b.len() == g.k));
-    let lay = Layout::new(g);
-    let img_len = lay.image_len(g);
-    let mut xp = vec![0f32; g.b * img_len];
-    // Channel by channel, so that batch 1 is split across the cores too.
-    xp.par_chunks_mut(lay.channel_len())
-        .zip(x.par_chunks(g.h * g.w))
-        .with_min_len(8)
-        .for_each(|(dst, src)| lay.fill(g, src, dst));
     let mut y = vec![0f32; g.output_len()];
     let out = SharedOut::new(&mut y);
     let panels = pw.panels();
     if few_positions(g) {
         // Few output positions per image (the last stages): vectorise over output channels
         // instead, so no lane is spent on padding columns, and fill each micro-tile with the
-        // positions of consecutive images, so tiny maps fill it too. An item is one weight panel
-        // over a chunk of images whose phase planes fit in L2 (all of a small batch); items are
-        // chunk-major, so a worker's consecutive items share the chunk while the panels stream.
+        // positions of consecutive images, so tiny maps fill it too. The input is read where it
+        // lies: the plan skips every tap that would read padding. An item is one weight panel
+        // over a chunk of images that fits in L2 (all of a small batch); items are chunk-major,
+        // so a worker's consecutive items share the chunk while the panels stream.
+        let img_len = g.c * g.h * g.w;
         let per_chunk = ((512 << 10) / (4 * img_len).max(1)).clamp(1, g.b);
         let chunks = g.b.div_ceil(per_chunk);
-        let full = FewPlan::new(g, &lay, per_chunk);
+        let full = FewPlan::new(g, per_chunk);
         let last = g.b - (chunks - 1) * per_chunk;
-        let tail = (last != per_chunk).then(|| FewPlan::new(g, &lay, last));
-        let (xp, lay) = (&xp, &lay);
+        let tail = (last != per_chunk).then(|| FewPlan::new(g, last));
         (0..chunks * panels).into_par_iter().for_each(|item| {
             let (ch, p) = (item / panels, item % panels);
             let plan = if ch + 1 == chunks {
@@ -227,18 +220,26 @@ pub fn conv_forward(
                 &full
             };
             let n0 = ch * per_chunk;
-            let x = &xp[n0 * img_len..(n0 + plan.images) * img_len];
+            let x = &x[n0 * img_len..(n0 + plan.images) * img_len];
             // SAFETY: AVX-512F is present (asserted above); the item writes only the output
             // channels of panel p of images n0.., which no other item touches.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                avx512::run_few(g, lay, pw, plan, x, bias, relu, p, n0, out)
+                avx512::run_few(g, pw, plan, x, bias, relu, p, n0, out)
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (p, x, lay, out);
+            let _ = (p, x, out);
         });
         return y;
     }
+    let lay = Layout::new(g);
+    let img_len = lay.image_len(g);
+    let mut xp = vec![0f32; g.b * img_len];
+    // Channel by channel, so that batch 1 is split across the cores too.
+    xp.par_chunks_mut(lay.channel_len())
+        .zip(x.par_chunks(g.h * g.w))
+        .with_min_len(8)
+        .for_each(|(dst, src)| lay.fill(g, src, dst));
     // Enough items for every core even at batch 1, each a run of tiles sharing one weight panel.
     let want = 8 * rayon::current_num_threads().max(1);
     let chunks = want.div_ceil(g.b * panels).clamp(1, lay.tiles);
@@ -288,9 +289,9 @@ pub(super) const FEW_POS: usize = 12;
 
 /// Whether the few-positions kernel runs: at most 48 outputs per image (6x6 and smaller maps),
 /// where the grid kernel's 16-position tiles spend a quarter or more of their lanes on padding
-/// columns and partial tiles.
+/// columns and partial tiles, and kernels of at most 64 taps (one bit each in a tap mask).
 pub(super) fn few_positions(g: &ConvGeom) -> bool {
-    g.oh * g.ow <= 48
+    g.oh * g.ow <= 48 && g.kh * g.kw <= 64
 }
 
 /// One micro-tile of the few-positions kernel: positions `start..start + len` of the plan's
@@ -300,39 +301,51 @@ struct FewTile {
     start: usize,
     len: usize,
     set: usize,
+    /// Whether some taps of the set skip some of the tile's slots (a mixed tile).
+    masked: bool,
 }
 
 /// The few-positions kernel's schedule for a chunk of `images` images, shared by every weight
 /// panel. On these small maps many taps of a border output read only padding (at 2x2 with a 3x3
 /// kernel, 5 of 9 taps for every output), so positions are grouped by the set of taps that read
 /// the image, and each micro-tile multiplies only those: exact, since the skipped products are
-/// zeros. Groups too small to fill a 4-wide tile share tiles over the union of their taps.
+/// zeros. Groups too small to fill a 4-wide tile share tiles over the union of their taps, each
+/// tap masked to the slots whose positions read the image through it. As no padding is read,
+/// the kernel reads the input `(images, c, h, w)` where it lies.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct FewPlan {
     images: usize,
-    /// Grid offset in the chunk's phase planes of each position, in tile order.
+    /// Offset in the chunk's input of each position's top-left input pixel `(oy·s, ox·s)`
+    /// (channel 0), in tile order.
     src: Vec<usize>,
     /// Output offset (channel 0, relative to the chunk's first image) of each position.
     dst: Vec<usize>,
     tiles: Vec<FewTile>,
-    /// Tap sets: `(tap index ky·KW + kx, offset in a channel's phase planes)`.
-    taps: Vec<Vec<(usize, usize)>>,
+    /// Tap sets: `(tap index ky·KW + kx, offset (ky − pad)·w + kx − pad from a position's
+    /// `src`, the tile slots that read through the tap as a bit mask)`.
+    taps: Vec<Vec<FewTap>>,
+    /// The least and greatest channel-0 input offsets that the tiles read.
+    reach: (isize, isize),
 }
 
+/// A kernel tap of a [`FewPlan`] tap set: `(tap index, input offset, slot mask)`.
+pub(super) type FewTap = (usize, isize, u16);
+
+/// A slot mask with every slot set.
+pub(super) const ALL_SLOTS: u16 = u16::MAX;
+
 impl FewPlan {
-    fn new(g: &ConvGeom, lay: &Layout, images: usize) -> Self {
+    fn new(g: &ConvGeom, images: usize) -> Self {
         let kk = g.kh * g.kw;
+        assert!(kk <= 64, "few-positions plan: more than 64 kernel taps");
         let plane = g.oh * g.ow;
         let valid = |o: usize, k: usize, len: usize| {
             (o * g.stride + k)
                 .checked_sub(g.pad)
                 .is_some_and(|i| i < len)
         };
-        // Taps that read the image, as a bit mask (every tap when there are more than 64).
+        // Taps that read the image, as a bit mask.
         let mask = |oy: usize, ox: usize| -> u64 {
-            if kk > 64 {
-                return u64::MAX;
-            }
             (0..kk)
                 .filter(|&t| valid(oy, t / g.kw, g.h) && valid(ox, t % g.kw, g.w))
                 .fold(0, |m, t| m | 1 << t)
@@ -358,55 +371,95 @@ impl FewPlan {
             dst: Vec::with_capacity(images * plane),
             tiles: Vec::new(),
             taps: Vec::new(),
+            reach: (isize::MAX, isize::MIN),
         };
-        let set_of = |plan: &mut Self, m: u64| -> usize {
-            let taps: Vec<(usize, usize)> = (0..kk)
-                .filter(|&t| t >= 64 || m >> t & 1 == 1)
-                .map(|t| (t, lay.tap_offset(g, t / g.kw, t % g.kw)))
-                .collect();
-            match plan.taps.iter().position(|s| *s == taps) {
-                Some(i) => i,
-                None => {
-                    plan.taps.push(taps);
-                    plan.taps.len() - 1
-                }
-            }
-        };
-        let img_len = lay.image_len(g);
+        let has = |m: u64, t: usize| m >> t & 1 == 1;
+        let (w, pad) = (g.w as isize, g.pad as isize);
+        let offset = |t: usize| ((t / g.kw) as isize - pad) * w + (t % g.kw) as isize - pad;
+        let img_len = g.c * g.h * g.w;
         let push = |plan: &mut Self, pos: &[(usize, usize)]| {
             for n in 0..images {
                 for &(oy, ox) in pos {
-                    plan.src.push(n * img_len + oy * lay.pw + ox);
+                    plan.src.push(n * img_len + (oy * g.w + ox) * g.stride);
                     plan.dst.push(n * g.k * plane + oy * g.ow + ox);
                 }
             }
         };
-        let mut mixed = (0u64, Vec::new());
+        // Positions of the groups too small for a tile of their own, and their tap masks.
+        let (mut mixed, mut mixed_masks) = (Vec::new(), Vec::new());
         for (m, pos) in &groups {
             if images * pos.len() < 4 {
-                mixed.0 |= m;
-                mixed.1.extend_from_slice(pos);
+                mixed.extend_from_slice(pos);
+                mixed_masks.extend(pos.iter().map(|_| *m));
                 continue;
             }
-            let (start, set) = (plan.src.len(), set_of(&mut plan, *m));
+            let taps = (0..kk)
+                .filter(|&t| has(*m, t))
+                .map(|t| (t, offset(t), ALL_SLOTS))
+                .collect();
+            let set = plan.intern(taps);
+            let mut start = plan.src.len();
             push(&mut plan, pos);
-            plan.cut(start, set);
+            while start < plan.src.len() {
+                let len = FEW_POS.min(plan.src.len() - start);
+                plan.add_tile(start, len, set, false);
+                start += len;
+            }
         }
-        if !mixed.1.is_empty() {
-            let (start, set) = (plan.src.len(), set_of(&mut plan, mixed.0));
-            push(&mut plan, &mixed.1);
-            plan.cut(start, set);
+        if !mixed.is_empty() {
+            // Each tile over the union of its positions' taps, a tap masked to the slots
+            // whose positions read through it.
+            let start = plan.src.len();
+            push(&mut plan, &mixed);
+            let masks: Vec<u64> = (0..images)
+                .flat_map(|_| mixed_masks.iter().copied())
+                .collect();
+            for (i, chunk) in masks.chunks(FEW_POS).enumerate() {
+                let union = chunk.iter().fold(0, |u, m| u | m);
+                let taps = (0..kk)
+                    .filter(|&t| has(union, t))
+                    .map(|t| {
+                        let slots = (0..chunk.len())
+                            .filter(|&j| has(chunk[j], t))
+                            .fold(0u16, |s, j| s | 1 << j);
+                        (t, offset(t), slots)
+                    })
+                    .collect();
+                let set = plan.intern(taps);
+                plan.add_tile(start + i * FEW_POS, chunk.len(), set, true);
+            }
         }
         plan
     }
 
-    /// Cuts positions `start..` (one tap set) into micro-tiles of at most [`FEW_POS`].
-    fn cut(&mut self, mut start: usize, set: usize) {
-        while start < self.src.len() {
-            let len = FEW_POS.min(self.src.len() - start);
-            self.tiles.push(FewTile { start, len, set });
-            start += len;
+    /// The index of tap set `taps`, added if new.
+    fn intern(&mut self, taps: Vec<FewTap>) -> usize {
+        match self.taps.iter().position(|s| *s == taps) {
+            Some(i) => i,
+            None => {
+                self.taps.push(taps);
+                self.taps.len() - 1
+            }
         }
+    }
+
+    /// Adds a tile of positions `start..start + len` over tap set `set`, widening `reach` by
+    /// every input offset it reads (an unmasked tap reads every slot).
+    fn add_tile(&mut self, start: usize, len: usize, set: usize, masked: bool) {
+        for &(_, off, slots) in &self.taps[set] {
+            for (j, &q) in self.src[start..start + len].iter().enumerate() {
+                if !masked || slots >> j & 1 == 1 {
+                    let at = q as isize + off;
+                    self.reach = (self.reach.0.min(at), self.reach.1.max(at));
+                }
+            }
+        }
+        self.tiles.push(FewTile {
+            start,
+            len,
+            set,
+            masked,
+        });
     }
 }
 
@@ -458,7 +511,7 @@ impl Job<'_> {
 pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{ConvGeom, FewPlan, Job, Layout, PackedWeights, SharedOut, FEW_POS, MR, NR};
+    use super::{ConvGeom, FewPlan, FewTap, Job, PackedWeights, SharedOut, FEW_POS, MR, NR};
 
     /// Computes tiles `t0..t1` of one job and stores them.
     ///
@@ -516,7 +569,6 @@ pub(super) mod avx512 {
     #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run_few(
         g: &ConvGeom,
-        lay: &Layout,
         pw: &PackedWeights,
         plan: &FewPlan,
         x: &[f32],
@@ -528,11 +580,9 @@ pub(super) mod avx512 {
     ) {
         let plane = g.oh * g.ow;
         let kk = g.kh * g.kw;
-        let cl = lay.channel_len();
-        let max_tap = plan.taps.iter().flatten().map(|t| t.1).max().unwrap_or(0);
-        let max_src = plan.src.iter().copied().max().unwrap_or(0);
+        let cl = g.h * g.w;
         // Every read is inside x, every write inside the output, every tap inside the panel.
-        assert!(max_src + (g.c - 1) * cl + max_tap < x.len());
+        assert!(plan.reach.0 >= 0 && (plan.reach.1 as usize) + (g.c - 1) * cl < x.len());
         assert!(plan.taps.iter().flatten().all(|t| t.0 < kk));
         assert!(n0 + plan.images <= g.b && g.b * g.k * plane <= out.len());
         assert!(plan.dst.iter().all(|&d| d < plan.images * g.k * plane));
@@ -565,8 +615,9 @@ pub(super) mod avx512 {
                 let taps = &plan.taps[t.set];
                 let acc = &mut acc[at..at + n];
                 at += n;
+                let geo = (chans, kk, cl, cb * kk * MR);
                 // SAFETY: the reads are bounded (asserted above).
-                unsafe { few_tile_any(acc, a, x, (chans, kk, cl, cb * kk * MR), taps, src) };
+                unsafe { few_tile_any(acc, a, x, geo, taps, src, t.masked) };
             }
         }
         let mut at = 0;
@@ -588,7 +639,8 @@ pub(super) mod avx512 {
 
     /// [`few_tile`] as wide as `src`, rounded up to 4 (`acc` holds that many vectors): at
     /// batch 1 the 2x2 and 3x3 maps of the last stages have 4 and 9 positions, and a
-    /// full-width tile would spend most of its FMAs on copies.
+    /// full-width tile would spend most of its FMAs on copies. With `masked`, each tap updates
+    /// only the slots of its mask.
     ///
     /// # Safety
     /// As for [`few_tile`].
@@ -598,35 +650,43 @@ pub(super) mod avx512 {
         a: &[f32],
         x: &[f32],
         geo: ((usize, usize), usize, usize, usize),
-        taps: &[(usize, usize)],
+        taps: &[FewTap],
         src: &[usize],
+        masked: bool,
     ) {
         // SAFETY: passed on.
-        match src.len().div_ceil(4) {
-            1 => unsafe { few_tile::<4>(acc, a, x, geo, taps, src) },
-            2 => unsafe { few_tile::<8>(acc, a, x, geo, taps, src) },
-            _ => unsafe { few_tile::<FEW_POS>(acc, a, x, geo, taps, src) },
+        unsafe {
+            match (src.len().div_ceil(4), masked) {
+                (1, false) => few_tile::<4, false>(acc, a, x, geo, taps, src),
+                (2, false) => few_tile::<8, false>(acc, a, x, geo, taps, src),
+                (_, false) => few_tile::<FEW_POS, false>(acc, a, x, geo, taps, src),
+                (1, true) => few_tile::<4, true>(acc, a, x, geo, taps, src),
+                (2, true) => few_tile::<8, true>(acc, a, x, geo, taps, src),
+                (_, true) => few_tile::<FEW_POS, true>(acc, a, x, geo, taps, src),
+            }
         }
     }
 
     /// Adds to `acc` `P` output positions (grid offsets `src`, at most `P`; slots past them
     /// repeat the last one) × 16 output channels over the kernel taps `taps` of input channels
     /// `c0..c1`: each tap's weight vector from the panel `a` (`[c][kk][MR]`), each position's
-    /// input value broadcast from memory (channel `ci` at `ci·cl`). Each weight load prefetches
-    /// the weights `pf` floats further on into L2.
+    /// input value broadcast from memory (channel `ci` at `ci·cl`). With `MASKED`, a tap
+    /// updates only the slots set in its mask. Each weight load prefetches the weights `pf`
+    /// floats further on into L2.
     ///
     /// # Safety
     /// AVX-512F; `acc` holds `P` vectors, `a` holds `c1·kk·MR` floats, every tap index is below
-    /// `kk`, and `x + q + ci·cl + o` is inside the input for every `q` in `src`, `ci < c1`, tap
-    /// offset `o`.
+    /// `kk`, and `x + q + ci·cl + o` is inside the input for every `ci < c1` and every position
+    /// `q` of `src` that tap offset `o` is applied to (all of them, or with `MASKED` those of its
+    /// slot mask).
     #[target_feature(enable = "avx512f")]
     #[inline]
-    unsafe fn few_tile<const P: usize>(
+    unsafe fn few_tile<const P: usize, const MASKED: bool>(
         acc: &mut [__m512],
         a: &[f32],
         x: &[f32],
         ((c0, c1), kk, cl, pf): ((usize, usize), usize, usize, usize),
-        taps: &[(usize, usize)],
+        taps: &[FewTap],
         src: &[usize],
     ) {
         let q: [usize; P] = std::array::from_fn(|i| src[i.min(src.len() - 1)]);
@@ -636,12 +696,16 @@ pub(super) mod avx512 {
             unsafe {
                 let wc = a.as_ptr().add(ci * kk * MR);
                 let xc = x.as_ptr().add(ci * cl);
-                for &(t, o) in taps {
+                for &(t, o, slots) in taps {
                     let w = _mm512_loadu_ps(wc.add(t * MR));
                     _mm_prefetch::<_MM_HINT_T1>(wc.add(t * MR).wrapping_add(pf) as *const i8);
-                    let xo = xc.add(o);
-                    for (ap, &qp) in sum.iter_mut().zip(&q) {
-                        *ap = _mm512_fmadd_ps(_mm512_set1_ps(*xo.add(qp)), w, *ap);
+                    // A tap offset may be negative; only its sum with a position is an index.
+                    let xo = xc.wrapping_offset(o);
+                    for (i, (ap, &qp)) in sum.iter_mut().zip(&q).enumerate() {
+                        if !MASKED || slots >> i & 1 == 1 {
+                            let v = *xo.wrapping_add(qp);
+                            *ap = _mm512_fmadd_ps(_mm512_set1_ps(v), w, *ap);
+                        }
                     }
                 }
             }
@@ -710,8 +774,7 @@ pub(super) mod tests {
     #[test]
     fn few_plan_skips_padding_taps() {
         let g = ConvGeom::new(8, 4, 2, 2, 16, 3, 3, 1, 1).expect("geom");
-        let lay = Layout::new(&g);
-        let plan = FewPlan::new(&g, &lay, 8);
+        let plan = FewPlan::new(&g, 8);
         assert_eq!(plan.tiles.len(), 4);
         let mut seen = vec![0; 32];
         for t in &plan.tiles {
@@ -721,16 +784,26 @@ pub(super) mod tests {
             }
         }
         assert!(seen.iter().all(|&n| n == 1), "{seen:?}");
-        let one = FewPlan::new(&g, &lay, 1);
+        let one = FewPlan::new(&g, 1);
         assert_eq!(
             one.tiles,
             vec![FewTile {
                 start: 0,
                 len: 4,
-                set: 0
+                set: 0,
+                masked: true,
             }]
         );
-        assert_eq!(one.taps[0].len(), 9);
+        // Each tap masked to the positions it reads for: the centre tap for all four, an edge
+        // tap for two, a corner tap for one; 16 products per channel instead of 36.
+        let slots: Vec<u32> = one.taps[0].iter().map(|t| t.2.count_ones()).collect();
+        assert_eq!(slots, [1, 2, 1, 2, 4, 2, 1, 2, 1]);
+        assert_eq!(
+            one.taps[0][0].2, 0b1000,
+            "tap (0,0) serves only output (1,1)"
+        );
+        // The reads stay inside the image: (0,0) reads from offset 0, (1,1) up to h·w − 1.
+        assert_eq!(one.reach, (0, 3));
     }
 
     /// The direct kernel against the portable GEMM path, over strides, paddings, kernel sizes,
@@ -766,6 +839,8 @@ pub(super) mod tests {
             (6, 16, 3, 3, 16, 3, 2, 1),
             (3, 32, 6, 6, 20, 3, 1, 1),
             (8, 512, 6, 6, 16, 3, 1, 1),
+            // A kernel of more than 64 taps on a small map (the grid kernel's case).
+            (1, 3, 6, 6, 16, 9, 1, 4),
         ];
         for (i, &(b, c, h, w, k, kh, s, p)) in cases.iter().enumerate() {
             let g = ConvGeom::new(b, c, h, w, k, kh, kh, s, p).expect("geom");

@@ -406,6 +406,7 @@ pub(super) mod avx512 {
 
     use super::{Ctx, SharedOut, Tiles, MR};
     use crate::kernels::direct::avx512::{few_tile_any, tile};
+    use crate::kernels::direct::ALL_SLOTS;
     use crate::kernels::direct::FEW_POS;
 
     pub(in crate::kernels) const EVEN: [i32; 16] =
@@ -607,9 +608,9 @@ pub(super) mod avx512 {
         let src = &src[..b - a];
         let mut acc = [_mm512_setzero_ps(); FEW_POS];
         let geo = ((0, c), 1, ntp, c * MR);
-        let taps = [(0, 0)];
+        let taps = [(0, 0isize, ALL_SLOTS)];
         // SAFETY: the panel holds c·MR floats; tile t < ntp of channel ci < c is inside xv.
-        unsafe { few_tile_any(&mut acc, w, xv, geo, &taps, src) };
+        unsafe { few_tile_any(&mut acc, w, xv, geo, &taps, src, false) };
         let rows = MR.min(k - p * MR);
         assert!((xi * k + p * MR + rows) * ntp <= m.len());
         for (t, v) in (a..b).zip(&acc) {
