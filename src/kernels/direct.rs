@@ -601,11 +601,7 @@ pub(super) mod avx512 {
         // prefetches its twin one block ahead into L2 (into L1, the prefetches evicted the
         // block in use: 12% slower at batch 8; 16 KiB blocks were 3% slower).
         let cb = ((8 << 10) / (4 * kk * MR)).max(1);
-        let slots: Vec<usize> = plan
-            .tiles
-            .iter()
-            .map(|t| t.len.next_multiple_of(4))
-            .collect();
+        let slots: Vec<usize> = plan.tiles.iter().map(|t| few_width(t.len)).collect();
         let mut acc = vec![_mm512_setzero_ps(); slots.iter().sum()];
         for c0 in (0..g.c).step_by(cb) {
             let chans = (c0, (c0 + cb).min(g.c));
@@ -637,10 +633,16 @@ pub(super) mod avx512 {
         }
     }
 
-    /// [`few_tile`] as wide as `src`, rounded up to 4 (`acc` holds that many vectors): at
-    /// batch 1 the 2x2 and 3x3 maps of the last stages have 4 and 9 positions, and a
-    /// full-width tile would spend most of its FMAs on copies. With `masked`, each tap updates
-    /// only the slots of its mask.
+    /// The slots [`few_tile_any`] computes for `n` positions: `n`, but at least 4, so that
+    /// enough sums are in flight to hide the FMA latency.
+    pub(in crate::kernels) fn few_width(n: usize) -> usize {
+        n.max(4)
+    }
+
+    /// [`few_tile`] exactly as wide as `src` ([`few_width`]; `acc` holds that many vectors):
+    /// at batch 1 the maps of the last stages have 4 or 9 positions (and Winograd's few-tiles
+    /// GEMM 9 tiles), and a tile rounded up to 12 would spend a quarter or more of its FMAs
+    /// on copies. With `masked`, each tap updates only the slots of its mask.
     ///
     /// # Safety
     /// As for [`few_tile`].
@@ -654,17 +656,20 @@ pub(super) mod avx512 {
         src: &[usize],
         masked: bool,
     ) {
-        // SAFETY: passed on.
-        unsafe {
-            match (src.len().div_ceil(4), masked) {
-                (1, false) => few_tile::<4, false>(acc, a, x, geo, taps, src),
-                (2, false) => few_tile::<8, false>(acc, a, x, geo, taps, src),
-                (_, false) => few_tile::<FEW_POS, false>(acc, a, x, geo, taps, src),
-                (1, true) => few_tile::<4, true>(acc, a, x, geo, taps, src),
-                (2, true) => few_tile::<8, true>(acc, a, x, geo, taps, src),
-                (_, true) => few_tile::<FEW_POS, true>(acc, a, x, geo, taps, src),
-            }
+        macro_rules! width {
+            ($($p:literal)*) => {
+                match (few_width(src.len()), masked) {
+                    $(
+                        ($p, false) => few_tile::<$p, false>(acc, a, x, geo, taps, src),
+                        ($p, true) => few_tile::<$p, true>(acc, a, x, geo, taps, src),
+                    )*
+                    (w, _) => panic!("few_tile_any: {w} positions"),
+                }
+            };
         }
+        const { assert!(FEW_POS == 12, "few_tile_any instantiates widths 4..=12") };
+        // SAFETY: passed on.
+        unsafe { width!(4 5 6 7 8 9 10 11 12) }
     }
 
     /// Adds to `acc` `P` output positions (grid offsets `src`, at most `P`; slots past them
