@@ -27,7 +27,7 @@ use rayon::prelude::*;
 
 use super::cpu::{ConvGeom, SharedOut};
 use super::direct;
-use super::winograd::{self, for_each, padded_planes, Scratch, Tiles, G2, G4};
+use super::winograd::{self, for_each, padded_planes, xi_stride, Scratch, Tiles, G2, G4};
 
 /// Tiles per chunk: the transforms of a chunk are written, then reduced by the GEMMs.
 const CHUNK: usize = 1024;
@@ -86,10 +86,11 @@ pub fn conv_backward_weight_tiles(g: &ConvGeom, x: &[f32], dy: &[f32], m: usize)
     while t0 < tl.total {
         let t1 = (t0 + CHUNK).min(tl.total);
         let ntp = (t1 - t0).div_ceil(16) * 16;
-        let mut v_buf = Scratch::take(xis * c * ntp);
-        let mut u_buf = Scratch::take(xis * k * ntp);
-        let v = &mut v_buf.buf[..xis * c * ntp];
-        let u = &mut u_buf.buf[..xis * k * ntp];
+        let (v_len, u_len) = (xis * xi_stride(c, ntp), xis * xi_stride(k, ntp));
+        let mut v_buf = Scratch::take(v_len);
+        let mut u_buf = Scratch::take(u_len);
+        let v = &mut v_buf.buf[..v_len];
+        let u = &mut u_buf.buf[..u_len];
         let (vs, us) = (SharedOut::new(v), SharedOut::new(u));
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (vs, us);
@@ -174,9 +175,9 @@ unsafe fn zero_tails(
     used: usize,
     ntp: usize,
 ) {
-    assert!(xis * channels * ntp <= buf.len() && used <= ntp);
+    assert!(xis * xi_stride(channels, ntp) <= buf.len() && used <= ntp);
     for xi in 0..xis {
-        let row = (xi * channels + ch) * ntp;
+        let row = xi * xi_stride(channels, ntp) + ch * ntp;
         // SAFETY: inside the buffer (asserted) and owned by this channel.
         unsafe { std::ptr::write_bytes(buf.ptr().add(row + used), 0, ntp - used) };
     }
@@ -186,7 +187,7 @@ unsafe fn zero_tails(
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::Tiles;
+    use super::{xi_stride, Tiles};
     use crate::kernels::cpu::SharedOut;
     use crate::kernels::winograd::avx512::{idx, EVEN, ODD, STRIDE4};
 
@@ -209,7 +210,7 @@ mod avx512 {
     ) {
         let (even, odd) = (idx(&EVEN), idx(&ODD));
         let (hq, wq) = (tl.hp - 2, tl.wp - 2);
-        assert!(16 * channels * ntp <= u.len());
+        assert!(16 * xi_stride(channels, ntp) <= u.len());
         // A as a column transform: (e0, e1) → (e0, e0 + e1, e0 − e1, −e1).
         let a = |e0: __m512, e1: __m512| {
             [
@@ -238,7 +239,7 @@ mod avx512 {
             let mask: __mmask16 = ((1u32 << len) - 1) as u16;
             for (i, (&c0, &c1)) in cols[0].iter().zip(&cols[1]).enumerate() {
                 for (j, val) in a(c0, c1).into_iter().enumerate() {
-                    let dst = ((i * 4 + j) * channels + k) * ntp + (t - t0);
+                    let dst = (i * 4 + j) * xi_stride(channels, ntp) + k * ntp + (t - t0);
                     // SAFETY: dst + len <= 16·channels·ntp (asserted), lanes past len masked.
                     unsafe { _mm512_mask_storeu_ps(u.ptr().add(dst), mask, val) };
                 }
@@ -264,7 +265,7 @@ mod avx512 {
     ) {
         let sel: [__m512i; 4] = std::array::from_fn(|j| idx(&STRIDE4[j]));
         let (hq, wq) = (tl.hp - 2, tl.wp - 2);
-        assert!(36 * channels * ntp <= u.len());
+        assert!(36 * xi_stride(channels, ntp) <= u.len());
         // A as a column transform, A = (Aᵀ of F(4x4, 3x3))ᵀ:
         // (e0, e1, e2, e3) → (e0, e0+e1+e2+e3, e0−e1+e2−e3, e0+2e1+4e2+8e3, e0−2e1+4e2−8e3, e3).
         let a = |e: [__m512; 4]| {
@@ -307,7 +308,7 @@ mod avx512 {
             for i in 0..6 {
                 let row = a([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
                 for (j, val) in row.into_iter().enumerate() {
-                    let dst = ((i * 6 + j) * channels + k) * ntp + (t - t0);
+                    let dst = (i * 6 + j) * xi_stride(channels, ntp) + k * ntp + (t - t0);
                     // SAFETY: dst + len <= 36·channels·ntp (asserted), lanes past len masked.
                     unsafe { _mm512_mask_storeu_ps(u.ptr().add(dst), mask, val) };
                 }
@@ -334,9 +335,10 @@ mod avx512 {
     ) {
         assert!(k1 <= k && ntp.is_multiple_of(16));
         assert!([k0, k1, c].iter().all(|v| v.is_multiple_of(4)));
-        assert!(u.len() >= (xi + 1) * k * ntp && v.len() >= (xi + 1) * c * ntp);
+        let (ub, vb) = (xi * xi_stride(k, ntp), xi * xi_stride(c, ntp));
+        assert!(u.len() >= ub + k * ntp && v.len() >= vb + c * ntp);
         assert!(m.len() >= (xi + 1) * k * c);
-        let (u, v) = (u[xi * k * ntp..].as_ptr(), v[xi * c * ntp..].as_ptr());
+        let (u, v) = (u[ub..].as_ptr(), v[vb..].as_ptr());
         for c0 in (0..c).step_by(4) {
             for kk in (k0..k1).step_by(4) {
                 // SAFETY: rows kk..kk+4 of U_ξ and c0..c0+4 of V_ξ, ntp floats each (asserted).

@@ -135,6 +135,14 @@ pub fn tile_size(g: &ConvGeom) -> Option<usize> {
     }
 }
 
+/// Floats from one ξ block `[channels][ntp]` of a transformed chunk (V, M, U) to the next: the
+/// block plus one cache line. The blocks are multiples of 4 KiB, so without it the 16 or 36
+/// rows of one channel, which a transform writes or reads together, would all fall into the
+/// same L1 set.
+pub(super) fn xi_stride(channels: usize, ntp: usize) -> usize {
+    channels * ntp + 16
+}
+
 /// Tile geometry of one convolution.
 pub(super) struct Tiles {
     /// Output tile size.
@@ -344,10 +352,11 @@ impl Ctx<'_> {
         let xis = self.pw.xis();
         // Lanes past t1 in the last vector hold stale (initialised) values; they only reach M
         // lanes that the output transform never stores.
-        let mut v_buf = Scratch::take(xis * g.c * ntp);
-        let mut m_buf = Scratch::take(xis * g.k * ntp);
-        let v = &mut v_buf.buf[..xis * g.c * ntp];
-        let m = &mut m_buf.buf[..xis * g.k * ntp];
+        let (v_len, m_len) = (xis * xi_stride(g.c, ntp), xis * xi_stride(g.k, ntp));
+        let mut v_buf = Scratch::take(v_len);
+        let mut m_buf = Scratch::take(m_len);
+        let v = &mut v_buf.buf[..v_len];
+        let m = &mut m_buf.buf[..m_len];
         let vs = SharedOut::new(v);
         let ms = SharedOut::new(m);
         #[cfg(not(target_arch = "x86_64"))]
@@ -404,7 +413,7 @@ impl Ctx<'_> {
 pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Ctx, SharedOut, Tiles, MR};
+    use super::{xi_stride, Ctx, SharedOut, Tiles, MR};
     use crate::kernels::direct::avx512::{few_tile_any, tile};
     use crate::kernels::direct::ALL_SLOTS;
     use crate::kernels::direct::FEW_POS;
@@ -434,7 +443,7 @@ pub(super) mod avx512 {
         let mut mm = [[_mm512_setzero_ps(); A]; A];
         for (i, row) in mm.iter_mut().enumerate() {
             for (j, val) in row.iter_mut().enumerate() {
-                let at = ((i * A + j) * channels + k) * ntp + tv * 16;
+                let at = (i * A + j) * xi_stride(channels, ntp) + k * ntp + tv * 16;
                 assert!(at + 16 <= m.len());
                 // SAFETY: asserted in bounds.
                 *val = unsafe { _mm512_loadu_ps(m.as_ptr().add(at)) };
@@ -504,7 +513,7 @@ pub(super) mod avx512 {
     ) {
         let (even, odd) = (idx(&EVEN), idx(&ODD));
         let plane = tl.hp * tl.wp;
-        assert!(16 * channels * ntp <= v.len());
+        assert!(16 * xi_stride(channels, ntp) <= v.len());
         for (t, n, ty, tx, len) in tl.runs(t0, t1) {
             let base = (n * channels + c) * plane + 2 * ty * tl.wp + 2 * tx;
             // The farthest read: 3 rows down, 2 + 32 floats across (slack covers the overrun).
@@ -543,7 +552,7 @@ pub(super) mod avx512 {
                     _mm512_sub_ps(r[1], r[3]),
                 ];
                 for (j, val) in vals.into_iter().enumerate() {
-                    let dst = ((i * 4 + j) * channels + c) * ntp + (t - t0);
+                    let dst = (i * 4 + j) * xi_stride(channels, ntp) + c * ntp + (t - t0);
                     // SAFETY: dst + len <= 16·channels·ntp (asserted), lanes past len masked.
                     unsafe { _mm512_mask_storeu_ps(v.ptr().add(dst), mask, val) };
                 }
@@ -571,15 +580,16 @@ pub(super) mod avx512 {
     ) {
         let (c, k) = (ctx.g.c, ctx.g.k);
         let a = ctx.pw.panel(xi, p);
-        let xv = &v[xi * c * ntp..(xi + 1) * c * ntp];
+        let xv = &v[xi * xi_stride(c, ntp)..][..c * ntp];
         assert!(a.len() == c * MR && off.len() == c);
         assert!((c - 1) * ntp + tv * 16 + 16 <= xv.len());
         // SAFETY: bounds asserted above.
         let acc = unsafe { tile::<true>(c, a.as_ptr(), xv.as_ptr().add(tv * 16), off) };
         let rows = MR.min(k - p * MR);
-        assert!((xi * k + p * MR + rows) * ntp <= m.len());
+        let mb = xi * xi_stride(k, ntp) + p * MR * ntp;
+        assert!(mb + rows * ntp <= m.len());
         for (r, acc) in acc.iter().enumerate().take(rows) {
-            let dst = (xi * k + p * MR + r) * ntp + tv * 16;
+            let dst = mb + r * ntp + tv * 16;
             // SAFETY: asserted in bounds; this block belongs to this item.
             unsafe { _mm512_storeu_ps(m.ptr().add(dst), *acc) };
         }
@@ -602,7 +612,7 @@ pub(super) mod avx512 {
     ) {
         let (c, k) = (ctx.g.c, ctx.g.k);
         let w = ctx.pw.panel(xi, p);
-        let xv = &v[xi * c * ntp..(xi + 1) * c * ntp];
+        let xv = &v[xi * xi_stride(c, ntp)..][..c * ntp];
         assert!(a < b && b - a <= FEW_POS && b <= ntp);
         let src: [usize; FEW_POS] = std::array::from_fn(|i| a + i);
         let src = &src[..b - a];
@@ -612,14 +622,15 @@ pub(super) mod avx512 {
         // SAFETY: the panel holds c·MR floats; tile t < ntp of channel ci < c is inside xv.
         unsafe { few_tile_any(&mut acc, w, xv, geo, &taps, src, false) };
         let rows = MR.min(k - p * MR);
-        assert!((xi * k + p * MR + rows) * ntp <= m.len());
+        let mb = xi * xi_stride(k, ntp) + p * MR * ntp;
+        assert!(mb + rows * ntp <= m.len());
         for (t, v) in (a..b).zip(&acc) {
             let mut lanes = [0f32; MR];
             // SAFETY: MR floats.
             unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
             for (r, val) in lanes.iter().enumerate().take(rows) {
                 // SAFETY: asserted in bounds; this block belongs to this item.
-                unsafe { *m.ptr().add((xi * k + p * MR + r) * ntp + t) = *val };
+                unsafe { *m.ptr().add(mb + r * ntp + t) = *val };
             }
         }
     }
@@ -633,7 +644,7 @@ pub(super) mod avx512 {
         let g = ctx.g;
         let (lo, hi) = (idx(&INTERLEAVE_LO), idx(&INTERLEAVE_HI));
         let bias = _mm512_set1_ps(ctx.bias[k]);
-        assert!(16 * g.k * ntp <= m.len());
+        assert!(16 * xi_stride(g.k, ntp) <= m.len());
         assert!(g.b * g.k * g.oh * g.ow <= ctx.out.len());
         let mut tv = 0;
         while tv * 16 < t1 - t0 {
@@ -757,7 +768,7 @@ pub(super) mod avx512 {
             idx(&STRIDE4[3]),
         ];
         let plane = tl.hp * tl.wp;
-        assert!(36 * channels * ntp <= v.len());
+        assert!(36 * xi_stride(channels, ntp) <= v.len());
         for (t, n, ty, tx, len) in tl.runs(t0, t1) {
             let base = (n * channels + c) * plane + 4 * ty * tl.wp + 4 * tx;
             // The farthest read: 5 rows down, 4 + 64 floats across (slack covers the overrun).
@@ -806,7 +817,7 @@ pub(super) mod avx512 {
                     rows[0][j], rows[1][j], rows[2][j], rows[3][j], rows[4][j], rows[5][j],
                 ]);
                 for (i, val) in col.into_iter().enumerate() {
-                    let dst = ((i * 6 + j) * channels + c) * ntp + (t - t0);
+                    let dst = (i * 6 + j) * xi_stride(channels, ntp) + c * ntp + (t - t0);
                     // SAFETY: dst + len <= 36·channels·ntp (asserted), lanes past len masked.
                     unsafe { _mm512_mask_storeu_ps(v.ptr().add(dst), mask, val) };
                 }
@@ -824,7 +835,7 @@ pub(super) mod avx512 {
         let (lo, hi) = (idx(&INTERLEAVE_LO), idx(&INTERLEAVE_HI));
         let (plo, phi) = (idx64(&PAIRS_LO), idx64(&PAIRS_HI));
         let bias = _mm512_set1_ps(ctx.bias[k]);
-        assert!(36 * g.k * ntp <= m.len());
+        assert!(36 * xi_stride(g.k, ntp) <= m.len());
         assert!(g.b * g.k * g.oh * g.ow <= ctx.out.len());
         let mut tv = 0;
         while tv * 16 < t1 - t0 {
