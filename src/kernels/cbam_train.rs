@@ -1,6 +1,7 @@
 //! The element-wise and channel-reduction parts of a CBAM gate in training, fused into two passes
 //! forward and two backward over `(b, c, h·w)` `f32` slices. The small parts (pooling over space,
-//! the channel MLP, the 7x7 spatial convolution and its batch-norm) stay ordinary ops.
+//! the channel MLP, the 7x7 spatial convolution and its batch-norm) stay ordinary ops. The
+//! inference gate ([`super::cpu::cbam_residual_relu`]) runs the same forward loops.
 //!
 //! With the channel gate `g (b, c)` and the spatial gate `s (b, h·w)`:
 //! - gate-and-pool: `x' = x·g`, `pooled = [mean_c x', max_c x']` (`(b, 2, h·w)`);
@@ -17,13 +18,14 @@ avx512_twins! {
     /// Per-image loops.
     img, img512;
 
-    /// `pooled = [mean_c x·g, max_c x·g]` for one image.
-    pub fn gate_pool(x: &[f32], g: &[f32], hw: usize, pooled: &mut [f32]) {
-        let (mean, max) = pooled.split_at_mut(hw);
+    /// `[mean_c x·g, max_c x·g]` for pixels `p0..p0 + mean.len()` of one image, into `mean`
+    /// and `max`.
+    pub fn gate_pool(x: &[f32], g: &[f32], hw: usize, p0: usize, mean: &mut [f32], max: &mut [f32]) {
+        let n = mean.len();
         mean.fill(0.0);
         max.fill(f32::NEG_INFINITY);
         for (xc, &gc) in x.chunks_exact(hw).zip(g) {
-            for ((m, mx), &v) in mean.iter_mut().zip(max.iter_mut()).zip(xc) {
+            for ((m, mx), &v) in mean.iter_mut().zip(max.iter_mut()).zip(&xc[p0..p0 + n]) {
                 let v = v * gc;
                 *m += v;
                 *mx = mx.max(v);
@@ -82,9 +84,16 @@ avx512_twins! {
         }
     }
 
-    /// Mean, maximum and index of the first maximum of one plane (16 running sums and maxima,
-    /// so that the loop vectorises).
+    /// Mean, maximum and index of the first maximum of one plane.
     pub fn plane_pool(x: &[f32]) -> (f32, f32, usize) {
+        let (mean, m) = plane_mean_max(x);
+        let at = x.iter().position(|&v| v == m).unwrap_or(0);
+        (mean, m, at)
+    }
+
+    /// Mean and maximum of one plane (16 running sums and maxima, so that the loop
+    /// vectorises).
+    pub fn plane_mean_max(x: &[f32]) -> (f32, f32) {
         let (mut sum, mut max) = ([0f32; 16], [f32::NEG_INFINITY; 16]);
         let chunks = x.chunks_exact(16);
         let rest = chunks.remainder();
@@ -103,8 +112,7 @@ avx512_twins! {
             s += v;
             m = m.max(v);
         }
-        let at = x.iter().position(|&v| v == m).unwrap_or(0);
-        (s / x.len().max(1) as f32, m, at)
+        (s / x.len().max(1) as f32, m)
     }
 
     /// Backward of [`apply`] from its output `out` and `dout`: `dx`, `d identity`, `dg`, `ds`.
@@ -187,12 +195,51 @@ pub fn gate_pool(d: &MapGeom, x: &[f32], g: &[f32]) -> Vec<f32> {
     let mut pooled = vec![0f32; d.b * 2 * d.hw];
     let img = d.c * d.hw;
     if img > 0 {
+        // Blocks of pixels, so that a single image is split across the cores too.
+        let blk = PIXEL_BLOCK.min(d.hw);
         pooled
             .par_chunks_mut(2 * d.hw)
             .zip(x.par_chunks(img).zip(g.par_chunks(d.c)))
-            .for_each(|(p, (xi, gi))| avx512_or!(img512, img, gate_pool(xi, gi, d.hw, p)));
+            .for_each(|(p, (xi, gi))| {
+                let (mean, max) = p.split_at_mut(d.hw);
+                mean.par_chunks_mut(blk)
+                    .zip(max.par_chunks_mut(blk))
+                    .enumerate()
+                    .for_each(|(i, (m, mx))| {
+                        avx512_or!(img512, img, gate_pool(xi, gi, d.hw, i * blk, m, mx))
+                    });
+            });
     }
     pooled
+}
+
+/// Pixels per work item of [`gate_pool`].
+const PIXEL_BLOCK: usize = 512;
+
+/// Channels per work item of [`apply`] and [`channel_mean_max`], at most.
+const CHANNEL_BLOCK: usize = 16;
+
+/// Per channel of `x (b, c, hw)` the spatial mean and maximum, laid out `(b, 2, c)`: CBAM's
+/// channel-attention pooling at inference.
+pub fn channel_mean_max(d: &MapGeom, x: &[f32]) -> Vec<f32> {
+    assert_eq!(x.len(), d.len());
+    let mut out = vec![0f32; d.b * 2 * d.c];
+    if !d.is_empty() {
+        out.par_chunks_mut(2 * d.c)
+            .zip(x.par_chunks(d.c * d.hw))
+            .for_each(|(o, xi)| {
+                let (mean, max) = o.split_at_mut(d.c);
+                mean.par_chunks_mut(CHANNEL_BLOCK)
+                    .zip(max.par_chunks_mut(CHANNEL_BLOCK))
+                    .zip(xi.par_chunks(CHANNEL_BLOCK * d.hw))
+                    .for_each(|((m, mx), xs)| {
+                        for ((m, mx), xc) in m.iter_mut().zip(mx).zip(xs.chunks_exact(d.hw)) {
+                            (*m, *mx) = avx512_or!(img512, img, plane_mean_max(xc));
+                        }
+                    });
+            });
+    }
+    out
 }
 
 /// Backward of [`gate_pool`]: `(dx, dg)`.
@@ -231,11 +278,18 @@ pub fn apply(d: &MapGeom, x: &[f32], id: &[f32], g: &[f32], s: &[f32]) -> Vec<f3
     let mut out = vec![0f32; d.len()];
     let img = d.c * d.hw;
     if img > 0 {
+        // Blocks of channels, so that a single image is split across the cores too.
+        let cb = CHANNEL_BLOCK * d.hw;
         out.par_chunks_mut(img)
             .zip(x.par_chunks(img).zip(id.par_chunks(img)))
             .zip(g.par_chunks(d.c).zip(s.par_chunks(d.hw)))
             .for_each(|((o, (xi, ii)), (gi, si))| {
-                avx512_or!(img512, img, apply(xi, ii, gi, si, d.hw, o))
+                o.par_chunks_mut(cb)
+                    .zip(xi.par_chunks(cb).zip(ii.par_chunks(cb)))
+                    .zip(gi.par_chunks(CHANNEL_BLOCK))
+                    .for_each(|((o, (xb, ib)), gb)| {
+                        avx512_or!(img512, img, apply(xb, ib, gb, si, d.hw, o))
+                    });
             });
     }
     out

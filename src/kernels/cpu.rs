@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use std::sync::OnceLock;
 
-use super::{direct, lane_sums, wgrad, winograd};
+use super::{cbam_train, direct, lane_sums, wgrad, winograd, MapGeom};
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1003,33 +1003,15 @@ impl CbamParams {
             .collect()
     }
 
-    /// `relu(CBAM(x) + identity)` for one image `(c, h, w)`.
-    fn image(&self, x: &[f32], identity: &[f32], h: usize, w: usize, out: &mut [f32]) {
-        let (c, hw) = (self.channels, h * w);
-        let mut avg = vec![0f32; c];
-        let mut max = vec![f32::NEG_INFINITY; c];
-        for ((a, m), plane) in avg.iter_mut().zip(max.iter_mut()).zip(x.chunks_exact(hw)) {
-            *a = plane.iter().sum::<f32>() / hw as f32;
-            *m = plane.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        }
-        let mut gate = self.gate_logits(&avg, &max);
-        gate.iter_mut().for_each(|g| *g = sigmoid(*g));
-        // Channel mean and max of the channel-gated map, per pixel.
-        let mut mean = vec![0f32; hw];
-        let mut cmax = vec![f32::NEG_INFINITY; hw];
-        for (plane, &g) in x.chunks_exact(hw).zip(&gate) {
-            for ((m, mx), &v) in mean.iter_mut().zip(cmax.iter_mut()).zip(plane) {
-                let gv = v * g;
-                *m += gv;
-                *mx = mx.max(gv);
-            }
-        }
-        mean.iter_mut().for_each(|m| *m /= c as f32);
-        // Spatial attention: k×k conv over [mean; max] with zero padding, then sigmoid.
+    /// The spatial attention map `sigmoid(conv_k([mean; max]))` of one image from its pooled
+    /// maps `[mean; max]` (`2·h·w` floats), zero-padded.
+    fn spatial(&self, pooled: &[f32], h: usize, w: usize) -> Vec<f32> {
+        let hw = h * w;
+        let (mean, cmax) = pooled.split_at(hw);
         let k = self.spatial_k;
         let pad = k / 2;
         let mut att = vec![self.spatial_b; hw];
-        for (ch, map) in [&mean, &cmax].into_iter().enumerate() {
+        for (ch, map) in [mean, cmax].into_iter().enumerate() {
             let wk = &self.spatial_w[ch * k * k..(ch + 1) * k * k];
             for y in 0..h {
                 for ky in 0..k {
@@ -1052,18 +1034,13 @@ impl CbamParams {
             }
         }
         att.iter_mut().for_each(|a| *a = sigmoid(*a));
-        let planes = out
-            .chunks_exact_mut(hw)
-            .zip(x.chunks_exact(hw).zip(identity.chunks_exact(hw)));
-        for ((o_plane, (x_plane, id_plane)), &g) in planes.zip(&gate) {
-            for (((o, &v), &idn), &s) in o_plane.iter_mut().zip(x_plane).zip(id_plane).zip(&att) {
-                *o = (v * g * s + idn).max(0.0);
-            }
-        }
+        att
     }
 }
 
-/// `relu(CBAM(x) + identity)` over a batch `(b, c, h, w)` (inference only).
+/// `relu(CBAM(x) + identity)` over a batch `(b, c, h, w)` (inference only), on the training
+/// path's fused loops ([`cbam_train`]): each pass split over images and over blocks of channels
+/// or pixels, so that a single image keeps every core busy.
 pub fn cbam_residual_relu(
     p: &CbamParams,
     x: &[f32],
@@ -1072,12 +1049,30 @@ pub fn cbam_residual_relu(
     h: usize,
     w: usize,
 ) -> Vec<f32> {
-    let img = p.channels * h * w;
-    assert_eq!(x.len(), b * img);
-    assert_eq!(identity.len(), b * img);
-    let mut out = vec![0f32; b * img];
-    out.par_chunks_mut(img)
-        .zip(x.par_chunks(img).zip(identity.par_chunks(img)))
-        .for_each(|(o, (xi, id))| p.image(xi, id, h, w, o));
-    out
+    let d = MapGeom {
+        b,
+        c: p.channels,
+        hw: h * w,
+    };
+    assert_eq!(x.len(), d.len());
+    assert_eq!(identity.len(), d.len());
+    if d.is_empty() {
+        return Vec::new();
+    }
+    let stats = cbam_train::channel_mean_max(&d, x);
+    let gates: Vec<f32> = stats
+        .chunks_exact(2 * d.c)
+        .flat_map(|s| {
+            let (avg, max) = s.split_at(d.c);
+            let mut g = p.gate_logits(avg, max);
+            g.iter_mut().for_each(|v| *v = sigmoid(*v));
+            g
+        })
+        .collect();
+    let pooled = cbam_train::gate_pool(&d, x, &gates);
+    let att: Vec<f32> = pooled
+        .par_chunks(2 * d.hw)
+        .flat_map_iter(|pi| p.spatial(pi, h, w))
+        .collect();
+    cbam_train::apply(&d, x, identity, &gates, &att)
 }
