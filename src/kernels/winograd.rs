@@ -206,7 +206,7 @@ const SLACK: usize = 96;
 
 /// Planes of `h x w` (`src` holds a whole number of them) copied into zero-padded planes of
 /// `hp x wp` at row and column offset `pad`, followed by [`SLACK`] zeros for the last vector
-/// loads. Built by appending, so no float is written twice.
+/// loads. Plane by plane across the cores, each float written once.
 pub(super) fn padded_planes(
     src: &[f32],
     (h, w): (usize, usize),
@@ -214,17 +214,32 @@ pub(super) fn padded_planes(
     pad: usize,
 ) -> Vec<f32> {
     assert!(h + pad <= hp && w + pad <= wp && src.len().is_multiple_of(h * w));
-    let mut out = Vec::with_capacity(src.len() / (h * w) * hp * wp + SLACK);
-    for plane in src.chunks(h * w) {
-        out.resize(out.len() + pad * wp, 0.0);
-        for row in plane.chunks(w) {
-            out.resize(out.len() + pad, 0.0);
-            out.extend_from_slice(row);
-            out.resize(out.len() + wp - w - pad, 0.0);
-        }
-        out.resize(out.len() + (hp - h - pad) * wp, 0.0);
-    }
-    out.resize(out.len() + SLACK, 0.0);
+    let total = src.len() / (h * w) * hp * wp;
+    let mut out = Vec::with_capacity(total + SLACK);
+    let (body, slack) = out.spare_capacity_mut()[..total + SLACK].split_at_mut(total);
+    let zero = std::mem::MaybeUninit::new(0.0);
+    body.par_chunks_mut(hp * wp)
+        .zip(src.par_chunks(h * w))
+        .with_min_len(8)
+        .for_each(|(dst, plane)| {
+            for (i, drow) in dst.chunks_mut(wp).enumerate() {
+                match i.checked_sub(pad).filter(|&y| y < h) {
+                    Some(y) => {
+                        let (left, rest) = drow.split_at_mut(pad);
+                        let (mid, right) = rest.split_at_mut(w);
+                        left.fill(zero);
+                        for (d, &v) in mid.iter_mut().zip(&plane[y * w..(y + 1) * w]) {
+                            d.write(v);
+                        }
+                        right.fill(zero);
+                    }
+                    None => drow.fill(zero),
+                }
+            }
+        });
+    slack.fill(zero);
+    // SAFETY: every one of the first total + SLACK floats was written above.
+    unsafe { out.set_len(total + SLACK) };
     out
 }
 
