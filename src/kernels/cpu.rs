@@ -712,19 +712,37 @@ impl PoolGeom {
     }
 }
 
-/// Max-pool forward.
+/// Max-pool forward: the value at [`PoolGeom::argmax`], that is the window's maximum, or NaN
+/// if the window holds one. Separable (the maximum over the window's columns for every input
+/// row, then over its rows) and branch-free, so that it vectorises.
 pub fn max_pool_forward(g: &PoolGeom, x: &[f32]) -> Vec<f32> {
     let (ihw, ohw) = (g.h * g.w, g.oh * g.ow);
     let mut y = vec![0f32; g.planes * ohw];
+    // A NaN, once in, stays: `v > NaN` is false.
+    let keep = |m: f32, v: f32| if v > m || v.is_nan() { v } else { m };
+    let xs: Vec<_> = (0..g.ow).map(|ox| g.window(ox, g.w)).collect();
+    let ys: Vec<_> = (0..g.oh).map(|oy| g.window(oy, g.h)).collect();
     y.par_chunks_mut(ohw)
         .zip(x.par_chunks(ihw))
-        .for_each(|(yp, xp)| {
-            for oy in 0..g.oh {
-                for ox in 0..g.ow {
-                    yp[oy * g.ow + ox] = xp[g.argmax(xp, oy, ox)];
+        .with_min_len(4)
+        .for_each_init(
+            || vec![0f32; g.h * g.ow],
+            |rows, (yp, xp)| {
+                for (row, out) in xp.chunks_exact(g.w).zip(rows.chunks_exact_mut(g.ow)) {
+                    for (o, r) in out.iter_mut().zip(&xs) {
+                        *o = row[r.clone()].iter().fold(row[r.start], |m, &v| keep(m, v));
+                    }
                 }
-            }
-        });
+                for (out, r) in yp.chunks_exact_mut(g.ow).zip(&ys) {
+                    out.copy_from_slice(&rows[r.start * g.ow..][..g.ow]);
+                    for row in rows[(r.start + 1) * g.ow..r.end * g.ow].chunks_exact(g.ow) {
+                        for (o, &v) in out.iter_mut().zip(row) {
+                            *o = keep(*o, v);
+                        }
+                    }
+                }
+            },
+        );
     y
 }
 
