@@ -200,11 +200,13 @@ pub fn gate_pool(d: &MapGeom, x: &[f32], g: &[f32]) -> Vec<f32> {
         pooled
             .par_chunks_mut(2 * d.hw)
             .zip(x.par_chunks(img).zip(g.par_chunks(d.c)))
+            .with_min_len(min_items(img))
             .for_each(|(p, (xi, gi))| {
                 let (mean, max) = p.split_at_mut(d.hw);
                 mean.par_chunks_mut(blk)
                     .zip(max.par_chunks_mut(blk))
                     .enumerate()
+                    .with_min_len(min_items(blk * d.c))
                     .for_each(|(i, (m, mx))| {
                         avx512_or!(img512, img, gate_pool(xi, gi, d.hw, i * blk, m, mx))
                     });
@@ -219,6 +221,13 @@ const PIXEL_BLOCK: usize = 512;
 /// Channels per work item of [`apply`] and [`channel_mean_max`], at most.
 const CHANNEL_BLOCK: usize = 16;
 
+/// How many work items of `floats` floats each a core takes on its own: together at least
+/// 32 Ki floats, below which waking another core costs more than the work (the last stages'
+/// gates at batch 1 are a few thousand floats).
+fn min_items(floats: usize) -> usize {
+    ((1 << 15) / floats.max(1)).max(1)
+}
+
 /// Per channel of `x (b, c, hw)` the spatial mean and maximum, laid out `(b, 2, c)`: CBAM's
 /// channel-attention pooling at inference.
 pub fn channel_mean_max(d: &MapGeom, x: &[f32]) -> Vec<f32> {
@@ -227,11 +236,13 @@ pub fn channel_mean_max(d: &MapGeom, x: &[f32]) -> Vec<f32> {
     if !d.is_empty() {
         out.par_chunks_mut(2 * d.c)
             .zip(x.par_chunks(d.c * d.hw))
+            .with_min_len(min_items(d.c * d.hw))
             .for_each(|(o, xi)| {
                 let (mean, max) = o.split_at_mut(d.c);
                 mean.par_chunks_mut(CHANNEL_BLOCK)
                     .zip(max.par_chunks_mut(CHANNEL_BLOCK))
                     .zip(xi.par_chunks(CHANNEL_BLOCK * d.hw))
+                    .with_min_len(min_items(CHANNEL_BLOCK * d.hw))
                     .for_each(|((m, mx), xs)| {
                         for ((m, mx), xc) in m.iter_mut().zip(mx).zip(xs.chunks_exact(d.hw)) {
                             (*m, *mx) = avx512_or!(img512, img, plane_mean_max(xc));
@@ -283,10 +294,12 @@ pub fn apply(d: &MapGeom, x: &[f32], id: &[f32], g: &[f32], s: &[f32]) -> Vec<f3
         out.par_chunks_mut(img)
             .zip(x.par_chunks(img).zip(id.par_chunks(img)))
             .zip(g.par_chunks(d.c).zip(s.par_chunks(d.hw)))
+            .with_min_len(min_items(img))
             .for_each(|((o, (xi, ii)), (gi, si))| {
                 o.par_chunks_mut(cb)
                     .zip(xi.par_chunks(cb).zip(ii.par_chunks(cb)))
                     .zip(gi.par_chunks(CHANNEL_BLOCK))
+                    .with_min_len(min_items(cb))
                     .for_each(|((o, (xb, ib)), gb)| {
                         avx512_or!(img512, img, apply(xb, ib, gb, si, d.hw, o))
                     });

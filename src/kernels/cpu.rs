@@ -987,8 +987,9 @@ pub struct CbamParams {
     /// `(hidden, channels)` row-major, and bias `(hidden,)`.
     pub fc1_w: Vec<f32>,
     pub fc1_b: Vec<f32>,
-    /// `(channels, hidden)` row-major, and bias `(channels,)`.
-    pub fc2_w: Vec<f32>,
+    /// fc2's weight transposed, `(hidden, channels)` row-major (so the gate is a sum of
+    /// `hidden` scaled rows: vectorised over channels), and bias `(channels,)`.
+    pub fc2_wt: Vec<f32>,
     pub fc2_b: Vec<f32>,
     /// Spatial conv `(1, 2, k, k)` with BN folded in, and its bias.
     pub spatial_w: Vec<f32>,
@@ -1013,12 +1014,13 @@ impl CbamParams {
                 (sa as f32 + b).max(0.0) + (sm as f32 + b).max(0.0)
             })
             .collect();
-        (0..c)
-            .map(|i| {
-                let row = &self.fc2_w[i * hidden..(i + 1) * hidden];
-                lane_sums([row, &h], |[w, v]| [w * v])[0] as f32 + 2.0 * self.fc2_b[i]
-            })
-            .collect()
+        let mut out: Vec<f32> = self.fc2_b.iter().map(|b| 2.0 * b).collect();
+        for (&hj, row) in h.iter().zip(self.fc2_wt.chunks_exact(c)) {
+            for (o, &w) in out.iter_mut().zip(row) {
+                *o += hj * w;
+            }
+        }
+        out
     }
 
     /// The spatial attention map `sigmoid(conv_k([mean; max]))` of one image from its pooled

@@ -60,7 +60,7 @@ impl Cbam {
             hidden,
             fc1_w: to_vec(self.fc1.weight())?,
             fc1_b: fc1_b.unwrap_or_else(|| vec![0.0; hidden]),
-            fc2_w: to_vec(self.fc2.weight())?,
+            fc2_wt: to_vec(&self.fc2.weight().t()?.contiguous()?)?,
             fc2_b: fc2_b.unwrap_or_else(|| vec![0.0; channels]),
             spatial_w: to_vec(&sw)?,
             spatial_b: to_vec(&sb)?.first().copied().unwrap_or(0.0),
