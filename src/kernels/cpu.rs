@@ -1024,30 +1024,35 @@ impl CbamParams {
     }
 
     /// The spatial attention map `sigmoid(conv_k([mean; max]))` of one image from its pooled
-    /// maps `[mean; max]` (`2·h·w` floats), zero-padded.
+    /// maps `[mean; max]` (`2·h·w` floats), zero-padded. The maps are copied into padded
+    /// planes first, so that every tap is a full-width row update (vectorised).
     fn spatial(&self, pooled: &[f32], h: usize, w: usize) -> Vec<f32> {
-        let hw = h * w;
-        let (mean, cmax) = pooled.split_at(hw);
         let k = self.spatial_k;
         let pad = k / 2;
-        let mut att = vec![self.spatial_b; hw];
-        for (ch, map) in [mean, cmax].into_iter().enumerate() {
-            let wk = &self.spatial_w[ch * k * k..(ch + 1) * k * k];
-            for y in 0..h {
-                for ky in 0..k {
-                    let iy = (y + ky).wrapping_sub(pad);
-                    if iy >= h {
-                        continue;
-                    }
-                    let src = &map[iy * w..(iy + 1) * w];
-                    let dst = &mut att[y * w..(y + 1) * w];
-                    for kx in 0..k {
-                        let wv = wk[ky * k + kx];
-                        // x + kx − pad ∈ 0..w
-                        let lo = pad.saturating_sub(kx);
-                        let hi = (w + pad).saturating_sub(kx).min(w);
-                        for xo in lo..hi {
-                            dst[xo] += wv * src[xo + kx - pad];
+        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+        let mut padded = vec![0f32; 2 * hp * wp];
+        for (dst, map) in padded
+            .chunks_exact_mut(hp * wp)
+            .zip(pooled.chunks_exact(h * w))
+        {
+            for (drow, srow) in dst[pad * wp..]
+                .chunks_exact_mut(wp)
+                .zip(map.chunks_exact(w))
+            {
+                drow[pad..pad + w].copy_from_slice(srow);
+            }
+        }
+        let mut att = vec![self.spatial_b; h * w];
+        for (y, dst) in att.chunks_exact_mut(w).enumerate() {
+            for (map, wk) in padded
+                .chunks_exact(hp * wp)
+                .zip(self.spatial_w.chunks_exact(k * k))
+            {
+                for (ky, wrow) in wk.chunks_exact(k).enumerate() {
+                    let src = &map[(y + ky) * wp..][..wp];
+                    for (kx, &wv) in wrow.iter().enumerate() {
+                        for (d, &v) in dst.iter_mut().zip(&src[kx..kx + w]) {
+                            *d += wv * v;
                         }
                     }
                 }
