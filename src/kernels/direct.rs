@@ -582,7 +582,11 @@ pub(super) mod avx512 {
         let kk = g.kh * g.kw;
         let cl = g.h * g.w;
         // Every read is inside x, every write inside the output, every tap inside the panel.
-        assert!(plan.reach.0 >= 0 && (plan.reach.1 as usize) + (g.c - 1) * cl < x.len());
+        // (A plan may read nothing: with no channels, or padding wider than the kernel.)
+        let reads = g.c > 0 && plan.reach.0 <= plan.reach.1;
+        assert!(
+            !reads || (plan.reach.0 >= 0 && (plan.reach.1 as usize) + (g.c - 1) * cl < x.len())
+        );
         assert!(plan.taps.iter().flatten().all(|t| t.0 < kk));
         assert!(n0 + plan.images <= g.b && g.b * g.k * plane <= out.len());
         assert!(plan.dst.iter().all(|&d| d < plan.images * g.k * plane));
@@ -672,7 +676,7 @@ pub(super) mod avx512 {
         unsafe { width!(4 5 6 7 8 9 10 11 12) }
     }
 
-    /// Adds to `acc` `P` output positions (grid offsets `src`, at most `P`; slots past them
+    /// Adds to `acc` `P` output positions (input offsets `src`, at most `P`; slots past them
     /// repeat the last one) × 16 output channels over the kernel taps `taps` of input channels
     /// `c0..c1`: each tap's weight vector from the panel `a` (`[c][kk][MR]`), each position's
     /// input value broadcast from memory (channel `ci` at `ci·cl`). With `MASKED`, a tap
@@ -846,6 +850,8 @@ pub(super) mod tests {
             (8, 512, 6, 6, 16, 3, 1, 1),
             // A kernel of more than 64 taps on a small map (the grid kernel's case).
             (1, 3, 6, 6, 16, 9, 1, 4),
+            // Padding wider than the kernel: the outer ring of outputs reads nothing.
+            (2, 3, 2, 2, 5, 1, 1, 1),
         ];
         for (i, &(b, c, h, w, k, kh, s, p)) in cases.iter().enumerate() {
             let g = ConvGeom::new(b, c, h, w, k, kh, kh, s, p).expect("geom");
