@@ -109,10 +109,12 @@ pub fn applicable(g: &ConvGeom) -> bool {
 
 /// The Winograd tile size for this convolution, if Winograd beats the direct kernel here
 /// (measured with `examples/conv_gflops.rs` and whole-encoder runs): 4 on maps of at least 24x24
-/// (12x12 for layers of 128 channels or more), where F(4x4,3x3) needs 2.25 multiplications per
+/// (12x12 for layers of 64 channels or more), where F(4x4,3x3) needs 2.25 multiplications per
 /// output against F(2x2,3x3)'s 4; 2 on smaller maps, where 4x4 tiles waste too much.
 ///
-/// With few tiles (over the batch) the fixed costs dominate unless the layer is wide, and with
+/// With few tiles (over the batch) the fixed costs dominate unless the layer is wide (from 64
+/// channels: the 7x7 stem's 12x12 layer at batch 1 in 9 tiles of F(4x4) made the whole
+/// forward 7% faster than the direct kernel, and 4% at batch 8 against F(2x2)), and with
 /// fewer still, streaming the larger transformed weights from memory costs more than the
 /// multiplications saved. With a handful of input channels (the stem) the transforms cost more
 /// than the GEMMs. Tiny maps (6x6 and smaller) below 64 tiles stay with the direct kernel's
@@ -126,11 +128,11 @@ pub fn tile_size(g: &ConvGeom) -> Option<usize> {
         && direct::available()
         && g.c >= 8
         && (tiles >= 64
-            || (tiles >= 32 && g.c >= 128 && !direct::few_positions(g))
+            || (tiles >= 32 && g.c >= 64 && !direct::few_positions(g))
             || (g.oh.min(g.ow) >= 6 && g.c >= 256));
     match wins {
         false => None,
-        true if g.oh.min(g.ow) >= if g.c >= 128 { 12 } else { 24 } => Some(4),
+        true if g.oh.min(g.ow) >= if g.c >= 64 { 12 } else { 24 } => Some(4),
         true => Some(2),
     }
 }
