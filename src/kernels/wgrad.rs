@@ -166,7 +166,8 @@ fn output_transform(mt: &[f32], k: usize, c: usize, m: usize) -> Vec<f32> {
 /// chunk: they are summed by the dot products, so they must not hold stale values.
 ///
 /// # Safety
-/// `buf` holds `xis·channels·ntp` floats, and no other thread writes channel `ch`'s rows.
+/// `buf` holds `xis·xi_stride(channels, ntp)` floats, and no other thread writes channel `ch`'s
+/// rows.
 unsafe fn zero_tails(
     buf: SharedOut,
     xis: usize,
@@ -240,7 +241,8 @@ mod avx512 {
             for (i, (&c0, &c1)) in cols[0].iter().zip(&cols[1]).enumerate() {
                 for (j, val) in a(c0, c1).into_iter().enumerate() {
                     let dst = (i * 4 + j) * xi_stride(channels, ntp) + k * ntp + (t - t0);
-                    // SAFETY: dst + len <= 16·channels·ntp (asserted), lanes past len masked.
+                    // SAFETY: dst + len <= 16·xi_stride(channels, ntp) (asserted), lanes
+                    // past len masked.
                     unsafe { _mm512_mask_storeu_ps(u.ptr().add(dst), mask, val) };
                 }
             }
@@ -309,7 +311,8 @@ mod avx512 {
                 let row = a([cols[0][i], cols[1][i], cols[2][i], cols[3][i]]);
                 for (j, val) in row.into_iter().enumerate() {
                     let dst = (i * 6 + j) * xi_stride(channels, ntp) + k * ntp + (t - t0);
-                    // SAFETY: dst + len <= 36·channels·ntp (asserted), lanes past len masked.
+                    // SAFETY: dst + len <= 36·xi_stride(channels, ntp) (asserted), lanes
+                    // past len masked.
                     unsafe { _mm512_mask_storeu_ps(u.ptr().add(dst), mask, val) };
                 }
             }

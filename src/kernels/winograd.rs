@@ -570,7 +570,8 @@ pub(super) mod avx512 {
                 ];
                 for (j, val) in vals.into_iter().enumerate() {
                     let dst = (i * 4 + j) * xi_stride(channels, ntp) + c * ntp + (t - t0);
-                    // SAFETY: dst + len <= 16·channels·ntp (asserted), lanes past len masked.
+                    // SAFETY: dst + len <= 16·xi_stride(channels, ntp) (asserted), lanes
+                    // past len masked.
                     unsafe { _mm512_mask_storeu_ps(v.ptr().add(dst), mask, val) };
                 }
             }
@@ -835,7 +836,8 @@ pub(super) mod avx512 {
                 ]);
                 for (i, val) in col.into_iter().enumerate() {
                     let dst = (i * 6 + j) * xi_stride(channels, ntp) + c * ntp + (t - t0);
-                    // SAFETY: dst + len <= 36·channels·ntp (asserted), lanes past len masked.
+                    // SAFETY: dst + len <= 36·xi_stride(channels, ntp) (asserted), lanes
+                    // past len masked.
                     unsafe { _mm512_mask_storeu_ps(v.ptr().add(dst), mask, val) };
                 }
             }
