@@ -20,7 +20,14 @@ avx512_twins! {
 
     /// `[mean_c x·g, max_c x·g]` for pixels `p0..p0 + mean.len()` of one image, into `mean`
     /// and `max`.
-    pub fn gate_pool(x: &[f32], g: &[f32], hw: usize, p0: usize, mean: &mut [f32], max: &mut [f32]) {
+    pub fn gate_pool(
+        x: &[f32],
+        g: &[f32],
+        hw: usize,
+        p0: usize,
+        mean: &mut [f32],
+        max: &mut [f32],
+    ) {
         let n = mean.len();
         mean.fill(0.0);
         max.fill(f32::NEG_INFINITY);
@@ -149,24 +156,39 @@ avx512_twins! {
 /// and the index of the first maximum (as f32, exact below 2²⁴), laid out `(b, 3, c)`. The
 /// indices are for [`channel_pool_backward`].
 pub fn channel_pool(d: &MapGeom, x: &[f32]) -> Vec<f32> {
+    per_plane(d, x, |xc| {
+        let (a, m, i) = avx512_or!(img512, img, plane_pool(xc));
+        [a, m, i as f32]
+    })
+}
+
+/// `f` of every channel plane of `x (b, c, hw)`, laid out `(b, W, c)`: value `w` of channel
+/// `k` of image `n` at `(n·W + w)·c + k`. The planes are split across the cores in runs of at
+/// least [`min_items`], so that a single image is too; zeros where there are no pixels.
+fn per_plane<const W: usize>(
+    d: &MapGeom,
+    x: &[f32],
+    f: impl Fn(&[f32]) -> [f32; W] + Sync + Send,
+) -> Vec<f32> {
     assert_eq!(x.len(), d.len());
-    let mut out = vec![0f32; d.b * 3 * d.c];
-    let img = d.c * d.hw;
-    if img > 0 {
-        out.par_chunks_mut(3 * d.c)
-            .zip(x.par_chunks(img))
-            .for_each(|(o, xi)| {
-                let (mean, rest) = o.split_at_mut(d.c);
-                let (max, at) = rest.split_at_mut(d.c);
-                for (k, xc) in xi.chunks_exact(d.hw).enumerate() {
-                    let (a, m, i) = avx512_or!(img512, img, plane_pool(xc));
-                    (mean[k], max[k], at[k]) = (a, m, i as f32);
-                }
-            });
+    let mut out = vec![0f32; d.b * W * d.c];
+    if d.is_empty() {
+        return out;
+    }
+    let stats: Vec<[f32; W]> = x
+        .par_chunks(d.hw)
+        .with_min_len(min_items(d.hw))
+        .map(f)
+        .collect();
+    for (o, s) in out.chunks_exact_mut(W * d.c).zip(stats.chunks_exact(d.c)) {
+        for (k, v) in s.iter().enumerate() {
+            for (w, &val) in v.iter().enumerate() {
+                o[w * d.c + k] = val;
+            }
+        }
     }
     out
 }
-
 /// Backward of [`channel_pool`] from its output and `dpooled (b, 3, c)` (the index row's
 /// gradient is ignored): the mean's gradient spread evenly over the plane, the maximum's to the
 /// first maximum. (Candle's `max` splits it among tied maxima; ties have measure zero here.)
@@ -218,7 +240,7 @@ pub fn gate_pool(d: &MapGeom, x: &[f32], g: &[f32]) -> Vec<f32> {
 /// Pixels per work item of [`gate_pool`].
 const PIXEL_BLOCK: usize = 512;
 
-/// Channels per work item of [`apply`] and [`channel_mean_max`], at most.
+/// Channels per work item of [`apply`], at most.
 const CHANNEL_BLOCK: usize = 16;
 
 /// How many work items of `floats` floats each a core takes on its own: together at least
@@ -231,28 +253,11 @@ fn min_items(floats: usize) -> usize {
 /// Per channel of `x (b, c, hw)` the spatial mean and maximum, laid out `(b, 2, c)`: CBAM's
 /// channel-attention pooling at inference.
 pub fn channel_mean_max(d: &MapGeom, x: &[f32]) -> Vec<f32> {
-    assert_eq!(x.len(), d.len());
-    let mut out = vec![0f32; d.b * 2 * d.c];
-    if !d.is_empty() {
-        out.par_chunks_mut(2 * d.c)
-            .zip(x.par_chunks(d.c * d.hw))
-            .with_min_len(min_items(d.c * d.hw))
-            .for_each(|(o, xi)| {
-                let (mean, max) = o.split_at_mut(d.c);
-                mean.par_chunks_mut(CHANNEL_BLOCK)
-                    .zip(max.par_chunks_mut(CHANNEL_BLOCK))
-                    .zip(xi.par_chunks(CHANNEL_BLOCK * d.hw))
-                    .with_min_len(min_items(CHANNEL_BLOCK * d.hw))
-                    .for_each(|((m, mx), xs)| {
-                        for ((m, mx), xc) in m.iter_mut().zip(mx).zip(xs.chunks_exact(d.hw)) {
-                            (*m, *mx) = avx512_or!(img512, img, plane_mean_max(xc));
-                        }
-                    });
-            });
-    }
-    out
+    per_plane(d, x, |xc| {
+        let (a, m) = avx512_or!(img512, img, plane_mean_max(xc));
+        [a, m]
+    })
 }
-
 /// Backward of [`gate_pool`]: `(dx, dg)`.
 pub fn gate_pool_backward(
     d: &MapGeom,
