@@ -1,7 +1,9 @@
 //! Encoder cost, candle's built-in ops against fer-cam's kernels in the same run:
-//! forward at batch 1 and 8 for both stems (inference mode: BN folded on the fast path), and one
-//! full training step (forward, cross-entropy, backward, SGD update) at batch 64 with the 3x3
-//! stem. Bench ids name the device, the kernels, the stem and the batch.
+//! forward at batch 1 and 8 for both stems (inference mode: BN folded on the fast path; `fer`
+//! with f32 weights, `fer-f16` with the last stages' weights in half precision, as `fer-cam run`
+//! and `eval` default to), and one full training step (forward, cross-entropy, backward, SGD
+//! update) at batch 64 with the 3x3 stem. Bench ids name the device, the kernels, the stem and
+//! the batch.
 //!
 //! `cargo bench --bench encoder` (all), or e.g. `cargo bench --bench encoder -- forward`.
 
@@ -15,7 +17,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use candle_nn::{linear, Linear, Module, Optimizer, VarBuilder, VarMap, SGD};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use fer_cam::config::{EncoderConfig, Stem};
-use fer_cam::kernels::ConvKernels;
+use fer_cam::kernels::{ConvKernels, WeightFormat};
 use fer_cam::model::resnet::ResNet;
 
 fn encoder(stem: Stem, kernels: ConvKernels) -> (VarMap, ResNet) {
@@ -49,14 +51,20 @@ fn forward(c: &mut Criterion) {
     let mut group = c.benchmark_group("encoder_forward/cpu");
     group.sample_size(20);
     for stem in [Stem::Conv3x3, Stem::Conv7x7Pool] {
-        for kernels in [ConvKernels::Candle, ConvKernels::Fast] {
+        for (kernels, format) in [
+            (ConvKernels::Candle, WeightFormat::F32),
+            (ConvKernels::Fast, WeightFormat::F32),
+            (ConvKernels::Fast, WeightFormat::F16),
+        ] {
             let (_vm, net) = encoder(stem, kernels);
+            net.set_weight_format(format);
+            let name = match format {
+                WeightFormat::F32 => kernels_name(kernels).to_string(),
+                WeightFormat::F16 => format!("{}-f16", kernels_name(kernels)),
+            };
             for b in [1usize, 8] {
                 let xs = Tensor::randn(0f32, 1.0, (b, 1, 48, 48), &Device::Cpu).expect("input");
-                let id = BenchmarkId::new(
-                    format!("{}/{}", kernels_name(kernels), stem_name(stem)),
-                    format!("b{b}"),
-                );
+                let id = BenchmarkId::new(format!("{name}/{}", stem_name(stem)), format!("b{b}"));
                 group.bench_with_input(id, &xs, |bench, xs| {
                     bench.iter(|| net.forward_t(xs, false).expect("forward"))
                 });

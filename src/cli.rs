@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use fer_cam::kernels::WeightFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -91,6 +92,10 @@ pub struct RunArgs {
     /// Print a latency / fps / drops summary to stderr at exit.
     #[arg(long)]
     pub stats: bool,
+    /// Inference weights of the last stages: f16 (half the memory traffic; products and sums
+    /// stay f32) or f32 (as trained).
+    #[arg(long, value_enum, default_value = "f16")]
+    pub weights: WeightFormat,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -229,6 +234,10 @@ pub struct EvalArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Inference weights of the last stages: f16 (half the memory traffic; products and sums
+    /// stay f32) or f32 (as trained).
+    #[arg(long, value_enum, default_value = "f16")]
+    pub weights: WeightFormat,
     /// Compute device: cpu (cuda needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,

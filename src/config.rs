@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
-use crate::kernels::ConvKernels;
+use crate::kernels::{ConvKernels, WeightFormat};
 
 /// The model directory format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
@@ -55,6 +55,9 @@ pub struct EncoderConfig {
     /// Convolution implementation: a run-time choice, not part of the saved model.
     #[serde(skip)]
     pub kernels: ConvKernels,
+    /// How inference stores the convolution weights: a run-time choice too.
+    #[serde(skip)]
+    pub weights: WeightFormat,
 }
 
 impl Default for EncoderConfig {
@@ -66,6 +69,7 @@ impl Default for EncoderConfig {
             widths: [64, 128, 256, 512],
             blocks: [2, 2, 2, 2],
             kernels: ConvKernels::Fast,
+            weights: WeightFormat::F32,
         }
     }
 }

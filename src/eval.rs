@@ -45,6 +45,8 @@ pub struct EvalReport {
     pub seed: u64,
     /// Ten-crop test-time augmentation was used.
     pub ten_crop: bool,
+    /// How the encoder's inference weights were stored: `f16` or `f32`.
+    pub weights: String,
     pub accuracy: f64,
     /// Accuracy of f_φ alone (the CARD prior mean's argmax).
     pub fphi_accuracy: f64,
@@ -124,6 +126,7 @@ pub fn evaluate(
         steps: sampler.steps,
         seed: sampler.seed,
         ten_crop: false,
+        weights: classifier.weight_format().name().to_string(),
         accuracy: metrics::accuracy(&pred, &labels),
         fphi_accuracy: metrics::accuracy(&fphi, &labels),
         pavpu_ttest: metrics::pavpu_ttest(&accurate, &p_values, alpha),
@@ -143,7 +146,7 @@ pub fn evaluate(
 
 impl fmt::Display for EvalReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "model:    {}", self.model)?;
+        writeln!(f, "model:    {} ({} weights)", self.model, self.weights)?;
         writeln!(
             f,
             "data:     {} [{}], {} images",

@@ -14,6 +14,7 @@ use serde::Serialize;
 
 use crate::config::{validate_sampler, ModelConfig};
 use crate::error::{Error, Result};
+use crate::kernels::WeightFormat;
 use crate::metrics::{summarize_samples, SampleSummary};
 use crate::model::{load_model_dir, sample_probs, FerModel};
 
@@ -100,6 +101,15 @@ impl Classifier {
 
     pub fn config(&self) -> &ModelConfig {
         &self.config
+    }
+
+    /// Sets how the encoder stores its inference weights ([`WeightFormat`]); clones share it.
+    pub fn set_weight_format(&self, format: WeightFormat) {
+        self.model.encoder.set_weight_format(format);
+    }
+
+    pub fn weight_format(&self) -> WeightFormat {
+        self.model.encoder.weight_format()
     }
 
     pub fn model(&self) -> &FerModel {

@@ -21,6 +21,7 @@ use fer_cam::config::{ModelConfig, Stem};
 use fer_cam::data::{self, Dataset, LoadOptions};
 use fer_cam::eval::{evaluate, EvalOptions};
 use fer_cam::infer::{Classifier, SamplerConfig};
+use fer_cam::kernels::WeightFormat;
 use fer_cam::model::{init_model, save_model_dir};
 use fer_cam::train::{Progress, StageSelection, TrainConfig};
 
@@ -78,8 +79,10 @@ fn load_classifier(
     samples: Option<usize>,
     steps: Option<usize>,
     seed: u64,
+    weights: WeightFormat,
 ) -> Result<Classifier> {
     let mut clf = Classifier::load(model, &device(device_name)?)?;
+    clf.set_weight_format(weights);
     let defaults = clf.sampler();
     clf.set_sampler(SamplerConfig {
         samples: samples.unwrap_or(defaults.samples),
@@ -137,7 +140,7 @@ fn init(a: InitArgs) -> Result<()> {
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let mut clf = load_classifier(&a.model, &a.device, a.samples, a.steps, a.seed)?;
+    let mut clf = load_classifier(&a.model, &a.device, a.samples, a.steps, a.seed, a.weights)?;
     if a.batch_size == 0 {
         bail!("--batch-size 0 (must be at least 1)");
     }
@@ -368,7 +371,7 @@ fn run_daemon(a: RunArgs) -> Result<()> {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
-    let clf = load_classifier(&a.model, &a.device, a.samples, a.steps, a.seed)?;
+    let clf = load_classifier(&a.model, &a.device, a.samples, a.steps, a.seed, a.weights)?;
     let (cam_w, cam_h) = parse_resolution(&a.resolution)?;
     if !(1..=240).contains(&a.fps) {
         bail!("--fps {} (allowed 1..=240)", a.fps);

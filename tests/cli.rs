@@ -108,6 +108,39 @@ fn init_then_eval_writes_report_and_json() {
         serde_json::from_str(&std::fs::read_to_string(&json2).unwrap()).unwrap();
     assert_eq!(r["accuracy"], r2["accuracy"]);
     assert_eq!(r["pavpu_ttest"], r2["pavpu_ttest"]);
+    // Half-precision weights by default; f32 on request, and the report says which. (The
+    // untrained model's probabilities are near uniform; these only move by rounding.)
+    assert_eq!(r["weights"], "f16");
+    let json3 = tmp.path().join("report3.json");
+    let o = run(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        csv.to_str().unwrap(),
+        "--samples",
+        "8",
+        "--steps",
+        "4",
+        "--batch-size",
+        "7",
+        "--weights",
+        "f32",
+        "--json",
+        json3.to_str().unwrap(),
+        "--no-cache",
+        "--quiet",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("(f32 weights)"));
+    let r3: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json3).unwrap()).unwrap();
+    assert_eq!(r3["weights"], "f32");
+    let (nll16, nll32) = (r["nll"].as_f64().unwrap(), r3["nll"].as_f64().unwrap());
+    assert!(
+        (nll16 - nll32).abs() < 1e-2 * nll32,
+        "nll {nll16} vs {nll32}"
+    );
     // Ten-crop test-time augmentation runs and says so.
     let o = run(&[
         "eval",

@@ -15,7 +15,7 @@ use rayon::prelude::*;
 
 use std::sync::OnceLock;
 
-use super::{cbam_train, direct, lane_sums, wgrad, winograd, MapGeom};
+use super::{cbam_train, direct, lane_sums, wgrad, winograd, MapGeom, WeightFormat};
 
 /// Geometry of one convolution.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -294,9 +294,23 @@ impl SharedOut {
 /// inference, where the weights do not change between calls).
 #[derive(Debug, Default)]
 pub struct PackedCache {
+    format: WeightFormat,
     direct: OnceLock<direct::PackedWeights>,
+    /// [`WeightFormat::F16`]: the few-positions kernel's half-precision panels (`None`
+    /// where the weights do not fit half's range).
+    direct_half: OnceLock<Option<direct::PackedWeights>>,
     /// F(2x2,3x3) and F(4x4,3x3) weights (which one runs depends on the input size).
     winograd: [OnceLock<winograd::PackedWinograd>; 2],
+}
+
+impl PackedCache {
+    /// An empty cache whose packs use `format`.
+    pub fn new(format: WeightFormat) -> Self {
+        Self {
+            format,
+            ..Self::default()
+        }
+    }
 }
 
 /// Forward convolution `x (b,c,h,w) * w (k,c,kh,kw) [+ bias] [ReLU]` → `(b,k,oh,ow)`.
@@ -326,7 +340,16 @@ pub fn conv2d_forward(
     } else if direct::available() {
         let pack = || direct::PackedWeights::pack(wt, g.k, g.c, g.kh, g.kw);
         match cache {
-            Some(c) => direct::conv_forward(g, x, c.direct.get_or_init(pack), bias, relu),
+            Some(c) => {
+                let half = (c.format == WeightFormat::F16 && direct::few_positions(g))
+                    .then(|| {
+                        let pack = || direct::PackedWeights::pack_half(wt, g.k, g.c, g.kh, g.kw);
+                        c.direct_half.get_or_init(pack).as_ref()
+                    })
+                    .flatten();
+                let pw = half.unwrap_or_else(|| c.direct.get_or_init(pack));
+                direct::conv_forward(g, x, pw, bias, relu)
+            }
             None => direct::conv_forward(g, x, &pack(), bias, relu),
         }
     } else {
@@ -891,6 +914,47 @@ mod tests {
             None,
         );
         assert_eq!(y, vec![1.5, 0., 3.5, 0., 0., 2., 0., 4.]);
+    }
+
+    /// A cache packing half-precision weights uses them only in the few-positions kernel, and
+    /// keeps f32 for a layer whose weights do not fit half: those layers give exactly the f32
+    /// results.
+    #[test]
+    fn half_weight_cache_scope() {
+        if !direct::available() {
+            eprintln!("SKIPPED half_weight_cache_scope: no AVX-512F on this CPU");
+            return;
+        }
+        let rand = crate::kernels::direct::tests::rand_vec;
+        let run = |g: &ConvGeom, wt: &[f32], format| {
+            let x = rand(g.input_len(), 1);
+            let cache = PackedCache::new(format);
+            conv2d_forward(g, &x, wt, None, false, Some(&cache))
+        };
+        let few = ConvGeom::new(1, 32, 3, 3, 32, 3, 3, 1, 1).unwrap();
+        let mut wt = rand(few.weight_len(), 2);
+        let (f32y, f16y) = (
+            run(&few, &wt, WeightFormat::F32),
+            run(&few, &wt, WeightFormat::F16),
+        );
+        assert_ne!(f32y, f16y, "few positions: half weights in use");
+        wt[3] = 1e5;
+        assert_eq!(
+            run(&few, &wt, WeightFormat::F32),
+            run(&few, &wt, WeightFormat::F16),
+            "beyond half's range"
+        );
+        // The grid kernel (7x7 stride 2 on 48x48) and Winograd (3x3 on 12x12): f32 always.
+        for g in [
+            ConvGeom::new(1, 1, 48, 48, 64, 7, 7, 2, 3).unwrap(),
+            ConvGeom::new(1, 64, 12, 12, 64, 3, 3, 1, 1).unwrap(),
+        ] {
+            let wt = rand(g.weight_len(), 3);
+            assert_eq!(
+                run(&g, &wt, WeightFormat::F32),
+                run(&g, &wt, WeightFormat::F16)
+            );
+        }
     }
 
     #[test]

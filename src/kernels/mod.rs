@@ -158,6 +158,30 @@ pub enum ConvKernels {
     Candle,
 }
 
+/// How the inference path stores the convolution weights it packs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum WeightFormat {
+    /// f32, as trained.
+    #[default]
+    F32,
+    /// IEEE half precision for the layers of at most 48 output positions per image: the last
+    /// stages, which hold most of the encoder's weights and, at batch 1, stream them from
+    /// memory for a few products each. Every product and sum stays f32; each BN-folded weight
+    /// is rounded once (relative error ≤ 2⁻¹¹), and a layer with a weight beyond half's range
+    /// keeps f32.
+    F16,
+}
+
+impl WeightFormat {
+    /// `f32` or `f16`, as the command line spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        }
+    }
+}
+
 fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
     let CpuStorage::F32(v) = s else {
         bail!("{what}: fast kernels support f32 only")

@@ -431,7 +431,7 @@ pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{xi_stride, Ctx, SharedOut, Tiles, MR};
-    use crate::kernels::direct::avx512::{few_tile_any, tile};
+    use crate::kernels::direct::avx512::{few_tile_any, tile, FewGeo};
     use crate::kernels::direct::ALL_SLOTS;
     use crate::kernels::direct::FEW_POS;
 
@@ -635,10 +635,16 @@ pub(super) mod avx512 {
         let src: [usize; FEW_POS] = std::array::from_fn(|i| a + i);
         let src = &src[..b - a];
         let mut acc = [_mm512_setzero_ps(); FEW_POS];
-        let geo = ((0, c), 1, ntp, c * MR);
+        let geo = FewGeo {
+            chans: (0, c),
+            kk: 1,
+            cl: ntp,
+            pf: c * MR,
+            panel: 0,
+        };
         let taps = [(0, 0isize, ALL_SLOTS)];
         // SAFETY: the panel holds c·MR floats; tile t < ntp of channel ci < c is inside xv.
-        unsafe { few_tile_any(&mut acc, w, xv, geo, &taps, src, false) };
+        unsafe { few_tile_any(&mut acc, w, xv, &geo, &taps, src, (false, false)) };
         let rows = MR.min(k - p * MR);
         let mb = xi * xi_stride(k, ntp) + p * MR * ntp;
         assert!(mb + rows * ntp <= m.len());

@@ -3,6 +3,7 @@
 //! Shapes: input `(b, 1, 48, 48)` → features `(b, widths[3])` after global average pooling.
 //! With the `conv3x3` stem layer1 runs at 48x48 (then 24, 12, 6); with `conv7x7_pool` at 12x12.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 
 use candle_core::{ModuleT, Result, Tensor};
@@ -10,7 +11,7 @@ use candle_nn::{batch_norm, BatchNorm, VarBuilder};
 
 use super::cbam::Cbam;
 use crate::config::{EncoderConfig, Stem};
-use crate::kernels::{self, cpu::PackedCache, ConvKernels};
+use crate::kernels::{self, cpu::PackedCache, ConvKernels, WeightFormat};
 
 /// Conv (no bias) followed by batch-norm: the unit every layer of the encoder is made of.
 ///
@@ -25,6 +26,9 @@ pub struct ConvBn {
     pad: usize,
     kernels: ConvKernels,
     folded: Arc<RwLock<Option<Folded>>>,
+    /// Whether the folded weights are packed as [`WeightFormat::F16`] (shared by clones, as
+    /// the folded copy is).
+    half: Arc<AtomicBool>,
 }
 
 /// BN-folded inference weights and bias, with the weights also packed for the direct kernel.
@@ -52,6 +56,7 @@ impl ConvBn {
             pad: padding,
             kernels,
             folded: Arc::new(RwLock::new(None)),
+            half: Arc::new(AtomicBool::new(false)),
         })
     }
 
@@ -79,12 +84,30 @@ impl ConvBn {
             .detach()
             .broadcast_mul(&scale.reshape((k, 1, 1, 1))?)?;
         let b = (shift - self.bn.running_mean().detach().mul(&scale)?)?;
-        let packed = Some(Arc::new(PackedCache::default()));
+        let packed = Some(Arc::new(PackedCache::new(self.weight_format())));
         let f = (w, b, packed);
         if let Ok(mut guard) = self.folded.write() {
             *guard = Some(f.clone());
         }
         Ok(f)
+    }
+
+    /// How the inference path packs the folded weights.
+    pub fn weight_format(&self) -> WeightFormat {
+        if self.half.load(Ordering::Relaxed) {
+            WeightFormat::F16
+        } else {
+            WeightFormat::F32
+        }
+    }
+
+    /// Sets how the inference path packs the folded weights (for this layer and its clones).
+    pub fn set_weight_format(&self, format: WeightFormat) {
+        if format != self.weight_format() {
+            self.half
+                .store(format == WeightFormat::F16, Ordering::Relaxed);
+            self.invalidate_folded();
+        }
     }
 
     /// Drops the folded inference weights (call after changing weights outside training).
@@ -228,13 +251,34 @@ impl ResNet {
                 c_in = width;
             }
         }
-        Ok(Self {
+        let net = Self {
             stem,
             stem_pool,
             blocks,
             out_dim: c_in,
             kernels: cfg.kernels,
-        })
+        };
+        net.set_weight_format(cfg.weights);
+        Ok(net)
+    }
+
+    /// How the convolutions' inference weights are stored.
+    pub fn weight_format(&self) -> WeightFormat {
+        self.stem.weight_format()
+    }
+
+    /// Sets how every convolution's inference weights are stored (the CBAM layers' few
+    /// weights stay f32).
+    pub fn set_weight_format(&self, format: WeightFormat) {
+        self.stem.set_weight_format(format);
+        for b in &self.blocks {
+            for conv in [Some(&b.conv1), Some(&b.conv2), b.shortcut.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                conv.set_weight_format(format);
+            }
+        }
     }
 
     /// Width of the feature vector.
