@@ -33,22 +33,15 @@ fn init_fast_model(dir: &Path) {
     assert!(o.status.success(), "{}", stderr(&o));
 }
 
-#[test]
-fn init_then_eval_writes_report_and_json() {
-    let tmp = tempfile::tempdir().unwrap();
-    let model = tmp.path().join("model");
-    init_fast_model(&model);
-    let csv = tmp.path().join("fer.csv");
-    common::write_fer_csv(&csv, 20);
-    let json = tmp.path().join("report.json");
-    let o = run(&[
+/// `fer-cam eval` of `model` on `csv` (8 samples, 4 steps, batches of 7, `extra` flags) with its
+/// JSON report written to `json`: stdout and the report.
+fn eval_json(model: &Path, csv: &Path, json: &Path, extra: &[&str]) -> (String, serde_json::Value) {
+    let mut args = vec![
         "eval",
         "--model",
         model.to_str().unwrap(),
         "--data",
         csv.to_str().unwrap(),
-        "--split",
-        "PrivateTest",
         "--samples",
         "8",
         "--steps",
@@ -59,9 +52,23 @@ fn init_then_eval_writes_report_and_json() {
         json.to_str().unwrap(),
         "--no-cache",
         "--quiet",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let o = run(&args);
     assert!(o.status.success(), "{}", stderr(&o));
-    let out = String::from_utf8(o.stdout).unwrap();
+    let report = serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    (String::from_utf8(o.stdout).unwrap(), report)
+}
+
+#[test]
+fn init_then_eval_writes_report_and_json() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_fast_model(&model);
+    let csv = tmp.path().join("fer.csv");
+    common::write_fer_csv(&csv, 20);
+    let json = tmp.path().join("report.json");
+    let (out, r) = eval_json(&model, &csv, &json, &["--split", "PrivateTest"]);
     for want in [
         "accuracy (CARD majority vote)",
         "PAvPU (t-test",
@@ -70,8 +77,6 @@ fn init_then_eval_writes_report_and_json() {
     ] {
         assert!(out.contains(want), "missing {want:?} in\n{out}");
     }
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["images"], 20);
     assert_eq!(r["samples"], 8);
     assert_eq!(r["steps"], 4);
@@ -85,56 +90,15 @@ fn init_then_eval_writes_report_and_json() {
         .sum();
     assert_eq!(total, 20);
     // Same seed, same report numbers.
-    let json2 = tmp.path().join("report2.json");
-    let o = run(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        csv.to_str().unwrap(),
-        "--samples",
-        "8",
-        "--steps",
-        "4",
-        "--batch-size",
-        "7",
-        "--json",
-        json2.to_str().unwrap(),
-        "--no-cache",
-        "--quiet",
-    ]);
-    assert!(o.status.success());
-    let r2: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json2).unwrap()).unwrap();
+    let (_, r2) = eval_json(&model, &csv, &tmp.path().join("report2.json"), &[]);
     assert_eq!(r["accuracy"], r2["accuracy"]);
     assert_eq!(r["pavpu_ttest"], r2["pavpu_ttest"]);
     // Half-precision weights by default; f32 on request, and the report says which. (The
     // untrained model's probabilities are near uniform; these only move by rounding.)
     assert_eq!(r["weights"], "f16");
     let json3 = tmp.path().join("report3.json");
-    let o = run(&[
-        "eval",
-        "--model",
-        model.to_str().unwrap(),
-        "--data",
-        csv.to_str().unwrap(),
-        "--samples",
-        "8",
-        "--steps",
-        "4",
-        "--batch-size",
-        "7",
-        "--weights",
-        "f32",
-        "--json",
-        json3.to_str().unwrap(),
-        "--no-cache",
-        "--quiet",
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("(f32 weights)"));
-    let r3: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json3).unwrap()).unwrap();
+    let (out, r3) = eval_json(&model, &csv, &json3, &["--weights", "f32"]);
+    assert!(out.contains("(f32 weights)"), "{out}");
     assert_eq!(r3["weights"], "f32");
     let (nll16, nll32) = (r["nll"].as_f64().unwrap(), r3["nll"].as_f64().unwrap());
     assert!(
