@@ -164,11 +164,12 @@ pub enum WeightFormat {
     /// f32, as trained.
     #[default]
     F32,
-    /// IEEE half precision for the layers of at most 48 output positions per image: the last
-    /// stages, which hold most of the encoder's weights and, at batch 1, stream them from
-    /// memory for a few products each. Every product and sum stays f32; each BN-folded weight
-    /// is rounded once (relative error ≤ 2⁻¹¹), and a layer with a weight beyond half's range
-    /// keeps f32.
+    /// IEEE half precision for the layers of at most 48 output positions per image (the
+    /// few-positions kernel's; every product and sum stays f32).
+    ///
+    /// With the 7x7 stem these are stages 2-4, nearly all of the encoder's weights, which at
+    /// batch 1 stream from memory for a few products each. Each BN-folded weight is rounded
+    /// once (relative error ≤ 2⁻¹¹); a layer with a weight beyond half's range keeps f32.
     F16,
 }
 
