@@ -97,8 +97,14 @@ impl PackedWinograd {
     }
 
     fn panel(&self, xi: usize, p: usize) -> &[f32] {
+        self.panel_run(xi, p, 1)
+    }
+
+    /// Panels `p..p + n` of position ξ, one after the other (`c·MR` floats each).
+    fn panel_run(&self, xi: usize, p: usize, n: usize) -> &[f32] {
         let len = self.c * MR;
-        &self.data[(xi * self.panels() + p) * len..][..len]
+        assert!(p + n <= self.panels());
+        &self.data[(xi * self.panels() + p) * len..][..n * len]
     }
 }
 
@@ -394,16 +400,20 @@ impl Ctx<'_> {
             // Few tiles that leave vector lanes idle (9 at batch 1 on 12x12 maps with F(4x4),
             // 7 of 16 lanes): vectorise over output channels instead, in micro-tiles of up to
             // FEW_POS tiles (the 12x12 layer 15% faster at batch 1, `conv_gflops`).
+            // Two panels per item, as in the direct few-positions kernel.
             let parts = n.div_ceil(direct::FEW_POS);
+            let pairs = panels.div_ceil(2);
             let v = &*v;
             #[cfg(target_arch = "x86_64")]
-            for_each(xis * panels * parts, par, |i| {
-                let (xi, p, part) = (i / (panels * parts), (i / parts) % panels, i % parts);
+            for_each(xis * pairs * parts, par, |i| {
+                let (xi, pair, part) = (i / (pairs * parts), (i / parts) % pairs, i % parts);
                 let (a, b) = (
                     part * direct::FEW_POS,
                     ((part + 1) * direct::FEW_POS).min(n),
                 );
-                unsafe { avx512::gemm_few(self, xi, p, (a, b), v, ntp, ms) }
+                let p = 2 * pair;
+                let np = (panels - p).min(2);
+                unsafe { avx512::gemm_few(self, xi, (p, np), (a, b), v, ntp, ms) }
             });
         } else {
             let vecs = ntp / 16;
@@ -431,7 +441,7 @@ pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{xi_stride, Ctx, SharedOut, Tiles, MR};
-    use crate::kernels::direct::avx512::{few_tile_any, tile, FewGeo};
+    use crate::kernels::direct::avx512::{few_tile_any, few_width, tile, FewGeo};
     use crate::kernels::direct::ALL_SLOTS;
     use crate::kernels::direct::FEW_POS;
 
@@ -613,48 +623,53 @@ pub(super) mod avx512 {
         }
     }
 
-    /// `M_ξ` rows of panel `p` for tiles `a..b` (at most [`FEW_POS`]), vectorised over the
-    /// panel's 16 output channels, each tile's `V` value broadcast.
+    /// `M_ξ` rows of the `np` (1 or 2) panels from `p` for tiles `a..b` (at most [`FEW_POS`]),
+    /// vectorised over each panel's 16 output channels, each tile's `V` value broadcast once
+    /// for both panels.
     ///
     /// # Safety
-    /// AVX-512F; no other thread writes this (ξ, panel, tiles) block of `m`.
+    /// AVX-512F; no other thread writes this (ξ, panels, tiles) block of `m`.
     #[target_feature(enable = "avx512f")]
     pub(super) unsafe fn gemm_few(
         ctx: &Ctx,
         xi: usize,
-        p: usize,
+        (p, np): (usize, usize),
         (a, b): (usize, usize),
         v: &[f32],
         ntp: usize,
         m: SharedOut,
     ) {
         let (c, k) = (ctx.g.c, ctx.g.k);
-        let w = ctx.pw.panel(xi, p);
+        assert!((1..=2).contains(&np));
+        let w = ctx.pw.panel_run(xi, p, np);
         let xv = &v[xi * xi_stride(c, ntp)..][..c * ntp];
         assert!(a < b && b - a <= FEW_POS && b <= ntp);
         let src: [usize; FEW_POS] = std::array::from_fn(|i| a + i);
         let src = &src[..b - a];
-        let mut acc = [_mm512_setzero_ps(); FEW_POS];
+        let width = few_width(b - a);
+        let mut acc = [_mm512_setzero_ps(); 2 * FEW_POS];
         let geo = FewGeo {
             chans: (0, c),
             kk: 1,
             cl: ntp,
-            pf: c * MR,
-            panel: 0,
+            pf: np * c * MR,
+            panel: c * MR,
         };
         let taps = [(0, 0isize, ALL_SLOTS)];
-        // SAFETY: the panel holds c·MR floats; tile t < ntp of channel ci < c is inside xv.
-        unsafe { few_tile_any(&mut acc, w, xv, &geo, &taps, src, (false, false)) };
-        let rows = MR.min(k - p * MR);
-        let mb = xi * xi_stride(k, ntp) + p * MR * ntp;
-        assert!(mb + rows * ntp <= m.len());
-        for (t, v) in (a..b).zip(&acc) {
-            let mut lanes = [0f32; MR];
-            // SAFETY: MR floats.
-            unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
-            for (r, val) in lanes.iter().enumerate().take(rows) {
-                // SAFETY: asserted in bounds; this block belongs to this item.
-                unsafe { *m.ptr().add(mb + r * ntp + t) = *val };
+        // SAFETY: the panels hold np·c·MR floats; tile t < ntp of channel ci < c is inside xv.
+        unsafe { few_tile_any(&mut acc, w, xv, &geo, &taps, src, (false, np == 2)) };
+        for j in 0..np {
+            let rows = MR.min(k - (p + j) * MR);
+            let mb = xi * xi_stride(k, ntp) + (p + j) * MR * ntp;
+            assert!(mb + rows * ntp <= m.len());
+            for (t, v) in (a..b).zip(&acc[j * width..]) {
+                let mut lanes = [0f32; MR];
+                // SAFETY: MR floats.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
+                for (r, val) in lanes.iter().enumerate().take(rows) {
+                    // SAFETY: asserted in bounds; this block belongs to this item.
+                    unsafe { *m.ptr().add(mb + r * ntp + t) = *val };
+                }
             }
         }
     }
