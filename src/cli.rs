@@ -92,8 +92,8 @@ pub struct RunArgs {
     /// Print a latency / fps / drops summary to stderr at exit.
     #[arg(long)]
     pub stats: bool,
-    /// Inference weights of the last stages: f16 (half the memory traffic; products and sums
-    /// stay f32) or f32 (as trained).
+    /// Inference weights of the layers on maps of at most 4x4: f16 (half the memory traffic;
+    /// products and sums stay f32) or f32 (as trained).
     #[arg(long, value_enum, default_value = "f16")]
     pub weights: WeightFormat,
 }
@@ -234,8 +234,8 @@ pub struct EvalArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Inference weights of the last stages: f16 (half the memory traffic; products and sums
-    /// stay f32) or f32 (as trained).
+    /// Inference weights of the layers on maps of at most 4x4: f16 (half the memory traffic;
+    /// products and sums stay f32) or f32 (as trained).
     #[arg(long, value_enum, default_value = "f16")]
     pub weights: WeightFormat,
     /// Compute device: cpu (cuda needs a build with the `cuda` feature).

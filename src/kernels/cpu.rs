@@ -341,7 +341,7 @@ pub fn conv2d_forward(
         let pack = || direct::PackedWeights::pack(wt, g.k, g.c, g.kh, g.kw);
         match cache {
             Some(c) => {
-                let half = (c.format == WeightFormat::F16 && direct::few_positions(g))
+                let half = (c.format == WeightFormat::F16 && direct::half_weights_pay(g))
                     .then(|| {
                         let pack = || direct::PackedWeights::pack_half(wt, g.k, g.c, g.kh, g.kw);
                         c.direct_half.get_or_init(pack).as_ref()
@@ -916,9 +916,9 @@ mod tests {
         assert_eq!(y, vec![1.5, 0., 3.5, 0., 0., 2., 0., 4.]);
     }
 
-    /// A cache packing half-precision weights uses them only in the few-positions kernel, and
-    /// keeps f32 for a layer whose weights do not fit half: those layers give exactly the f32
-    /// results.
+    /// A cache packing half-precision weights uses them only for maps of at most 16 positions,
+    /// and keeps f32 for a layer whose weights do not fit half: the other layers give exactly
+    /// the f32 results.
     #[test]
     fn half_weight_cache_scope() {
         if !direct::available() {
@@ -944,10 +944,12 @@ mod tests {
             run(&few, &wt, WeightFormat::F16),
             "beyond half's range"
         );
-        // The grid kernel (7x7 stride 2 on 48x48) and Winograd (3x3 on 12x12): f32 always.
+        // The grid kernel (7x7 stride 2 on 48x48), Winograd (3x3 on 12x12) and the
+        // few-positions kernel on 6x6 maps: f32 always.
         for g in [
             ConvGeom::new(1, 1, 48, 48, 64, 7, 7, 2, 3).unwrap(),
             ConvGeom::new(1, 64, 12, 12, 64, 3, 3, 1, 1).unwrap(),
+            ConvGeom::new(2, 32, 6, 6, 32, 3, 3, 1, 1).unwrap(),
         ] {
             let wt = rand(g.weight_len(), 3);
             assert_eq!(

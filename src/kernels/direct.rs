@@ -343,6 +343,16 @@ pub(super) fn few_positions(g: &ConvGeom) -> bool {
     g.oh * g.ow <= 48 && g.kh * g.kw <= 64
 }
 
+/// Whether [`WeightFormat::F16`](super::WeightFormat::F16) weights are used for this layer:
+/// maps of at most 16 positions (4x4) per image, where at batch 1 each weight serves at most 16
+/// products and the layer waits for its weights more than it multiplies them. On 6x6 maps
+/// (36 products) half weights gained nothing: the 7x7 stem's forward at batch 1 took 1.11 ms
+/// with its 6x6 stage in f32 and 1.12 ms in half, and the 3x3 stem's was slower with its one
+/// 6x6 few-positions layer in half.
+pub(super) fn half_weights_pay(g: &ConvGeom) -> bool {
+    few_positions(g) && g.oh * g.ow <= 16
+}
+
 /// One micro-tile of the few-positions kernel: positions `start..start + len` of the plan's
 /// order, over the taps of `taps[set]`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -164,12 +164,13 @@ pub enum WeightFormat {
     /// f32, as trained.
     #[default]
     F32,
-    /// IEEE half precision for the layers of at most 48 output positions per image (the
-    /// few-positions kernel's; every product and sum stays f32).
+    /// IEEE half precision for the layers of at most 16 output positions (4x4) per image;
+    /// every product and sum stays f32.
     ///
-    /// With the 7x7 stem these are stages 2-4, nearly all of the encoder's weights, which at
-    /// batch 1 stream from memory for a few products each. Each BN-folded weight is rounded
-    /// once (relative error ≤ 2⁻¹¹); a layer with a weight beyond half's range keeps f32.
+    /// With the 7x7 stem these are stages 3 and 4 (3x3 and 2x2 maps), over 90% of the encoder's
+    /// weights, which at batch 1 stream from memory for a few products each; the 3x3 stem has
+    /// no such layer. Each BN-folded weight is rounded once (relative error ≤ 2⁻¹¹); a layer
+    /// with a weight beyond half's range keeps f32.
     F16,
 }
 
