@@ -1,9 +1,10 @@
 //! Encoder cost, candle's built-in ops against fer-cam's kernels in the same run:
 //! forward at batch 1 and 8 for both stems (inference mode: BN folded on the fast path; `fer`
-//! with f32 weights, `fer-f16` with the last stages' weights in half precision, as `fer-cam run`
-//! and `eval` default to), and one full training step (forward, cross-entropy, backward, SGD
-//! update) at batch 64 with the 3x3 stem. Bench ids name the device, the kernels, the stem and
-//! the batch.
+//! with f32 weights, `fer-f16` with half-precision weights on maps of at most 4x4, as `fer-cam
+//! run` and `eval` default to), and one full training step (forward, cross-entropy, backward,
+//! SGD update) at batch 64 with the 3x3 stem. Bench ids name the device, the kernels, the stem
+//! and the batch. With the 3x3 stem no layer has maps that small, so its `fer` and `fer-f16`
+//! rows time the same computation: their gap is the run's noise.
 //!
 //! `cargo bench --bench encoder` (all), or e.g. `cargo bench --bench encoder -- forward`.
 
