@@ -76,11 +76,14 @@ impl PackedWeights {
         if !w.iter().all(|v| v.abs() <= f32::from(half::f16::MAX)) {
             return None;
         }
-        let mut pw = Self::pack(w, k, c, kh, kw);
-        if let Panels::F32(d) = &pw.data {
-            pw.data = Panels::F16(d.iter().map(|&v| half::f16::from_f32(v)).collect());
-        }
-        Some(pw)
+        let pw = Self::pack(w, k, c, kh, kw);
+        let data = Panels::F16(
+            pw.f32_panels()
+                .iter()
+                .map(|&v| half::f16::from_f32(v))
+                .collect(),
+        );
+        Some(Self { data, ..pw })
     }
 
     /// The f32 panels; panics for half-precision ones (only the few-positions kernel takes
@@ -254,8 +257,8 @@ pub fn conv_forward(
         // weights in cache: 24-28% less time with f32 weights, 39% with half ones).
         let pairs = panels.div_ceil(2);
         (0..chunks * pairs).into_par_iter().for_each(|item| {
-            let (ch, p) = (item / pairs, 2 * (item % pairs));
-            let np = (panels - p).min(2);
+            let ch = item / pairs;
+            let (p, np) = panel_pair(panels, item % pairs);
             let plan = if ch + 1 == chunks {
                 tail.as_ref().unwrap_or(&full)
             } else {
@@ -341,6 +344,13 @@ pub(super) const FEW_POS: usize = 12;
 /// columns and partial tiles, and kernels of at most 64 taps (one bit each in a tap mask).
 pub(super) fn few_positions(g: &ConvGeom) -> bool {
     g.oh * g.ow <= 48 && g.kh * g.kw <= 64
+}
+
+/// The first panel and the number of panels (2, or 1 for the last of an odd count) of pair
+/// `pair` of `panels` weight panels: the few-positions kernels take them two at a time.
+pub(super) fn panel_pair(panels: usize, pair: usize) -> (usize, usize) {
+    let p = 2 * pair;
+    (p, (panels - p).min(2))
 }
 
 /// Whether [`WeightFormat::F16`](super::WeightFormat::F16) weights are used for this layer:

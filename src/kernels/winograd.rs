@@ -411,8 +411,7 @@ impl Ctx<'_> {
                     part * direct::FEW_POS,
                     ((part + 1) * direct::FEW_POS).min(n),
                 );
-                let p = 2 * pair;
-                let np = (panels - p).min(2);
+                let (p, np) = direct::panel_pair(panels, pair);
                 unsafe { avx512::gemm_few(self, xi, (p, np), (a, b), v, ntp, ms) }
             });
         } else {
