@@ -34,10 +34,7 @@ fn encoder(stem: Stem, kernels: ConvKernels) -> (VarMap, ResNet) {
 }
 
 fn stem_name(stem: Stem) -> &'static str {
-    match stem {
-        Stem::Conv3x3 => "conv3x3",
-        Stem::Conv7x7Pool => "conv7x7_pool",
-    }
+    stem.name()
 }
 
 fn kernels_name(k: ConvKernels) -> &'static str {

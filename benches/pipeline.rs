@@ -66,7 +66,7 @@ fn detect(c: &mut Criterion) {
         } else {
             format!("detect_640x480_at_{width}")
         };
-        group.bench_function(name, |b| b.iter(|| det.detect_full(&frame, 640, 480)));
+        group.bench_function(&name, |b| b.iter(|| det.detect_full(&frame, 640, 480)));
         if width == 320 {
             let face = faces[0];
             group.bench_function("detect_near_track", |b| {
@@ -107,12 +107,9 @@ fn end_to_end(c: &mut Criterion) {
     let mut group = c.benchmark_group("pipeline/cpu");
     group.sample_size(10);
     for stem in [Stem::Conv7x7Pool, Stem::Conv3x3] {
-        let name = match stem {
-            Stem::Conv7x7Pool => "y4m_40_frames/conv7x7_pool",
-            Stem::Conv3x3 => "y4m_40_frames/conv3x3",
-        };
+        let name = format!("y4m_40_frames/{}", stem.name());
         let clf = classifier(stem);
-        group.bench_function(name, |b| {
+        group.bench_function(&name, |b| {
             b.iter(|| {
                 let data = clip.clone();
                 let open = move || -> fer_cam::Result<Box<dyn FrameSource>> {

@@ -30,13 +30,78 @@ pub enum Command {
     Run(RunArgs),
     /// List cameras and their formats.
     Devices,
+    /// Fit the CARD sampler's temperature on a labelled split (PublicTest) by NLL; write the
+    /// calibration JSON and its reliability diagram (SVG).
+    Calibrate(CalibrateArgs),
+    /// Write a model directory for shipping: f16 weights and a calibrated temperature.
+    Export(ExportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    /// Model directory [default: the built-in model].
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub source: DataSource,
+    /// Split to fit on. Fit on PublicTest and report on PrivateTest.
+    #[arg(long, default_value = "PublicTest")]
+    pub split: String,
+    /// CARD samples per image [default: the model's].
+    #[arg(long)]
+    pub samples: Option<usize>,
+    /// Sampling steps [default: the model's].
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Seed of the sampler's noise.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Crops per forward pass.
+    #[arg(long, default_value_t = 64)]
+    pub batch_size: usize,
+    /// Bins of the ECE and the reliability diagram.
+    #[arg(long, default_value_t = 15)]
+    pub bins: usize,
+    /// Calibration JSON to write (a new file); the diagram goes beside it as .svg.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Replace an existing --out file (and its .svg).
+    #[arg(long)]
+    pub force: bool,
+    /// No progress bar on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Trained model directory (e.g. RUN/card/model).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// New model directory to write (never replaces an existing path).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Storage of the convolution and linear weights.
+    #[arg(long, value_enum, default_value = "f16")]
+    pub weights: StoredWeightsArg,
+    /// Take the sampler temperature from this calibration file (written by `calibrate`).
+    #[arg(long)]
+    pub calibration: Option<PathBuf>,
+}
+
+/// `--weights` of `export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StoredWeightsArg {
+    F16,
+    F32,
 }
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Model directory (config.json + model.safetensors).
+    /// Model directory (config.json + model.safetensors) [default: the trained FER2013 model
+    /// built into fer-cam].
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     /// Input: a .y4m file, `-` for YUV4MPEG2 on stdin, or image files / directories (sorted).
     #[arg(long, num_args = 1.., conflicts_with = "camera")]
     pub input: Vec<PathBuf>,
@@ -128,7 +193,7 @@ pub struct TrainArgs {
     /// Train the classifier from random weights (ablation: no SSL); `all` then skips ssl.
     #[arg(long)]
     pub from_scratch: bool,
-    /// Encoder stem: conv3x3 or conv7x7_pool.
+    /// Encoder stem: conv3x3, conv3x3_s2 or conv7x7_pool.
     #[arg(long)]
     pub stem: Option<String>,
     /// Encoder without CBAM (ablation).
@@ -180,7 +245,7 @@ pub struct InitArgs {
     /// Output model directory.
     #[arg(long)]
     pub out: PathBuf,
-    /// Encoder stem: conv3x3 (accurate) or conv7x7_pool (fast).
+    /// Encoder stem: conv3x3 (accurate), conv3x3_s2 or conv7x7_pool (fast).
     #[arg(long, default_value = "conv3x3")]
     pub stem: String,
     /// Build the encoder without CBAM attention.
@@ -202,9 +267,10 @@ pub struct InitArgs {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Model directory (config.json + model.safetensors).
+    /// Model directory (config.json + model.safetensors) [default: the trained FER2013 model
+    /// built into fer-cam].
     #[arg(long)]
-    pub model: PathBuf,
+    pub model: Option<PathBuf>,
     #[command(flatten)]
     pub source: DataSource,
     /// Split to score (Training, PublicTest, PrivateTest or a folder name).

@@ -65,6 +65,12 @@ impl Classifier {
         Ok(Self::new(loaded.config, loaded.model, device.clone()))
     }
 
+    /// Loads the default model compiled into this build ([`crate::model::embedded`]).
+    pub fn load_embedded(device: &Device) -> Result<Self> {
+        let loaded = crate::model::embedded::load(device)?;
+        Ok(Self::new(loaded.config, loaded.model, device.clone()))
+    }
+
     /// Wraps an already built model.
     pub fn new(config: ModelConfig, model: FerModel, device: Device) -> Self {
         let sampler = SamplerConfig {
@@ -196,6 +202,22 @@ impl Classifier {
             .to_vec1::<f32>()?;
         let fphi = f.reshape((n, 10, c))?.mean(1)?.to_vec2::<f32>()?;
         Ok(self.summarize(&probs, 10 * per_view, fphi))
+    }
+
+    /// The raw CARD samples ŷ_0 of `n` crops, as `(n, samples, C)` values in one flat vector
+    /// (no test-time augmentation): what calibration fits the temperature on.
+    pub fn sample_y0(&mut self, crops: &[u8]) -> Result<Vec<f32>> {
+        let xs = self.preprocess(crops)?;
+        let feats = self.model.features(&xs, false)?;
+        let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
+        let y0 = self.model.sample(
+            &feats,
+            &f,
+            self.sampler.samples,
+            self.sampler.steps,
+            &mut self.rng,
+        )?;
+        Ok(y0.flatten_all()?.to_vec1::<f32>()?)
     }
 
     /// Classifies a normalised batch `(n, 1, S, S)`.

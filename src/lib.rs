@@ -20,6 +20,7 @@
 //! maths, model directory format), [`infer`] ([`infer::Classifier`]), [`metrics`] and [`eval`].
 
 pub mod alloc;
+pub mod calibrate;
 pub mod capture;
 pub mod config;
 pub mod data;

@@ -1,6 +1,7 @@
 //! The `fer-cam` binary: parse arguments, call the library, map errors to exit codes.
 
 mod cli;
+mod ship;
 
 // mimalloc keeps freed pages for reuse; glibc's malloc unmaps the large short-lived tensor
 // buffers of training and inference, and the page faults and TLB shootdowns that follow cost
@@ -36,6 +37,8 @@ fn main() {
         Command::Train(a) => train(a),
         Command::Run(a) => run_daemon(a),
         Command::Devices => devices(),
+        Command::Calibrate(a) => ship::calibrate(a),
+        Command::Export(a) => ship::export(a),
     };
     if let Err(e) = result {
         // A reader that closed stdout is not an error of ours.
@@ -72,16 +75,29 @@ fn load_options(src: &DataSource) -> LoadOptions {
     }
 }
 
-/// Loads a model onto the named device with the sampler overrides applied.
+/// How reports name the model: its directory, or the built-in one.
+fn model_name(model: Option<&Path>) -> String {
+    model.map_or_else(
+        || fer_cam::model::embedded::NAME.to_string(),
+        |p| p.display().to_string(),
+    )
+}
+
+/// Loads a model (a directory, or the built-in one) onto the named device with the sampler
+/// overrides applied.
 fn load_classifier(
-    model: &Path,
+    model: Option<&Path>,
     device_name: &str,
     samples: Option<usize>,
     steps: Option<usize>,
     seed: u64,
     weights: WeightFormat,
 ) -> Result<Classifier> {
-    let mut clf = Classifier::load(model, &device(device_name)?)?;
+    let dev = device(device_name)?;
+    let mut clf = match model {
+        Some(dir) => Classifier::load(dir, &dev)?,
+        None => Classifier::load_embedded(&dev)?,
+    };
     clf.set_weight_format(weights);
     let defaults = clf.sampler();
     clf.set_sampler(SamplerConfig {
@@ -139,8 +155,42 @@ fn init(a: InitArgs) -> Result<()> {
     Ok(())
 }
 
+/// A progress bar on stderr (hidden with `quiet`).
+fn progress_bar(quiet: bool, len: usize, msg: String) -> Result<ProgressBar> {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(len as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .context("progress bar template")?,
+    );
+    bar.set_message(msg);
+    Ok(bar)
+}
+
+/// The labelled images of one split, or of its first `limit`.
+fn load_split(src: &DataSource, split: &str, limit: Option<usize>) -> Result<Dataset> {
+    let all = load_data(src)?;
+    let mut data = all.select_split(split)?;
+    if let Some(n) = limit {
+        data = data.select(|i| i < n);
+    }
+    Ok(data)
+}
+
 fn eval(a: EvalArgs) -> Result<()> {
-    let mut clf = load_classifier(&a.model, &a.device, a.samples, a.steps, a.seed, a.weights)?;
+    let mut clf = load_classifier(
+        a.model.as_deref(),
+        &a.device,
+        a.samples,
+        a.steps,
+        a.seed,
+        a.weights,
+    )?;
     if a.batch_size == 0 {
         bail!("--batch-size 0 (must be at least 1)");
     }
@@ -150,23 +200,8 @@ fn eval(a: EvalArgs) -> Result<()> {
     if !(0.0..=1.0).contains(&a.threshold) {
         bail!("--threshold {} (allowed 0..=1)", a.threshold);
     }
-    let all = load_data(&a.source)?;
-    let mut split = all.select_split(&a.split)?;
-    if let Some(n) = a.limit {
-        split = split.select(|i| i < n);
-    }
-    let bar = if a.quiet {
-        ProgressBar::hidden()
-    } else {
-        ProgressBar::new(split.len() as u64)
-    };
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
-        )
-        .context("progress bar template")?,
-    );
-    bar.set_message(format!("eval {}", a.split));
+    let split = load_split(&a.source, &a.split, a.limit)?;
+    let bar = progress_bar(a.quiet, split.len(), format!("eval {}", a.split))?;
     let opts = EvalOptions {
         batch_size: a.batch_size,
         threshold: a.threshold,
@@ -176,7 +211,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
-    report.model = a.model.display().to_string();
+    report.model = model_name(a.model.as_deref());
     report.data = a.source.data.display().to_string();
     report.split = a.split.clone();
     report.ten_crop = a.ten_crop;
@@ -371,7 +406,14 @@ fn run_daemon(a: RunArgs) -> Result<()> {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
-    let clf = load_classifier(&a.model, &a.device, a.samples, a.steps, a.seed, a.weights)?;
+    let clf = load_classifier(
+        a.model.as_deref(),
+        &a.device,
+        a.samples,
+        a.steps,
+        a.seed,
+        a.weights,
+    )?;
     let (cam_w, cam_h) = parse_resolution(&a.resolution)?;
     if !(1..=240).contains(&a.fps) {
         bail!("--fps {} (allowed 1..=240)", a.fps);
@@ -398,10 +440,9 @@ fn run_daemon(a: RunArgs) -> Result<()> {
         if ["mp4", "mkv", "avi", "mov", "webm"].contains(&ext.as_str()) {
             bail!(
                 "{}: compressed video is not decoded here; pipe it through ffmpeg: \
-                 ffmpeg -i {} -f yuv4mpegpipe - | fer-cam run --model {} --input -",
+                 ffmpeg -i {} -f yuv4mpegpipe - | fer-cam run --input -",
                 p.display(),
                 p.display(),
-                a.model.display()
             );
         }
     }

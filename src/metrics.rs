@@ -173,11 +173,20 @@ pub fn pavpu_threshold(accurate: &[bool], confidence: &[f32], threshold: f32) ->
     pavpu(accurate, &certain)
 }
 
-/// Expected calibration error of the top-class confidence over `bins` equal-width bins.
-pub fn ece(probs: &[Vec<f32>], labels: &[usize], bins: usize) -> f64 {
-    if labels.is_empty() || bins == 0 {
-        return f64::NAN;
-    }
+/// One bin of a reliability diagram: the images whose top-class confidence lies in `[lo, hi)`.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct ReliabilityBin {
+    pub lo: f64,
+    pub hi: f64,
+    pub count: usize,
+    /// Mean top-class confidence of the bin's images (NaN when empty).
+    pub confidence: f64,
+    /// Share of the bin's images whose top class is right (NaN when empty).
+    pub accuracy: f64,
+}
+
+/// Top-class confidence against accuracy over `bins` equal-width bins (the last bin includes 1).
+pub fn reliability(probs: &[Vec<f32>], labels: &[usize], bins: usize) -> Vec<ReliabilityBin> {
     let mut count = vec![0usize; bins];
     let mut conf_sum = vec![0f64; bins];
     let mut acc_sum = vec![0f64; bins];
@@ -189,10 +198,30 @@ pub fn ece(probs: &[Vec<f32>], labels: &[usize], bins: usize) -> f64 {
         conf_sum[bin] += c;
         acc_sum[bin] += (k == l) as u8 as f64;
     }
-    let n = labels.len() as f64;
     (0..bins)
-        .filter(|&b| count[b] > 0)
-        .map(|b| (acc_sum[b] - conf_sum[b]).abs() / n)
+        .map(|b| {
+            let n = count[b] as f64;
+            ReliabilityBin {
+                lo: b as f64 / bins as f64,
+                hi: (b + 1) as f64 / bins as f64,
+                count: count[b],
+                confidence: conf_sum[b] / n,
+                accuracy: acc_sum[b] / n,
+            }
+        })
+        .collect()
+}
+
+/// Expected calibration error of the top-class confidence over `bins` equal-width bins.
+pub fn ece(probs: &[Vec<f32>], labels: &[usize], bins: usize) -> f64 {
+    if labels.is_empty() || bins == 0 {
+        return f64::NAN;
+    }
+    let n = labels.len() as f64;
+    reliability(probs, labels, bins)
+        .iter()
+        .filter(|b| b.count > 0)
+        .map(|b| b.count as f64 * (b.accuracy - b.confidence).abs() / n)
         .sum()
 }
 

@@ -5,6 +5,8 @@ pub mod barlow;
 pub mod card;
 pub mod cbam;
 pub mod diffusion;
+pub mod embedded;
+pub mod export;
 pub mod resnet;
 
 use std::collections::HashMap;
@@ -150,38 +152,74 @@ pub fn load_model_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let config = read_config(dir)?;
     let path = dir.join(WEIGHTS_FILE);
     let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| {
-        Error::model(
-            &path,
-            format!("not a valid safetensors file: {}", first_line(e)),
-        )
-    })?;
-    for (name, t) in &tensors {
-        if t.dtype() != DType::F32 {
-            return Err(Error::model(
-                &path,
-                format!("tensor {name} has dtype {:?}, expected F32", t.dtype()),
-            ));
-        }
-    }
-    let expected = expected_tensor_names(&config)?;
-    if let Some(extra) = tensors.keys().find(|k| !expected.contains_key(*k)) {
-        return Err(Error::model(
-            &path,
-            format!("unexpected tensor {extra} (weights do not match {CONFIG_FILE})"),
-        ));
-    }
-    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
-    let model = FerModel::new(&config, vb).map_err(|e| {
-        Error::model(
-            &path,
-            format!("weights do not match {CONFIG_FILE}: {}", first_line(e)),
-        )
-    })?;
+    let model = build_model(&config, &bytes, &path, device)?;
     Ok(LoadedModel {
         config,
         model,
         dir: dir.to_path_buf(),
+    })
+}
+
+/// Loads a model from the text of its `config.json` and the bytes of its `model.safetensors`
+/// (the embedded default model); `origin` names it in errors.
+pub fn load_model_bytes(
+    config_json: &str,
+    weights: &[u8],
+    origin: &Path,
+    device: &Device,
+) -> Result<LoadedModel> {
+    let config: ModelConfig = serde_json::from_str(config_json)
+        .map_err(|e| Error::model(origin, format!("not a valid model config: {e}")))?;
+    config
+        .validate()
+        .map_err(|e| Error::model(origin, first_line(e)))?;
+    let model = build_model(&config, weights, origin, device)?;
+    Ok(LoadedModel {
+        config,
+        model,
+        dir: origin.to_path_buf(),
+    })
+}
+
+/// Builds the network from safetensors bytes. Tensors stored as f16 (see [`StoredWeights`]) are
+/// widened to f32; any other dtype is refused.
+fn build_model(
+    config: &ModelConfig,
+    bytes: &[u8],
+    path: &Path,
+    device: &Device,
+) -> Result<FerModel> {
+    let mut tensors = candle_core::safetensors::load_buffer(bytes, device).map_err(|e| {
+        Error::model(
+            path,
+            format!("not a valid safetensors file: {}", first_line(e)),
+        )
+    })?;
+    for (name, t) in tensors.iter_mut() {
+        match t.dtype() {
+            DType::F32 => {}
+            DType::F16 => *t = t.to_dtype(DType::F32)?,
+            other => {
+                return Err(Error::model(
+                    path,
+                    format!("tensor {name} has dtype {other:?}, expected F32 or F16"),
+                ))
+            }
+        }
+    }
+    let expected = expected_tensor_names(config)?;
+    if let Some(extra) = tensors.keys().find(|k| !expected.contains_key(*k)) {
+        return Err(Error::model(
+            path,
+            format!("unexpected tensor {extra} (weights do not match {CONFIG_FILE})"),
+        ));
+    }
+    let vb = VarBuilder::from_tensors(tensors, DType::F32, device);
+    FerModel::new(config, vb).map_err(|e| {
+        Error::model(
+            path,
+            format!("weights do not match {CONFIG_FILE}: {}", first_line(e)),
+        )
     })
 }
 

@@ -240,6 +240,10 @@ impl ResNet {
                 ConvBn::new(1, w0, 7, 2, 3, cfg.kernels, vb.pp("stem"))?,
                 true,
             ),
+            Stem::Conv3x3S2 => (
+                ConvBn::new(1, w0, 3, 2, 1, cfg.kernels, vb.pp("stem"))?,
+                false,
+            ),
         };
         let mut blocks = Vec::new();
         let mut c_in = w0;

@@ -1,0 +1,145 @@
+//! Writing a model directory for shipping: the weights of convolutions and linear layers stored
+//! as IEEE half (half the size; every value is widened back to f32 when loaded), and the
+//! sampler's calibrated temperature in its config.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use super::{read_config, CONFIG_FILE, WEIGHTS_FILE};
+use crate::error::{Error, Result};
+
+/// Largest finite half-precision value.
+const F16_MAX: f32 = 65504.0;
+
+/// How `export` stores the weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoredWeights {
+    F32,
+    /// Tensors of rank ≥ 2 (convolution and linear weights, nearly all the bytes) as f16 when
+    /// every value is finite and within half's range; vectors (biases, batch-norm statistics,
+    /// timestep gains) stay f32, since a running variance may lie below half's normal range.
+    F16,
+}
+
+/// What an export wrote.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExportSummary {
+    pub tensors: usize,
+    pub tensors_f16: usize,
+    pub bytes: u64,
+    pub temperature: f64,
+}
+
+/// Copies the model in `src` to the new directory `out` (an existing `out` is refused), with
+/// the weights stored as `weights` and, when given, the sampler temperature replaced.
+pub fn export_model(
+    src: &Path,
+    out: &Path,
+    weights: StoredWeights,
+    temperature: Option<f64>,
+) -> Result<ExportSummary> {
+    if out.exists() {
+        return Err(Error::file(
+            out,
+            "already exists; export writes a new directory only",
+        ));
+    }
+    let mut cfg = read_config(src)?;
+    if let Some(t) = temperature {
+        if !(t.is_finite() && t > 0.0) {
+            return Err(Error::Config(format!("temperature {t} (must be > 0)")));
+        }
+        cfg.card.temperature = t;
+    }
+    // Loading checks every tensor against the config before anything is written.
+    super::load_model_dir(src, &Device::Cpu)?;
+    let path = src.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .map_err(|e| Error::model(&path, e.to_string()))?;
+    let mut stored: HashMap<String, Tensor> = HashMap::new();
+    let mut tensors_f16 = 0;
+    for (name, t) in tensors {
+        let t = t.to_dtype(DType::F32)?;
+        let half = weights == StoredWeights::F16 && t.rank() >= 2 && fits_f16(&t)?;
+        if half {
+            tensors_f16 += 1;
+        }
+        stored.insert(name, if half { t.to_dtype(DType::F16)? } else { t });
+    }
+    let tensors = stored.len();
+    let json = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::fsutil::write_dir_atomically(out, |tmp| {
+        let cfg_path = tmp.join(CONFIG_FILE);
+        std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+        let w = tmp.join(WEIGHTS_FILE);
+        candle_core::safetensors::save(&stored, &w).map_err(|e| Error::model(&w, e.to_string()))
+    })?;
+    let w = out.join(WEIGHTS_FILE);
+    let bytes = std::fs::metadata(&w).map_err(|e| Error::io(&w, e))?.len();
+    Ok(ExportSummary {
+        tensors,
+        tensors_f16,
+        bytes,
+        temperature: cfg.card.temperature,
+    })
+}
+
+fn fits_f16(t: &Tensor) -> Result<bool> {
+    let v = t.flatten_all()?.to_vec1::<f32>()?;
+    Ok(v.iter().all(|x| x.is_finite() && x.abs() <= F16_MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ModelConfig, Stem};
+    use crate::model::{init_model, load_model_dir, save_model_dir};
+
+    #[test]
+    fn f16_export_loads_and_stays_within_half_rounding() {
+        let mut cfg = ModelConfig::default();
+        cfg.encoder.stem = Stem::Conv3x3S2;
+        cfg.encoder.widths = [8, 8, 16, 16];
+        cfg.encoder.blocks = [1, 1, 1, 1];
+        cfg.encoder.cbam_reduction = 4;
+        cfg.card.hidden = 16;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        let (vars, _) = init_model(&cfg, &Device::Cpu, 3).unwrap();
+        save_model_dir(&src, &cfg, &vars).unwrap();
+        let out = dir.path().join("out");
+        let s = export_model(&src, &out, StoredWeights::F16, Some(1.7)).unwrap();
+        assert!(s.tensors_f16 > 0 && s.tensors_f16 < s.tensors);
+        let a = load_model_dir(&src, &Device::Cpu).unwrap();
+        let b = load_model_dir(&out, &Device::Cpu).unwrap();
+        assert_eq!(b.config.card.temperature, 1.7);
+        let xs = Tensor::randn(0f32, 1.0, (2, 1, 48, 48), &Device::Cpu).unwrap();
+        let fa = a.model.features(&xs, false).unwrap();
+        let fb = b.model.features(&xs, false).unwrap();
+        let scale = fa
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = (fa - fb)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff > 0.0 && diff < 5e-3 * scale,
+            "diff {diff}, scale {scale}"
+        );
+        // The output directory is never replaced.
+        assert!(export_model(&src, &out, StoredWeights::F32, None).is_err());
+    }
+}

@@ -1,0 +1,103 @@
+//! `fer-cam calibrate` and `fer-cam export`: the two steps between a trained run and a shipped
+//! model (fit the sampler's temperature, then write the model with it and with f16 weights).
+
+use anyhow::{bail, Result};
+
+use crate::cli::{CalibrateArgs, ExportArgs, StoredWeightsArg};
+use fer_cam::calibrate::{calibrate as fit, reliability_svg, Samples};
+use fer_cam::kernels::WeightFormat;
+use fer_cam::model::export::{export_model, StoredWeights};
+
+pub fn calibrate(a: CalibrateArgs) -> Result<()> {
+    if a.batch_size == 0 || a.bins == 0 {
+        bail!("--batch-size and --bins must be at least 1");
+    }
+    if a.out.extension().is_none_or(|e| e != "json") {
+        bail!("--out {} (must end in .json)", a.out.display());
+    }
+    let svg = a.out.with_extension("svg");
+    if !a.force {
+        for p in [&a.out, &svg] {
+            if p.exists() {
+                bail!(
+                    "{} already exists (pass --force to replace it)",
+                    p.display()
+                );
+            }
+        }
+    }
+    let mut clf = crate::load_classifier(
+        a.model.as_deref(),
+        "cpu",
+        a.samples,
+        a.steps,
+        a.seed,
+        WeightFormat::F16,
+    )?;
+    let data = crate::load_split(&a.source, &a.split, None)?;
+    if data.class_names != clf.config().classes {
+        bail!(
+            "the data's classes [{}] differ from the model's [{}]",
+            data.class_names.join(", "),
+            clf.config().classes.join(", ")
+        );
+    }
+    let bar = crate::progress_bar(a.quiet, data.len(), format!("sample {}", a.split))?;
+    let samples = Samples::draw(&mut clf, &data, a.batch_size, |d| {
+        bar.set_position(d as u64)
+    })?;
+    bar.finish_and_clear();
+    let mut report = fit(&samples, clf.config().card.temperature, a.bins);
+    report.model = crate::model_name(a.model.as_deref());
+    report.data = a.source.data.display().to_string();
+    report.split = a.split.clone();
+    report.steps = clf.sampler().steps;
+    report.seed = a.seed;
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    crate::write_json(&a.out, &report)?;
+    reliability_svg(&report, &svg)?;
+    crate::print_stdout(&format!(
+        "{} [{}], {} images, {} samples x {} steps\n\
+         temperature {:.4} -> {:.4}\n\
+         ECE {:.4} -> {:.4} ({} bins)\n\
+         NLL {:.4} -> {:.4}\n\
+         wrote {} and {}",
+        report.data,
+        report.split,
+        report.images,
+        report.samples,
+        report.steps,
+        report.temperature_before,
+        report.temperature,
+        report.ece_before,
+        report.ece_after,
+        report.ece_bins,
+        report.nll_before,
+        report.nll_after,
+        a.out.display(),
+        svg.display()
+    ))
+}
+
+pub fn export(a: ExportArgs) -> Result<()> {
+    let temperature = a
+        .calibration
+        .as_deref()
+        .map(fer_cam::calibrate::read_temperature)
+        .transpose()?;
+    let weights = match a.weights {
+        StoredWeightsArg::F16 => StoredWeights::F16,
+        StoredWeightsArg::F32 => StoredWeights::F32,
+    };
+    let s = export_model(&a.model, &a.out, weights, temperature)?;
+    crate::print_stdout(&format!(
+        "wrote {}: {} tensors ({} as f16), {:.2} MB, sampler temperature {:.4}",
+        a.out.display(),
+        s.tensors,
+        s.tensors_f16,
+        s.bytes as f64 / 1e6,
+        s.temperature
+    ))
+}
