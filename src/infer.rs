@@ -208,20 +208,12 @@ impl Classifier {
     /// (no test-time augmentation): what calibration fits the temperature on.
     pub fn sample_y0(&mut self, crops: &[u8]) -> Result<Vec<f32>> {
         let xs = self.preprocess(crops)?;
-        let feats = self.model.features(&xs, false)?;
-        let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
-        let y0 = self.model.sample(
-            &feats,
-            &f,
-            self.sampler.samples,
-            self.sampler.steps,
-            &mut self.rng,
-        )?;
+        let (_, y0) = self.fphi_and_samples(&xs)?;
         Ok(y0.flatten_all()?.to_vec1::<f32>()?)
     }
 
-    /// Classifies a normalised batch `(n, 1, S, S)`.
-    pub fn predict_tensor(&mut self, xs: &Tensor) -> Result<Vec<FacePrediction>> {
+    /// f_φ's probabilities `(n, C)` and the CARD samples ŷ_0 `(n, S, C)` of a normalised batch.
+    fn fphi_and_samples(&mut self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
         let feats = self.model.features(xs, false)?;
         let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
         let y0 = self.model.sample(
@@ -231,6 +223,12 @@ impl Classifier {
             self.sampler.steps,
             &mut self.rng,
         )?;
+        Ok((f, y0))
+    }
+
+    /// Classifies a normalised batch `(n, 1, S, S)`.
+    pub fn predict_tensor(&mut self, xs: &Tensor) -> Result<Vec<FacePrediction>> {
+        let (f, y0) = self.fphi_and_samples(xs)?;
         let probs = sample_probs(&y0, self.config.card.temperature)?;
         let (_, s, _) = probs.dims3()?;
         let probs = probs.flatten_all()?.to_vec1::<f32>()?;
