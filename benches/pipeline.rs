@@ -18,7 +18,6 @@ use fer_cam::face::{crop_face, DetectConfig, FaceDetector};
 use fer_cam::infer::Classifier;
 use fer_cam::model::init_model;
 use fer_cam::pipeline::{run, RunConfig};
-use rand::SeedableRng;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -88,12 +87,14 @@ fn sampler(c: &mut Criterion) {
         let feats = Tensor::randn(0f32, 1.0, (faces, 512), &Device::Cpu).expect("feats");
         let f = candle_nn::ops::softmax(&model.head_logits(&feats).expect("head"), D::Minus1)
             .expect("softmax");
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
+        let mut rngs: Vec<_> = (0..faces as u64)
+            .map(|i| fer_cam::rngs::keyed_rng(&[0, i]))
+            .collect();
         let id = BenchmarkId::new(format!("faces{faces}"), format!("samples{samples}_steps10"));
         group.bench_function(id, |b| {
             b.iter(|| {
                 model
-                    .sample(&feats, &f, samples, 10, &mut rng)
+                    .sample(&feats, &f, samples, 10, &mut rngs)
                     .expect("sample")
             })
         });

@@ -157,6 +157,11 @@ pub struct RunArgs {
     /// Print a latency / fps / drops summary to stderr at exit.
     #[arg(long)]
     pub stats: bool,
+    /// Also write every processed frame with boxes, track ids, labels and probability bars
+    /// (dashed box: uncertain) as YUV4MPEG2: a new file, a FIFO, or `>(ffplay -i -)` for a live
+    /// preview. Never replaces an existing file. JSON on stdout is unchanged.
+    #[arg(long, value_name = "PATH")]
+    pub annotate: Option<PathBuf>,
     /// Inference weights of the layers on maps of at most 4x4: f16 (half the memory traffic;
     /// products and sums stay f32) or f32 (as trained).
     #[arg(long, value_enum, default_value = "f16")]

@@ -9,7 +9,6 @@ use std::path::Path;
 
 use candle_core::{Device, Tensor, D};
 use rand::rngs::StdRng;
-use rand::SeedableRng;
 use serde::Serialize;
 
 use crate::config::{validate_sampler, ModelConfig};
@@ -17,6 +16,7 @@ use crate::error::{Error, Result};
 use crate::kernels::WeightFormat;
 use crate::metrics::{summarize_samples, SampleSummary};
 use crate::model::{load_model_dir, sample_probs, FerModel};
+use crate::rngs::keyed_rng;
 
 /// The prediction for one face.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -54,7 +54,9 @@ pub struct Classifier {
     model: FerModel,
     device: Device,
     sampler: SamplerConfig,
-    rng: StdRng,
+    /// Key of the next face's noise generator: faces are numbered in the order they are
+    /// classified, so results do not depend on how faces were batched.
+    next_face: u64,
     tta: Tta,
 }
 
@@ -83,7 +85,7 @@ impl Classifier {
             model,
             device,
             sampler,
-            rng: StdRng::seed_from_u64(0),
+            next_face: 0,
             tta: Tta::None,
         }
     }
@@ -97,7 +99,7 @@ impl Classifier {
     pub fn set_sampler(&mut self, sampler: SamplerConfig) -> Result<()> {
         validate_sampler(sampler.samples, sampler.steps, self.config.card.timesteps)?;
         self.sampler = sampler;
-        self.rng = StdRng::seed_from_u64(sampler.seed);
+        self.next_face = 0;
         Ok(())
     }
 
@@ -192,9 +194,13 @@ impl Classifier {
         let feats = self.model.features(&xs, false)?;
         let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
         let per_view = self.sampler.samples.div_ceil(10);
+        let mut rngs: Vec<StdRng> = self
+            .face_keys(n)
+            .flat_map(|(seed, face)| (0..10).map(move |v| keyed_rng(&[seed, face, 1 + v])))
+            .collect();
         let y0 = self
             .model
-            .sample(&feats, &f, per_view, self.sampler.steps, &mut self.rng)?;
+            .sample(&feats, &f, per_view, self.sampler.steps, &mut rngs)?;
         let c = self.config.num_classes();
         let probs = sample_probs(&y0, self.config.card.temperature)?
             .reshape((n, 10 * per_view, c))?
@@ -216,14 +222,25 @@ impl Classifier {
     fn fphi_and_samples(&mut self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
         let feats = self.model.features(xs, false)?;
         let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
+        let mut rngs: Vec<StdRng> = self
+            .face_keys(xs.dim(0)?)
+            .map(|(seed, face)| keyed_rng(&[seed, face]))
+            .collect();
         let y0 = self.model.sample(
             &feats,
             &f,
             self.sampler.samples,
             self.sampler.steps,
-            &mut self.rng,
+            &mut rngs,
         )?;
         Ok((f, y0))
+    }
+
+    /// (seed, face number) of the next `n` faces, which are then taken.
+    fn face_keys(&mut self, n: usize) -> impl Iterator<Item = (u64, u64)> {
+        let (seed, first) = (self.sampler.seed, self.next_face);
+        self.next_face += n as u64;
+        (first..first + n as u64).map(move |face| (seed, face))
     }
 
     /// Classifies a normalised batch `(n, 1, S, S)`.

@@ -20,6 +20,7 @@
 //! maths, model directory format), [`infer`] ([`infer::Classifier`]), [`metrics`] and [`eval`].
 
 pub mod alloc;
+pub mod annotate;
 pub mod calibrate;
 pub mod capture;
 pub mod config;
@@ -34,6 +35,7 @@ pub mod kernels;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+pub mod rngs;
 pub mod train;
 
 pub use config::ModelConfig;

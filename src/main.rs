@@ -474,6 +474,7 @@ fn run_daemon(a: RunArgs) -> Result<()> {
         realtime: a.realtime,
         live: stdin || camera.is_some(),
         status_every: a.status_every,
+        annotate: a.annotate.clone(),
         ..Default::default()
     };
     cfg.validate()?;
@@ -516,6 +517,18 @@ fn run_daemon(a: RunArgs) -> Result<()> {
     }
     let stdout = std::io::stdout().lock();
     let stats = fer_cam::pipeline::run(&cfg, open, clf, stdout, cancel)?;
+    if let (Some(path), Some(an)) = (&a.annotate, &stats.annotate) {
+        eprintln!(
+            "annotate: {} frames written to {}, {} dropped{}",
+            an.written,
+            path.display(),
+            an.dropped,
+            an.error
+                .as_ref()
+                .map(|e| format!("; stopped early: {e}"))
+                .unwrap_or_default()
+        );
+    }
     if a.stats {
         eprintln!(
             "frames {} in {:.2} s ({:.1} fps), faces {}, dropped {}, warnings {}; capture-to-emit ms: p50 {:.1}, p95 {:.1}, p99 {:.1}, max {:.1}",

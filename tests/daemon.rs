@@ -384,3 +384,167 @@ fn slow_reader_keeps_memory_flat_and_counts_drops() {
     // resident size loosely but far below what an unbounded queue of decoded tensors would take.
     assert!(peak < 1_000_000, "peak RSS {peak} KiB");
 }
+
+/// The frames of a 4:2:0 YUV4MPEG2 stream: (width, height, [luma plane per frame]).
+fn y4m_frames(bytes: &[u8]) -> (usize, usize, Vec<Vec<u8>>) {
+    let nl = bytes.iter().position(|&b| b == b'\n').unwrap();
+    let header = std::str::from_utf8(&bytes[..nl]).unwrap();
+    let tag = |t: char| -> usize {
+        header
+            .split(' ')
+            .find_map(|p| p.strip_prefix(t))
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let (w, h) = (tag('W'), tag('H'));
+    let frame = w * h + 2 * w.div_ceil(2) * h.div_ceil(2);
+    let mut rest = &bytes[nl + 1..];
+    let mut frames = Vec::new();
+    while !rest.is_empty() {
+        assert!(rest.starts_with(b"FRAME\n"), "frame {}", frames.len());
+        frames.push(rest[6..6 + w * h].to_vec());
+        rest = &rest[6 + frame..];
+    }
+    (w, h, frames)
+}
+
+/// A run's lines without what changes from run to run (times, rates, latencies).
+fn timeless(o: &Output) -> Vec<Value> {
+    lines(o)
+        .into_iter()
+        .map(|mut v| {
+            for k in [
+                "ts",
+                "mono_ms",
+                "latency_ms",
+                "seconds",
+                "fps",
+                "cpu_percent",
+            ] {
+                v.as_object_mut().unwrap().remove(k);
+            }
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn annotate_writes_every_frame_and_never_replaces_a_file() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let clip = tmp.path().join("s.y4m");
+    std::fs::write(&clip, synthetic_y4m(5)).unwrap();
+    let out = tmp.path().join("a.y4m");
+    let args = |annotate: bool| {
+        let mut a = vec![
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            clip.to_str().unwrap(),
+        ];
+        if annotate {
+            a.extend(["--annotate", out.to_str().unwrap()]);
+        }
+        run(&a)
+    };
+    let o = args(true);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (w, h, frames) = y4m_frames(&std::fs::read(&out).unwrap());
+    assert_eq!((w, h, frames.len()), (64, 48, 5));
+    let input = y4m_frames(&synthetic_y4m(5)).2;
+    assert!(frames[3] != input[3], "the class legend is drawn");
+    // A second run refuses to replace the file, before reading any frame.
+    let before = std::fs::read(&out).unwrap();
+    let o = args(true);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("never replaces"));
+    assert_eq!(std::fs::read(&out).unwrap(), before);
+    assert_eq!(timeless(&args(false)), timeless(&args(false)));
+}
+
+#[test]
+fn annotated_clip_marks_the_face_and_keeps_the_json() {
+    let Some(media) = shared_media("annotated_clip_marks_the_face_and_keeps_the_json") else {
+        return;
+    };
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let clip = media.join("woman_expressions_320x180_2fps.y4m");
+    let out = tmp.path().join("A.y4m");
+    let base = [
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        clip.to_str().unwrap(),
+        "--samples",
+        "8",
+    ];
+    let plain = run(&base);
+    let annotated = run(&[&base[..], &["--annotate", out.to_str().unwrap()]].concat());
+    assert!(annotated.status.success());
+    // The JSON lines are the same with and without --annotate.
+    assert_eq!(timeless(&plain), timeless(&annotated));
+    let (w, h, frames) = y4m_frames(&std::fs::read(&out).unwrap());
+    assert_eq!((w, h, frames.len()), (320, 180, 40));
+    let (_, _, input) = y4m_frames(&std::fs::read(&clip).unwrap());
+    let json: Vec<Value> = lines(&annotated)
+        .into_iter()
+        .filter(|l| l["type"] == "frame")
+        .collect();
+    let mut checked = 0;
+    for (i, f) in json.iter().enumerate() {
+        let boxes: Vec<[i64; 4]> = f["faces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| {
+                let b: Vec<i64> = x["box"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.as_i64().unwrap())
+                    .collect();
+                [b[0], b[1], b[2], b[3]]
+            })
+            .collect();
+        let (a, src) = (&frames[i], &input[i]);
+        for b in &boxes {
+            // The box's left edge is drawn over (solid, or dashed when uncertain).
+            let x = b[0] as usize + 1;
+            let rows = b[1].max(0)..(b[1] + b[3]).min(h as i64);
+            let drawn = rows
+                .clone()
+                .map(|y| y as usize * w + x)
+                .filter(|&at| a[at] != src[at])
+                .count();
+            let len = rows.end - rows.start;
+            assert!(
+                drawn as i64 >= len / 3,
+                "frame {i}: left edge {drawn}/{len}"
+            );
+            checked += 1;
+        }
+        // Pixels 24+ px from every box (and above the legend) are untouched.
+        for y in (0..h - 24).step_by(7) {
+            for x in (0..w).step_by(7) {
+                let far = boxes.iter().all(|b| {
+                    let (x, y) = (x as i64, y as i64);
+                    x < b[0] - 24
+                        || x > b[0] + b[2].max(56) + 24
+                        || y < b[1] - 24
+                        || y > b[1] + b[3] + 24
+                });
+                if far {
+                    assert!(
+                        a[y * w + x] == src[y * w + x],
+                        "frame {i} ({x}, {y}) changed"
+                    );
+                }
+            }
+        }
+    }
+    assert!(checked >= 36, "only {checked} faces checked");
+}

@@ -66,6 +66,29 @@ fn round_trip_and_predict() {
 }
 
 #[test]
+fn samples_do_not_depend_on_batching() {
+    // The daemon batches whatever faces are waiting, so a face's noise must not depend on its
+    // batch: faces classified one at a time match the same faces classified together.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    save(&dir, &small(true));
+    let crops: Vec<u8> = (0..3 * 48 * 48).map(|i| (i * 7 % 251) as u8).collect();
+    let mut together = Classifier::load(&dir, &Device::Cpu).unwrap();
+    let all = together.predict(&crops).unwrap();
+    let mut alone = Classifier::load(&dir, &Device::Cpu).unwrap();
+    for (i, want) in all.iter().enumerate() {
+        let got = alone.predict(&crops[i * 2304..(i + 1) * 2304]).unwrap();
+        assert_eq!(got[0].card.votes, want.card.votes, "face {i}");
+        for (a, b) in got[0].card.probs.iter().zip(&want.card.probs) {
+            assert!((a - b).abs() < 1e-5, "face {i}: {a} vs {b}");
+        }
+    }
+    // The next face gets new noise: the same crop again gives other samples.
+    let again = together.predict(&crops[..2304]).unwrap();
+    assert_ne!(again[0].card.probs, all[0].card.probs);
+}
+
+#[test]
 fn corrupt_truncated_and_mismatched_files_are_named() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("m");

@@ -11,7 +11,7 @@ use nokhwa::utils::{
 };
 use nokhwa::Camera;
 
-use super::{Frame, FrameSource, SourceEvent};
+use super::{Chroma, Frame, FrameSource, SourceEvent};
 use crate::error::{Error, Result};
 
 /// An open camera stream.
@@ -19,6 +19,7 @@ pub struct CameraSource {
     camera: Camera,
     index: u32,
     seq: u64,
+    keep_color: bool,
 }
 
 fn busy_hint(msg: &str) -> String {
@@ -46,7 +47,23 @@ impl CameraSource {
             camera,
             index,
             seq: 0,
+            keep_color: false,
         })
+    }
+}
+
+/// Colour of a raw camera frame at 4:2:0 (`None`: gray formats, or a frame that cannot give it).
+fn to_chroma(raw: &[u8], format: FrameFormat, w: u32, h: u32) -> Option<Chroma> {
+    let (w, h) = (w as usize, h as usize);
+    match format {
+        FrameFormat::YUYV => Chroma::from_yuyv(raw, w, h),
+        FrameFormat::NV12 => Chroma::from_nv12(raw, w, h),
+        FrameFormat::RAWRGB => Chroma::from_rgb(raw, w, h),
+        FrameFormat::MJPEG => {
+            let rgb = image::load_from_memory(raw).ok()?.into_rgb8();
+            Chroma::from_rgb(&rgb, rgb.width() as usize, rgb.height() as usize)
+        }
+        _ => None,
     }
 }
 
@@ -98,6 +115,11 @@ impl FrameSource for CameraSource {
             Ok(g) => g,
             Err(e) => return Ok(SourceEvent::Warning(e.to_string())),
         };
+        let chroma = if self.keep_color {
+            to_chroma(&raw, format, res.width(), res.height())
+        } else {
+            None
+        };
         let seq = self.seq;
         self.seq += 1;
         Ok(SourceEvent::Frame(Frame {
@@ -108,7 +130,12 @@ impl FrameSource for CameraSource {
             height: res.height(),
             gray,
             label: None,
+            chroma,
         }))
+    }
+
+    fn keep_color(&mut self, on: bool) {
+        self.keep_color = on;
     }
 
     fn name(&self) -> String {

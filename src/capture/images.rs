@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
-use super::{Frame, FrameSource, SourceEvent};
+use super::{Chroma, Frame, FrameSource, SourceEvent};
 use crate::error::{Error, Result};
 
 const EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "pgm", "ppm"];
@@ -13,6 +13,7 @@ pub struct ImageSource {
     files: Vec<PathBuf>,
     next: usize,
     name: String,
+    keep_color: bool,
 }
 
 fn is_image(p: &Path) -> bool {
@@ -51,6 +52,7 @@ impl ImageSource {
             files,
             next: 0,
             name,
+            keep_color: false,
         })
     }
 }
@@ -64,6 +66,10 @@ impl FrameSource for ImageSource {
         self.next += 1;
         match image::open(&path) {
             Ok(img) => {
+                let chroma = self.keep_color.then(|| {
+                    let rgb = img.to_rgb8();
+                    Chroma::from_rgb(&rgb, rgb.width() as usize, rgb.height() as usize)
+                });
                 let g = img.into_luma8();
                 Ok(SourceEvent::Frame(Frame {
                     seq,
@@ -73,6 +79,7 @@ impl FrameSource for ImageSource {
                     height: g.height(),
                     gray: g.into_raw(),
                     label: Some(path.display().to_string()),
+                    chroma: chroma.flatten(),
                 }))
             }
             Err(e) => Ok(SourceEvent::Warning(format!(
@@ -84,5 +91,9 @@ impl FrameSource for ImageSource {
 
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn keep_color(&mut self, on: bool) {
+        self.keep_color = on;
     }
 }

@@ -4,12 +4,14 @@
 
 #[cfg(feature = "camera")]
 pub mod camera;
+pub mod color;
 mod images;
 mod reconnect;
 mod y4m;
 
 use std::time::{Instant, SystemTime};
 
+pub use color::Chroma;
 pub use images::ImageSource;
 pub use reconnect::{Backoff, Reconnecting};
 pub use y4m::Y4mSource;
@@ -29,6 +31,9 @@ pub struct Frame {
     pub gray: Vec<u8>,
     /// Where the frame came from (e.g. a file name for stills).
     pub label: Option<String>,
+    /// The frame's colour at 4:2:0, only when asked for ([`FrameSource::keep_color`]) and the
+    /// source has colour.
+    pub chroma: Option<Chroma>,
 }
 
 /// What a source produced.
@@ -52,4 +57,6 @@ pub trait FrameSource {
     fn fps(&self) -> Option<f64> {
         None
     }
+    /// Also deliver each frame's colour (for annotated output). Sources without colour ignore it.
+    fn keep_color(&mut self, _on: bool) {}
 }

@@ -43,6 +43,8 @@ pub struct Reconnecting<F: FnMut() -> Result<Box<dyn FrameSource>>> {
     sleep: Box<dyn FnMut(Duration) + Send>,
     /// Set while cancelled, so a reconnect loop stops promptly.
     cancelled: Box<dyn Fn() -> bool + Send>,
+    /// Passed on to every (re)opened source.
+    keep_color: bool,
 }
 
 impl<F: FnMut() -> Result<Box<dyn FrameSource>>> Reconnecting<F> {
@@ -56,6 +58,7 @@ impl<F: FnMut() -> Result<Box<dyn FrameSource>>> Reconnecting<F> {
             failures: 0,
             sleep: Box::new(std::thread::sleep),
             cancelled: Box::new(|| false),
+            keep_color: false,
         }
     }
 
@@ -90,7 +93,8 @@ impl<F: FnMut() -> Result<Box<dyn FrameSource>>> FrameSource for Reconnecting<F>
                     (self.sleep)(self.backoff.delay(self.failures - 1));
                 }
                 match (self.open)() {
-                    Ok(s) => {
+                    Ok(mut s) => {
+                        s.keep_color(self.keep_color);
                         let reconnected = self.failures > 0;
                         self.current = Some(s);
                         self.failures = 0;
@@ -142,6 +146,13 @@ impl<F: FnMut() -> Result<Box<dyn FrameSource>>> FrameSource for Reconnecting<F>
     fn fps(&self) -> Option<f64> {
         self.current.as_ref().and_then(|s| s.fps())
     }
+
+    fn keep_color(&mut self, on: bool) {
+        self.keep_color = on;
+        if let Some(s) = self.current.as_mut() {
+            s.keep_color(on);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -171,6 +182,7 @@ mod tests {
                 height: 1,
                 gray: vec![0],
                 label: None,
+                chroma: None,
             }))
         }
         fn name(&self) -> String {

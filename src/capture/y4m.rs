@@ -1,11 +1,11 @@
-//! YUV4MPEG2 reader (the format `ffmpeg -f yuv4mpegpipe` writes). Only the luma plane is kept;
-//! chroma is read and discarded. Header: `YUV4MPEG2 W<w> H<h> [F<n>:<d>] [C<colorspace>] ...`,
+//! YUV4MPEG2 reader (the format `ffmpeg -f yuv4mpegpipe` writes). The luma plane is kept; chroma
+//! is read and discarded unless colour is asked for (then it is reduced to 4:2:0). Header: `YUV4MPEG2 W<w> H<h> [F<n>:<d>] [C<colorspace>] ...`,
 //! then per frame `FRAME[ params]\n` and the planes.
 
 use std::io::{BufRead, BufReader, Read};
 use std::time::{Instant, SystemTime};
 
-use super::{Frame, FrameSource, SourceEvent};
+use super::{Chroma, Frame, FrameSource, SourceEvent};
 use crate::error::{Error, Result};
 
 /// Largest frame side accepted (guards allocations against garbage headers).
@@ -18,6 +18,9 @@ pub struct Y4mSource<R: Read> {
     width: u32,
     height: u32,
     chroma_bytes: usize,
+    /// Size of each chroma plane as stored (4:2:0, 4:2:2 or 4:4:4).
+    chroma_plane: (usize, usize),
+    keep_color: bool,
     fps: Option<f64>,
     seq: u64,
     scratch: Vec<u8>,
@@ -81,12 +84,12 @@ impl<R: Read> Y4mSource<R> {
         }
         let (w, h) = (width as usize, height as usize);
         let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
-        let chroma_bytes = match colorspace.as_str() {
-            c if c.starts_with("420") => 2 * cw * ch,
-            c if c.starts_with("422") => 2 * cw * h,
-            c if c.starts_with("444") && !c.starts_with("444alpha") => 2 * w * h,
-            "444alpha" => 3 * w * h,
-            "mono" => 0,
+        let (chroma_bytes, chroma_plane) = match colorspace.as_str() {
+            c if c.starts_with("420") => (2 * cw * ch, (cw, ch)),
+            c if c.starts_with("422") => (2 * cw * h, (cw, h)),
+            c if c.starts_with("444") && !c.starts_with("444alpha") => (2 * w * h, (w, h)),
+            "444alpha" => (3 * w * h, (w, h)),
+            "mono" => (0, (0, 0)),
             other => {
                 return Err(bad(format!(
                     "colorspace C{other} is not supported (420, 422, 444, mono)"
@@ -99,6 +102,8 @@ impl<R: Read> Y4mSource<R> {
             width,
             height,
             chroma_bytes,
+            chroma_plane,
+            keep_color: false,
             fps,
             seq: 0,
             scratch: Vec::new(),
@@ -143,6 +148,13 @@ impl<R: Read> FrameSource for Y4mSource<R> {
         self.scratch.resize(self.chroma_bytes, 0);
         let mut scratch = std::mem::take(&mut self.scratch);
         read_exact(&mut self.reader, &mut scratch, "chroma planes")?;
+        let (w, h) = (self.width as usize, self.height as usize);
+        let (pw, ph) = self.chroma_plane;
+        let chroma = if self.keep_color && self.chroma_bytes > 0 {
+            Chroma::from_planes(&scratch, w, h, pw, ph)
+        } else {
+            None
+        };
         self.scratch = scratch;
         self.seq += 1;
         Ok(SourceEvent::Frame(Frame {
@@ -153,6 +165,7 @@ impl<R: Read> FrameSource for Y4mSource<R> {
             height: self.height,
             gray,
             label: None,
+            chroma,
         }))
     }
 
@@ -162,6 +175,10 @@ impl<R: Read> FrameSource for Y4mSource<R> {
 
     fn fps(&self) -> Option<f64> {
         self.fps
+    }
+
+    fn keep_color(&mut self, on: bool) {
+        self.keep_color = on;
     }
 }
 
@@ -198,6 +215,21 @@ mod tests {
         };
         assert_eq!((f.seq, f.gray[0]), (1, 1));
         assert!(matches!(s.next_event().unwrap(), SourceEvent::End));
+    }
+
+    #[test]
+    fn colour_only_when_asked() {
+        let data = stream(5, 3, 2);
+        let mut s = Y4mSource::new(&data[..], "t.y4m").unwrap();
+        let SourceEvent::Frame(f) = s.next_event().unwrap() else {
+            panic!()
+        };
+        assert!(f.chroma.is_none());
+        s.keep_color(true);
+        let SourceEvent::Frame(f) = s.next_event().unwrap() else {
+            panic!()
+        };
+        assert_eq!(f.chroma, Some(Chroma::neutral(5, 3)));
     }
 
     #[test]

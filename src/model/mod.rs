@@ -72,16 +72,20 @@ impl FerModel {
     /// Draws `samples` CARD samples of ŷ_0 per image: returns `(b, samples, C)`.
     ///
     /// `f` is f_φ's softmax `(b, C)`; `steps` picks a strided subset of the T training steps.
-    /// Noise comes from `rng` so a seeded run is reproducible on any device.
+    /// Image `i`'s noise comes from `rngs[i]` alone, so a seeded result is reproducible on any
+    /// device and does not depend on which images share the batch.
     pub fn sample<R: Rng>(
         &self,
         features: &Tensor,
         f: &Tensor,
         samples: usize,
         steps: usize,
-        rng: &mut R,
+        rngs: &mut [R],
     ) -> candle_core::Result<Tensor> {
         let (b, c) = f.dims2()?;
+        if rngs.len() != b {
+            candle_core::bail!("{} noise generators for {b} images", rngs.len());
+        }
         let n = b * samples;
         let dev = f.device();
         let repeat = |xs: &Tensor| -> candle_core::Result<Tensor> {
@@ -94,12 +98,15 @@ impl FerModel {
         // variables from holding every step's activations in the autograd graph.
         let emb = repeat(&self.card.embed_image(&features.detach(), false)?.detach())?;
         let f_rep = repeat(&f.detach())?;
-        let mut noise = |len: usize| -> candle_core::Result<Tensor> {
-            let v: Vec<f32> = (0..len).map(|_| rng.sample(StandardNormal)).collect();
+        let mut noise = || -> candle_core::Result<Tensor> {
+            let v: Vec<f32> = rngs
+                .iter_mut()
+                .flat_map(|r| (0..samples * c).map(|_| r.sample::<f32, _>(StandardNormal)))
+                .collect();
             Tensor::from_vec(v, (n, c), dev)
         };
         // Prior y_T ~ N(f_φ(x), I).
-        let mut y = (&f_rep + noise(n * c)?)?;
+        let mut y = (&f_rep + noise()?)?;
         for (t, prev) in reverse_pairs(&sampling_timesteps(self.schedule.len(), steps)) {
             let coeffs = self.schedule.step_coeffs(t, prev);
             let t_idx = Tensor::full(t as u32, n, dev)?;
@@ -109,7 +116,7 @@ impl FerModel {
             let z = if coeffs.last {
                 y.zeros_like()?
             } else {
-                noise(n * c)?
+                noise()?
             };
             y = reverse_step(&y, &f_rep, &eps_hat.detach(), &z, &coeffs)?;
         }
@@ -344,8 +351,8 @@ mod tests {
             assert_eq!(feats.dims(), &[3, 32]);
             let f = candle_nn::ops::softmax(&m.head_logits(&feats)?, D::Minus1)?;
             assert_eq!(f.dims(), &[3, 7]);
-            let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-            let ys = m.sample(&feats, &f, 5, 4, &mut rng)?;
+            let mut rngs = vec![rand::rngs::StdRng::seed_from_u64(0); 3];
+            let ys = m.sample(&feats, &f, 5, 4, &mut rngs)?;
             assert_eq!(ys.dims(), &[3, 5, 7]);
             // The weights are training variables here; samples must not keep their graph.
             assert!(!ys.track_op());
@@ -365,14 +372,23 @@ mod tests {
         let (_vm, m) = init_model(&cfg, &Device::Cpu, 1)?;
         let feats = Tensor::randn(0f32, 1., (2, 32), &Device::Cpu)?;
         let f = candle_nn::ops::softmax(&m.head_logits(&feats)?, D::Minus1)?;
-        let draw = |seed| -> Result<Vec<f32>> {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            Ok(m.sample(&feats, &f, 3, 10, &mut rng)?
+        let draw = |seed: u64, feats: &Tensor, f: &Tensor| -> Result<Vec<f32>> {
+            let mut rngs: Vec<_> = (0..f.dim(0)?)
+                .map(|i| crate::rngs::keyed_rng(&[seed, i as u64]))
+                .collect();
+            Ok(m.sample(feats, f, 3, 10, &mut rngs)?
                 .flatten_all()?
                 .to_vec1::<f32>()?)
         };
-        assert_eq!(draw(7)?, draw(7)?);
-        assert_ne!(draw(7)?, draw(8)?);
+        let both = draw(7, &feats, &f)?;
+        assert_eq!(both, draw(7, &feats, &f)?);
+        assert_ne!(both, draw(8, &feats, &f)?);
+        // Image 0 alone gets the same samples as in the batch (its own generator).
+        let alone = draw(7, &feats.narrow(0, 0, 1)?, &f.narrow(0, 0, 1)?)?;
+        assert_eq!(alone[..], both[..alone.len()]);
+        assert!(m
+            .sample(&feats, &f, 3, 10, &mut [crate::rngs::keyed_rng(&[0])])
+            .is_err());
         Ok(())
     }
 }

@@ -8,6 +8,7 @@
 //!   queue is gone (the emitter left because stdout closed) stops at once.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -15,6 +16,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
 
+use crate::annotate::{AnnotateStats, Annotator};
 use crate::capture::{Frame, FrameSource, SourceEvent};
 use crate::emit::{Body, ClassMap, Emitter, FaceOut, Latency, Percentiles};
 use crate::error::{Error, Result};
@@ -44,6 +46,8 @@ pub struct RunConfig {
     pub queue: usize,
     /// Most faces classified in one batch.
     pub max_batch: usize,
+    /// Also write every processed frame, annotated, as YUV4MPEG2 here (a new file or a FIFO).
+    pub annotate: Option<PathBuf>,
 }
 
 impl Default for RunConfig {
@@ -59,6 +63,7 @@ impl Default for RunConfig {
             status_every: 5.0,
             queue: 2,
             max_batch: 32,
+            annotate: None,
         }
     }
 }
@@ -94,6 +99,9 @@ impl RunConfig {
                 self.queue, self.max_batch
             ));
         }
+        if let Some(p) = &self.annotate {
+            crate::annotate::check_path(p)?;
+        }
         if !(0.0..=1.0).contains(&self.tracker.iou_threshold) {
             return bad(format!(
                 "iou threshold {} (allowed 0..=1)",
@@ -115,6 +123,8 @@ pub struct RunStats {
     pub latency: Percentiles,
     /// The reader closed stdout.
     pub output_closed: bool,
+    /// What `--annotate` wrote.
+    pub annotate: Option<AnnotateStats>,
 }
 
 /// A frame after the face stage.
@@ -173,6 +183,17 @@ fn frame_body(r: Result_, source: &str, dropped: u64) -> (Body, f64) {
     (body, lat)
 }
 
+/// Frame rate of annotated output: the source's, or `--max-fps` when that is lower; stills
+/// (no rate) play at one a second.
+fn annotated_rate(source_fps: Option<f64>, max_fps: f64) -> f64 {
+    match (source_fps, max_fps > 0.0) {
+        (Some(f), true) => f.min(max_fps),
+        (Some(f), false) => f,
+        (None, true) => max_fps,
+        (None, false) => 1.0,
+    }
+}
+
 /// CPU time of this process in seconds (Linux: /proc/self/stat, USER_HZ = 100).
 fn process_cpu_seconds() -> Option<f64> {
     let text = std::fs::read_to_string("/proc/self/stat").ok()?;
@@ -201,7 +222,16 @@ pub fn run<W: Write>(
     let (job_tx, job_rx) = bounded::<FaceJob>(4);
     let (res_tx, res_rx) = bounded::<Result_>(8);
     let (ev_tx, ev_rx) = bounded::<Event>(256);
-    let (name_tx, name_rx) = bounded::<String>(1);
+    let (name_tx, name_rx) = bounded::<(String, Option<f64>)>(1);
+    // Started before the stages, so a path that cannot be written fails before any frame.
+    let mut annotator = match &cfg.annotate {
+        Some(p) => Some(Annotator::start(
+            p,
+            classifier.config().classes.clone(),
+            !(cfg.live || cfg.realtime),
+        )?),
+        None => None,
+    };
 
     let capture = {
         let cfg = cfg.clone();
@@ -227,9 +257,12 @@ pub fn run<W: Write>(
     };
     drop(ev_tx);
 
-    let source = name_rx
+    let (source, source_fps) = name_rx
         .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| "unknown".into());
+        .unwrap_or_else(|_| ("unknown".into(), None));
+    if let Some(a) = annotator.as_mut() {
+        a.set_rate(annotated_rate(source_fps, cfg.max_fps));
+    }
     let mut emitter = Emitter::new(out, start);
     let mut stats = RunStats::default();
     let mut latencies = Vec::new();
@@ -243,7 +276,12 @@ pub fn run<W: Write>(
             });
             select! {
                 recv(res_rx) -> msg => {
-                    let Ok(r) = msg else { break };
+                    let Ok(mut r) = msg else { break };
+                    if let Some(a) = annotator.as_mut() {
+                        let f = &mut r.job.frame;
+                        let luma = std::mem::take(&mut f.gray);
+                        a.push(f.width, f.height, luma, f.chroma.take(), &r.out, &cancel);
+                    }
                     let (body, lat) = frame_body(r, &source, dropped.load(Ordering::Relaxed));
                     latencies.push(lat);
                     stats.frames += 1;
@@ -298,6 +336,7 @@ pub fn run<W: Write>(
     }
     drop(res_rx);
     drop(ev_rx);
+    stats.annotate = annotator.map(Annotator::finish);
     let capture_result = capture
         .join()
         .map_err(|_| Error::Msg("capture thread panicked".into()))?;
@@ -342,18 +381,19 @@ fn capture_loop(
     tx: Sender<Frame>,
     stale: Receiver<Frame>,
     events: Sender<Event>,
-    name_tx: Sender<String>,
+    name_tx: Sender<(String, Option<f64>)>,
     cancel: Arc<AtomicBool>,
     dropped: Arc<AtomicU64>,
 ) -> Result<()> {
     let mut src = match open() {
         Ok(s) => s,
         Err(e) => {
-            let _ = name_tx.send("unavailable".into());
+            let _ = name_tx.send(("unavailable".into(), None));
             return Err(e);
         }
     };
-    let _ = name_tx.send(src.name());
+    src.keep_color(cfg.annotate.is_some());
+    let _ = name_tx.send((src.name(), src.fps()));
     let pace = if cfg.realtime { src.fps() } else { None };
     let min_gap = (cfg.max_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.max_fps));
     let t0 = Instant::now();
@@ -466,10 +506,13 @@ fn infer_loop(
     let side = clf.config().input.size;
     let mut smoother = Smoother::new(cfg.smooth);
     while let Ok(first) = rx.recv() {
-        // Batch the faces of this frame with those of frames already waiting.
+        // Batch the faces of this frame with those of frames already waiting. File input read
+        // as fast as possible classifies frame by frame instead: which frames are waiting
+        // depends on timing, and a batch's size changes the last bits of its sums, so only this
+        // keeps a file's output the same from run to run.
         let mut jobs = vec![first];
         let mut faces: usize = jobs[0].faces.len();
-        while faces < cfg.max_batch {
+        while faces < cfg.max_batch && (cfg.live || cfg.realtime) {
             match rx.try_recv() {
                 Ok(j) => {
                     faces += j.faces.len();

@@ -25,21 +25,7 @@ impl Batch {
     }
 }
 
-/// Mixes seeds with SplitMix64 so nearby inputs give unrelated streams.
-pub fn mix_seed(parts: &[u64]) -> u64 {
-    let mut h = 0x9E37_79B9_7F4A_7C15u64;
-    for &p in parts {
-        h ^= p
-            .wrapping_add(0x9E37_79B9_7F4A_7C15)
-            .wrapping_add(h << 6)
-            .wrapping_add(h >> 2);
-        let mut z = h;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        h = z ^ (z >> 31);
-    }
-    h
-}
+pub use crate::rngs::mix_seed;
 
 /// What one epoch's loader produces.
 #[derive(Clone)]

@@ -912,18 +912,19 @@ pub fn train_card(
             });
         }
         run.epochs_done += 1;
-        // PublicTest accuracy of the CARD majority vote.
         // PublicTest accuracy of the CARD majority vote, sampled 256 images at a time.
-        let mut vrng = rand::rngs::StdRng::seed_from_u64(mix_seed(&[cfg.seed, 99, epoch as u64]));
         let mut pred: Vec<usize> = Vec::with_capacity(data.val.len());
         for lo in (0..data.val.len()).step_by(256) {
             let len = 256.min(data.val.len() - lo);
+            let mut rngs: Vec<_> = (lo..lo + len)
+                .map(|i| crate::rngs::keyed_rng(&[cfg.seed, 99, epoch as u64, i as u64]))
+                .collect();
             let y = model.sample(
                 &val_feats.narrow(0, lo, len)?,
                 &val_f.narrow(0, lo, len)?,
                 c.val_samples,
                 cfg.model.card.steps,
-                &mut vrng,
+                &mut rngs,
             )?;
             let probs = sample_probs(&y, cfg.model.card.temperature)?;
             let (nv, s_, cc) = probs.dims3()?;

@@ -1,0 +1,312 @@
+//! `fer-cam run --annotate PATH`: every processed frame, with each face's box, track id, label
+//! and probability bar drawn on it, written as YUV4MPEG2 (4:2:0) to a new file or to a pipe / FIFO
+//! (`--annotate >(ffplay -i -)` is a live preview).
+//!
+//! The writer is its own thread behind a small queue, so the JSON path never waits on it while
+//! the source is live: a frame that finds the queue full is dropped and counted, like the camera
+//! queue. File input read as fast as possible waits for the writer instead (nothing is lost),
+//! but never past cancellation. A failing output (reader gone, disk full) stops annotation with
+//! one message; the JSON lines go on.
+//!
+//! YUV4MPEG2 needs one frame size: the first frame sets it, and later frames of another size
+//! (stills) are scaled to fit inside it.
+
+pub mod draw;
+
+use std::fs::OpenOptions;
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use crossbeam_channel::{bounded, Receiver, SendTimeoutError, Sender, TrySendError};
+
+use crate::capture::Chroma;
+use crate::emit::FaceOut;
+use crate::error::{Error, Result};
+use draw::Canvas;
+
+/// Frames waiting for the writer.
+const QUEUE: usize = 4;
+/// How long the end of a run waits for the writer to flush what is queued.
+const FINISH_GRACE: Duration = Duration::from_secs(5);
+
+/// Checked before the run starts: the path is either new (annotation creates it, never replacing
+/// a file) or an existing pipe, FIFO or character device; its folder exists.
+pub fn check_path(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Err(Error::file(
+            path,
+            "already exists (--annotate writes a new file, a pipe or a FIFO; it never replaces a file)",
+        )),
+        Ok(m) if m.is_dir() => Err(Error::file(path, "is a directory")),
+        Ok(_) => Ok(()),
+        Err(_) => {
+            let parent = match path.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            if parent.is_dir() {
+                Ok(())
+            } else {
+                Err(Error::file(path, "its folder does not exist"))
+            }
+        }
+    }
+}
+
+/// What annotation did in a run.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AnnotateStats {
+    pub written: u64,
+    /// Frames not written because the writer was behind (live input) or the output failed.
+    pub dropped: u64,
+    /// Why annotation stopped early, if it did.
+    pub error: Option<String>,
+}
+
+/// A processed frame for the writer.
+struct Job {
+    width: usize,
+    height: usize,
+    luma: Vec<u8>,
+    chroma: Option<Chroma>,
+    faces: Vec<FaceOut>,
+    /// The output's frame rate (used by the stream header).
+    fps: f64,
+}
+
+/// The writer thread and its queue.
+pub struct Annotator {
+    tx: Option<Sender<Job>>,
+    done: Receiver<Result<u64>>,
+    handle: Option<JoinHandle<()>>,
+    /// Wait for the writer instead of dropping (file input, not paced).
+    blocking: bool,
+    dropped: u64,
+    fps: f64,
+}
+
+impl Annotator {
+    /// Starts the writer; `classes` label the legend. The file is created (or the FIFO opened)
+    /// by the writer thread, so a FIFO without a reader blocks only that thread.
+    pub fn start(path: &Path, classes: Vec<String>, blocking: bool) -> Result<Self> {
+        check_path(path)?;
+        let (tx, rx) = bounded::<Job>(QUEUE);
+        let (done_tx, done) = bounded(1);
+        let path = path.to_path_buf();
+        let handle = std::thread::Builder::new()
+            .name("fer-annotate".into())
+            .spawn(move || {
+                let _ = done_tx.send(write_all(&path, &classes, rx));
+            })
+            .map_err(|e| Error::Msg(format!("cannot start the annotation thread: {e}")))?;
+        Ok(Self {
+            tx: Some(tx),
+            done,
+            handle: Some(handle),
+            blocking,
+            dropped: 0,
+            fps: 1.0,
+        })
+    }
+
+    /// The output's nominal frame rate (the stream header's `F`), set before the first frame.
+    pub fn set_rate(&mut self, fps: f64) {
+        self.fps = fps;
+    }
+
+    /// Queues one processed frame (its planes are moved in). Drops it when the writer is behind
+    /// on live input, or has stopped.
+    pub fn push(
+        &mut self,
+        width: u32,
+        height: u32,
+        luma: Vec<u8>,
+        chroma: Option<Chroma>,
+        faces: &[FaceOut],
+        cancel: &AtomicBool,
+    ) {
+        let Some(tx) = &self.tx else {
+            self.dropped += 1;
+            return;
+        };
+        let mut job = Job {
+            width: width as usize,
+            height: height as usize,
+            luma,
+            chroma,
+            faces: faces.to_vec(),
+            fps: self.fps,
+        };
+        if !self.blocking {
+            match tx.try_send(job) {
+                Ok(()) => {}
+                Err(TrySendError::Full(_)) => self.dropped += 1,
+                Err(TrySendError::Disconnected(_)) => self.stop(),
+            }
+            return;
+        }
+        loop {
+            match tx.send_timeout(job, Duration::from_millis(50)) {
+                Ok(()) => return,
+                Err(SendTimeoutError::Timeout(j)) if !cancel.load(Ordering::SeqCst) => job = j,
+                Err(SendTimeoutError::Timeout(_)) => {
+                    self.dropped += 1;
+                    return;
+                }
+                Err(SendTimeoutError::Disconnected(_)) => return self.stop(),
+            }
+        }
+    }
+
+    /// The writer has gone (its output failed): drop this frame and every later one.
+    fn stop(&mut self) {
+        self.tx = None;
+        self.dropped += 1;
+    }
+
+    /// Closes the queue and waits (a few seconds at most: a stalled reader must not hang the
+    /// exit) for the writer to write what is queued.
+    pub fn finish(mut self) -> AnnotateStats {
+        drop(self.tx.take());
+        let mut stats = AnnotateStats {
+            dropped: self.dropped,
+            ..Default::default()
+        };
+        match self.done.recv_timeout(FINISH_GRACE) {
+            Ok(Ok(written)) => stats.written = written,
+            Ok(Err(e)) => stats.error = Some(e.to_string()),
+            Err(_) => {
+                stats.error = Some(format!(
+                    "the annotation output did not take the last frames within {} s (no reader?)",
+                    FINISH_GRACE.as_secs()
+                ));
+                // The thread is left blocked in open() or write(); the process is ending.
+                return stats;
+            }
+        }
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        stats
+    }
+}
+
+/// Opens the output: creates a new file, or writes into an existing pipe / FIFO / device.
+fn open_output(path: &Path) -> Result<std::fs::File> {
+    let existing = std::fs::metadata(path).is_ok();
+    OpenOptions::new()
+        .write(true)
+        .create_new(!existing)
+        .open(path)
+        .map_err(|e| Error::io(path, e))
+}
+
+/// The `F` tag of the stream header: a rate as a fraction.
+fn rate_tag(fps: f64) -> String {
+    let fps = if fps.is_finite() && fps > 0.0 {
+        fps.min(1000.0)
+    } else {
+        1.0
+    };
+    if (fps - fps.round()).abs() < 1e-9 {
+        format!("F{}:1", fps.round() as u64)
+    } else {
+        format!("F{}:1000", (fps * 1000.0).round() as u64)
+    }
+}
+
+/// The writer thread: draws each frame and writes it; returns the frames written.
+fn write_all(path: &Path, classes: &[String], rx: Receiver<Job>) -> Result<u64> {
+    let mut out: Option<(BufWriter<std::fs::File>, usize, usize)> = None;
+    let mut written = 0u64;
+    let fail = |e: std::io::Error| Error::io(path, e);
+    for job in rx.iter() {
+        let mut canvas = Canvas::new(job.width, job.height, job.luma, job.chroma);
+        if canvas.y.len() != job.width * job.height {
+            continue;
+        }
+        for f in &job.faces {
+            canvas.face(f);
+        }
+        let (w, h) = match &out {
+            Some((_, w, h)) => (*w, *h),
+            None => (job.width, job.height),
+        };
+        let mut canvas = canvas.fit(w, h);
+        canvas.legend(classes);
+        if out.is_none() {
+            let mut o = BufWriter::new(open_output(path)?);
+            writeln!(
+                o,
+                "YUV4MPEG2 W{w} H{h} {} Ip A1:1 C420jpeg",
+                rate_tag(job.fps)
+            )
+            .map_err(fail)?;
+            out = Some((o, w, h));
+        }
+        let Some((o, _, _)) = out.as_mut() else {
+            continue;
+        };
+        o.write_all(b"FRAME\n").map_err(fail)?;
+        o.write_all(&canvas.y).map_err(fail)?;
+        o.write_all(&canvas.chroma.u).map_err(fail)?;
+        o.write_all(&canvas.chroma.v).map_err(fail)?;
+        o.flush().map_err(fail)?;
+        written += 1;
+    }
+    if let Some((mut o, _, _)) = out {
+        o.flush().map_err(fail)?;
+    }
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_tags() {
+        assert_eq!(rate_tag(25.0), "F25:1");
+        assert_eq!(rate_tag(29.97), "F29970:1000");
+        assert_eq!(rate_tag(f64::NAN), "F1:1");
+        assert_eq!(rate_tag(0.0), "F1:1");
+    }
+
+    #[test]
+    fn paths_that_would_lose_data_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.y4m");
+        std::fs::write(&file, b"keep").unwrap();
+        assert!(check_path(&file)
+            .unwrap_err()
+            .to_string()
+            .contains("never replaces"));
+        assert!(check_path(dir.path()).is_err());
+        assert!(check_path(&dir.path().join("no/such/x.y4m")).is_err());
+        assert!(check_path(&dir.path().join("new.y4m")).is_ok());
+        assert!(check_path(Path::new("/dev/null")).is_ok());
+    }
+
+    #[test]
+    fn writes_one_frame_per_push_at_the_first_frame_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.y4m");
+        let mut a = Annotator::start(&path, vec!["happy".into()], true).unwrap();
+        a.set_rate(2.0);
+        let cancel = AtomicBool::new(false);
+        a.push(8, 4, vec![50; 32], None, &[], &cancel);
+        a.push(4, 4, vec![60; 16], None, &[], &cancel); // another size: fitted into 8x4
+        let stats = a.finish();
+        assert_eq!((stats.written, stats.dropped, stats.error), (2, 0, None));
+        let bytes = std::fs::read(&path).unwrap();
+        let header = b"YUV4MPEG2 W8 H4 F2:1 Ip A1:1 C420jpeg\n";
+        assert!(bytes.starts_with(header));
+        let frame = 6 + 32 + 2 * 4 * 2;
+        assert_eq!(bytes.len(), header.len() + 2 * frame);
+        // A new run never replaces the file it wrote.
+        assert!(Annotator::start(&path, vec![], true).is_err());
+    }
+}

@@ -1,0 +1,159 @@
+//! A frame's colour, kept only when something downstream draws on the frame (`--annotate`):
+//! the U and V planes at 4:2:0, whatever layout the source delivered.
+
+/// U and V planes at 4:2:0: each `ceil(w/2)` × `ceil(h/2)` bytes, row-major, 128 = no colour.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Chroma {
+    pub u: Vec<u8>,
+    pub v: Vec<u8>,
+}
+
+/// Size of one 4:2:0 chroma plane of a `w`×`h` frame.
+pub fn plane_size(w: usize, h: usize) -> (usize, usize) {
+    (w.div_ceil(2), h.div_ceil(2))
+}
+
+/// Averages a `pw`×`ph` plane over blocks of `sx`×`sy` samples (clipped at the edges) into a plane
+/// of `cw`×`ch`. `sx = sy = 1` copies.
+fn subsample(plane: &[u8], pw: usize, ph: usize, sx: usize, sy: usize) -> Vec<u8> {
+    let (cw, ch) = (pw.div_ceil(sx), ph.div_ceil(sy));
+    let mut out = Vec::with_capacity(cw * ch);
+    for cy in 0..ch {
+        let rows = cy * sy..((cy + 1) * sy).min(ph);
+        for cx in 0..cw {
+            let cols = cx * sx..((cx + 1) * sx).min(pw);
+            let (mut sum, mut n) = (0u32, 0u32);
+            for y in rows.clone() {
+                for x in cols.clone() {
+                    sum += plane[y * pw + x] as u32;
+                    n += 1;
+                }
+            }
+            out.push(((sum + n / 2) / n) as u8);
+        }
+    }
+    out
+}
+
+impl Chroma {
+    /// From planar U and V of a `w`×`h` frame whose chroma planes are `pw`×`ph` (4:2:0, 4:2:2 or
+    /// 4:4:4 as stored in YUV4MPEG2). `None` when `planes` is too short or the layout is not one
+    /// of those.
+    pub fn from_planes(planes: &[u8], w: usize, h: usize, pw: usize, ph: usize) -> Option<Self> {
+        let n = pw * ph;
+        if planes.len() < 2 * n || pw == 0 || ph == 0 {
+            return None;
+        }
+        let (cw, ch) = plane_size(w, h);
+        // Each plane is either already half the frame's side (copy) or full (average pairs).
+        let factor = |p: usize, half: usize, full: usize| match p {
+            _ if p == half => Some(1),
+            _ if p == full => Some(2),
+            _ => None,
+        };
+        let (fx, fy) = (factor(pw, cw, w)?, factor(ph, ch, h)?);
+        Some(Self {
+            u: subsample(&planes[..n], pw, ph, fx, fy),
+            v: subsample(&planes[n..2 * n], pw, ph, fx, fy),
+        })
+    }
+
+    /// From packed RGB (`w`×`h`×3), BT.601 full range (the `C420jpeg` convention).
+    pub fn from_rgb(rgb: &[u8], w: usize, h: usize) -> Option<Self> {
+        if rgb.len() < 3 * w * h {
+            return None;
+        }
+        let plane = |f: fn(f32, f32, f32) -> f32| -> Vec<u8> {
+            let full: Vec<u8> = rgb
+                .chunks_exact(3)
+                .take(w * h)
+                .map(|p| {
+                    f(p[0] as f32, p[1] as f32, p[2] as f32)
+                        .round()
+                        .clamp(0.0, 255.0) as u8
+                })
+                .collect();
+            subsample(&full, w, h, 2, 2)
+        };
+        Some(Self {
+            u: plane(|r, g, b| 128.0 - 0.168_736 * r - 0.331_264 * g + 0.5 * b),
+            v: plane(|r, g, b| 128.0 + 0.5 * r - 0.418_688 * g - 0.081_312 * b),
+        })
+    }
+
+    /// From packed YUYV (4:2:2, `w`×`h`, 2 bytes a pixel).
+    pub fn from_yuyv(raw: &[u8], w: usize, h: usize) -> Option<Self> {
+        if raw.len() < 2 * w * h || w < 2 {
+            return None;
+        }
+        let pw = w / 2;
+        let (mut u, mut v) = (Vec::with_capacity(pw * h), Vec::with_capacity(pw * h));
+        for row in raw[..2 * w * h].chunks_exact(2 * w) {
+            for quad in row.chunks_exact(4) {
+                u.push(quad[1]);
+                v.push(quad[3]);
+            }
+        }
+        let n = pw * h;
+        u.extend(v);
+        Self::from_planes(&u[..2 * n], w, h, pw, h)
+    }
+
+    /// From NV12 (a `w`×`h` luma plane, then interleaved UV at 4:2:0).
+    pub fn from_nv12(raw: &[u8], w: usize, h: usize) -> Option<Self> {
+        let (cw, ch) = plane_size(w, h);
+        let uv = raw.get(w * h..w * h + 2 * cw * ch)?;
+        Some(Self {
+            u: uv.iter().step_by(2).copied().collect(),
+            v: uv.iter().skip(1).step_by(2).copied().collect(),
+        })
+    }
+
+    /// A colourless frame's chroma.
+    pub fn neutral(w: usize, h: usize) -> Self {
+        let (cw, ch) = plane_size(w, h);
+        Self {
+            u: vec![128; cw * ch],
+            v: vec![128; cw * ch],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn planar_layouts_reduce_to_420() {
+        // 3x2 frame. 4:2:0 planes are 2x1: copied.
+        let c = Chroma::from_planes(&[1, 2, 3, 4], 3, 2, 2, 1).unwrap();
+        assert_eq!((c.u, c.v), (vec![1, 2], vec![3, 4]));
+        // 4:2:2 planes are 2x2: rows averaged.
+        let c = Chroma::from_planes(&[10, 20, 30, 40, 1, 1, 3, 3], 3, 2, 2, 2).unwrap();
+        assert_eq!((c.u, c.v), (vec![20, 30], vec![2, 2]));
+        // 4:4:4 planes are 3x2: 2x2 blocks averaged, the odd column alone.
+        let u = [0, 4, 100, 8, 12, 50];
+        let c = Chroma::from_planes(&[&u[..], &u[..]].concat(), 3, 2, 3, 2).unwrap();
+        assert_eq!(c.u, vec![6, 75]);
+        assert!(Chroma::from_planes(&[1, 2, 3], 3, 2, 2, 1).is_none());
+        assert!(Chroma::from_planes(&[0; 64], 8, 8, 1, 1).is_none());
+    }
+
+    #[test]
+    fn rgb_gray_has_no_colour_and_red_has_high_v() {
+        let gray = Chroma::from_rgb(&[90; 12], 2, 2).unwrap();
+        assert_eq!((gray.u, gray.v), (vec![128], vec![128]));
+        let red = Chroma::from_rgb(&[255, 0, 0].repeat(4), 2, 2).unwrap();
+        assert!(red.v[0] > 230 && red.u[0] < 100, "{red:?}");
+    }
+
+    #[test]
+    fn packed_camera_layouts() {
+        // YUYV 2x2: per row one (u, v) pair; rows averaged.
+        let c = Chroma::from_yuyv(&[0, 10, 0, 20, 0, 30, 0, 40], 2, 2).unwrap();
+        assert_eq!((c.u, c.v), (vec![20], vec![30]));
+        let c = Chroma::from_nv12(&[0, 0, 0, 0, 7, 9], 2, 2).unwrap();
+        assert_eq!((c.u, c.v), (vec![7], vec![9]));
+        assert!(Chroma::from_nv12(&[0; 5], 2, 2).is_none());
+    }
+}
