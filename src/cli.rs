@@ -35,6 +35,18 @@ pub enum Command {
     Calibrate(CalibrateArgs),
     /// Write a model directory for shipping: f16 weights and a calibrated temperature.
     Export(ExportArgs),
+    /// Turn a recorded run (the JSON lines of `run`) into timelines, emotion shares, gaps and
+    /// latency plots on one HTML page, plus a CSV with one row per face per frame.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The JSON lines of a `fer-cam run` (schema v1); `-` or nothing reads stdin.
+    pub input: Option<PathBuf>,
+    /// Directory to write (new, or empty): index.html, faces.csv, summary.json and SVG plots.
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -34,7 +34,9 @@ pub mod infer;
 pub mod kernels;
 pub mod metrics;
 pub mod model;
+pub mod palette;
 pub mod pipeline;
+pub mod report;
 pub mod rngs;
 pub mod train;
 

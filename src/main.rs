@@ -39,6 +39,7 @@ fn main() {
         Command::Devices => devices(),
         Command::Calibrate(a) => ship::calibrate(a),
         Command::Export(a) => ship::export(a),
+        Command::Report(a) => report(a),
     };
     if let Err(e) = result {
         // A reader that closed stdout is not an error of ours.
@@ -397,6 +398,33 @@ fn parse_resolution(s: &str) -> Result<(u32, u32)> {
         bail!("--resolution {s} (each side 16..=8192)");
     }
     Ok((w, h))
+}
+
+fn report(a: cli::ReportArgs) -> Result<()> {
+    use fer_cam::report::{write_report, Recording};
+    let rec = match a.input.as_deref().filter(|p| p.as_os_str() != "-") {
+        Some(p) => {
+            let f = std::fs::File::open(p).with_context(|| format!("{}", p.display()))?;
+            Recording::read(std::io::BufReader::new(f), &p.display().to_string())?
+        }
+        None => Recording::read(std::io::stdin().lock(), "stdin")?,
+    };
+    let input = a
+        .input
+        .as_ref()
+        .map_or("stdin".to_string(), |p| p.display().to_string());
+    let files = write_report(&rec, &input, &a.out)?;
+    let faces: usize = rec.frames.iter().map(|f| f.faces.len()).sum();
+    eprintln!(
+        "report: {} frames, {} faces, {} tracks, {} malformed lines skipped; {} files in {}",
+        rec.frames.len(),
+        faces,
+        rec.tracks().len(),
+        rec.malformed,
+        files.len(),
+        a.out.display()
+    );
+    Ok(())
 }
 
 fn run_daemon(a: RunArgs) -> Result<()> {

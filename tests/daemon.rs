@@ -547,4 +547,58 @@ fn annotated_clip_marks_the_face_and_keeps_the_json() {
         }
     }
     assert!(checked >= 36, "only {checked} faces checked");
+
+    // `report` on this run, with a damaged line appended: every file, one CSV row per face.
+    let jsonl = tmp.path().join("run.jsonl");
+    let mut text = annotated.stdout.clone();
+    text.extend_from_slice(b"{\"v\":1,\"type\":\"frame\",\"fra\n");
+    std::fs::write(&jsonl, &text).unwrap();
+    let rep = tmp.path().join("report");
+    let o = run(&[
+        "report",
+        jsonl.to_str().unwrap(),
+        "--out",
+        rep.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("1 malformed"));
+    for f in [
+        "index.html",
+        "faces.csv",
+        "summary.json",
+        "latency.svg",
+        "emotion-share.svg",
+    ] {
+        assert!(rep.join(f).is_file(), "{f}");
+    }
+    assert!(rep.join("timeline-track-1.svg").is_file());
+    let faces: usize = json
+        .iter()
+        .map(|f| f["faces"].as_array().unwrap().len())
+        .sum();
+    let csv = std::fs::read_to_string(rep.join("faces.csv")).unwrap();
+    assert_eq!(csv.lines().count(), faces + 1);
+    assert_eq!(faces, 40);
+    // Another schema version: a one-line error, nothing written.
+    let mut child = Command::new(common::bin())
+        .args([
+            "report",
+            "-",
+            "--out",
+            tmp.path().join("r2").to_str().unwrap(),
+        ])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"{\"v\":2,\"type\":\"frame\"}\n")
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("schema version 2"));
+    assert!(!tmp.path().join("r2").exists());
 }

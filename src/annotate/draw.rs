@@ -25,25 +25,9 @@ impl Yuv {
 pub const WHITE: Yuv = Yuv(255, 128, 128);
 pub const BLACK: Yuv = Yuv(16, 128, 128);
 
-/// The colour of a class: fixed for FER2013's seven names, a palette by index for others.
+/// The colour of a class ([`crate::palette`]).
 pub fn class_color(name: &str, index: usize) -> Yuv {
-    let (r, g, b) = match name {
-        "angry" => (220, 40, 40),
-        "disgust" => (110, 170, 40),
-        "fear" => (150, 70, 210),
-        "happy" => (250, 205, 30),
-        "sad" => (40, 110, 230),
-        "surprise" => (250, 130, 20),
-        "neutral" => (170, 170, 170),
-        _ => [
-            (0, 170, 170),
-            (200, 60, 150),
-            (120, 90, 40),
-            (90, 200, 120),
-            (230, 120, 120),
-            (60, 60, 160),
-        ][index % 6],
-    };
+    let (r, g, b) = crate::palette::class_rgb(name, index);
     Yuv::rgb(r, g, b)
 }
 

@@ -1,0 +1,399 @@
+//! `fer-cam report`: a recorded run (the JSON lines of `fer-cam run`, schema v1) turned into
+//! something a person reads — per-track emotion timelines with the uncertain stretches marked,
+//! the share of time in each emotion, the certain fraction, detection gaps, and latency
+//! percentiles and histogram — as SVG plots on one self-contained HTML page, plus a CSV with one
+//! row per face per frame for pandas or a spreadsheet.
+//!
+//! Reading is forgiving where a recording can be damaged (a line cut short by a crash, a stray
+//! log line): such lines are skipped and counted. A line of another schema version is an error,
+//! because its fields may mean something else.
+
+mod page;
+mod plots;
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+pub use page::write_report;
+
+/// Longest line read; longer ones are skipped as malformed (a guard against unbounded memory).
+const MAX_LINE: usize = 1 << 20;
+
+/// One face of one frame.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FaceRec {
+    pub track: u64,
+    pub bbox: [i64; 4],
+    pub det_score: f64,
+    pub label: String,
+    /// In the class order of [`Recording::classes`].
+    pub probs: Vec<f64>,
+    pub certain: bool,
+    pub p_value: Option<f64>,
+    pub entropy: f64,
+}
+
+/// One `frame` line.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FrameRec {
+    /// The source's frame number.
+    pub frame: u64,
+    /// Seconds since the run started (`mono_ms`).
+    pub time_s: f64,
+    pub faces: Vec<FaceRec>,
+    /// capture→emit, detect, infer (ms).
+    pub latency_ms: [f64; 3],
+}
+
+/// A parsed recording.
+#[derive(Debug, Clone, Default)]
+pub struct Recording {
+    pub source: Option<String>,
+    pub classes: Vec<String>,
+    pub frames: Vec<FrameRec>,
+    pub warnings: u64,
+    /// Lines skipped because they were not valid v1 lines of a known shape.
+    pub malformed: u64,
+    /// The run's own `summary` line, when it got that far.
+    pub summary: Option<Value>,
+}
+
+fn num(v: &Value, k: &str) -> Option<f64> {
+    v.get(k)?.as_f64().filter(|x| x.is_finite())
+}
+
+/// Reads one line of at most `MAX_LINE` bytes; `Ok(None)` at the end. A longer line is consumed
+/// and returned as `Some(Err(()))`.
+fn next_line<R: BufRead>(r: &mut R) -> std::io::Result<Option<std::result::Result<Vec<u8>, ()>>> {
+    let mut line = Vec::new();
+    let n = std::io::Read::take(&mut *r, MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    if line.len() > MAX_LINE && !line.ends_with(b"\n") {
+        // Skip the rest of the over-long line.
+        let mut sink = Vec::new();
+        loop {
+            sink.clear();
+            let m = std::io::Read::take(&mut *r, MAX_LINE as u64).read_until(b'\n', &mut sink)?;
+            if m == 0 || sink.ends_with(b"\n") {
+                break;
+            }
+        }
+        return Ok(Some(Err(())));
+    }
+    Ok(Some(Ok(line)))
+}
+
+impl Recording {
+    /// Parses a run's JSON lines.
+    pub fn read<R: BufRead>(mut r: R, name: &str) -> Result<Self> {
+        let mut rec = Recording::default();
+        let mut line_no = 0u64;
+        while let Some(line) = next_line(&mut r).map_err(|e| Error::file(name, e.to_string()))? {
+            line_no += 1;
+            let Ok(line) = line else {
+                rec.malformed += 1;
+                continue;
+            };
+            let text = String::from_utf8_lossy(&line);
+            if text.trim().is_empty() {
+                continue;
+            }
+            let Ok(v) = serde_json::from_str::<Value>(&text) else {
+                rec.malformed += 1;
+                continue;
+            };
+            match v.get("v").and_then(Value::as_u64) {
+                Some(1) => {}
+                Some(other) => {
+                    return Err(Error::file(
+                        name,
+                        format!(
+                            "line {line_no}: schema version {other} (this fer-cam reads version 1)"
+                        ),
+                    ))
+                }
+                None => {
+                    rec.malformed += 1;
+                    continue;
+                }
+            }
+            let ok = match v.get("type").and_then(Value::as_str) {
+                Some("frame") => rec.add_frame(&v),
+                Some("summary") => {
+                    rec.summary = Some(v);
+                    true
+                }
+                Some("warning") => {
+                    rec.warnings += 1;
+                    true
+                }
+                Some("status") => true,
+                _ => false,
+            };
+            if !ok {
+                rec.malformed += 1;
+            }
+        }
+        Ok(rec)
+    }
+
+    /// Adds a `frame` line; false when it lacks a required field.
+    fn add_frame(&mut self, v: &Value) -> bool {
+        let parsed = (|| {
+            let frame = v.get("frame")?.as_u64()?;
+            let time_s = num(v, "mono_ms")? / 1e3;
+            let lat = v.get("latency_ms")?;
+            let latency_ms = [
+                num(lat, "capture_to_emit")?,
+                num(lat, "detect")?,
+                num(lat, "infer")?,
+            ];
+            let mut faces = Vec::new();
+            for f in v.get("faces")?.as_array()? {
+                faces.push(self.face(f)?);
+            }
+            if let Some(s) = v.get("source").and_then(Value::as_str) {
+                self.source.get_or_insert_with(|| s.to_string());
+            }
+            Some(FrameRec {
+                frame,
+                time_s,
+                faces,
+                latency_ms,
+            })
+        })();
+        match parsed {
+            Some(f) => {
+                self.frames.push(f);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn face(&mut self, f: &Value) -> Option<FaceRec> {
+        let probs = f.get("probs")?.as_object()?;
+        if self.classes.is_empty() {
+            self.classes = probs.keys().cloned().collect();
+        }
+        // Every face must carry the same classes as the first one.
+        if probs.len() != self.classes.len() {
+            return None;
+        }
+        let values = self
+            .classes
+            .iter()
+            .map(|c| probs.get(c)?.as_f64().filter(|p| p.is_finite()))
+            .collect::<Option<Vec<f64>>>()?;
+        let b = f.get("box")?.as_array()?;
+        if b.len() != 4 {
+            return None;
+        }
+        let mut bbox = [0i64; 4];
+        for (o, x) in bbox.iter_mut().zip(b) {
+            *o = x.as_i64()?;
+        }
+        Some(FaceRec {
+            track: f.get("id")?.as_u64()?,
+            bbox,
+            det_score: num(f, "det_score").unwrap_or(f64::NAN),
+            label: f.get("label")?.as_str()?.to_string(),
+            probs: values,
+            certain: f.get("certain")?.as_bool()?,
+            p_value: num(f, "p_value"),
+            entropy: num(f, "entropy").unwrap_or(f64::NAN),
+        })
+    }
+
+    /// Per-track statistics, by track id.
+    pub fn tracks(&self) -> BTreeMap<u64, TrackStats> {
+        let mut out: BTreeMap<u64, TrackStats> = BTreeMap::new();
+        for fr in &self.frames {
+            for f in &fr.faces {
+                let t = out.entry(f.track).or_insert_with(|| TrackStats {
+                    track: f.track,
+                    first_frame: fr.frame,
+                    last_frame: fr.frame,
+                    first_s: fr.time_s,
+                    last_s: fr.time_s,
+                    share: vec![0.0; self.classes.len()],
+                    mean_probs: vec![0.0; self.classes.len()],
+                    ..Default::default()
+                });
+                if t.frames > 0 && fr.frame > t.last_frame + 1 {
+                    t.gaps += 1;
+                    t.gap_frames += fr.frame - t.last_frame - 1;
+                }
+                t.frames += 1;
+                t.last_frame = fr.frame;
+                t.last_s = fr.time_s;
+                if let Some(i) = self.classes.iter().position(|c| *c == f.label) {
+                    t.share[i] += 1.0;
+                }
+                for (m, p) in t.mean_probs.iter_mut().zip(&f.probs) {
+                    *m += p;
+                }
+                t.certain += f.certain as u64 as f64;
+            }
+        }
+        for t in out.values_mut() {
+            let n = t.frames as f64;
+            t.share.iter_mut().for_each(|s| *s /= n);
+            t.mean_probs.iter_mut().for_each(|s| *s /= n);
+            t.certain /= n;
+        }
+        out
+    }
+
+    /// Stretches of consecutive processed frames with no face: (first frame, last frame, count).
+    pub fn empty_stretches(&self) -> Vec<(u64, u64, u64)> {
+        let mut out: Vec<(u64, u64, u64)> = Vec::new();
+        let mut open = false;
+        for f in &self.frames {
+            match (f.faces.is_empty(), open, out.last_mut()) {
+                (true, true, Some(last)) => {
+                    last.1 = f.frame;
+                    last.2 += 1;
+                }
+                (true, _, _) => {
+                    out.push((f.frame, f.frame, 1));
+                    open = true;
+                }
+                (false, _, _) => open = false,
+            }
+        }
+        out
+    }
+
+    /// Percentiles of capture→emit, detect and infer latency.
+    pub fn latency(&self) -> [LatencyStats; 3] {
+        [0, 1, 2].map(|k| {
+            let v: Vec<f64> = self.frames.iter().map(|f| f.latency_ms[k]).collect();
+            LatencyStats::of(&v)
+        })
+    }
+}
+
+/// What one track did over the run.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct TrackStats {
+    pub track: u64,
+    pub frames: u64,
+    pub first_frame: u64,
+    pub last_frame: u64,
+    pub first_s: f64,
+    pub last_s: f64,
+    /// Fraction of the track's frames with each label (class order).
+    pub share: Vec<f64>,
+    pub mean_probs: Vec<f64>,
+    /// Fraction of the track's frames whose label was certain.
+    pub certain: f64,
+    /// Times the track was missing for a frame or more, and the frames missed.
+    pub gaps: u64,
+    pub gap_frames: u64,
+}
+
+/// Latency percentiles in ms.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LatencyStats {
+    pub p50: f64,
+    pub p95: f64,
+    pub p99: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl LatencyStats {
+    fn of(v: &[f64]) -> Self {
+        if v.is_empty() {
+            return Self::default();
+        }
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        let at = |q: f64| s[((q * (s.len() - 1) as f64).round() as usize).min(s.len() - 1)];
+        Self {
+            p50: at(0.5),
+            p95: at(0.95),
+            p99: at(0.99),
+            max: at(1.0),
+            mean: s.iter().sum::<f64>() / s.len() as f64,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn frame_line(frame: u64, faces: &[(u64, &str, bool)]) -> String {
+        let faces: Vec<Value> = faces
+            .iter()
+            .map(|(id, label, certain)| {
+                let happy = if *label == "happy" { 0.8 } else { 0.2 };
+                serde_json::json!({"id": id, "box": [10, 20, 30, 30], "det_score": 5.0,
+                    "label": label, "probs": {"happy": happy, "sad": 1.0 - happy},
+                    "votes": {"happy": 1.0, "sad": 0.0}, "certain": certain,
+                    "p_value": null, "entropy": 0.5})
+            })
+            .collect();
+        serde_json::json!({"v": 1, "ts": "2026-01-01T00:00:00.000Z", "mono_ms": frame as f64 * 100.0,
+            "type": "frame", "source": "file:x.y4m", "frame": frame, "size": [64, 48],
+            "faces": faces, "latency_ms": {"capture_to_emit": frame as f64, "detect": 1.0, "infer": 2.0},
+            "dropped": 0})
+        .to_string()
+    }
+
+    #[test]
+    fn tracks_shares_gaps_and_malformed_lines() {
+        let lines = [
+            frame_line(0, &[(1, "happy", true)]),
+            "{\"v\":1,\"type\":\"frame\",\"frame\":1".to_string(), // cut short
+            "not json".to_string(),
+            frame_line(1, &[(1, "sad", false), (2, "happy", true)]),
+            frame_line(2, &[]),
+            frame_line(3, &[]),
+            frame_line(4, &[(1, "happy", true)]),
+            "{\"v\":1,\"type\":\"warning\",\"message\":\"x\",\"count\":1}".to_string(),
+        ];
+        let rec = Recording::read(lines.join("\n").as_bytes(), "run.jsonl").unwrap();
+        assert_eq!((rec.frames.len(), rec.malformed, rec.warnings), (5, 2, 1));
+        assert_eq!(rec.classes, vec!["happy", "sad"]);
+        let t = rec.tracks();
+        let one = &t[&1];
+        assert_eq!((one.frames, one.gaps, one.gap_frames), (3, 1, 2));
+        assert!(
+            (one.share[0] - 2.0 / 3.0).abs() < 1e-12 && (one.certain - 2.0 / 3.0).abs() < 1e-12
+        );
+        assert_eq!(t[&2].frames, 1);
+        assert_eq!(rec.empty_stretches(), vec![(2, 3, 2)]);
+        let lat = rec.latency();
+        assert_eq!((lat[0].p50, lat[0].max, lat[2].mean), (2.0, 4.0, 2.0));
+    }
+
+    #[test]
+    fn another_schema_version_is_an_error() {
+        let e = Recording::read(&b"{\"v\":2,\"type\":\"frame\"}\n"[..], "r.jsonl")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("schema version 2") && e.lines().count() == 1,
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn an_endless_line_is_skipped_not_buffered() {
+        let mut data = vec![b'x'; MAX_LINE * 3];
+        data.push(b'\n');
+        data.extend_from_slice(frame_line(0, &[(1, "happy", true)]).as_bytes());
+        let rec = Recording::read(&data[..], "r").unwrap();
+        assert_eq!((rec.malformed, rec.frames.len()), (1, 1));
+    }
+}

@@ -1,0 +1,314 @@
+//! The report's SVG plots, drawn into strings (the HTML page inlines them; the same text is
+//! saved beside it). SVG keeps text as text, so no font files are needed.
+
+use plotters::prelude::*;
+
+use super::{FrameRec, TrackStats};
+use crate::error::{Error, Result};
+use crate::palette::class_rgb;
+
+/// Most points drawn per line; longer tracks are averaged over buckets of frames.
+const MAX_POINTS: usize = 1500;
+
+fn fail(what: &str, e: impl std::fmt::Display) -> Error {
+    Error::Msg(format!("cannot draw the {what} plot: {e}"))
+}
+
+fn color(name: &str, i: usize) -> RGBColor {
+    let (r, g, b) = class_rgb(name, i);
+    RGBColor(r, g, b)
+}
+
+/// Width of the class key drawn right of a chart.
+const KEY_WIDTH: u32 = 110;
+
+/// Splits off the right strip of `root` and draws the class key there (a colour patch and the
+/// name per class), so the key never covers data.
+fn with_key<'a>(
+    root: &DrawingArea<SVGBackend<'a>, plotters::coord::Shift>,
+    classes: &[String],
+    what: &str,
+) -> Result<DrawingArea<SVGBackend<'a>, plotters::coord::Shift>> {
+    let (w, _) = root.dim_in_pixel();
+    let (plot, key) = root.split_horizontally(w.saturating_sub(KEY_WIDTH));
+    for (i, name) in classes.iter().enumerate() {
+        let y = 40 + 18 * i as i32;
+        key.draw(&Rectangle::new(
+            [(4, y - 5), (18, y + 5)],
+            color(name, i).filled(),
+        ))
+        .map_err(|e| fail(what, e))?;
+        key.draw(&Text::new(
+            name.clone(),
+            (24, y - 7),
+            ("sans-serif", 13).into_font(),
+        ))
+        .map_err(|e| fail(what, e))?;
+    }
+    Ok(plot)
+}
+
+/// A track's samples: (frame, probabilities, certain), in frame order.
+pub type TrackSeries = Vec<(u64, Vec<f64>, bool)>;
+
+/// The samples of one track from the frames.
+pub fn track_series(frames: &[FrameRec], track: u64) -> TrackSeries {
+    frames
+        .iter()
+        .flat_map(|f| {
+            f.faces
+                .iter()
+                .filter(move |x| x.track == track)
+                .map(move |x| (f.frame, x.probs.clone(), x.certain))
+        })
+        .collect()
+}
+
+/// Splits a series where the track was missing for much longer than its usual frame step, so
+/// lines do not bridge detection gaps.
+fn segments(series: &TrackSeries) -> Vec<&[(u64, Vec<f64>, bool)]> {
+    let mut steps: Vec<u64> = series.windows(2).map(|w| w[1].0 - w[0].0).collect();
+    steps.sort_unstable();
+    let usual = steps.get(steps.len() / 2).copied().unwrap_or(1).max(1);
+    let mut out = Vec::new();
+    let mut start = 0;
+    for i in 1..series.len() {
+        if series[i].0 - series[i - 1].0 > 5 * usual {
+            out.push(&series[start..i]);
+            start = i;
+        }
+    }
+    if start < series.len() {
+        out.push(&series[start..]);
+    }
+    out
+}
+
+/// Bucket means of a segment's probabilities: at most `MAX_POINTS` (frame, probs) points.
+fn thin(seg: &[(u64, Vec<f64>, bool)]) -> Vec<(f64, Vec<f64>)> {
+    let per = seg.len().div_ceil(MAX_POINTS).max(1);
+    seg.chunks(per)
+        .map(|c| {
+            let n = c.len() as f64;
+            let frame = c.iter().map(|x| x.0 as f64).sum::<f64>() / n;
+            let mut p = vec![0.0; c[0].1.len()];
+            for x in c {
+                for (a, b) in p.iter_mut().zip(&x.1) {
+                    *a += b / n;
+                }
+            }
+            (frame, p)
+        })
+        .collect()
+}
+
+/// Probabilities over time of one track, one line per class, uncertain stretches shaded.
+pub fn timeline(track: u64, series: &TrackSeries, classes: &[String]) -> Result<String> {
+    let what = "timeline";
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (760, 300)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(what, e))?;
+        let plot = with_key(&root, classes, what)?;
+        let x0 = series.first().map_or(0, |s| s.0) as f64;
+        let x1 = (series.last().map_or(1, |s| s.0) as f64).max(x0 + 1.0);
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(
+                format!("track #{track}: class probabilities (grey: uncertain)"),
+                ("sans-serif", 16),
+            )
+            .margin(8)
+            .x_label_area_size(32)
+            .y_label_area_size(44)
+            .build_cartesian_2d(x0..x1, 0.0..1.0)
+            .map_err(|e| fail(what, e))?;
+        chart
+            .configure_mesh()
+            .x_desc("frame")
+            .y_desc("probability")
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .light_line_style(WHITE)
+            .draw()
+            .map_err(|e| fail(what, e))?;
+        // Uncertain frames: a grey band from each to the next sample of the track.
+        let shade = RGBColor(215, 215, 215).filled();
+        chart
+            .draw_series(
+                series
+                    .windows(2)
+                    .filter(|w| !w[0].2)
+                    .map(|w| Rectangle::new([(w[0].0 as f64, 0.0), (w[1].0 as f64, 1.0)], shade)),
+            )
+            .map_err(|e| fail(what, e))?;
+        if series.last().is_some_and(|s| !s.2) {
+            let f = series[series.len() - 1].0 as f64;
+            chart
+                .draw_series([Rectangle::new([(f, 0.0), (f + 1.0, 1.0)], shade)])
+                .map_err(|e| fail(what, e))?;
+        }
+        let segs: Vec<Vec<(f64, Vec<f64>)>> = segments(series).into_iter().map(thin).collect();
+        for (ci, name) in classes.iter().enumerate() {
+            let c = color(name, ci);
+            for seg in &segs {
+                let pts: Vec<(f64, f64)> = seg.iter().map(|(x, p)| (*x, p[ci])).collect();
+                if pts.len() == 1 {
+                    chart.draw_series([Circle::new(pts[0], 2, c.filled())])
+                } else {
+                    chart.draw_series(LineSeries::new(pts, c.stroke_width(2)))
+                }
+                .map_err(|e| fail(what, e))?;
+            }
+        }
+        root.present().map_err(|e| fail(what, e))?;
+    }
+    Ok(svg)
+}
+
+/// Share of each track's frames per label, as stacked horizontal bars (largest tracks first).
+pub fn shares(tracks: &[&TrackStats], classes: &[String]) -> Result<String> {
+    let what = "emotion share";
+    let mut svg = String::new();
+    {
+        let rows = tracks.len().max(1);
+        let height = (100 + 28 * rows as u32).max(60 + 18 * classes.len() as u32);
+        let root = SVGBackend::with_string(&mut svg, (760, height)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(what, e))?;
+        let plot = with_key(&root, classes, what)?;
+        let mut chart = ChartBuilder::on(&plot)
+            .caption(
+                "share of each track's frames per emotion",
+                ("sans-serif", 16),
+            )
+            .margin(8)
+            .x_label_area_size(32)
+            .y_label_area_size(8)
+            .build_cartesian_2d(0.0..1.0, 0.0..rows as f64)
+            .map_err(|e| fail(what, e))?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .disable_y_axis()
+            .x_desc("share of frames")
+            .x_label_formatter(&|x| format!("{:.0}%", 100.0 * x))
+            .draw()
+            .map_err(|e| fail(what, e))?;
+        for (ci, name) in classes.iter().enumerate() {
+            let c = color(name, ci);
+            let bars = tracks.iter().enumerate().map(|(row, t)| {
+                let left: f64 = t.share[..ci].iter().sum();
+                let y = (rows - 1 - row) as f64;
+                Rectangle::new(
+                    [(left, y + 0.15), (left + t.share[ci], y + 0.85)],
+                    c.filled(),
+                )
+            });
+            chart.draw_series(bars).map_err(|e| fail(what, e))?;
+        }
+        // Each bar is named inside its left end.
+        let label = ("sans-serif", 13).into_font().color(&BLACK);
+        chart
+            .draw_series(tracks.iter().enumerate().map(|(row, t)| {
+                let y = (rows - 1 - row) as f64 + 0.5;
+                Text::new(format!("#{}", t.track), (0.005, y), label.clone())
+            }))
+            .map_err(|e| fail(what, e))?;
+        root.present().map_err(|e| fail(what, e))?;
+    }
+    Ok(svg)
+}
+
+/// Histogram of capture→emit latency with the p50 and p95 marked.
+pub fn latency(values: &[f64], p50: f64, p95: f64) -> Result<String> {
+    let what = "latency";
+    let mut svg = String::new();
+    {
+        let hi = values.iter().copied().fold(1.0, f64::max) * 1.02;
+        let bins = 40usize;
+        let width = hi / bins as f64;
+        let mut counts = vec![0u64; bins];
+        for v in values {
+            counts[((v / width) as usize).min(bins - 1)] += 1;
+        }
+        let top = counts.iter().copied().max().unwrap_or(1).max(1) as f64 * 1.1;
+        let root = SVGBackend::with_string(&mut svg, (760, 300)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(what, e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("capture→emit latency per frame (p50 {p50:.1} ms, p95 {p95:.1} ms)"),
+                ("sans-serif", 16),
+            )
+            .margin(8)
+            .x_label_area_size(32)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..hi, 0.0..top)
+            .map_err(|e| fail(what, e))?;
+        chart
+            .configure_mesh()
+            .x_desc("ms")
+            .y_desc("frames")
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()
+            .map_err(|e| fail(what, e))?;
+        let bar = RGBColor(70, 120, 200).filled();
+        chart
+            .draw_series(counts.iter().enumerate().map(|(i, &n)| {
+                let x = i as f64 * width;
+                Rectangle::new([(x, 0.0), (x + width * 0.92, n as f64)], bar)
+            }))
+            .map_err(|e| fail(what, e))?;
+        for (v, c, name) in [(p50, BLACK, "p50"), (p95, RED, "p95")] {
+            chart
+                .draw_series(LineSeries::new([(v, 0.0), (v, top)], c.stroke_width(2)))
+                .map_err(|e| fail(what, e))?
+                .label(name)
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 14, y)], c.stroke_width(2)));
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+            .map_err(|e| fail(what, e))?;
+        root.present().map_err(|e| fail(what, e))?;
+    }
+    Ok(svg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_split_lines_and_long_tracks_are_thinned() {
+        let s: TrackSeries = [0u64, 1, 2, 3, 40, 41]
+            .iter()
+            .map(|&f| (f, vec![0.5, 0.5], true))
+            .collect();
+        let segs = segments(&s);
+        assert_eq!(segs.iter().map(|x| x.len()).collect::<Vec<_>>(), vec![4, 2]);
+        let long: TrackSeries = (0..10_000).map(|f| (f, vec![1.0, 0.0], false)).collect();
+        let t = thin(&long);
+        assert!(t.len() <= MAX_POINTS && t.len() > MAX_POINTS / 2);
+        assert!((t[0].1[0] - 1.0).abs() < 1e-12 && t[0].1[1] == 0.0);
+    }
+
+    #[test]
+    fn plots_are_svg_with_their_titles() {
+        let classes = vec!["happy".to_string(), "sad".to_string()];
+        let s: TrackSeries = (0..5).map(|f| (f, vec![0.7, 0.3], f % 2 == 0)).collect();
+        let svg = timeline(3, &s, &classes).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("track #3") && svg.contains("happy"));
+        let t = TrackStats {
+            track: 3,
+            share: vec![0.25, 0.75],
+            ..Default::default()
+        };
+        assert!(shares(&[&t], &classes).unwrap().contains("#3"));
+        assert!(latency(&[1.0, 2.0, 30.0], 2.0, 30.0)
+            .unwrap()
+            .contains("p95"));
+        // An empty run still draws (no frames at all).
+        assert!(latency(&[], 0.0, 0.0).is_ok());
+    }
+}
