@@ -255,9 +255,51 @@ impl ModelConfig {
         })?;
         check(c.alpha > 0.0 && c.alpha < 1.0, || {
             format!("card.alpha {} (allowed 0 < alpha < 1)", c.alpha)
+        })?;
+        // Each value can be in range while together they ask for gigabytes: bound the total
+        // before any tensor is allocated.
+        let params = self.parameter_bound();
+        check(params <= MAX_PARAMETERS, || {
+            format!(
+                "the model would have up to {:.0} M parameters (widths {:?}, blocks {:?}, \
+                 card.hidden {}, card.timesteps {}); at most {} M are accepted",
+                params / 1e6,
+                e.widths,
+                e.blocks,
+                c.hidden,
+                c.timesteps,
+                MAX_PARAMETERS / 1e6
+            )
         })
     }
+
+    /// An upper bound on the number of parameters this config builds (encoder, head, CARD net),
+    /// from the layer shapes alone; computed in f64 so that no product overflows.
+    pub fn parameter_bound(&self) -> f64 {
+        let e = &self.encoder;
+        let (classes, hidden, t) = (
+            self.classes.len() as f64,
+            self.card.hidden as f64,
+            self.card.timesteps as f64,
+        );
+        let mut total = 49.0 * e.widths[0] as f64;
+        let mut prev = e.widths[0] as f64;
+        for (&w, &b) in e.widths.iter().zip(&e.blocks) {
+            let w = w as f64;
+            // Per block two 3x3 convs, CBAM's MLP and 7x7 gate, batch norms; plus the stage's
+            // first conv and downsample from the previous width.
+            total += b as f64 * (18.0 * w * w + 2.0 * w * w + 10.0 * w + 98.0) + 10.0 * prev * w;
+            prev = w;
+        }
+        total += prev * classes + classes;
+        total += prev * hidden + 2.0 * classes * hidden + 2.0 * hidden * hidden;
+        total += 3.0 * t * hidden + hidden * classes + 20.0 * hidden;
+        total
+    }
 }
+
+/// Most parameters a model config may ask for (1.6 GB as f32); the shipped model has ~3 M.
+pub const MAX_PARAMETERS: f64 = 400e6;
 
 /// Checks a sampler override: `samples` in 1..=4096, `steps` in 1..=T.
 pub fn validate_sampler(samples: usize, steps: usize, timesteps: usize) -> Result<()> {
@@ -281,6 +323,21 @@ mod tests {
         let back: ModelConfig = serde_json::from_str(&s).unwrap();
         assert_eq!(back, c);
         assert!(s.contains("\"stem\": \"conv3x3\""));
+    }
+
+    #[test]
+    fn in_range_values_that_imply_huge_tensors_are_refused() {
+        let mut c = ModelConfig::default();
+        let ok = c.parameter_bound();
+        assert!(ok > 11e6 && ok < 30e6, "{ok}");
+        c.card.hidden = 65536;
+        c.card.timesteps = 10000;
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("M parameters"), "{e}");
+        let mut c = ModelConfig::default();
+        c.encoder.widths = [4096; 4];
+        c.encoder.blocks = [16; 4];
+        assert!(c.validate().is_err());
     }
 
     #[test]

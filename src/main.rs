@@ -49,7 +49,17 @@ fn main() {
         }) {
             std::process::exit(0);
         }
-        eprintln!("error: {e:#}");
+        // One line: each cause once (an I/O error's text is already in its file's message).
+        let mut line = String::new();
+        for cause in e.chain().map(|c| c.to_string()) {
+            if !line.contains(&cause) {
+                if !line.is_empty() {
+                    line.push_str(": ");
+                }
+                line.push_str(&cause);
+            }
+        }
+        fer_cam::log!("error: {}", line.replace('\n', " "));
         std::process::exit(1);
     }
 }
@@ -113,9 +123,9 @@ fn load_data(src: &DataSource) -> Result<Dataset> {
     let opts = load_options(src);
     let (ds, info) = data::load(&src.data, &opts)?;
     for w in &info.warnings {
-        eprintln!("warning: {w}");
+        fer_cam::log!("warning: {w}");
     }
-    eprintln!(
+    fer_cam::log!(
         "loaded {} images from {} in {:.3} s ({})",
         ds.len(),
         src.data.display(),
@@ -152,7 +162,7 @@ fn init(a: InitArgs) -> Result<()> {
     cfg.validate()?;
     let (vars, _) = init_model(&cfg, &Device::Cpu, a.seed)?;
     save_model_dir(&a.out, &cfg, &vars)?;
-    eprintln!("wrote untrained model to {}", a.out.display());
+    fer_cam::log!("wrote untrained model to {}", a.out.display());
     Ok(())
 }
 
@@ -377,7 +387,7 @@ fn no_camera_support() -> anyhow::Error {
 fn devices() -> Result<()> {
     let lines = fer_cam::capture::camera::list_devices()?;
     if lines.is_empty() {
-        eprintln!("no cameras found");
+        fer_cam::log!("no cameras found");
         return Ok(());
     }
     print_stdout(&lines.join("\n"))
@@ -415,7 +425,7 @@ fn report(a: cli::ReportArgs) -> Result<()> {
         .map_or("stdin".to_string(), |p| p.display().to_string());
     let files = write_report(&rec, &input, &a.out)?;
     let faces: usize = rec.frames.iter().map(|f| f.faces.len()).sum();
-    eprintln!(
+    fer_cam::log!(
         "report: {} frames, {} faces, {} tracks, {} malformed lines skipped; {} files in {}",
         rec.frames.len(),
         faces,
@@ -546,7 +556,7 @@ fn run_daemon(a: RunArgs) -> Result<()> {
     let stdout = std::io::stdout().lock();
     let stats = fer_cam::pipeline::run(&cfg, open, clf, stdout, cancel)?;
     if let (Some(path), Some(an)) = (&a.annotate, &stats.annotate) {
-        eprintln!(
+        fer_cam::log!(
             "annotate: {} frames written to {}, {} dropped{}",
             an.written,
             path.display(),
@@ -558,7 +568,7 @@ fn run_daemon(a: RunArgs) -> Result<()> {
         );
     }
     if a.stats {
-        eprintln!(
+        fer_cam::log!(
             "frames {} in {:.2} s ({:.1} fps), faces {}, dropped {}, warnings {}; capture-to-emit ms: p50 {:.1}, p95 {:.1}, p99 {:.1}, max {:.1}",
             stats.frames,
             stats.seconds,

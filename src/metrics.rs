@@ -16,6 +16,9 @@ use statrs::distribution::{ContinuousCDF, StudentsT};
 /// differences with zero mean. Zero variance with a non-zero mean gives p = 0 (t = ±∞).
 pub fn paired_t_test(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len().min(b.len());
+    if a[..n].iter().chain(&b[..n]).any(|v| !v.is_finite()) {
+        return f64::NAN;
+    }
     if n < 2 {
         return f64::NAN;
     }
@@ -27,6 +30,10 @@ pub fn paired_t_test(a: &[f64], b: &[f64]) -> f64 {
         return if mean == 0.0 { f64::NAN } else { 0.0 };
     }
     let t = mean / se;
+    // statrs panics on a NaN statistic (NaN samples): an undefined test is NaN, i.e. uncertain.
+    if !t.is_finite() {
+        return f64::NAN;
+    }
     match StudentsT::new(0.0, 1.0, (n - 1) as f64) {
         Ok(dist) => 2.0 * (1.0 - dist.cdf(t.abs())),
         Err(_) => f64::NAN,
@@ -258,6 +265,11 @@ mod tests {
         assert!(paired_t_test(&[1.0], &[0.0]).is_nan());
         assert!(paired_t_test(&[0.5, 0.5], &[0.5, 0.5]).is_nan());
         assert_eq!(paired_t_test(&[0.9, 0.9, 0.9], &[0.1, 0.1, 0.1]), 0.0);
+        // Non-finite samples (a broken model) give an undefined test, not a panic in statrs.
+        assert!(paired_t_test(&[f64::NAN, 0.2, 0.3], &[0.1, 0.1, 0.2]).is_nan());
+        assert!(paired_t_test(&[f64::INFINITY, 0.2], &[0.1, 0.1]).is_nan());
+        let s = summarize_samples(&[f32::NAN, 0.5, 0.3, 0.7, 0.2, 0.8], 2, 0.05);
+        assert!(!s.certain);
     }
 
     #[test]

@@ -172,6 +172,15 @@ fn image_folder_layout() {
     let rgb = image::RgbImage::from_pixel(96, 64, image::Rgb([200, 100, 50]));
     put("test", "contempt", "d.jpg", rgb.into());
     std::fs::write(root.join("test/happy/notes.txt"), "ignored").unwrap();
+    // What real folders carry beside the images is skipped: a git checkout's .git, macOS
+    // `._x.png` companions, a folder whose name ends in .png.
+    std::fs::create_dir_all(root.join(".git/objects")).unwrap();
+    std::fs::write(
+        root.join("train/happy/._a.png"),
+        b"\0\x05\x16\x07 resource fork",
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("train/happy/album.png")).unwrap();
     let (ds, _) = load(&root, &no_cache()).unwrap();
     assert_eq!(ds.class_names, vec!["angry", "contempt", "happy"]);
     assert_eq!(ds.split_names, vec!["test", "train"]);

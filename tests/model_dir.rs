@@ -157,3 +157,59 @@ fn corrupt_truncated_and_mismatched_files_are_named() {
 
     assert!(load_err(&tmp.path().join("absent")).contains("config.json"));
 }
+
+#[test]
+fn non_finite_weights_negative_variances_and_special_files_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("model");
+    let cfg = small(true);
+    save(&dir, &cfg);
+    let w_path = dir.join(WEIGHTS_FILE);
+    let good = candle_core::safetensors::load(&w_path, &Device::Cpu).unwrap();
+    let with = |name: &str, value: f32| {
+        let mut t = good.clone();
+        let old = &t[name];
+        let mut v = old.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        v[0] = value;
+        t.insert(
+            name.to_string(),
+            candle_core::Tensor::from_vec(v, old.dims(), &Device::Cpu).unwrap(),
+        );
+        candle_core::safetensors::save(&t, &w_path).unwrap();
+    };
+    let var = good
+        .keys()
+        .find(|k| k.ends_with("running_var"))
+        .unwrap()
+        .clone();
+    let weight = good.keys().find(|k| k.ends_with("weight")).unwrap().clone();
+    for (name, value, want) in [
+        (&weight, f32::NAN, "NaN"),
+        (&weight, f32::INFINITY, "inf"),
+        (&var, -1.0, "negative variance"),
+    ] {
+        with(name, value);
+        let e = load_err(&dir);
+        assert!(e.contains(name.as_str()) && e.contains(want), "{e}");
+    }
+    // Not regular files: refused before reading (a FIFO would block, /dev/zero never ends).
+    std::fs::remove_file(&w_path).unwrap();
+    std::os::unix::fs::symlink("/dev/zero", &w_path).unwrap();
+    assert!(load_err(&dir).contains("not a regular file"));
+    let cfg_path = dir.join(CONFIG_FILE);
+    std::fs::remove_file(&cfg_path).unwrap();
+    let fifo = std::process::Command::new("mkfifo")
+        .arg(&cfg_path)
+        .status()
+        .unwrap();
+    assert!(fifo.success());
+    assert!(load_err(&dir).contains("not a regular file"));
+    // In-range values that would need gigabytes: refused from the config alone.
+    std::fs::remove_file(&cfg_path).unwrap();
+    let mut huge = cfg.clone();
+    huge.card.hidden = 65536;
+    huge.card.timesteps = 10000;
+    huge.card.steps = 10;
+    std::fs::write(&cfg_path, serde_json::to_string(&huge).unwrap()).unwrap();
+    assert!(load_err(&dir).contains("M parameters"));
+}

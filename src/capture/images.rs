@@ -31,7 +31,7 @@ impl ImageSource {
                 let mut v: Vec<PathBuf> = std::fs::read_dir(p)
                     .map_err(|e| Error::io(p, e))?
                     .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|f| f.is_file() && is_image(f))
+                    .filter(|f| f.is_file() && is_image(f) && !crate::decode::is_hidden(f))
                     .collect();
                 v.sort();
                 files.extend(v);
@@ -64,7 +64,7 @@ impl FrameSource for ImageSource {
         };
         let seq = self.next as u64;
         self.next += 1;
-        match image::open(&path) {
+        match crate::decode::decode_image(&path) {
             Ok(img) => {
                 let chroma = self.keep_color.then(|| {
                     let rgb = img.to_rgb8();
@@ -82,10 +82,7 @@ impl FrameSource for ImageSource {
                     chroma: chroma.flatten(),
                 }))
             }
-            Err(e) => Ok(SourceEvent::Warning(format!(
-                "{}: cannot decode image: {e}",
-                path.display()
-            ))),
+            Err(e) => Ok(SourceEvent::Warning(e.to_string())),
         }
     }
 

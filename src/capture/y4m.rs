@@ -57,15 +57,18 @@ impl<R: Read> Y4mSource<R> {
         let (mut width, mut height, mut fps, mut colorspace) =
             (0u32, 0u32, None, "420jpeg".to_string());
         for p in parts.filter(|p| !p.is_empty()) {
-            let (tag, val) = p.split_at(1);
+            // Split after the first character, not byte: the header may hold any bytes.
+            let mut chars = p.chars();
+            let tag = chars.next().unwrap_or(' ');
+            let val = chars.as_str();
             match tag {
-                "W" => width = val.parse().map_err(|_| bad(format!("bad width {val:?}")))?,
-                "H" => {
+                'W' => width = val.parse().map_err(|_| bad(format!("bad width {val:?}")))?,
+                'H' => {
                     height = val
                         .parse()
                         .map_err(|_| bad(format!("bad height {val:?}")))?
                 }
-                "F" => {
+                'F' => {
                     let (n, d) = val.split_once(':').unwrap_or((val, "1"));
                     if let (Ok(n), Ok(d)) = (n.parse::<f64>(), d.parse::<f64>()) {
                         if n > 0.0 && d > 0.0 {
@@ -73,7 +76,7 @@ impl<R: Read> Y4mSource<R> {
                         }
                     }
                 }
-                "C" => colorspace = val.to_string(),
+                'C' => colorspace = val.to_string(),
                 _ => {}
             }
         }
@@ -84,15 +87,27 @@ impl<R: Read> Y4mSource<R> {
         }
         let (w, h) = (width as usize, height as usize);
         let (cw, ch) = (w.div_ceil(2), h.div_ceil(2));
+        let deep = |c: &str| {
+            c.strip_prefix("mono")
+                .or_else(|| c.get(3..)?.strip_prefix('p'))
+                .is_some_and(|bits| !bits.is_empty() && bits.bytes().all(|b| b.is_ascii_digit()))
+        };
+        if deep(&colorspace) {
+            return Err(bad(format!(
+                "colorspace C{colorspace} has more than 8 bits per sample; only 8-bit streams are \
+                 read (convert with ffmpeg ... -pix_fmt yuv420p -f yuv4mpegpipe)"
+            )));
+        }
         let (chroma_bytes, chroma_plane) = match colorspace.as_str() {
-            c if c.starts_with("420") => (2 * cw * ch, (cw, ch)),
-            c if c.starts_with("422") => (2 * cw * h, (cw, h)),
-            c if c.starts_with("444") && !c.starts_with("444alpha") => (2 * w * h, (w, h)),
+            "420" | "420jpeg" | "420paldv" | "420mpeg2" => (2 * cw * ch, (cw, ch)),
+            "422" => (2 * cw * h, (cw, h)),
+            "444" => (2 * w * h, (w, h)),
             "444alpha" => (3 * w * h, (w, h)),
             "mono" => (0, (0, 0)),
             other => {
                 return Err(bad(format!(
-                    "colorspace C{other} is not supported (420, 422, 444, mono)"
+                    "colorspace C{other} is not supported (420jpeg, 420paldv, 420mpeg2, 422, 444, \
+                     444alpha, mono)"
                 )))
             }
         };
@@ -239,6 +254,14 @@ mod tests {
             (b"RIFF....WAVE\n".to_vec(), "not a YUV4MPEG2 stream"),
             (b"YUV4MPEG2 W0 H10\n".to_vec(), "frame size 0x10"),
             (b"YUV4MPEG2 W10 H10 Cfoo\n".to_vec(), "colorspace Cfoo"),
+            (b"YUV4MPEG2 W10 H10 C420p10\n".to_vec(), "more than 8 bits"),
+            (b"YUV4MPEG2 W10 H10 Cmono16\n".to_vec(), "more than 8 bits"),
+            (b"YUV4MPEG2 W10 H10 C422p12\n".to_vec(), "more than 8 bits"),
+            // Multi-byte characters where a tag is expected: an error, not a panic.
+            (
+                "YUV4MPEG2 W10 H10 \u{e9}x Wé\n".as_bytes().to_vec(),
+                "bad width",
+            ),
             (vec![0u8; 5000], "not a YUV4MPEG2 stream"),
         ] {
             let e = Y4mSource::new(&bytes[..], "x.y4m")

@@ -11,11 +11,15 @@ use crate::error::{Error, Result};
 
 const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
 
+/// A folder's entries in name order, without hidden ones (`.git`, `._x.png`).
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
         .map_err(|e| Error::io(dir, e))?
         .map(|e| e.map(|e| e.path()).map_err(|err| Error::io(dir, err)))
-        .collect::<Result<_>>()?;
+        .collect::<Result<Vec<_>>>()?
+        .into_iter()
+        .filter(|p| !crate::decode::is_hidden(p))
+        .collect();
     v.sort();
     Ok(v)
 }
@@ -42,7 +46,7 @@ fn list(root: &Path) -> Result<Vec<(String, String, PathBuf)>> {
         {
             for file in sorted_entries(&class_dir)?
                 .into_iter()
-                .filter(|p| is_image(p))
+                .filter(|p| p.is_file() && is_image(p))
             {
                 out.push((name_of(&split_dir), name_of(&class_dir), file));
             }
@@ -86,9 +90,7 @@ pub fn read(root: &Path) -> Result<Dataset> {
     };
     ds.pixels.reserve(files.len() * FACE_PIXELS);
     for (split, class, file) in &files {
-        let img = image::open(file)
-            .map_err(|e| Error::file(file, format!("cannot decode image: {e}")))?
-            .into_luma8();
+        let img = crate::decode::decode_image(file)?.into_luma8();
         let img = if img.dimensions() == (FACE_SIZE as u32, FACE_SIZE as u32) {
             img
         } else {

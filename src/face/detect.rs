@@ -56,8 +56,12 @@ impl DetectConfig {
         if !(20..=1000).contains(&self.min_face) {
             return bad(format!("--min-face {} (allowed 20..=1000)", self.min_face));
         }
-        if !self.score_threshold.is_finite() {
-            return bad("--det-threshold must be finite".into());
+        // rustface asserts a positive threshold; 1000 is far above any real face score.
+        if !(self.score_threshold > 0.0 && self.score_threshold <= 1000.0) {
+            return bad(format!(
+                "--det-threshold {} (allowed 0 < t <= 1000)",
+                self.score_threshold
+            ));
         }
         if !(1.2..=6.0).contains(&self.roi_scale) {
             return bad(format!("roi scale {} (allowed 1.2..=6)", self.roi_scale));
@@ -235,6 +239,17 @@ mod tests {
         }
         .validate()
         .is_err());
+        // rustface panics on a threshold <= 0: refused up front.
+        for t in [0.0, -1.0, f64::NAN, f64::INFINITY] {
+            let e = DetectConfig {
+                score_threshold: t,
+                ..Default::default()
+            }
+            .validate()
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("--det-threshold"), "{e}");
+        }
         let mut d = FaceDetector::new(DetectConfig::default()).unwrap();
         assert!(d.detect_full(&[0u8; 16], 4, 4).is_empty());
         assert!(d.detect_full(&[0u8; 10], 4, 4).is_empty());

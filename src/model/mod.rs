@@ -130,6 +130,9 @@ pub fn sample_probs(y0: &Tensor, temperature: f64) -> candle_core::Result<Tensor
     candle_nn::ops::softmax(&scores, D::Minus1)
 }
 
+/// Largest `config.json` read.
+const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
 /// A model directory loaded into memory: its config and the weights as a `VarBuilder`.
 pub struct LoadedModel {
     pub config: ModelConfig,
@@ -144,7 +147,9 @@ fn first_line(e: impl std::fmt::Display) -> String {
 /// Reads and validates `DIR/config.json`.
 pub fn read_config(dir: &Path) -> Result<ModelConfig> {
     let path = dir.join(CONFIG_FILE);
-    let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+    let bytes = crate::fsutil::read_regular(&path, MAX_CONFIG_BYTES)?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| Error::model(&path, "not a valid model config: not UTF-8 text"))?;
     let cfg: ModelConfig = serde_json::from_str(&text)
         .map_err(|e| Error::model(&path, format!("not a valid model config: {e}")))?;
     cfg.validate()
@@ -158,7 +163,9 @@ pub fn read_config(dir: &Path) -> Result<ModelConfig> {
 pub fn load_model_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
     let config = read_config(dir)?;
     let path = dir.join(WEIGHTS_FILE);
-    let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
+    // The config is valid, so it bounds the weights' size (f32, plus the header's slack).
+    let cap = (config.parameter_bound() * 4.0) as u64 + (16 << 20);
+    let bytes = crate::fsutil::read_regular(&path, cap)?;
     let model = build_model(&config, &bytes, &path, device)?;
     Ok(LoadedModel {
         config,
@@ -212,6 +219,21 @@ fn build_model(
                     format!("tensor {name} has dtype {other:?}, expected F32 or F16"),
                 ))
             }
+        }
+        // A NaN or infinity spreads through every prediction (or panics the t-test); a
+        // negative variance makes batch norm's square root NaN.
+        let values = t.flatten_all()?.to_vec1::<f32>()?;
+        if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+            return Err(Error::model(
+                path,
+                format!("tensor {name} holds {} at index {i}", values[i]),
+            ));
+        }
+        if name.ends_with("running_var") && values.iter().any(|&v| v < 0.0) {
+            return Err(Error::model(
+                path,
+                format!("tensor {name} holds a negative variance"),
+            ));
         }
     }
     let expected = expected_tensor_names(config)?;

@@ -293,7 +293,7 @@ pub fn run<W: Write>(
                 recv(events) -> ev => match ev {
                     Ok(Event::Warning(message)) => {
                         stats.warnings += 1;
-                        eprintln!("warning: {message}");
+                        crate::log!("warning: {message}");
                         emitter.emit(&Body::Warning { message, count: stats.warnings })?;
                     }
                     // Capture has finished: stop polling its event queue.
