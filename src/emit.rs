@@ -13,9 +13,12 @@
 //!   most-voted classes, p < α), `p_value` (`null` when the test is undefined), `entropy` (nats,
 //!   of `probs`).
 //! - `status`: periodic health — `frames`, `fps` (processed frames per second since the last
-//!   status), `cpu_percent` (this process, 100 = one core), `dropped`, `faces`.
+//!   status), `cpu_percent` (this process, 100 = one core), `dropped`, `skipped` (frames passed
+//!   over by `--max-fps`), `faces`.
 //! - `warning`: a recoverable problem — `message`, and `count` (warnings so far).
-//! - `summary`: at the end of file input — totals and latency percentiles.
+//! - `summary`: at the end of the run (also after a fatal input error, which then goes to stderr
+//!   with exit status 1) — totals (`dropped` for a busy pipeline, `skipped` for `--max-fps`) and
+//!   latency percentiles.
 
 use std::io::Write;
 use std::time::{Instant, SystemTime};
@@ -91,6 +94,8 @@ pub enum Body {
         fps: f64,
         cpu_percent: f64,
         dropped: u64,
+        /// Frames passed over on purpose by `--max-fps`.
+        skipped: u64,
         faces: u64,
     },
     Warning {
@@ -102,6 +107,7 @@ pub enum Body {
         frames: u64,
         faces: u64,
         dropped: u64,
+        skipped: u64,
         warnings: u64,
         seconds: f64,
         fps: f64,

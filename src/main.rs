@@ -437,6 +437,54 @@ fn report(a: cli::ReportArgs) -> Result<()> {
     Ok(())
 }
 
+/// What a single `--input` path is, from what it holds rather than its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum InputKind {
+    /// `-`
+    Stdin,
+    /// A pipe, FIFO or device (`/dev/stdin`, `<(ffmpeg ...)`): a live YUV4MPEG2 stream.
+    Stream,
+    /// A regular file that is (or is named as) YUV4MPEG2.
+    Y4mFile,
+    /// Stills: an image file or a directory of them.
+    Images,
+}
+
+fn input_kind(p: &Path) -> Result<InputKind> {
+    use std::io::Read;
+    if p.as_os_str() == "-" {
+        return Ok(InputKind::Stdin);
+    }
+    let meta = std::fs::metadata(p).with_context(|| format!("{}", p.display()))?;
+    if meta.is_dir() {
+        return Ok(InputKind::Images);
+    }
+    if !meta.is_file() {
+        return Ok(InputKind::Stream);
+    }
+    let mut magic = [0u8; 9];
+    let n = std::fs::File::open(p)
+        .and_then(|mut f| f.read(&mut magic))
+        .with_context(|| format!("{}", p.display()))?;
+    let ext = p
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    if &magic[..n] == b"YUV4MPEG2" || ext == "y4m" {
+        return Ok(InputKind::Y4mFile);
+    }
+    if ["yuv", "raw", "nv12", "rgb"].contains(&ext.as_str()) {
+        bail!(
+            "{}: raw video has no header (size, rate, layout); convert it to YUV4MPEG2: \
+             ffmpeg -f rawvideo -pix_fmt yuv420p -s WxH -i {} -f yuv4mpegpipe - | fer-cam run --input -",
+            p.display(),
+            p.display()
+        );
+    }
+    Ok(InputKind::Images)
+}
+
 fn run_daemon(a: RunArgs) -> Result<()> {
     use fer_cam::capture::{FrameSource, ImageSource, Y4mSource};
     use fer_cam::face::{DetectConfig, TrackerConfig};
@@ -464,11 +512,6 @@ fn run_daemon(a: RunArgs) -> Result<()> {
         bail!("give --input FILE.y4m, --input - (YUV4MPEG2 on stdin), image files, or --camera N");
     }
     let camera = a.camera;
-    let stdin = a.input.len() == 1 && a.input[0].as_os_str() == "-";
-    let y4m = a.input.len() == 1
-        && a.input[0]
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("y4m"));
     for p in &a.input {
         let ext = p
             .extension()
@@ -484,6 +527,13 @@ fn run_daemon(a: RunArgs) -> Result<()> {
             );
         }
     }
+    let kind = match a.input.as_slice() {
+        [one] => input_kind(one)?,
+        _ => InputKind::Images,
+    };
+    let stdin = kind == InputKind::Stdin;
+    let stream = kind == InputKind::Stream;
+    let y4m = kind == InputKind::Y4mFile || stream;
     let cfg = RunConfig {
         detect: DetectConfig {
             detect_width: a
@@ -510,7 +560,7 @@ fn run_daemon(a: RunArgs) -> Result<()> {
             .max_fps
             .unwrap_or(if camera.is_some() { 10.0 } else { 0.0 }),
         realtime: a.realtime,
-        live: stdin || camera.is_some(),
+        live: stdin || stream || camera.is_some(),
         status_every: a.status_every,
         annotate: a.annotate.clone(),
         ..Default::default()

@@ -228,8 +228,11 @@ fn truncated_and_garbage_streams_fail_cleanly() {
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("frame 2: truncated"), "{err}");
-    // The frames before the damage were still emitted.
-    assert_eq!(lines(&o).iter().filter(|l| l["type"] == "frame").count(), 2);
+    // The frames before the damage were still emitted, and the summary after them.
+    let ls = lines(&o);
+    assert_eq!(ls.iter().filter(|l| l["type"] == "frame").count(), 2);
+    assert_eq!(ls.last().unwrap()["type"], "summary");
+    assert_eq!(ls.last().unwrap()["frames"], 2);
     let junk = tmp.path().join("junk.y4m");
     std::fs::write(&junk, b"\x00\x01garbage that is not a stream\n").unwrap();
     let o = run(&[
@@ -281,6 +284,108 @@ fn truncated_and_garbage_streams_fail_cleanly() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("--detect-every 0"));
     let o = run(&["run", "--model", m.to_str().unwrap(), "--input", "talk.mp4"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("yuv4mpegpipe"));
+    // The input's kind comes from its bytes: a stream named .dat is read as the stream it is,
+    // raw .yuv (no header) is refused, and a lone file that is not a picture is an error.
+    let dat = tmp.path().join("clip.dat");
+    std::fs::write(&dat, synthetic_y4m(2)).unwrap();
+    let o = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        dat.to_str().unwrap(),
+    ]);
+    assert!(o.status.success());
+    assert_eq!(lines(&o).iter().filter(|l| l["type"] == "frame").count(), 2);
+    let yuv = tmp.path().join("x.yuv");
+    std::fs::write(&yuv, [0u8; 64]).unwrap();
+    let o = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        yuv.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("raw video has no header"));
+    let fake = tmp.path().join("x.png");
+    std::fs::write(&fake, b"hello").unwrap();
+    let o = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        fake.to_str().unwrap(),
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("could be decoded"));
+    // A status line every 0.1 ms would flood the reader.
+    let o = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        dat.to_str().unwrap(),
+        "--status-every",
+        "0.0001",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--status-every"));
+}
+
+#[test]
+fn a_signal_stops_a_silent_stdin_run_promptly_with_its_summary() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    // stdin stays open and silent: the capture thread is blocked in read().
+    let mut child = Command::new(common::bin())
+        .args(["run", "--model", m.to_str().unwrap(), "--input", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let _stdin = child.stdin.take();
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let o = child.wait_with_output().unwrap();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(3), "stopped after {took:?}");
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(lines(&o).last().unwrap()["type"], "summary");
+}
+
+#[test]
+fn max_fps_skips_are_counted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let clip = tmp.path().join("c.y4m");
+    std::fs::write(&clip, synthetic_y4m(10)).unwrap(); // 25 fps: 0.4 s paced
+    let o = run(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        clip.to_str().unwrap(),
+        "--realtime",
+        "--max-fps",
+        "5",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ls = lines(&o);
+    let frames = ls.iter().filter(|l| l["type"] == "frame").count() as u64;
+    let s = ls.last().unwrap();
+    let (dropped, skipped) = (
+        s["dropped"].as_u64().unwrap(),
+        s["skipped"].as_u64().unwrap(),
+    );
+    assert!(skipped >= 5, "skipped {skipped}");
+    assert_eq!(frames + dropped + skipped, 10);
 }
 
 #[test]
@@ -601,4 +706,35 @@ fn annotated_clip_marks_the_face_and_keeps_the_json() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("schema version 2"));
     assert!(!tmp.path().join("r2").exists());
+}
+
+#[test]
+fn a_closed_stderr_does_not_stop_the_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let dir = tmp.path().join("stills");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a_broken.png"), b"not a png").unwrap();
+    image::GrayImage::from_pixel(64, 64, image::Luma([90u8]))
+        .save(dir.join("b_ok.png"))
+        .unwrap();
+    let mut child = Command::new(common::bin())
+        .args([
+            "run",
+            "--model",
+            m.to_str().unwrap(),
+            "--input",
+            dir.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Nobody reads stderr: the warning's write fails with a broken pipe.
+    drop(child.stderr.take());
+    let o = child.wait_with_output().unwrap();
+    assert!(o.status.success(), "exit {:?}", o.status);
+    let ls = lines(&o);
+    assert!(ls.iter().any(|l| l["type"] == "warning"));
+    assert_eq!(ls.last().unwrap()["type"], "summary");
 }

@@ -14,6 +14,7 @@ pub struct ImageSource {
     next: usize,
     name: String,
     keep_color: bool,
+    decoded: usize,
 }
 
 fn is_image(p: &Path) -> bool {
@@ -53,6 +54,7 @@ impl ImageSource {
             next: 0,
             name,
             keep_color: false,
+            decoded: 0,
         })
     }
 }
@@ -60,6 +62,13 @@ impl ImageSource {
 impl FrameSource for ImageSource {
     fn next_event(&mut self) -> Result<SourceEvent> {
         let Some(path) = self.files.get(self.next).cloned() else {
+            if self.decoded == 0 {
+                // Not one picture: the input was not what it was taken for.
+                return Err(Error::Msg(format!(
+                    "none of the {} input file(s) could be decoded as an image",
+                    self.files.len()
+                )));
+            }
             return Ok(SourceEvent::End);
         };
         let seq = self.next as u64;
@@ -71,6 +80,7 @@ impl FrameSource for ImageSource {
                     Chroma::from_rgb(&rgb, rgb.width() as usize, rgb.height() as usize)
                 });
                 let g = img.into_luma8();
+                self.decoded += 1;
                 Ok(SourceEvent::Frame(Frame {
                     seq,
                     captured: Instant::now(),

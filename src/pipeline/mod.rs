@@ -87,9 +87,9 @@ impl RunConfig {
                 self.max_fps
             ));
         }
-        if !(0.0..=3600.0).contains(&self.status_every) {
+        if !(self.status_every == 0.0 || (0.1..=3600.0).contains(&self.status_every)) {
             return bad(format!(
-                "--status-every {} (allowed 0..=3600 s)",
+                "--status-every {} (0 for none, or 0.1..=3600 s)",
                 self.status_every
             ));
         }
@@ -121,6 +121,8 @@ pub struct RunStats {
     pub warnings: u64,
     pub seconds: f64,
     pub latency: Percentiles,
+    /// Frames passed over by `--max-fps`.
+    pub skipped: u64,
     /// The reader closed stdout.
     pub output_closed: bool,
     /// What `--annotate` wrote.
@@ -143,7 +145,22 @@ struct Result_ {
 }
 
 enum Event {
+    /// The source is open: its name and nominal rate. Sent before its first frame.
+    Source(String, Option<f64>),
     Warning(String),
+}
+
+/// After a signal (or a closed stdout), how long the stages get to finish what they hold before
+/// the run ends without them (a read from a silent stdin or a slow decode cannot be interrupted).
+const STOP_GRACE: Duration = Duration::from_millis(700);
+
+/// Counters the capture thread shares with the emitter.
+#[derive(Default)]
+struct Counters {
+    /// Frames dropped because the pipeline was busy.
+    dropped: AtomicU64,
+    /// Frames passed over by `--max-fps`.
+    skipped: AtomicU64,
 }
 
 fn spawn<T: Send + 'static>(
@@ -204,10 +221,40 @@ fn process_cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
+/// Handles a capture event on the emitter thread.
+fn on_event<W: Write>(
+    ev: Event,
+    emitter: &mut Emitter<W>,
+    stats: &mut RunStats,
+    source: &mut Option<String>,
+    annotator: &mut Option<Annotator>,
+    max_fps: f64,
+) -> std::io::Result<()> {
+    match ev {
+        Event::Source(name, fps) => {
+            if let Some(a) = annotator.as_mut() {
+                a.set_rate(annotated_rate(fps, max_fps));
+            }
+            *source = Some(name);
+        }
+        Event::Warning(message) => {
+            stats.warnings += 1;
+            crate::log!("warning: {message}");
+            emitter.emit(&Body::Warning {
+                message,
+                count: stats.warnings,
+            })?;
+        }
+    }
+    Ok(())
+}
+
 /// Runs the pipeline until the source ends, `cancel` is set, or the output closes.
 ///
 /// `open` builds the source inside the capture thread. Lines go to `out`. Returns the totals,
-/// or the first fatal error (after the frames before it were emitted).
+/// or the first fatal error (after the frames before it and the summary were emitted). Once
+/// `cancel` is set the stages drop what is queued, and the run ends within [`STOP_GRACE`] even
+/// if a stage is blocked (its thread is then left to the process exit).
 pub fn run<W: Write>(
     cfg: &RunConfig,
     open: impl FnOnce() -> Result<Box<dyn FrameSource>> + Send + 'static,
@@ -217,12 +264,11 @@ pub fn run<W: Write>(
 ) -> Result<RunStats> {
     cfg.validate()?;
     let start = Instant::now();
-    let dropped = Arc::new(AtomicU64::new(0));
+    let counters = Arc::new(Counters::default());
     let (frame_tx, frame_rx) = bounded::<Frame>(cfg.queue);
     let (job_tx, job_rx) = bounded::<FaceJob>(4);
     let (res_tx, res_rx) = bounded::<Result_>(8);
     let (ev_tx, ev_rx) = bounded::<Event>(256);
-    let (name_tx, name_rx) = bounded::<(String, Option<f64>)>(1);
     // Started before the stages, so a path that cannot be written fails before any frame.
     let mut annotator = match &cfg.annotate {
         Some(p) => Some(Annotator::start(
@@ -234,55 +280,65 @@ pub fn run<W: Write>(
     };
 
     let capture = {
-        let cfg = cfg.clone();
-        let cancel = cancel.clone();
-        let dropped = dropped.clone();
+        let (cfg, cancel, counters) = (cfg.clone(), cancel.clone(), counters.clone());
         let stale_rx = frame_rx.clone();
-        let ev_tx = ev_tx.clone();
         spawn("fer-capture", move || {
-            capture_loop(
-                &cfg, open, frame_tx, stale_rx, ev_tx, name_tx, cancel, dropped,
-            )
+            capture_loop(&cfg, open, frame_tx, stale_rx, ev_tx, cancel, &counters)
         })?
     };
     let face = {
-        let cfg = cfg.clone();
-        spawn("fer-face", move || face_loop(&cfg, frame_rx, job_tx))?
-    };
-    let infer = {
-        let cfg = cfg.clone();
-        spawn("fer-infer", move || {
-            infer_loop(&cfg, classifier, job_rx, res_tx)
+        let (cfg, cancel, counters) = (cfg.clone(), cancel.clone(), counters.clone());
+        spawn("fer-face", move || {
+            face_loop(&cfg, frame_rx, job_tx, &cancel, &counters)
         })?
     };
-    drop(ev_tx);
+    let infer = {
+        let (cfg, cancel, counters) = (cfg.clone(), cancel.clone(), counters.clone());
+        spawn("fer-infer", move || {
+            infer_loop(&cfg, classifier, job_rx, res_tx, &cancel, &counters)
+        })?
+    };
 
-    let (source, source_fps) = name_rx
-        .recv_timeout(Duration::from_secs(30))
-        .unwrap_or_else(|_| ("unknown".into(), None));
-    if let Some(a) = annotator.as_mut() {
-        a.set_rate(annotated_rate(source_fps, cfg.max_fps));
-    }
+    let mut source: Option<String> = None;
     let mut emitter = Emitter::new(out, start);
     let mut stats = RunStats::default();
     let mut latencies = Vec::new();
     let mut last_status = (Instant::now(), 0u64, process_cpu_seconds());
     let status_every = (cfg.status_every > 0.0).then(|| Duration::from_secs_f64(cfg.status_every));
     let mut events = ev_rx.clone();
+    let mut stopping: Option<Instant> = None;
     let write_result = (|| -> std::io::Result<()> {
         loop {
-            let tick = status_every.map_or(Duration::from_secs(3600), |d| {
-                d.saturating_sub(last_status.0.elapsed())
-            });
+            if cancel.load(Ordering::SeqCst) {
+                let since = *stopping.get_or_insert_with(Instant::now);
+                if since.elapsed() >= STOP_GRACE {
+                    break;
+                }
+            }
+            // Wake often enough to notice a signal and to keep the status cadence.
+            let tick = status_every
+                .map_or(Duration::from_millis(100), |d| {
+                    d.saturating_sub(last_status.0.elapsed())
+                })
+                .min(Duration::from_millis(100));
             select! {
                 recv(res_rx) -> msg => {
                     let Ok(mut r) = msg else { break };
+                    // The source's name was sent before its first frame: take it first.
+                    while source.is_none() {
+                        match ev_rx.try_recv() {
+                            Ok(ev) => on_event(ev, &mut emitter, &mut stats, &mut source, &mut annotator, cfg.max_fps)?,
+                            Err(_) => break,
+                        }
+                    }
                     if let Some(a) = annotator.as_mut() {
                         let f = &mut r.job.frame;
                         let luma = std::mem::take(&mut f.gray);
                         a.push(f.width, f.height, luma, f.chroma.take(), &r.out, &cancel);
                     }
-                    let (body, lat) = frame_body(r, &source, dropped.load(Ordering::Relaxed));
+                    let name = source.as_deref().unwrap_or("unknown");
+                    let (body, lat) =
+                        frame_body(r, name, counters.dropped.load(Ordering::Relaxed));
                     latencies.push(lat);
                     stats.frames += 1;
                     if let Body::Frame { faces, .. } = &body {
@@ -291,11 +347,7 @@ pub fn run<W: Write>(
                     emitter.emit(&body)?;
                 },
                 recv(events) -> ev => match ev {
-                    Ok(Event::Warning(message)) => {
-                        stats.warnings += 1;
-                        crate::log!("warning: {message}");
-                        emitter.emit(&Body::Warning { message, count: stats.warnings })?;
-                    }
+                    Ok(ev) => on_event(ev, &mut emitter, &mut stats, &mut source, &mut annotator, cfg.max_fps)?,
                     // Capture has finished: stop polling its event queue.
                     Err(_) => events = crossbeam_channel::never(),
                 },
@@ -312,7 +364,8 @@ pub fn run<W: Write>(
                     frames: stats.frames,
                     fps: round1((stats.frames - last_status.1) as f64 / secs.max(1e-9)),
                     cpu_percent: round1(cpu_percent),
-                    dropped: dropped.load(Ordering::Relaxed),
+                    dropped: counters.dropped.load(Ordering::Relaxed),
+                    skipped: counters.skipped.load(Ordering::Relaxed),
                     faces: stats.faces,
                 })?;
                 last_status = (Instant::now(), stats.frames, cpu);
@@ -320,80 +373,77 @@ pub fn run<W: Write>(
         }
         Ok(())
     })();
-    // Nothing downstream is left (input ended, a stage failed, or the reader left): stop
-    // capture in every case so a live source does not run on.
+    // Nothing downstream is left (input ended, a stage failed, a signal, or the reader left):
+    // stop capture in every case so a live source does not run on.
     cancel.store(true, Ordering::SeqCst);
+    let deadline = stopping.unwrap_or_else(Instant::now) + STOP_GRACE;
+    drop(res_rx);
+    drop(ev_rx);
     if let Err(e) = &write_result {
-        // The reader left (or stdout failed): stop the source; dropping the receivers below
-        // unblocks every stage.
-        cancel.store(true, Ordering::SeqCst);
         if e.kind() != std::io::ErrorKind::BrokenPipe {
-            drop(res_rx);
-            let _ = (capture.join(), face.join(), infer.join());
             return Err(Error::Msg(format!("writing output: {e}")));
         }
         stats.output_closed = true;
     }
-    drop(res_rx);
-    drop(ev_rx);
+    // Join the stages that finish in time; one blocked in a read or a decode is left behind.
+    let results: Vec<Result<()>> = [("capture", capture), ("face", face), ("inference", infer)]
+        .into_iter()
+        .map(|(name, h)| {
+            while !h.is_finished() && Instant::now() < deadline {
+                thread::sleep(Duration::from_millis(5));
+            }
+            if !h.is_finished() {
+                return Ok(());
+            }
+            h.join()
+                .map_err(|_| Error::Msg(format!("{name} thread panicked")))?
+        })
+        .collect();
     stats.annotate = annotator.map(Annotator::finish);
-    let capture_result = capture
-        .join()
-        .map_err(|_| Error::Msg("capture thread panicked".into()))?;
-    let face_result = face
-        .join()
-        .map_err(|_| Error::Msg("face thread panicked".into()))?;
-    let infer_result = infer
-        .join()
-        .map_err(|_| Error::Msg("inference thread panicked".into()))?;
-    stats.dropped = dropped.load(Ordering::Relaxed);
+    stats.dropped = counters.dropped.load(Ordering::Relaxed);
+    stats.skipped = counters.skipped.load(Ordering::Relaxed);
     stats.seconds = start.elapsed().as_secs_f64();
     stats.latency = Percentiles::from_samples(&latencies);
-    if !stats.output_closed {
-        capture_result?;
-        face_result?;
-        infer_result?;
-        let summary = Body::Summary {
-            source,
-            frames: stats.frames,
-            faces: stats.faces,
-            dropped: stats.dropped,
-            warnings: stats.warnings,
-            seconds: round2(stats.seconds),
-            fps: round1(stats.frames as f64 / stats.seconds.max(1e-9)),
-            latency_ms: stats.latency,
-        };
-        if let Err(e) = emitter.emit(&summary) {
-            if e.kind() == std::io::ErrorKind::BrokenPipe {
-                stats.output_closed = true;
-            } else {
-                return Err(Error::Msg(format!("writing output: {e}")));
-            }
+    if stats.output_closed {
+        return Ok(stats);
+    }
+    // The summary comes before any error, so a damaged input still gets its totals.
+    let summary = Body::Summary {
+        source: source.unwrap_or_else(|| "unavailable".into()),
+        frames: stats.frames,
+        faces: stats.faces,
+        dropped: stats.dropped,
+        skipped: stats.skipped,
+        warnings: stats.warnings,
+        seconds: round2(stats.seconds),
+        fps: round1(stats.frames as f64 / stats.seconds.max(1e-9)),
+        latency_ms: stats.latency,
+    };
+    if let Err(e) = emitter.emit(&summary) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            stats.output_closed = true;
+        } else {
+            return Err(Error::Msg(format!("writing output: {e}")));
         }
+    }
+    for r in results {
+        r?;
     }
     Ok(stats)
 }
 
-#[allow(clippy::too_many_arguments)]
 fn capture_loop(
     cfg: &RunConfig,
     open: impl FnOnce() -> Result<Box<dyn FrameSource>>,
     tx: Sender<Frame>,
     stale: Receiver<Frame>,
     events: Sender<Event>,
-    name_tx: Sender<(String, Option<f64>)>,
     cancel: Arc<AtomicBool>,
-    dropped: Arc<AtomicU64>,
+    counters: &Counters,
 ) -> Result<()> {
-    let mut src = match open() {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = name_tx.send(("unavailable".into(), None));
-            return Err(e);
-        }
-    };
+    let mut src = open()?;
     src.keep_color(cfg.annotate.is_some());
-    let _ = name_tx.send((src.name(), src.fps()));
+    let _ = events.send(Event::Source(src.name(), src.fps()));
     let pace = if cfg.realtime { src.fps() } else { None };
     let min_gap = (cfg.max_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.max_fps));
     let t0 = Instant::now();
@@ -409,12 +459,17 @@ fn capture_loop(
         };
         if let Some(fps) = pace {
             let due = t0 + Duration::from_secs_f64(frame.seq as f64 / fps);
-            if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                thread::sleep(wait);
+            // Sleep in short steps so a signal is noticed.
+            while let Some(wait) = due.checked_duration_since(Instant::now()) {
+                if cancel.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                thread::sleep(wait.min(Duration::from_millis(50)));
             }
         }
         if let (Some(gap), Some(last)) = (min_gap, last_accepted) {
             if last.elapsed() < gap {
+                counters.skipped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
         }
@@ -429,10 +484,10 @@ fn capture_loop(
                 Err(TrySendError::Full(f)) => {
                     // Drop the stalest queued frame, then queue this one.
                     if stale.try_recv().is_ok() {
-                        dropped.fetch_add(1, Ordering::Relaxed);
+                        counters.dropped.fetch_add(1, Ordering::Relaxed);
                     }
                     if let Err(TrySendError::Full(_)) = tx.try_send(f) {
-                        dropped.fetch_add(1, Ordering::Relaxed);
+                        counters.dropped.fetch_add(1, Ordering::Relaxed);
                     }
                 }
                 Err(TrySendError::Disconnected(_)) => break,
@@ -459,11 +514,23 @@ fn capture_loop(
     Ok(())
 }
 
-fn face_loop(cfg: &RunConfig, rx: Receiver<Frame>, tx: Sender<FaceJob>) -> Result<()> {
+fn face_loop(
+    cfg: &RunConfig,
+    rx: Receiver<Frame>,
+    tx: Sender<FaceJob>,
+    cancel: &AtomicBool,
+    counters: &Counters,
+) -> Result<()> {
     let mut detector = FaceDetector::new(cfg.detect.clone())?;
     let mut tracker = Tracker::new(cfg.tracker);
     let every = cfg.detect.every as usize;
     for (n, frame) in rx.iter().enumerate() {
+        // Stopping: frames still queued are dropped, not detected.
+        if cancel.load(Ordering::SeqCst) {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            drop(frame);
+            continue;
+        }
         let t = Instant::now();
         let (w, h) = (frame.width, frame.height);
         let dets = if n.is_multiple_of(every) {
@@ -501,6 +568,8 @@ fn infer_loop(
     mut clf: Classifier,
     rx: Receiver<FaceJob>,
     tx: Sender<Result_>,
+    cancel: &AtomicBool,
+    counters: &Counters,
 ) -> Result<()> {
     let names = Arc::new(clf.config().classes.clone());
     let side = clf.config().input.size;
@@ -520,6 +589,13 @@ fn infer_loop(
                 }
                 Err(_) => break,
             }
+        }
+        // Stopping: frames that were only queued are dropped, not classified.
+        if cancel.load(Ordering::SeqCst) {
+            counters
+                .dropped
+                .fetch_add(jobs.len() as u64, Ordering::Relaxed);
+            continue;
         }
         let t = Instant::now();
         let crops: Vec<u8> = jobs.iter().flat_map(|j| j.crops.iter().copied()).collect();
