@@ -153,6 +153,38 @@ fn cache_makes_second_load_hit_and_survives_corruption() {
     let (d, i5) = load(&csv, &opts).unwrap();
     assert!(!i5.from_cache);
     assert_eq!(d.len(), 15);
+    assert!(load(&csv, &opts).unwrap().1.from_cache);
+    // Even an edit in place that keeps the size and puts the old mtime back.
+    let mtime = std::fs::metadata(&csv).unwrap().modified().unwrap();
+    let text = std::fs::read_to_string(&csv).unwrap();
+    let at = text.find('\n').unwrap() + 1; // first data row's label digit
+    let old = text.as_bytes()[at];
+    let mut edited = text.into_bytes();
+    edited[at] = if old == b'0' { b'1' } else { b'0' };
+    std::fs::write(&csv, &edited).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&csv)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    let (e, i6) = load(&csv, &opts).unwrap();
+    assert!(
+        !i6.from_cache,
+        "an in-place edit was served from the stale cache"
+    );
+    assert_ne!(e.labels[0], d.labels[0]);
+}
+
+#[test]
+fn a_byte_order_mark_is_not_part_of_the_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("bom.csv");
+    common::write_fer_csv(&csv, 2);
+    let mut bytes = "\u{feff}".as_bytes().to_vec();
+    bytes.extend(std::fs::read(&csv).unwrap());
+    std::fs::write(&csv, bytes).unwrap();
+    assert_eq!(load(&csv, &no_cache()).unwrap().0.len(), 6);
 }
 
 #[test]

@@ -142,6 +142,44 @@ fn train_all_stages_then_eval() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy (CARD majority vote)"));
+
+    // A refused restart (no --resume over checkpoints) changes nothing, config.json included.
+    let config_before = std::fs::read(run.join("config.json")).unwrap();
+    let mut again = small_run("classifier", &data, &run);
+    again.extend(["--lr".into(), "0.5".into()]);
+    let o = fer(&args(&again));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--resume"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read(run.join("config.json")).unwrap(),
+        config_before
+    );
+    // A second train on a run directory in use is refused (the test holds the lock).
+    let lock = std::fs::File::options()
+        .write(true)
+        .open(run.join(".lock"))
+        .unwrap();
+    lock.try_lock().unwrap();
+    let mut resume = small_run("classifier", &data, &run);
+    resume.push("--resume".into());
+    let o = fer(&args(&resume));
+    assert!(
+        stderr(&o).contains("another `fer-cam train`"),
+        "{}",
+        stderr(&o)
+    );
+    drop(lock);
+    // --resume with nothing to continue is an error, not a silent fresh start.
+    let empty = tmp.path().join("empty-run");
+    let mut resume = small_run("classifier", &data, &empty);
+    resume.push("--resume".into());
+    let o = fer(&args(&resume));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("nothing") || stderr(&o).contains("no checkpoint"),
+        "{}",
+        stderr(&o)
+    );
 }
 
 #[test]

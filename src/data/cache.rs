@@ -31,8 +31,11 @@ impl Fnv {
     pub fn finish(&self) -> u64 {
         self.0
     }
-    /// Hashes a file's size and modification time.
+    /// Hashes a file's identity and change times: size, mtime, and the inode's change time
+    /// (ctime), which a program cannot set back, so a file edited in place and given its old
+    /// size and mtime still reads as changed.
     pub fn write_meta(&mut self, meta: &std::fs::Metadata) {
+        use std::os::unix::fs::MetadataExt;
         self.write(&meta.len().to_le_bytes());
         let mtime = meta
             .modified()
@@ -40,18 +43,29 @@ impl Fnv {
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| d.as_nanos());
         self.write(&mtime.to_le_bytes());
+        self.write(&meta.ctime().to_le_bytes());
+        self.write(&meta.ctime_nsec().to_le_bytes());
+        self.write(&meta.ino().to_le_bytes());
     }
 }
 
 /// `$FER_CAM_CACHE`, else `$XDG_CACHE_HOME/fer-cam`, else `$HOME/.cache/fer-cam`.
 pub fn default_cache_dir() -> Option<PathBuf> {
-    if let Some(d) = std::env::var_os("FER_CAM_CACHE") {
-        return Some(PathBuf::from(d));
-    }
-    if let Some(d) = std::env::var_os("XDG_CACHE_HOME") {
-        return Some(PathBuf::from(d).join("fer-cam"));
-    }
-    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache").join("fer-cam"))
+    let var = |k: &str| std::env::var_os(k);
+    cache_dir_from(var("FER_CAM_CACHE"), var("XDG_CACHE_HOME"), var("HOME"))
+}
+
+/// The cache directory from those three variables. An empty one counts as unset: it would
+/// otherwise put the cache in the current directory.
+fn cache_dir_from(
+    fer_cam_cache: Option<std::ffi::OsString>,
+    xdg_cache_home: Option<std::ffi::OsString>,
+    home: Option<std::ffi::OsString>,
+) -> Option<PathBuf> {
+    let set = |v: Option<std::ffi::OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
+    set(fer_cam_cache)
+        .or_else(|| set(xdg_cache_home).map(|d| d.join("fer-cam")))
+        .or_else(|| set(home).map(|h| h.join(".cache").join("fer-cam")))
 }
 
 /// Cache file for a source path (keyed by its absolute path).
@@ -104,11 +118,15 @@ pub fn write(path: &Path, fingerprint: u64, ds: &Dataset) -> Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
     let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp).map_err(|e| Error::io(&tmp, e))?;
-    f.write_all(&buf)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| f.write_all(&buf).and_then(|_| f.sync_all()))
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if written.is_err() {
+        // A full disk must not leave a dataset-sized temp file per run.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 struct Reader<'a> {
@@ -191,4 +209,27 @@ pub fn read(path: &Path, fingerprint: u64) -> Result<Option<Dataset>> {
         Ok(ds)
     };
     parse().map(Some).map_err(bad)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_variables_count_as_unset() {
+        let v = |s: &str| Some(std::ffi::OsString::from(s));
+        assert_eq!(
+            cache_dir_from(v(""), v(""), v("/h")),
+            Some(PathBuf::from("/h/.cache/fer-cam"))
+        );
+        assert_eq!(
+            cache_dir_from(v("/c"), v("/x"), v("/h")),
+            Some(PathBuf::from("/c"))
+        );
+        assert_eq!(
+            cache_dir_from(None, v("/x"), None),
+            Some(PathBuf::from("/x/fer-cam"))
+        );
+        assert_eq!(cache_dir_from(v(""), None, v("")), None);
+    }
 }

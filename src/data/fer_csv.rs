@@ -46,7 +46,9 @@ pub fn read(path: &Path) -> Result<Dataset> {
             "empty file (expected header emotion,pixels,Usage)".into(),
         ));
     }
+    // Spreadsheet programs often save CSV with a UTF-8 byte-order mark.
     let header: Vec<String> = line
+        .trim_start_matches('\u{feff}')
         .trim_end_matches(['\r', '\n'])
         .split(',')
         .map(|s| s.trim().to_ascii_lowercase())

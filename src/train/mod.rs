@@ -975,6 +975,59 @@ pub enum StageSelection {
     All,
 }
 
+/// Holds `RUN/.lock` for the life of the returned file: a second `train` on the same run
+/// directory is refused instead of interleaving checkpoints with the first.
+fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
+    let path = run_dir.join(".lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(&path, e))?;
+    match f.try_lock() {
+        Ok(()) => Ok(f),
+        Err(std::fs::TryLockError::WouldBlock) => Err(Error::Config(format!(
+            "{}: another `fer-cam train` is using this run directory",
+            run_dir.display()
+        ))),
+        Err(std::fs::TryLockError::Error(e)) => Err(Error::io(&path, e)),
+    }
+}
+
+/// Refuses, before anything in `run_dir` is written, a fresh start over an existing checkpoint
+/// (that needs `--resume`) and a `--resume` with nothing to resume (which would silently start
+/// over). Repairs a checkpoint interrupted between its two renames first.
+fn check_run_dir(run_dir: &Path, selection: StageSelection, resume: bool) -> Result<()> {
+    let stages: &[Stage] = match selection {
+        StageSelection::Ssl => &[Stage::Ssl],
+        StageSelection::Classifier => &[Stage::Classifier],
+        StageSelection::Card => &[Stage::Card],
+        StageSelection::All => &[Stage::Ssl, Stage::Classifier, Stage::Card],
+    };
+    let mut found = false;
+    for &stage in stages {
+        let ck = checkpoint_dir(run_dir, stage);
+        crate::fsutil::recover_dir(&ck)?;
+        let has = ck.join("state.json").exists() || model_dir(run_dir, stage).exists();
+        if has && !resume && ck.join("state.json").exists() {
+            return Err(Error::Config(format!(
+                "{} holds a checkpoint of stage {}: pass --resume to continue it, or use a new --run-dir",
+                ck.display(),
+                stage.name()
+            )));
+        }
+        found |= has;
+    }
+    if resume && !found {
+        return Err(Error::Config(format!(
+            "--resume: {} has no checkpoint or model of the selected stage(s) to continue",
+            run_dir.display()
+        )));
+    }
+    Ok(())
+}
+
 /// Runs the selected stage(s). `init` overrides where `classifier` (an SSL model) and `card` (a
 /// classifier model) start from; by default they use the previous stage's output in the run
 /// directory, and `classifier` starts from scratch when there is none (the "no SSL" ablation
@@ -990,6 +1043,8 @@ pub fn run(
 ) -> Result<Vec<StageSummary>> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.run_dir).map_err(|e| Error::io(&cfg.run_dir, e))?;
+    let _lock = lock_run_dir(&cfg.run_dir)?;
+    check_run_dir(&cfg.run_dir, selection, resume)?;
     let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
     write_file_atomically(&cfg.run_dir.join("config.json"), json.as_bytes())?;
     let data = TrainData::load(cfg)?;
