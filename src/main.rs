@@ -29,6 +29,7 @@ use fer_cam::train::{Progress, StageSelection, TrainConfig};
 fn main() {
     // Freed tensors stay mapped for 30 s: longer than a training step, so steps reuse memory.
     fer_cam::alloc::keep_freed_memory_ms(30_000);
+    fix_thread_counts();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Init(a) => init(a),
@@ -435,6 +436,21 @@ fn report(a: cli::ReportArgs) -> Result<()> {
         a.out.display()
     );
     Ok(())
+}
+
+/// candle sizes every CPU matmul by the physical core count, which it re-reads from
+/// /proc/cpuinfo on each call unless RAYON_NUM_THREADS is set (about 40 reads per daemon frame).
+/// Decide both counts once, before any thread starts: rayon's pool keeps its default (logical
+/// CPUs) and candle gets the physical count it would have computed.
+fn fix_thread_counts() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
+        return;
+    }
+    let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(logical)
+        .build_global();
+    std::env::set_var("RAYON_NUM_THREADS", num_cpus::get_physical().max(1).to_string());
 }
 
 /// What a single `--input` path is, from what it holds rather than its name.
