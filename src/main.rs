@@ -450,7 +450,10 @@ fn fix_thread_counts() {
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(logical)
         .build_global();
-    std::env::set_var("RAYON_NUM_THREADS", num_cpus::get_physical().max(1).to_string());
+    std::env::set_var(
+        "RAYON_NUM_THREADS",
+        num_cpus::get_physical().max(1).to_string(),
+    );
 }
 
 /// What a single `--input` path is, from what it holds rather than its name.
