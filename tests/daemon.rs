@@ -30,6 +30,41 @@ fn run(args: &[&str]) -> Output {
     Command::new(common::bin()).args(args).output().unwrap()
 }
 
+/// `fer-cam run --model M --input INPUT EXTRA...`.
+fn run_on(m: &Path, input: &Path, extra: &[&str]) -> Output {
+    let mut a = vec![
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+    ];
+    a.extend_from_slice(extra);
+    run(&a)
+}
+
+/// Starts fer-cam with stdin, stdout and stderr piped.
+fn spawn(args: &[&str]) -> std::process::Child {
+    Command::new(common::bin())
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A folder of two stills: `a_broken.png` (not an image) and `b_ok.png`.
+fn stills_with_one_broken(tmp: &Path) -> PathBuf {
+    let dir = tmp.join("stills");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a_broken.png"), b"not a png").unwrap();
+    image::GrayImage::from_pixel(64, 64, image::Luma([90u8]))
+        .save(dir.join("b_ok.png"))
+        .unwrap();
+    dir
+}
+
 fn lines(o: &Output) -> Vec<Value> {
     String::from_utf8_lossy(&o.stdout)
         .lines()
@@ -85,15 +120,7 @@ fn y4m_clip_streams_valid_lines_with_one_stable_face() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model(tmp.path());
     let clip = media.join("woman_expressions_320x180_2fps.y4m");
-    let o = run(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        clip.to_str().unwrap(),
-        "--samples",
-        "8",
-    ]);
+    let o = run_on(&m, &clip, &["--samples", "8"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ls = lines(&o);
     ls.iter().for_each(|l| check_schema(l, 7));
@@ -126,21 +153,15 @@ fn y4m_clip_streams_valid_lines_with_one_stable_face() {
     assert_eq!(summary["type"], "summary");
     assert_eq!(summary["frames"], 40);
     // The same clip through stdin, as `ffmpeg ... -f yuv4mpegpipe - | fer-cam run --input -`.
-    let mut child = Command::new(common::bin())
-        .args([
-            "run",
-            "--model",
-            m.to_str().unwrap(),
-            "--input",
-            "-",
-            "--samples",
-            "4",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        "-",
+        "--samples",
+        "4",
+    ]);
     let bytes = std::fs::read(&clip).unwrap();
     let mut stdin = child.stdin.take().unwrap();
     let writer = std::thread::spawn(move || {
@@ -164,15 +185,7 @@ fn group_stills_have_several_faces() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model(tmp.path());
     let stills = media.join("stills");
-    let o = run(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        stills.to_str().unwrap(),
-        "--samples",
-        "4",
-    ]);
+    let o = run_on(&m, &stills, &["--samples", "4"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ls = lines(&o);
     ls.iter().for_each(|l| check_schema(l, 7));
@@ -218,13 +231,7 @@ fn truncated_and_garbage_streams_fail_cleanly() {
     data.truncate(data.len() - 100);
     let cut = tmp.path().join("cut.y4m");
     std::fs::write(&cut, &data).unwrap();
-    let o = run(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        cut.to_str().unwrap(),
-    ]);
+    let o = run_on(&m, &cut, &[]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("frame 2: truncated"), "{err}");
@@ -235,13 +242,7 @@ fn truncated_and_garbage_streams_fail_cleanly() {
     assert_eq!(ls.last().unwrap()["frames"], 2);
     let junk = tmp.path().join("junk.y4m");
     std::fs::write(&junk, b"\x00\x01garbage that is not a stream\n").unwrap();
-    let o = run(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        junk.to_str().unwrap(),
-    ]);
+    let o = run_on(&m, &junk, &[]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -250,19 +251,8 @@ fn truncated_and_garbage_streams_fail_cleanly() {
         "{err}"
     );
     // An unreadable still is a counted warning, not the end of the run.
-    let dir = tmp.path().join("stills");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("a_broken.png"), b"not a png").unwrap();
-    image::GrayImage::from_pixel(64, 64, image::Luma([90u8]))
-        .save(dir.join("b_ok.png"))
-        .unwrap();
-    let o = run(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        dir.to_str().unwrap(),
-    ]);
+    let dir = stills_with_one_broken(tmp.path());
+    let o = run_on(&m, &dir, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ls = lines(&o);
     let warn = ls.iter().find(|l| l["type"] == "warning").unwrap();
@@ -271,15 +261,7 @@ fn truncated_and_garbage_streams_fail_cleanly() {
     assert_eq!(ls.iter().filter(|l| l["type"] == "frame").count(), 1);
     assert_eq!(ls.last().unwrap()["warnings"], 1);
     // Bad options are refused before anything starts.
-    let o = run(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        cut.to_str().unwrap(),
-        "--detect-every",
-        "0",
-    ]);
+    let o = run_on(&m, &cut, &["--detect-every", "0"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--detect-every 0"));
     let o = run(&["run", "--model", m.to_str().unwrap(), "--input", "talk.mp4"]);
@@ -288,47 +270,21 @@ fn truncated_and_garbage_streams_fail_cleanly() {
     // raw .yuv (no header) is refused, and a lone file that is not a picture is an error.
     let dat = tmp.path().join("clip.dat");
     std::fs::write(&dat, synthetic_y4m(2)).unwrap();
-    let o = run(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        dat.to_str().unwrap(),
-    ]);
+    let o = run_on(&m, &dat, &[]);
     assert!(o.status.success());
     assert_eq!(lines(&o).iter().filter(|l| l["type"] == "frame").count(), 2);
     let yuv = tmp.path().join("x.yuv");
     std::fs::write(&yuv, [0u8; 64]).unwrap();
-    let o = run(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        yuv.to_str().unwrap(),
-    ]);
+    let o = run_on(&m, &yuv, &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("raw video has no header"));
     let fake = tmp.path().join("x.png");
     std::fs::write(&fake, b"hello").unwrap();
-    let o = run(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        fake.to_str().unwrap(),
-    ]);
+    let o = run_on(&m, &fake, &[]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("could be decoded"));
     // A status line every 0.1 ms would flood the reader.
-    let o = run(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        dat.to_str().unwrap(),
-        "--status-every",
-        "0.0001",
-    ]);
+    let o = run_on(&m, &dat, &["--status-every", "0.0001"]);
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--status-every"));
 }
@@ -338,13 +294,7 @@ fn a_signal_stops_a_silent_stdin_run_promptly_with_its_summary() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model(tmp.path());
     // stdin stays open and silent: the capture thread is blocked in read().
-    let mut child = Command::new(common::bin())
-        .args(["run", "--model", m.to_str().unwrap(), "--input", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(&["run", "--model", m.to_str().unwrap(), "--input", "-"]);
     let _stdin = child.stdin.take();
     std::thread::sleep(Duration::from_millis(1500));
     let t = Instant::now();
@@ -366,16 +316,7 @@ fn max_fps_skips_are_counted() {
     let m = model(tmp.path());
     let clip = tmp.path().join("c.y4m");
     std::fs::write(&clip, synthetic_y4m(10)).unwrap(); // 25 fps: 0.4 s paced
-    let o = run(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        clip.to_str().unwrap(),
-        "--realtime",
-        "--max-fps",
-        "5",
-    ]);
+    let o = run_on(&m, &clip, &["--realtime", "--max-fps", "5"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let ls = lines(&o);
     let frames = ls.iter().filter(|l| l["type"] == "frame").count() as u64;
@@ -394,18 +335,13 @@ fn closed_stdout_ends_the_run_with_success() {
     let m = model(tmp.path());
     let clip = tmp.path().join("long.y4m");
     std::fs::write(&clip, synthetic_y4m(2000)).unwrap();
-    let mut child = Command::new(common::bin())
-        .args([
-            "run",
-            "--model",
-            m.to_str().unwrap(),
-            "--input",
-            clip.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        clip.to_str().unwrap(),
+    ]);
     let mut first = String::new();
     BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut first)
@@ -433,23 +369,17 @@ fn slow_reader_keeps_memory_flat_and_counts_drops() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model(tmp.path());
     let frames = 600;
-    let mut child = Command::new(common::bin())
-        .args([
-            "run",
-            "--model",
-            m.to_str().unwrap(),
-            "--input",
-            "-",
-            "--samples",
-            "2",
-            "--status-every",
-            "0",
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        "-",
+        "--samples",
+        "2",
+        "--status-every",
+        "0",
+    ]);
     let pid = child.id();
     let mut stdin = child.stdin.take().unwrap();
     let writer = std::thread::spawn(move || {
@@ -685,17 +615,12 @@ fn annotated_clip_marks_the_face_and_keeps_the_json() {
     assert_eq!(csv.lines().count(), faces + 1);
     assert_eq!(faces, 40);
     // Another schema version: a one-line error, nothing written.
-    let mut child = Command::new(common::bin())
-        .args([
-            "report",
-            "-",
-            "--out",
-            tmp.path().join("r2").to_str().unwrap(),
-        ])
-        .stdin(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = spawn(&[
+        "report",
+        "-",
+        "--out",
+        tmp.path().join("r2").to_str().unwrap(),
+    ]);
     child
         .stdin
         .take()
@@ -712,24 +637,14 @@ fn annotated_clip_marks_the_face_and_keeps_the_json() {
 fn a_closed_stderr_does_not_stop_the_run() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model(tmp.path());
-    let dir = tmp.path().join("stills");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("a_broken.png"), b"not a png").unwrap();
-    image::GrayImage::from_pixel(64, 64, image::Luma([90u8]))
-        .save(dir.join("b_ok.png"))
-        .unwrap();
-    let mut child = Command::new(common::bin())
-        .args([
-            "run",
-            "--model",
-            m.to_str().unwrap(),
-            "--input",
-            dir.to_str().unwrap(),
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let dir = stills_with_one_broken(tmp.path());
+    let mut child = spawn(&[
+        "run",
+        "--model",
+        m.to_str().unwrap(),
+        "--input",
+        dir.to_str().unwrap(),
+    ]);
     // Nobody reads stderr: the warning's write fails with a broken pipe.
     drop(child.stderr.take());
     let o = child.wait_with_output().unwrap();
