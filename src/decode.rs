@@ -69,6 +69,18 @@ mod tests {
         assert!(decode_image(dir.path()).is_err());
     }
 
+    #[test]
+    fn bmp_and_netpbm_stills_decode() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image::GrayImage::from_fn(5, 4, |x, y| image::Luma([(x * 40 + y) as u8]));
+        for name in ["a.bmp", "a.pgm"] {
+            let p = dir.path().join(name);
+            img.save(&p).unwrap();
+            let back = decode_image(&p).unwrap().into_luma8();
+            assert_eq!(back.as_raw(), img.as_raw(), "{name}");
+        }
+    }
+
     /// CRC-32 (IEEE) as PNG chunks use it.
     fn crc32(data: &[u8]) -> u32 {
         let mut c = 0xFFFF_FFFFu32;

@@ -131,6 +131,9 @@ fn bad_input_gives_one_line_errors_and_exit_1() {
     common::write_fer_csv(&csv, 3);
     let m = model.to_str().unwrap();
     let d = csv.to_str().unwrap();
+    // A path of this test's own, so the case does not depend on what /tmp holds.
+    let fresh = tmp.path().join("fresh-model");
+    let fresh = fresh.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec![
@@ -192,7 +195,7 @@ fn bad_input_gives_one_line_errors_and_exit_1() {
         ),
         (vec!["init", "--out", m], "already exists"),
         (
-            vec!["init", "--out", "/tmp/x", "--stem", "conv5x5"],
+            vec!["init", "--out", fresh, "--stem", "conv5x5"],
             "stem \"conv5x5\"",
         ),
     ];

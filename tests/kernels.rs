@@ -19,10 +19,15 @@ fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
     d / scale.to_scalar::<f32>().unwrap().max(1e-6)
 }
 
+/// Reproducible N(0, 1) inputs: candle's CPU device refuses `set_seed`, so draw them here.
 fn randn(shape: &[usize], seed: u64) -> Tensor {
-    let dev = Device::Cpu;
-    dev.set_seed(seed).ok();
-    Tensor::randn(0f32, 1.0, shape, &dev).unwrap()
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let n: usize = shape.iter().product();
+    let v: Vec<f32> = (0..n)
+        .map(|_| rng.sample::<f32, _>(rand_distr::StandardNormal))
+        .collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
 }
 
 #[test]

@@ -389,6 +389,27 @@ mod tests {
     }
 
     #[test]
+    fn sample_probs_known_values() -> Result<()> {
+        // ŷ0 = [1, 0, 2]: scores −(ŷ0−1)² = [0, −1, −1]; the class at 1 wins.
+        let y0 = Tensor::new(&[[[1f32, 0.0, 2.0]]], &Device::Cpu)?;
+        let p = sample_probs(&y0, 1.0)?.flatten_all()?.to_vec1::<f32>()?;
+        let e = (-1f32).exp();
+        let want = [
+            1.0 / (1.0 + 2.0 * e),
+            e / (1.0 + 2.0 * e),
+            e / (1.0 + 2.0 * e),
+        ];
+        for (a, b) in p.iter().zip(want) {
+            assert!((a - b).abs() < 1e-6, "{p:?}");
+        }
+        // A lower temperature sharpens: scores [0, −2, −2].
+        let p = sample_probs(&y0, 0.5)?.flatten_all()?.to_vec1::<f32>()?;
+        let e2 = (-2f32).exp();
+        assert!((p[0] - 1.0 / (1.0 + 2.0 * e2)).abs() < 1e-6, "{p:?}");
+        Ok(())
+    }
+
+    #[test]
     fn seeded_sampling_is_repeatable() -> Result<()> {
         let cfg = small_cfg(Stem::Conv7x7Pool, true);
         let (_vm, m) = init_model(&cfg, &Device::Cpu, 1)?;
