@@ -20,7 +20,7 @@ use rand_distr::StandardNormal;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use card::CardNet;
-use diffusion::{reverse_pairs, reverse_step, sampling_timesteps, Schedule};
+use diffusion::{reverse_chain, Schedule};
 use resnet::ResNet;
 
 /// File names inside a model directory.
@@ -98,28 +98,21 @@ impl FerModel {
         // variables from holding every step's activations in the autograd graph.
         let emb = repeat(&self.card.embed_image(&features.detach(), false)?.detach())?;
         let f_rep = repeat(&f.detach())?;
-        let mut noise = || -> candle_core::Result<Tensor> {
+        let noise = || -> candle_core::Result<Tensor> {
             let v: Vec<f32> = rngs
                 .iter_mut()
                 .flat_map(|r| (0..samples * c).map(|_| r.sample::<f32, _>(StandardNormal)))
                 .collect();
             Tensor::from_vec(v, (n, c), dev)
         };
-        // Prior y_T ~ N(f_φ(x), I).
-        let mut y = (&f_rep + noise()?)?;
-        for (t, prev) in reverse_pairs(&sampling_timesteps(self.schedule.len(), steps)) {
-            let coeffs = self.schedule.step_coeffs(t, prev);
+        // Prior y_T ~ N(f_φ(x), I), then the reverse chain with ε_θ.
+        let y = reverse_chain(&self.schedule, &f_rep, steps, noise, |y, t| {
             let t_idx = Tensor::full(t as u32, n, dev)?;
-            let eps_hat = self
+            Ok(self
                 .card
-                .forward_embedded(&emb, &y, &f_rep, &t_idx, false)?;
-            let z = if coeffs.last {
-                y.zeros_like()?
-            } else {
-                noise()?
-            };
-            y = reverse_step(&y, &f_rep, &eps_hat.detach(), &z, &coeffs)?;
-        }
+                .forward_embedded(&emb, y, &f_rep, &t_idx, false)?
+                .detach())
+        })?;
         y.reshape((b, samples, c))
     }
 }
