@@ -456,56 +456,8 @@ fn fix_thread_counts() {
     );
 }
 
-/// What a single `--input` path is, from what it holds rather than its name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum InputKind {
-    /// `-`
-    Stdin,
-    /// A pipe, FIFO or device (`/dev/stdin`, `<(ffmpeg ...)`): a live YUV4MPEG2 stream.
-    Stream,
-    /// A regular file that is (or is named as) YUV4MPEG2.
-    Y4mFile,
-    /// Stills: an image file or a directory of them.
-    Images,
-}
-
-fn input_kind(p: &Path) -> Result<InputKind> {
-    use std::io::Read;
-    if p.as_os_str() == "-" {
-        return Ok(InputKind::Stdin);
-    }
-    let meta = std::fs::metadata(p).with_context(|| format!("{}", p.display()))?;
-    if meta.is_dir() {
-        return Ok(InputKind::Images);
-    }
-    if !meta.is_file() {
-        return Ok(InputKind::Stream);
-    }
-    let mut magic = [0u8; 9];
-    let n = std::fs::File::open(p)
-        .and_then(|mut f| f.read(&mut magic))
-        .with_context(|| format!("{}", p.display()))?;
-    let ext = p
-        .extension()
-        .and_then(|e| e.to_str())
-        .unwrap_or("")
-        .to_ascii_lowercase();
-    if &magic[..n] == b"YUV4MPEG2" || ext == "y4m" {
-        return Ok(InputKind::Y4mFile);
-    }
-    if ["yuv", "raw", "nv12", "rgb"].contains(&ext.as_str()) {
-        bail!(
-            "{}: raw video has no header (size, rate, layout); convert it to YUV4MPEG2: \
-             ffmpeg -f rawvideo -pix_fmt yuv420p -s WxH -i {} -f yuv4mpegpipe - | fer-cam run --input -",
-            p.display(),
-            p.display()
-        );
-    }
-    Ok(InputKind::Images)
-}
-
 fn run_daemon(a: RunArgs) -> Result<()> {
-    use fer_cam::capture::{FrameSource, ImageSource, Y4mSource};
+    use fer_cam::capture::{FrameSource, ImageSource, InputKind, Y4mSource};
     use fer_cam::face::{DetectConfig, TrackerConfig};
     use fer_cam::pipeline::RunConfig;
     use std::sync::atomic::AtomicBool;
@@ -532,22 +484,10 @@ fn run_daemon(a: RunArgs) -> Result<()> {
     }
     let camera = a.camera;
     for p in &a.input {
-        let ext = p
-            .extension()
-            .and_then(|e| e.to_str())
-            .unwrap_or("")
-            .to_ascii_lowercase();
-        if ["mp4", "mkv", "avi", "mov", "webm"].contains(&ext.as_str()) {
-            bail!(
-                "{}: compressed video is not decoded here; pipe it through ffmpeg: \
-                 ffmpeg -i {} -f yuv4mpegpipe - | fer-cam run --input -",
-                p.display(),
-                p.display(),
-            );
-        }
+        fer_cam::capture::refuse_compressed(p)?;
     }
     let kind = match a.input.as_slice() {
-        [one] => input_kind(one)?,
+        [one] => InputKind::detect(one)?,
         _ => InputKind::Images,
     };
     let stdin = kind == InputKind::Stdin;

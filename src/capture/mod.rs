@@ -6,6 +6,7 @@
 pub mod camera;
 pub mod color;
 mod images;
+mod kind;
 mod reconnect;
 mod y4m;
 
@@ -13,6 +14,7 @@ use std::time::{Instant, SystemTime};
 
 pub use color::Chroma;
 pub use images::ImageSource;
+pub use kind::{refuse_compressed, InputKind};
 pub use reconnect::{Backoff, Reconnecting};
 pub use y4m::Y4mSource;
 
