@@ -132,7 +132,7 @@ impl Percentiles {
         }
         let mut v = samples.to_vec();
         v.sort_by(f64::total_cmp);
-        let at = |q: f64| v[((q * (v.len() - 1) as f64).round() as usize).min(v.len() - 1)];
+        let at = |q: f64| nearest_rank(&v, q);
         Self {
             p50: round(at(0.50), 2),
             p95: round(at(0.95), 2),
@@ -140,6 +140,12 @@ impl Percentiles {
             max: round(at(1.0), 2),
         }
     }
+}
+
+/// The `q` quantile (0..=1) of ascending, non-empty `sorted` by the nearest rank.
+pub fn nearest_rank(sorted: &[f64], q: f64) -> f64 {
+    let last = sorted.len() - 1;
+    sorted[((q * last as f64).round() as usize).min(last)]
 }
 
 #[derive(Serialize)]

@@ -3,7 +3,7 @@
 
 use font8x8::legacy::BASIC_LEGACY;
 
-use crate::capture::color::{plane_size, Chroma};
+use crate::capture::color::{plane_size, rgb_to_yuv, Chroma};
 use crate::emit::FaceOut;
 
 /// A colour as BT.601 full-range Y, U, V.
@@ -12,13 +12,8 @@ pub struct Yuv(pub u8, pub u8, pub u8);
 
 impl Yuv {
     pub fn rgb(r: u8, g: u8, b: u8) -> Self {
-        let (r, g, b) = (r as f32, g as f32, b as f32);
-        let q = |v: f32| v.round().clamp(0.0, 255.0) as u8;
-        Yuv(
-            q(0.299 * r + 0.587 * g + 0.114 * b),
-            q(128.0 - 0.168_736 * r - 0.331_264 * g + 0.5 * b),
-            q(128.0 + 0.5 * r - 0.418_688 * g - 0.081_312 * b),
-        )
+        let [y, u, v] = rgb_to_yuv(r, g, b);
+        Yuv(y, u, v)
     }
 }
 

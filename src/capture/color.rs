@@ -8,6 +8,17 @@ pub struct Chroma {
     pub v: Vec<u8>,
 }
 
+/// BT.601 full-range (`C420jpeg`) Y, U, V of an RGB colour.
+pub fn rgb_to_yuv(r: u8, g: u8, b: u8) -> [u8; 3] {
+    let (r, g, b) = (r as f32, g as f32, b as f32);
+    let q = |v: f32| v.round().clamp(0.0, 255.0) as u8;
+    [
+        q(0.299 * r + 0.587 * g + 0.114 * b),
+        q(128.0 - 0.168_736 * r - 0.331_264 * g + 0.5 * b),
+        q(128.0 + 0.5 * r - 0.418_688 * g - 0.081_312 * b),
+    ]
+}
+
 /// Size of one 4:2:0 chroma plane of a `w`×`h` frame.
 pub fn plane_size(w: usize, h: usize) -> (usize, usize) {
     (w.div_ceil(2), h.div_ceil(2))
@@ -63,21 +74,17 @@ impl Chroma {
         if rgb.len() < 3 * w * h {
             return None;
         }
-        let plane = |f: fn(f32, f32, f32) -> f32| -> Vec<u8> {
+        let plane = |pick: fn([u8; 3]) -> u8| -> Vec<u8> {
             let full: Vec<u8> = rgb
                 .chunks_exact(3)
                 .take(w * h)
-                .map(|p| {
-                    f(p[0] as f32, p[1] as f32, p[2] as f32)
-                        .round()
-                        .clamp(0.0, 255.0) as u8
-                })
+                .map(|p| pick(rgb_to_yuv(p[0], p[1], p[2])))
                 .collect();
             subsample(&full, w, h, 2, 2)
         };
         Some(Self {
-            u: plane(|r, g, b| 128.0 - 0.168_736 * r - 0.331_264 * g + 0.5 * b),
-            v: plane(|r, g, b| 128.0 + 0.5 * r - 0.418_688 * g - 0.081_312 * b),
+            u: plane(|c| c[1]),
+            v: plane(|c| c[2]),
         })
     }
 

@@ -317,7 +317,7 @@ impl LatencyStats {
         }
         let mut s = v.to_vec();
         s.sort_by(f64::total_cmp);
-        let at = |q: f64| s[((q * (s.len() - 1) as f64).round() as usize).min(s.len() - 1)];
+        let at = |q: f64| crate::emit::nearest_rank(&s, q);
         Self {
             p50: at(0.5),
             p95: at(0.95),
