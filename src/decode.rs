@@ -15,10 +15,7 @@ pub const MAX_ALLOC: u64 = 512 << 20;
 
 /// Decodes an image file within [`MAX_SIDE`] and [`MAX_ALLOC`]; errors name the file.
 pub fn decode_image(path: &Path) -> Result<DynamicImage> {
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::file(path, "is not a regular file"));
-    }
+    crate::fsutil::regular_file(path)?;
     let mut reader = ImageReader::open(path)
         .map_err(|e| Error::io(path, e))?
         .with_guessed_format()

@@ -74,15 +74,21 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     Ok(())
 }
 
+/// The metadata of `path`, which must be a regular file (not a FIFO, device or directory).
+pub fn regular_file(path: &Path) -> Result<std::fs::Metadata> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::file(path, "is not a regular file"));
+    }
+    Ok(meta)
+}
+
 /// Reads a whole regular file of at most `cap` bytes. Anything else — a FIFO (which would block),
 /// a device such as /dev/zero (which never ends), a directory, a larger file — is refused with
 /// an error naming the path, before any large allocation.
 pub fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>> {
     use std::io::Read;
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::file(path, "is not a regular file"));
-    }
+    let meta = regular_file(path)?;
     if meta.len() > cap {
         return Err(Error::file(
             path,
