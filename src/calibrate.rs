@@ -1,21 +1,27 @@
-//! Temperature calibration of the CARD sampler (the idea of CARD's `--tune_T`): the per-sample
-//! probabilities are `softmax(−(ŷ_0 − 1)²/τ)` and the reported probabilities their mean over
-//! samples, so τ sets how confident fer-cam sounds without changing a single vote. `calibrate`
-//! draws the samples of a labelled split once, then picks the τ that minimises the negative
-//! log-likelihood of the mean probabilities. Fit it on PublicTest; report on PrivateTest.
+//! Temperature calibration of the CARD sampler. The per-sample probabilities are
+//! `softmax(−(ŷ_0 − 1)²/τ)` (τ: the idea of CARD's `--tune_T`); the reported probabilities are
+//! their mean over samples, tempered by a second temperature T (`mean^(1/T)`, renormalised).
+//! Neither changes a vote. One τ alone cannot calibrate the mean: a sample near a one-hot ŷ_0
+//! caps its top probability at `1/(1 + (C−1)e^(−1/τ))`, so the τ that makes the confident faces
+//! sound confident enough makes the doubtful ones sound too sure. `calibrate` draws the samples
+//! of a labelled split once, then picks the (τ, T) that minimise the negative log-likelihood of
+//! the reported probabilities. Fit on PublicTest; report on PrivateTest.
 
 use std::path::Path;
 
 use plotters::prelude::*;
 use serde::Serialize;
 
+pub use crate::config::Temperatures;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::infer::Classifier;
 use crate::metrics::{self, ReliabilityBin};
 
-/// Smallest and largest temperature searched.
+/// Smallest and largest per-sample temperature τ searched.
 pub const TAU_RANGE: (f64, f64) = (1e-3, 1e3);
+/// Smallest and largest output temperature T searched.
+pub const OUTPUT_RANGE: (f64, f64) = (0.05, 20.0);
 
 /// ŷ_0 samples of a labelled set: `n` images × `samples` × `classes`, flat.
 #[derive(Debug, Clone)]
@@ -51,7 +57,7 @@ impl Samples {
         })
     }
 
-    /// Mean over samples of `softmax(−(ŷ_0 − 1)²/τ)`, one row per image (as the daemon reports).
+    /// Mean over samples of `softmax(−(ŷ_0 − 1)²/τ)`, one row per image (untempered).
     pub fn mean_probs(&self, tau: f64) -> Vec<Vec<f32>> {
         let (s, c) = (self.samples, self.classes);
         self.y0
@@ -74,25 +80,34 @@ impl Samples {
             .collect()
     }
 
-    /// NLL of the mean probabilities at temperature τ.
-    pub fn nll(&self, tau: f64) -> f64 {
-        metrics::nll(&self.mean_probs(tau), &self.labels)
+    /// The probabilities the daemon reports at temperatures `t`, one row per image.
+    pub fn probs(&self, t: Temperatures) -> Vec<Vec<f32>> {
+        tempered(&self.mean_probs(t.sample), t.output)
     }
 
-    /// ECE of the mean probabilities at temperature τ.
-    pub fn ece(&self, tau: f64, bins: usize) -> f64 {
-        metrics::ece(&self.mean_probs(tau), &self.labels, bins)
+    /// NLL of the reported probabilities at temperatures `t`.
+    pub fn nll(&self, t: Temperatures) -> f64 {
+        metrics::nll(&self.probs(t), &self.labels)
+    }
+
+    /// ECE of the reported probabilities at temperatures `t`.
+    pub fn ece(&self, t: Temperatures, bins: usize) -> f64 {
+        metrics::ece(&self.probs(t), &self.labels, bins)
     }
 }
 
-/// The τ in [`TAU_RANGE`] with the least NLL: a coarse grid over log τ, then golden-section
-/// search inside the best grid cell's neighbours.
-pub fn fit_temperature(samples: &Samples) -> f64 {
-    let (lo, hi) = (TAU_RANGE.0.ln(), TAU_RANGE.1.ln());
-    let grid = 61;
+fn tempered(rows: &[Vec<f32>], t: f64) -> Vec<Vec<f32>> {
+    rows.iter().map(|p| metrics::temper(p, t)).collect()
+}
+
+/// The x in `range` minimising `f(x)`, searched over log x: a coarse grid, then golden-section
+/// search between the best grid point's neighbours. Non-finite values count as +∞.
+fn minimize_log(range: (f64, f64), mut f: impl FnMut(f64) -> f64) -> f64 {
+    let (lo, hi) = (range.0.ln(), range.1.ln());
+    let grid = 41;
     let at = |i: usize| lo + (hi - lo) * i as f64 / (grid - 1) as f64;
-    let nll = |log_tau: f64| {
-        let v = samples.nll(log_tau.exp());
+    let mut g = |log_x: f64| {
+        let v = f(log_x.exp());
         if v.is_finite() {
             v
         } else {
@@ -100,27 +115,45 @@ pub fn fit_temperature(samples: &Samples) -> f64 {
         }
     };
     let best = (0..grid)
-        .map(|i| (i, nll(at(i))))
+        .map(|i| (i, g(at(i))))
         .fold((0, f64::INFINITY), |b, p| if p.1 < b.1 { p } else { b })
         .0;
     let (mut a, mut b) = (at(best.saturating_sub(1)), at((best + 1).min(grid - 1)));
-    let g = (5f64.sqrt() - 1.0) / 2.0;
-    let (mut x1, mut x2) = (b - g * (b - a), a + g * (b - a));
-    let (mut f1, mut f2) = (nll(x1), nll(x2));
+    let r = (5f64.sqrt() - 1.0) / 2.0;
+    let (mut x1, mut x2) = (b - r * (b - a), a + r * (b - a));
+    let (mut f1, mut f2) = (g(x1), g(x2));
     while b - a > 1e-4 {
         if f1 <= f2 {
             b = x2;
             (x2, f2) = (x1, f1);
-            x1 = b - g * (b - a);
-            f1 = nll(x1);
+            x1 = b - r * (b - a);
+            f1 = g(x1);
         } else {
             a = x1;
             (x1, f1) = (x2, f2);
-            x2 = a + g * (b - a);
-            f2 = nll(x2);
+            x2 = a + r * (b - a);
+            f2 = g(x2);
         }
     }
     ((a + b) / 2.0).exp()
+}
+
+/// The output temperature T minimising the NLL of `mean` (untempered rows) tempered by T.
+fn fit_output(mean: &[Vec<f32>], labels: &[usize]) -> f64 {
+    minimize_log(OUTPUT_RANGE, |t| metrics::nll(&tempered(mean, t), labels))
+}
+
+/// The (τ, T) with the least NLL of the reported probabilities: for each τ the best T, then the
+/// best τ of that profile.
+pub fn fit_temperatures(samples: &Samples) -> Temperatures {
+    let profile = |tau: f64| {
+        let mean = samples.mean_probs(tau);
+        let t = fit_output(&mean, &samples.labels);
+        metrics::nll(&tempered(&mean, t), &samples.labels)
+    };
+    let sample = minimize_log(TAU_RANGE, profile);
+    let output = fit_output(&samples.mean_probs(sample), &samples.labels);
+    Temperatures { sample, output }
 }
 
 /// What `fer-cam calibrate` writes (`calibration/<name>.json`).
@@ -133,25 +166,44 @@ pub struct CalibrationReport {
     pub samples: usize,
     pub steps: usize,
     pub seed: u64,
-    /// The temperature in the model's config before, and the fitted one.
+    /// τ in the model's config before, and the fitted one.
     pub temperature_before: f64,
     pub temperature: f64,
+    /// T in the model's config before, and the fitted one.
+    pub output_temperature_before: f64,
+    pub output_temperature: f64,
     pub ece_bins: usize,
     pub ece_before: f64,
     pub ece_after: f64,
     pub nll_before: f64,
     pub nll_after: f64,
-    /// Accuracy of the mean probabilities' argmax (unchanged by τ up to ties).
+    /// Accuracy of the reported probabilities' argmax (unchanged by τ up to ties, and by T).
     pub accuracy: f64,
     pub reliability_before: Vec<ReliabilityBin>,
     pub reliability_after: Vec<ReliabilityBin>,
 }
 
-/// Fits τ on `samples` and reports the split's calibration before (at `tau_before`) and after.
-pub fn calibrate(samples: &Samples, tau_before: f64, bins: usize) -> CalibrationReport {
-    let tau = fit_temperature(samples);
-    let before = samples.mean_probs(tau_before);
-    let after = samples.mean_probs(tau);
+impl CalibrationReport {
+    pub fn temperatures_before(&self) -> Temperatures {
+        Temperatures {
+            sample: self.temperature_before,
+            output: self.output_temperature_before,
+        }
+    }
+
+    pub fn temperatures(&self) -> Temperatures {
+        Temperatures {
+            sample: self.temperature,
+            output: self.output_temperature,
+        }
+    }
+}
+
+/// Fits (τ, T) on `samples` and reports the split's calibration before (at `before`) and after.
+pub fn calibrate(samples: &Samples, before: Temperatures, bins: usize) -> CalibrationReport {
+    let fitted = fit_temperatures(samples);
+    let p_before = samples.probs(before);
+    let after = samples.probs(fitted);
     let pred: Vec<usize> = after.iter().map(|p| metrics::argmax(p)).collect();
     CalibrationReport {
         model: String::new(),
@@ -161,15 +213,17 @@ pub fn calibrate(samples: &Samples, tau_before: f64, bins: usize) -> Calibration
         samples: samples.samples,
         steps: 0,
         seed: 0,
-        temperature_before: tau_before,
-        temperature: tau,
+        temperature_before: before.sample,
+        temperature: fitted.sample,
+        output_temperature_before: before.output,
+        output_temperature: fitted.output,
         ece_bins: bins,
-        ece_before: metrics::ece(&before, &samples.labels, bins),
+        ece_before: metrics::ece(&p_before, &samples.labels, bins),
         ece_after: metrics::ece(&after, &samples.labels, bins),
-        nll_before: metrics::nll(&before, &samples.labels),
+        nll_before: metrics::nll(&p_before, &samples.labels),
         nll_after: metrics::nll(&after, &samples.labels),
         accuracy: metrics::accuracy(&pred, &samples.labels),
-        reliability_before: metrics::reliability(&before, &samples.labels, bins),
+        reliability_before: metrics::reliability(&p_before, &samples.labels, bins),
         reliability_after: metrics::reliability(&after, &samples.labels, bins),
     }
 }
@@ -181,13 +235,11 @@ pub fn reliability_svg(report: &CalibrationReport, path: &Path) -> Result<()> {
     let root = SVGBackend::new(path, (560, 520)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
     let title = format!(
-        "{} {}: ECE {:.3} → {:.3} (τ {:.3} → {:.3})",
+        "{} {}: ECE {:.3} → {:.3}",
         report.data_name(),
         report.split,
         report.ece_before,
         report.ece_after,
-        report.temperature_before,
-        report.temperature
     );
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 16))
@@ -198,7 +250,7 @@ pub fn reliability_svg(report: &CalibrationReport, path: &Path) -> Result<()> {
         .map_err(|e| fail(e.to_string()))?;
     chart
         .configure_mesh()
-        .x_desc("confidence (top-class mean probability)")
+        .x_desc("confidence (top-class reported probability)")
         .y_desc("accuracy")
         .draw()
         .map_err(|e| fail(e.to_string()))?;
@@ -208,10 +260,20 @@ pub fn reliability_svg(report: &CalibrationReport, path: &Path) -> Result<()> {
         .label("perfect calibration")
         .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK.mix(0.4)));
     let series = [
-        (&report.reliability_before, RED, "before"),
-        (&report.reliability_after, BLUE, "after"),
+        (
+            &report.reliability_before,
+            RED,
+            "before",
+            report.temperatures_before(),
+        ),
+        (
+            &report.reliability_after,
+            BLUE,
+            "after",
+            report.temperatures(),
+        ),
     ];
-    for (bins, color, name) in series {
+    for (bins, color, name, t) in series {
         let points: Vec<(f64, f64)> = bins
             .iter()
             .filter(|b| b.count > 0)
@@ -220,7 +282,7 @@ pub fn reliability_svg(report: &CalibrationReport, path: &Path) -> Result<()> {
         chart
             .draw_series(LineSeries::new(points.iter().copied(), color))
             .map_err(|e| fail(e.to_string()))?
-            .label(format!("{name} (τ = {:.3})", tau_of(report, name)))
+            .label(format!("{name} (τ {:.3}, T {:.3})", t.sample, t.output))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
         chart
             .draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))
@@ -236,14 +298,6 @@ pub fn reliability_svg(report: &CalibrationReport, path: &Path) -> Result<()> {
     root.present().map_err(|e| fail(e.to_string()))
 }
 
-fn tau_of(report: &CalibrationReport, name: &str) -> f64 {
-    if name == "before" {
-        report.temperature_before
-    } else {
-        report.temperature
-    }
-}
-
 impl CalibrationReport {
     /// The data file's name without its folders.
     fn data_name(&self) -> String {
@@ -254,17 +308,26 @@ impl CalibrationReport {
     }
 }
 
-/// Reads the fitted temperature from a calibration file written by `fer-cam calibrate`.
-pub fn read_temperature(path: &Path) -> Result<f64> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
+/// Reads the fitted temperatures from a calibration file written by `fer-cam calibrate` (a file
+/// from before the output temperature existed has T = 1).
+pub fn read_temperatures(path: &Path) -> Result<Temperatures> {
+    let text = crate::fsutil::read_regular(path, 1 << 20)?;
+    let v: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| Error::file(path, format!("not a calibration file: {e}")))?;
-    match v["temperature"].as_f64() {
-        Some(t) if t.is_finite() && t > 0.0 => Ok(t),
-        _ => Err(Error::file(
+    let t = Temperatures {
+        sample: v["temperature"].as_f64().unwrap_or(f64::NAN),
+        output: match &v["output_temperature"] {
+            serde_json::Value::Null => 1.0,
+            x => x.as_f64().unwrap_or(f64::NAN),
+        },
+    };
+    if t.is_valid() {
+        Ok(t)
+    } else {
+        Err(Error::file(
             path,
-            "no positive finite \"temperature\" in the calibration file",
-        )),
+            "the calibration file needs a positive finite \"temperature\" (and \"output_temperature\", if given)",
+        ))
     }
 }
 
@@ -307,15 +370,79 @@ mod tests {
         }
     }
 
+    const PLAIN: Temperatures = Temperatures {
+        sample: 1.0,
+        output: 1.0,
+    };
+
     #[test]
     fn recovers_the_temperature_of_an_overconfident_model() {
-        let s = synthetic(2.5, 20_000, 1);
-        let tau = fit_temperature(&s);
-        assert!((tau - 2.5).abs() < 0.15, "fitted τ = {tau}, expected ≈ 2.5");
-        assert!(s.nll(tau) < s.nll(1.0));
-        let r = calibrate(&s, 1.0, 15);
+        // With one sample per image τ and T act alike (mean = the sample): only τ·T is fixed.
+        let s = synthetic(2.5, 5_000, 1);
+        let t = fit_temperatures(&s);
+        let product = t.sample * t.output;
+        assert!(
+            (product - 2.5).abs() < 0.15,
+            "fitted τ·T = {product}, expected ≈ 2.5"
+        );
+        assert!(s.nll(t) < s.nll(PLAIN));
+        let r = calibrate(&s, PLAIN, 15);
         assert!(r.ece_after < r.ece_before && r.ece_after < 0.02, "{r:?}");
         assert_eq!(r.reliability_after.len(), 15);
+    }
+
+    /// Many samples per image, each one-hot-ish on its own argmax: the mean over samples is
+    /// capped below 1 for every τ, so τ alone cannot calibrate it and T must do the rest.
+    #[test]
+    fn the_output_temperature_calibrates_what_tau_cannot() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (n, samples, c) = (4_000, 8, 3);
+        let mut y0 = Vec::new();
+        let mut labels = Vec::new();
+        for _ in 0..n {
+            // The label is right with probability q, and so is every sample's vote.
+            let q: f64 = 0.4 + 0.6 * rng.random::<f64>();
+            let label = if rng.random::<f64>() < q {
+                0
+            } else {
+                1 + (rng.random::<f64>() < 0.5) as usize
+            };
+            labels.push(label);
+            for _ in 0..samples {
+                let vote = if rng.random::<f64>() < q {
+                    0
+                } else {
+                    1 + (rng.random::<f64>() < 0.5) as usize
+                };
+                // ŷ_0 is 1 at the vote and 0 elsewhere.
+                y0.extend((0..c).map(|k| if k == vote { 1.0f32 } else { 0.0 }));
+            }
+        }
+        let s = Samples {
+            y0,
+            samples,
+            classes: c,
+            labels,
+        };
+        let tau_only = minimize_log(TAU_RANGE, |tau| {
+            s.nll(Temperatures {
+                sample: tau,
+                output: 1.0,
+            })
+        });
+        let t = fit_temperatures(&s);
+        let one = Temperatures {
+            sample: tau_only,
+            output: 1.0,
+        };
+        assert!(t.output != 1.0, "{t:?}");
+        assert!(
+            s.nll(t) < s.nll(one) - 1e-3,
+            "{} vs {}",
+            s.nll(t),
+            s.nll(one)
+        );
+        assert!(s.ece(t, 15) < s.ece(one, 15), "{t:?}");
     }
 
     #[test]
@@ -344,7 +471,7 @@ mod tests {
     #[test]
     fn draws_the_diagram_and_reads_back_the_temperature() {
         let s = synthetic(2.0, 2_000, 2);
-        let mut r = calibrate(&s, 1.0, 10);
+        let mut r = calibrate(&s, PLAIN, 10);
         r.data = "x/fer2013.csv.gz".into();
         r.split = "PublicTest".into();
         let dir = tempfile::tempdir().unwrap();
@@ -353,8 +480,19 @@ mod tests {
         assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
         let json = dir.path().join("r.json");
         std::fs::write(&json, serde_json::to_string(&r).unwrap()).unwrap();
-        assert!((read_temperature(&json).unwrap() - r.temperature).abs() < 1e-12);
-        std::fs::write(&json, "{\"temperature\": -1}").unwrap();
-        assert!(read_temperature(&json).is_err());
+        assert_eq!(read_temperatures(&json).unwrap(), r.temperatures());
+        // A file from before the output temperature: T = 1.
+        std::fs::write(&json, "{\"temperature\": 0.3}").unwrap();
+        let old = read_temperatures(&json).unwrap();
+        assert_eq!((old.sample, old.output), (0.3, 1.0));
+        for bad in [
+            "{\"temperature\": -1}",
+            "{\"temperature\": 0.3, \"output_temperature\": 0}",
+            "{\"temperature\": 0.3, \"output_temperature\": \"x\"}",
+            "{}",
+        ] {
+            std::fs::write(&json, bad).unwrap();
+            assert!(read_temperatures(&json).is_err(), "{bad}");
+        }
     }
 }

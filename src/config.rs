@@ -121,8 +121,12 @@ pub struct CardConfig {
     pub samples: usize,
     /// Default sampling steps (a strided subset of the T training steps when fewer).
     pub steps: usize,
-    /// Softmax temperature τ turning `−(ŷ_0 − 1)²` into per-sample probabilities.
+    /// Softmax temperature τ turning `−(ŷ_0 − 1)²` into per-sample probabilities (what the votes
+    /// and the t-test read).
     pub temperature: f64,
+    /// Temperature T of the reported probabilities: the mean of the per-sample probabilities,
+    /// raised to 1/T and renormalised ([`crate::metrics::temper`]). 1 reports the plain mean.
+    pub output_temperature: f64,
     /// Significance level of the CARD paired t-test for the certain flag.
     pub alpha: f64,
 }
@@ -137,8 +141,42 @@ impl Default for CardConfig {
             samples: 32,
             steps: 10,
             temperature: 1.0,
+            output_temperature: 1.0,
             alpha: 0.05,
         }
+    }
+}
+
+/// The sampler's two temperatures ([`CardConfig::temperature`] and
+/// [`CardConfig::output_temperature`]), as `fer-cam calibrate` fits them.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Temperatures {
+    /// τ: per-sample softmax temperature.
+    pub sample: f64,
+    /// T: temperature of the reported mean probabilities.
+    pub output: f64,
+}
+
+impl Temperatures {
+    /// Both finite and positive.
+    pub fn is_valid(&self) -> bool {
+        [self.sample, self.output]
+            .iter()
+            .all(|t| t.is_finite() && *t > 0.0)
+    }
+}
+
+impl CardConfig {
+    pub fn temperatures(&self) -> Temperatures {
+        Temperatures {
+            sample: self.temperature,
+            output: self.output_temperature,
+        }
+    }
+
+    pub fn set_temperatures(&mut self, t: Temperatures) {
+        self.temperature = t.sample;
+        self.output_temperature = t.output;
     }
 }
 
@@ -253,6 +291,15 @@ impl ModelConfig {
         check(c.temperature.is_finite() && c.temperature > 0.0, || {
             format!("card.temperature {} (must be > 0)", c.temperature)
         })?;
+        check(
+            c.output_temperature.is_finite() && c.output_temperature > 0.0,
+            || {
+                format!(
+                    "card.output_temperature {} (must be > 0)",
+                    c.output_temperature
+                )
+            },
+        )?;
         check(c.alpha > 0.0 && c.alpha < 1.0, || {
             format!("card.alpha {} (allowed 0 < alpha < 1)", c.alpha)
         })?;

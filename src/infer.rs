@@ -150,7 +150,8 @@ impl Classifier {
                     &probs[i * s * c..(i + 1) * s * c],
                     c,
                     self.config.card.alpha,
-                ),
+                )
+                .tempered(self.config.card.output_temperature),
                 fphi_probs,
             })
             .collect()

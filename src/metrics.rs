@@ -100,6 +100,40 @@ pub fn summarize_samples(probs: &[f32], classes: usize, alpha: f64) -> SampleSum
     }
 }
 
+impl SampleSummary {
+    /// The summary with its mean probabilities tempered by `t` ([`temper`]) and their entropy
+    /// recomputed; votes, label and t-test are unchanged.
+    pub fn tempered(mut self, t: f64) -> Self {
+        self.probs = temper(&self.probs, t);
+        self.entropy = entropy(&self.probs);
+        self
+    }
+}
+
+/// `p^(1/t)`, renormalised: temperature scaling of a probability vector (t > 1 flattens it,
+/// t < 1 sharpens it; the order of the classes never changes). `t = 1` returns `p` as it is.
+pub fn temper(p: &[f32], t: f64) -> Vec<f32> {
+    if t == 1.0 || p.is_empty() {
+        return p.to_vec();
+    }
+    let logs: Vec<f64> = p
+        .iter()
+        .map(|&x| {
+            if x > 0.0 {
+                (x as f64).ln() / t
+            } else {
+                f64::NEG_INFINITY
+            }
+        })
+        .collect();
+    let max = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if !max.is_finite() {
+        return p.to_vec();
+    }
+    let z: f64 = logs.iter().map(|l| (l - max).exp()).sum();
+    logs.iter().map(|l| ((l - max).exp() / z) as f32).collect()
+}
+
 /// Index of the largest value (first on ties; 0 for an empty slice).
 pub fn argmax(xs: &[f32]) -> usize {
     let mut best = 0;
@@ -301,6 +335,23 @@ mod tests {
         assert!(s.p_value.is_nan());
         assert!(!s.certain);
         assert_eq!(s.label, 1);
+    }
+
+    #[test]
+    fn temper_known_values() {
+        // [0.2, 0.8] at t = 0.5 → [0.04, 0.64] / 0.68.
+        let p = temper(&[0.2, 0.8], 0.5);
+        assert!((p[0] - 0.04 / 0.68).abs() < 1e-6 && (p[1] - 0.64 / 0.68).abs() < 1e-6);
+        // t = 2 flattens: √0.2, √0.8 normalised; zeros stay zero; t = 1 is the identity.
+        let p = temper(&[0.2, 0.8, 0.0], 2.0);
+        let z = 0.2f64.sqrt() + 0.8f64.sqrt();
+        assert!((p[0] as f64 - 0.2f64.sqrt() / z).abs() < 1e-6 && p[2] == 0.0);
+        assert_eq!(temper(&[0.3, 0.7], 1.0), vec![0.3, 0.7]);
+        // A tempered summary keeps its votes and label, and its entropy follows the new probs.
+        let s = summarize_samples(&[0.1, 0.9, 0.3, 0.7], 2, 0.05);
+        let t = s.clone().tempered(3.0);
+        assert_eq!((t.label, &t.votes), (s.label, &s.votes));
+        assert!(t.probs[1] < s.probs[1] && t.entropy > s.entropy);
     }
 
     #[test]

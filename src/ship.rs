@@ -47,7 +47,7 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         bar.set_position(d as u64)
     })?;
     bar.finish_and_clear();
-    let mut report = fit(&samples, clf.config().card.temperature, a.bins);
+    let mut report = fit(&samples, clf.config().card.temperatures(), a.bins);
     report.model = crate::model_name(a.model.as_deref());
     report.data = a.source.data.display().to_string();
     report.split = a.split.clone();
@@ -60,7 +60,8 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     reliability_svg(&report, &svg)?;
     crate::print_stdout(&format!(
         "{} [{}], {} images, {} samples x {} steps\n\
-         temperature {:.4} -> {:.4}\n\
+         temperature (per sample) {:.4} -> {:.4}\n\
+         output temperature {:.4} -> {:.4}\n\
          ECE {:.4} -> {:.4} ({} bins)\n\
          NLL {:.4} -> {:.4}\n\
          wrote {} and {}",
@@ -71,6 +72,8 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         report.steps,
         report.temperature_before,
         report.temperature,
+        report.output_temperature_before,
+        report.output_temperature,
         report.ece_before,
         report.ece_after,
         report.ece_bins,
@@ -82,22 +85,23 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    let temperature = a
+    let temperatures = a
         .calibration
         .as_deref()
-        .map(fer_cam::calibrate::read_temperature)
+        .map(fer_cam::calibrate::read_temperatures)
         .transpose()?;
     let weights = match a.weights {
         StoredWeightsArg::F16 => StoredWeights::F16,
         StoredWeightsArg::F32 => StoredWeights::F32,
     };
-    let s = export_model(&a.model, &a.out, weights, temperature)?;
+    let s = export_model(&a.model, &a.out, weights, temperatures)?;
     crate::print_stdout(&format!(
-        "wrote {}: {} tensors ({} as f16), {:.2} MB, sampler temperature {:.4}",
+        "wrote {}: {} tensors ({} as f16), {:.2} MB, sampler temperatures τ {:.4}, T {:.4}",
         a.out.display(),
         s.tensors,
         s.tensors_f16,
         s.bytes as f64 / 1e6,
-        s.temperature
+        s.temperatures.sample,
+        s.temperatures.output
     ))
 }

@@ -1,6 +1,6 @@
 //! Writing a model directory for shipping: the weights of convolutions and linear layers stored
 //! as IEEE half (half the size; every value is widened back to f32 when loaded), and the
-//! sampler's calibrated temperature in its config.
+//! sampler's calibrated temperatures in its config.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::{read_config, CONFIG_FILE, WEIGHTS_FILE};
+use crate::config::Temperatures;
 use crate::error::{Error, Result};
 
 /// Largest finite half-precision value.
@@ -30,16 +31,16 @@ pub struct ExportSummary {
     pub tensors: usize,
     pub tensors_f16: usize,
     pub bytes: u64,
-    pub temperature: f64,
+    pub temperatures: Temperatures,
 }
 
 /// Copies the model in `src` to the new directory `out` (an existing `out` is refused), with
-/// the weights stored as `weights` and, when given, the sampler temperature replaced.
+/// the weights stored as `weights` and, when given, the sampler temperatures replaced.
 pub fn export_model(
     src: &Path,
     out: &Path,
     weights: StoredWeights,
-    temperature: Option<f64>,
+    temperatures: Option<Temperatures>,
 ) -> Result<ExportSummary> {
     if out.exists() {
         return Err(Error::file(
@@ -48,11 +49,14 @@ pub fn export_model(
         ));
     }
     let mut cfg = read_config(src)?;
-    if let Some(t) = temperature {
-        if !(t.is_finite() && t > 0.0) {
-            return Err(Error::Config(format!("temperature {t} (must be > 0)")));
+    if let Some(t) = temperatures {
+        if !t.is_valid() {
+            return Err(Error::Config(format!(
+                "temperatures τ {} and T {} (both must be > 0)",
+                t.sample, t.output
+            )));
         }
-        cfg.card.temperature = t;
+        cfg.card.set_temperatures(t);
     }
     // Loading checks every tensor against the config before anything is written.
     super::load_model_dir(src, &Device::Cpu)?;
@@ -84,7 +88,7 @@ pub fn export_model(
         tensors,
         tensors_f16,
         bytes,
-        temperature: cfg.card.temperature,
+        temperatures: cfg.card.temperatures(),
     })
 }
 
@@ -112,11 +116,16 @@ mod tests {
         let (vars, _) = init_model(&cfg, &Device::Cpu, 3).unwrap();
         save_model_dir(&src, &cfg, &vars).unwrap();
         let out = dir.path().join("out");
-        let s = export_model(&src, &out, StoredWeights::F16, Some(1.7)).unwrap();
+        let t = Temperatures {
+            sample: 1.7,
+            output: 0.8,
+        };
+        let s = export_model(&src, &out, StoredWeights::F16, Some(t)).unwrap();
         assert!(s.tensors_f16 > 0 && s.tensors_f16 < s.tensors);
         let a = load_model_dir(&src, &Device::Cpu).unwrap();
         let b = load_model_dir(&out, &Device::Cpu).unwrap();
-        assert_eq!(b.config.card.temperature, 1.7);
+        assert_eq!(b.config.card.temperatures(), t);
+        assert_eq!(s.temperatures, t);
         let xs = Tensor::randn(0f32, 1.0, (2, 1, 48, 48), &Device::Cpu).unwrap();
         let fa = a.model.features(&xs, false).unwrap();
         let fb = b.model.features(&xs, false).unwrap();
