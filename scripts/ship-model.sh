@@ -1,23 +1,57 @@
 #!/usr/bin/env bash
-# Rebuilds the shipped model from scratch: `train all` with the recipe in models/fer2013/,
-# temperature calibration on PublicTest, and the f16 export. Everything is written under RUN_DIR;
-# nothing in the repository is replaced. Compare RUN_DIR/export with models/fer2013, then copy it
-# (and RUN_DIR/calibration/*) over by hand.
+# Rebuilds the shipped model from scratch: `train all` with models/fer2013/recipe.json, then one
+# warm-restart cycle of the supervised stage per models/fer2013/recipe-cycle*.json (each starts
+# from the previous f_phi with a fresh head and a new cosine schedule), the CARD head on the last
+# cycle's frozen encoder, the calibration on PublicTest, and the f16 export. Everything is written
+# under RUN_DIR (base/, cycle2/, ..., calibration/, export/); nothing in the repository is
+# replaced. Compare RUN_DIR/export with models/fer2013, then copy it (and RUN_DIR/calibration/*)
+# over by hand.
 #
 #   cargo build --release && scripts/ship-model.sh ../shared/data/fer2013/fer2013.csv.gz runs/fer2013
 #
-# Pass --resume as a third argument to continue a killed run (kill-then-resume is bit-exact).
+# Safe to run again on the same RUN_DIR after a kill: every stage that has begun is continued
+# with --resume (kill-then-resume is bit-exact), and finished stages are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-data=${1:?usage: scripts/ship-model.sh FER2013_CSV RUN_DIR [--resume]}
-run=${2:?usage: scripts/ship-model.sh FER2013_CSV RUN_DIR [--resume]}
-resume=${3:-}
+usage="usage: scripts/ship-model.sh FER2013_CSV RUN_DIR"
+data=${1:?$usage}
+run=${2:?$usage}
 bin=./target/release/fer-cam
+recipes=${RECIPES:-models/fer2013}  # RECIPES=DIR: another recipe set (tests use tiny ones)
 
-start=$(date +%s)
-$bin train all --config models/fer2013/recipe.json --data "$data" --run-dir "$run" $resume
-echo "train all: $(( $(date +%s) - start )) s (per-epoch seconds in $run/metrics.jsonl)" >&2
-$bin calibrate --model "$run/card/model" --data "$data" --split PublicTest \
-  --out "$run/calibration/fer2013.json"
-$bin export --model "$run/card/model" --calibration "$run/calibration/fer2013.json" \
-  --out "$run/export"
+# Runs `fer-cam train STAGE` in DIR unless DIR/done-STAGE exists; continues a begun stage.
+train() {
+  local stage=$1 dir=$2
+  shift 2
+  [ -e "$dir/done-$stage" ] && return 0
+  local resume=() stages=("$stage")
+  [ "$stage" = all ] && stages=(ssl classifier card)
+  for s in "${stages[@]}"; do
+    [ -e "$dir/$s" ] && resume=(--resume)
+  done
+  local start
+  start=$(date +%s)
+  $bin train "$stage" --data "$data" --run-dir "$dir" "${resume[@]}" "$@"
+  echo "$dir: train $stage $(( $(date +%s) - start )) s (per-epoch seconds in $dir/metrics.jsonl)" >&2
+  touch "$dir/done-$stage"
+}
+
+mkdir -p "$run"
+train all "$run/base" --config "$recipes/recipe.json"
+prev=$run/base
+for cycle in "$recipes"/recipe-cycle*.json; do
+  [ -e "$cycle" ] || continue
+  name=$(basename "$cycle" .json)
+  dir=$run/${name#recipe-}
+  train classifier "$dir" --config "$cycle" --init "$prev/classifier/model"
+  train card "$dir" --config "$cycle"
+  prev=$dir
+done
+if [ ! -e "$run/calibration/fer2013.json" ]; then
+  $bin calibrate --model "$prev/card/model" --data "$data" --split PublicTest \
+    --out "$run/calibration/fer2013.json"
+fi
+if [ ! -e "$run/export" ]; then
+  $bin export --model "$prev/card/model" --calibration "$run/calibration/fer2013.json" \
+    --out "$run/export"
+fi
