@@ -1,5 +1,6 @@
 //! Daemon stages on this machine: face detection on a 640x480 frame (full resolution and
-//! downscaled to 320 wide), the face crop, the CARD sampler per face (the encoder is in
+//! downscaled to 320 wide), the face crop, the CARD sampler (candle ops against the fused
+//! kernel, 1/8/32 faces; the encoder is in
 //! `benches/encoder.rs`), and the whole pipeline over the 40 recorded frames of
 //! `../shared/media/woman_expressions_320x180_2fps.y4m`.
 //!
@@ -44,7 +45,7 @@ fn classifier(stem: Stem) -> Classifier {
     let mut cfg = ModelConfig::default();
     cfg.encoder.stem = stem;
     let (_vm, model) = init_model(&cfg, &Device::Cpu, 0).expect("model");
-    Classifier::new(cfg, model, Device::Cpu)
+    Classifier::new(cfg, model, Device::Cpu).expect("classifier")
 }
 
 fn detect(c: &mut Criterion) {
@@ -79,24 +80,36 @@ fn detect(c: &mut Criterion) {
     group.finish();
 }
 
+/// The shipped model's CARD sampler, 32 samples × 10 steps per face: candle ops (the
+/// reference) against the fused kernel, for 1, 8 and 32 faces.
 fn sampler(c: &mut Criterion) {
-    let clf = classifier(Stem::Conv7x7Pool);
+    let clf = Classifier::load_embedded(&Device::Cpu).expect("embedded model");
     let model = clf.model();
+    let fused = model.card.fused(model.schedule()).expect("fold");
     let mut group = c.benchmark_group("card_sampler/cpu");
-    for (faces, samples) in [(1usize, 32usize), (8, 32), (1, 8)] {
-        let feats = Tensor::randn(0f32, 1.0, (faces, 512), &Device::Cpu).expect("feats");
+    for faces in [1usize, 8, 32] {
+        let feats = Tensor::randn(0f32, 1.0, (faces, fused.feat_dim), &Device::Cpu)
+            .expect("feats")
+            .relu()
+            .expect("relu");
         let f = candle_nn::ops::softmax(&model.head_logits(&feats).expect("head"), D::Minus1)
             .expect("softmax");
+        let (feats_v, f_v) = (
+            feats
+                .flatten_all()
+                .and_then(|t| t.to_vec1::<f32>())
+                .expect("v"),
+            f.flatten_all().and_then(|t| t.to_vec1::<f32>()).expect("v"),
+        );
         let mut rngs: Vec<_> = (0..faces as u64)
             .map(|i| fer_cam::rngs::keyed_rng(&[0, i]))
             .collect();
-        let id = BenchmarkId::new(format!("faces{faces}"), format!("samples{samples}_steps10"));
-        group.bench_function(id, |b| {
-            b.iter(|| {
-                model
-                    .sample(&feats, &f, samples, 10, &mut rngs)
-                    .expect("sample")
-            })
+        let param = format!("faces{faces}_samples32_steps10");
+        group.bench_function(BenchmarkId::new("candle", &param), |b| {
+            b.iter(|| model.sample(&feats, &f, 32, 10, &mut rngs).expect("sample"))
+        });
+        group.bench_function(BenchmarkId::new("fused", &param), |b| {
+            b.iter(|| fused.sample(&feats_v, &f_v, 32, 10, &mut rngs))
         });
     }
     group.finish();

@@ -60,19 +60,13 @@ impl Samples {
     /// Mean over samples of `softmax(−(ŷ_0 − 1)²/τ)`, one row per image (untempered).
     pub fn mean_probs(&self, tau: f64) -> Vec<Vec<f32>> {
         let (s, c) = (self.samples, self.classes);
-        self.y0
+        crate::model::sample_probs_rows(&self.y0, c, tau)
             .chunks_exact(s * c)
             .map(|image| {
                 let mut mean = vec![0f64; c];
-                let mut scores = vec![0f64; c];
                 for row in image.chunks_exact(c) {
-                    for (sc, &y) in scores.iter_mut().zip(row) {
-                        *sc = -((y as f64 - 1.0).powi(2)) / tau;
-                    }
-                    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                    let z: f64 = scores.iter().map(|v| (v - max).exp()).sum();
-                    for (m, v) in mean.iter_mut().zip(&scores) {
-                        *m += (v - max).exp() / z;
+                    for (m, &p) in mean.iter_mut().zip(row) {
+                        *m += p as f64;
                     }
                 }
                 mean.iter().map(|m| (m / s as f64) as f32).collect()

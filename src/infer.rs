@@ -6,6 +6,7 @@
 //! votes and the t-test certainty.
 
 use std::path::Path;
+use std::sync::Arc;
 
 use candle_core::{Device, Tensor, D};
 use rand::rngs::StdRng;
@@ -13,9 +14,10 @@ use serde::Serialize;
 
 use crate::config::{validate_sampler, ModelConfig};
 use crate::error::{Error, Result};
+use crate::kernels::sampler::FusedCard;
 use crate::kernels::WeightFormat;
 use crate::metrics::{summarize_samples, SampleSummary};
-use crate::model::{load_model_dir, sample_probs, FerModel};
+use crate::model::{load_model_dir, sample_probs_rows, FerModel};
 use crate::rngs::keyed_rng;
 
 /// The prediction for one face.
@@ -47,6 +49,16 @@ pub struct SamplerConfig {
     pub seed: u64,
 }
 
+/// Which code draws the CARD samples.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SamplerKernel {
+    /// [`crate::kernels::sampler::FusedCard`]: one CPU kernel (the default on CPU).
+    #[default]
+    Fused,
+    /// [`FerModel::sample`]: candle ops, the reference (and the path on other devices).
+    Candle,
+}
+
 /// Encoder + f_φ + CARD sampler, ready to classify crops. Clones share the weights.
 #[derive(Clone)]
 pub struct Classifier {
@@ -54,6 +66,8 @@ pub struct Classifier {
     model: FerModel,
     device: Device,
     sampler: SamplerConfig,
+    /// ε_θ folded for the fused sampler; `None` off the CPU or with [`SamplerKernel::Candle`].
+    fused: Option<Arc<FusedCard>>,
     /// Key of the next face's noise generator: faces are numbered in the order they are
     /// classified, so results do not depend on how faces were batched.
     next_face: u64,
@@ -64,29 +78,52 @@ impl Classifier {
     /// Loads a model directory onto `device` with its default sampler settings.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let loaded = load_model_dir(dir, device)?;
-        Ok(Self::new(loaded.config, loaded.model, device.clone()))
+        Self::new(loaded.config, loaded.model, device.clone())
     }
 
     /// Loads the default model compiled into this build ([`crate::model::embedded`]).
     pub fn load_embedded(device: &Device) -> Result<Self> {
         let loaded = crate::model::embedded::load(device)?;
-        Ok(Self::new(loaded.config, loaded.model, device.clone()))
+        Self::new(loaded.config, loaded.model, device.clone())
     }
 
-    /// Wraps an already built model.
-    pub fn new(config: ModelConfig, model: FerModel, device: Device) -> Self {
+    /// Wraps an already built model (on the CPU, with the fused sampler).
+    pub fn new(config: ModelConfig, model: FerModel, device: Device) -> Result<Self> {
         let sampler = SamplerConfig {
             samples: config.card.samples,
             steps: config.card.steps,
             seed: 0,
         };
-        Self {
+        let mut c = Self {
             config,
             model,
             device,
             sampler,
+            fused: None,
             next_face: 0,
             tta: Tta::None,
+        };
+        c.set_sampler_kernel(SamplerKernel::Fused)?;
+        Ok(c)
+    }
+
+    /// Chooses the code that draws the samples. [`SamplerKernel::Fused`] needs the CPU; on
+    /// other devices it leaves the candle path in place.
+    pub fn set_sampler_kernel(&mut self, kernel: SamplerKernel) -> Result<()> {
+        self.fused = match kernel {
+            SamplerKernel::Fused if self.device.is_cpu() => {
+                Some(Arc::new(self.model.card.fused(self.model.schedule())?))
+            }
+            _ => None,
+        };
+        Ok(())
+    }
+
+    pub fn sampler_kernel(&self) -> SamplerKernel {
+        if self.fused.is_some() {
+            SamplerKernel::Fused
+        } else {
+            SamplerKernel::Candle
         }
     }
 
@@ -199,14 +236,10 @@ impl Classifier {
             .face_keys(n)
             .flat_map(|(seed, face)| (0..10).map(move |v| keyed_rng(&[seed, face, 1 + v])))
             .collect();
-        let y0 = self
-            .model
-            .sample(&feats, &f, per_view, self.sampler.steps, &mut rngs)?;
+        // (n·10, per_view, C) row-major is (n, 10·per_view, C): each face's views in a row.
+        let y0 = self.draw(&feats, &f, per_view, &mut rngs)?;
         let c = self.config.num_classes();
-        let probs = sample_probs(&y0, self.config.card.temperature)?
-            .reshape((n, 10 * per_view, c))?
-            .flatten_all()?
-            .to_vec1::<f32>()?;
+        let probs = sample_probs_rows(&y0, c, self.config.card.temperature);
         let fphi = f.reshape((n, 10, c))?.mean(1)?.to_vec2::<f32>()?;
         Ok(self.summarize(&probs, 10 * per_view, fphi))
     }
@@ -216,25 +249,43 @@ impl Classifier {
     pub fn sample_y0(&mut self, crops: &[u8]) -> Result<Vec<f32>> {
         let xs = self.preprocess(crops)?;
         let (_, y0) = self.fphi_and_samples(&xs)?;
-        Ok(y0.flatten_all()?.to_vec1::<f32>()?)
+        Ok(y0)
     }
 
-    /// f_φ's probabilities `(n, C)` and the CARD samples ŷ_0 `(n, S, C)` of a normalised batch.
-    fn fphi_and_samples(&mut self, xs: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// f_φ's probabilities `(n, C)` and the CARD samples ŷ_0 `(n, S, C)` (flat) of a normalised
+    /// batch.
+    fn fphi_and_samples(&mut self, xs: &Tensor) -> Result<(Tensor, Vec<f32>)> {
         let feats = self.model.features(xs, false)?;
         let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
         let mut rngs: Vec<StdRng> = self
             .face_keys(xs.dim(0)?)
             .map(|(seed, face)| keyed_rng(&[seed, face]))
             .collect();
-        let y0 = self.model.sample(
-            &feats,
-            &f,
-            self.sampler.samples,
-            self.sampler.steps,
-            &mut rngs,
-        )?;
+        let y0 = self.draw(&feats, &f, self.sampler.samples, &mut rngs)?;
         Ok((f, y0))
+    }
+
+    /// `samples` ŷ_0 per row of `feats` / `f` (one generator each), `(rows, samples, C)` flat,
+    /// from the fused kernel or the candle reference.
+    fn draw(
+        &self,
+        feats: &Tensor,
+        f: &Tensor,
+        samples: usize,
+        rngs: &mut [StdRng],
+    ) -> Result<Vec<f32>> {
+        let steps = self.sampler.steps;
+        Ok(match &self.fused {
+            Some(fused) => {
+                let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+                fused.sample(&flat(feats)?, &flat(f)?, samples, steps, rngs)
+            }
+            None => self
+                .model
+                .sample(feats, f, samples, steps, rngs)?
+                .flatten_all()?
+                .to_vec1::<f32>()?,
+        })
     }
 
     /// (seed, face number) of the next `n` faces, which are then taken.
@@ -247,9 +298,8 @@ impl Classifier {
     /// Classifies a normalised batch `(n, 1, S, S)`.
     pub fn predict_tensor(&mut self, xs: &Tensor) -> Result<Vec<FacePrediction>> {
         let (f, y0) = self.fphi_and_samples(xs)?;
-        let probs = sample_probs(&y0, self.config.card.temperature)?;
-        let (_, s, _) = probs.dims3()?;
-        let probs = probs.flatten_all()?.to_vec1::<f32>()?;
-        Ok(self.summarize(&probs, s, f.to_vec2::<f32>()?))
+        let c = self.config.num_classes();
+        let probs = sample_probs_rows(&y0, c, self.config.card.temperature);
+        Ok(self.summarize(&probs, self.sampler.samples, f.to_vec2::<f32>()?))
     }
 }

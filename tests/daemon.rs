@@ -445,9 +445,13 @@ fn y4m_frames(bytes: &[u8]) -> (usize, usize, Vec<Vec<u8>>) {
 }
 
 /// A run's lines without what changes from run to run (times, rates, latencies).
+/// The output's lines with everything that depends on timing removed: clock fields, and the
+/// `status` lines, which come every `--status-every` seconds (how many depends on the machine's
+/// load).
 fn timeless(o: &Output) -> Vec<Value> {
     lines(o)
         .into_iter()
+        .filter(|v| v["type"] != "status")
         .map(|mut v| {
             for k in [
                 "ts",

@@ -109,7 +109,7 @@ impl ConvGeom {
 /// `C (m×n) = [C +] A (m×k) · B (k×n)` with explicit row/column strides. Sizes are asserted so that
 /// every element the strides reach is inside its slice.
 #[allow(clippy::too_many_arguments)]
-fn sgemm(
+pub(crate) fn sgemm(
     m: usize,
     n: usize,
     k: usize,

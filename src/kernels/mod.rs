@@ -133,7 +133,10 @@ pub(crate) fn lane_sums<const N: usize, const M: usize>(
 pub mod bn;
 pub mod cbam_train;
 pub mod cpu;
+pub mod dense;
 pub mod direct;
+pub mod sampler;
+pub mod softplus;
 pub mod wgrad;
 pub mod winograd;
 

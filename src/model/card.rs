@@ -11,6 +11,9 @@
 use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{batch_norm, linear, BatchNorm, Embedding, Init, Linear, VarBuilder};
 
+use super::diffusion::Schedule;
+use crate::kernels::sampler::{FoldedLayer, FusedCard};
+
 /// `softplus(x) = max(x, 0) + ln(1 + e^{−|x|})`, stable for large |x|.
 pub fn softplus(xs: &Tensor) -> Result<Tensor> {
     xs.relu()? + (xs.abs()?.neg()?.exp()? + 1.0)?.log()?
@@ -39,6 +42,45 @@ impl ConditionalLinear {
     pub fn forward(&self, xs: &Tensor, t: &Tensor) -> Result<Tensor> {
         self.lin.forward(xs)? * self.gain.forward(t)?
     }
+}
+
+fn values(t: &Tensor) -> Result<Vec<f32>> {
+    t.flatten_all()?.to_vec1::<f32>()
+}
+
+/// A linear layer's row-major weight `(d_out, d_in)` and bias (zeros when it has none).
+fn linear_parts(lin: &Linear) -> Result<(Vec<f32>, Vec<f32>)> {
+    let (d_out, _) = lin.weight().dims2()?;
+    let bias = match lin.bias() {
+        Some(b) => values(b)?,
+        None => vec![0.0; d_out],
+    };
+    Ok((values(lin.weight())?, bias))
+}
+
+/// Folds a linear layer, its per-timestep gains (none: one step of gain 1) and the batch norm
+/// that follows it into a [`FoldedLayer`].
+fn fold(lin: &Linear, gain: Option<&Embedding>, bn: &BatchNorm) -> Result<FoldedLayer> {
+    let (weight, bias) = linear_parts(lin)?;
+    let d_out = bias.len();
+    let gains = match gain {
+        Some(g) => values(g.embeddings())?,
+        None => vec![1.0; d_out],
+    };
+    let (gamma, beta) = match bn.weight_and_bias() {
+        Some((w, b)) => (values(w)?, values(b)?),
+        None => (vec![1.0; d_out], vec![0.0; d_out]),
+    };
+    Ok(FoldedLayer::fold(
+        weight,
+        &bias,
+        &gains,
+        &gamma,
+        &beta,
+        &values(bn.running_mean())?,
+        &values(bn.running_var())?,
+        bn.eps(),
+    ))
 }
 
 /// ε_θ for CARD classification.
@@ -98,6 +140,20 @@ impl CardNet {
         let ys = softplus(&self.bn2.forward_t(&self.lin2.forward(&ys, t)?, train)?)?;
         let ys = softplus(&self.bn3.forward_t(&self.lin3.forward(&ys, t)?, train)?)?;
         self.out.forward(&ys)
+    }
+
+    /// The weights of ε_θ folded for the fused CPU sampler ([`FusedCard`]), inference mode.
+    pub fn fused(&self, schedule: &Schedule) -> Result<FusedCard> {
+        let (out_weight, out_bias) = linear_parts(&self.out)?;
+        Ok(FusedCard::new(
+            fold(&self.image_proj, None, &self.image_bn)?,
+            fold(&self.lin1.lin, Some(&self.lin1.gain), &self.bn1)?,
+            fold(&self.lin2.lin, Some(&self.lin2.gain), &self.bn2)?,
+            fold(&self.lin3.lin, Some(&self.lin3.gain), &self.bn3)?,
+            &out_weight,
+            out_bias,
+            schedule.clone(),
+        ))
     }
 
     /// ε̂ from encoder features.

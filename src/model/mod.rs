@@ -123,6 +123,22 @@ pub fn sample_probs(y0: &Tensor, temperature: f64) -> candle_core::Result<Tensor
     candle_nn::ops::softmax(&scores, D::Minus1)
 }
 
+/// [`sample_probs`] on plain rows: `y0` holds rows of `classes` values; returns the per-row
+/// probabilities, same layout.
+pub fn sample_probs_rows(y0: &[f32], classes: usize, temperature: f64) -> Vec<f32> {
+    let mut out = Vec::with_capacity(y0.len());
+    for row in y0.chunks_exact(classes.max(1)) {
+        let scores: Vec<f64> = row
+            .iter()
+            .map(|&y| -((y as f64 - 1.0).powi(2)) / temperature)
+            .collect();
+        let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let z: f64 = scores.iter().map(|v| (v - max).exp()).sum();
+        out.extend(scores.iter().map(|v| ((v - max).exp() / z) as f32));
+    }
+    out
+}
+
 /// Largest `config.json` read.
 const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
@@ -399,6 +415,14 @@ mod tests {
         let p = sample_probs(&y0, 0.5)?.flatten_all()?.to_vec1::<f32>()?;
         let e2 = (-2f32).exp();
         assert!((p[0] - 1.0 / (1.0 + 2.0 * e2)).abs() < 1e-6, "{p:?}");
+        // The plain-slice twin agrees with the tensor version, row by row.
+        let rows = [1f32, 0.0, 2.0, -0.3, 0.9, 0.2];
+        let t = Tensor::from_slice(&rows, (1, 2, 3), &Device::Cpu)?;
+        let want = sample_probs(&t, 0.7)?.flatten_all()?.to_vec1::<f32>()?;
+        let got = sample_probs_rows(&rows, 3, 0.7);
+        for (a, b) in got.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-6, "{got:?} vs {want:?}");
+        }
         Ok(())
     }
 
