@@ -921,8 +921,7 @@ mod tests {
     /// the f32 results.
     #[test]
     fn half_weight_cache_scope() {
-        if !direct::available() {
-            eprintln!("SKIPPED half_weight_cache_scope: no AVX-512F on this CPU");
+        if direct::skip_without_avx512("half_weight_cache_scope") {
             return;
         }
         let rand = crate::kernels::direct::tests::rand_vec;

@@ -35,6 +35,22 @@ pub fn available() -> bool {
     *AVAILABLE.get_or_init(|| std::env::var_os("FER_CAM_NO_AVX512").is_none() && detect())
 }
 
+/// For tests of the AVX-512 kernels: `true` (skip, with a SKIPPED notice on stderr) where they
+/// cannot run. With `FER_CAM_REQUIRE_AVX512=1` (CI sets it on CPUs that have AVX-512) a missing
+/// path is a failure instead, so a broken detection cannot pass as a skip.
+#[cfg(test)]
+pub(crate) fn skip_without_avx512(test: &str) -> bool {
+    if available() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("FER_CAM_REQUIRE_AVX512").is_none_or(|v| v.is_empty()),
+        "{test}: FER_CAM_REQUIRE_AVX512 is set but the AVX-512 kernels are unavailable"
+    );
+    eprintln!("SKIPPED {test}: no AVX-512F on this CPU (or FER_CAM_NO_AVX512 is set)");
+    true
+}
+
 #[cfg(target_arch = "x86_64")]
 fn detect() -> bool {
     std::is_x86_feature_detected!("avx512f")
@@ -941,8 +957,7 @@ pub(super) mod tests {
     /// channel counts that do not fill a panel, and sizes whose grid rows straddle tiles.
     #[test]
     fn direct_matches_gemm_path() {
-        if !available() {
-            eprintln!("SKIPPED direct_matches_gemm_path: no AVX-512F on this CPU");
+        if skip_without_avx512("direct_matches_gemm_path") {
             return;
         }
         let cases = [
@@ -997,8 +1012,7 @@ pub(super) mod tests {
     /// allowed for it). A kernel reading the wrong weights errs by order Σ|w·x|.
     #[test]
     fn half_weights_within_their_rounding() {
-        if !available() {
-            eprintln!("SKIPPED half_weights_within_their_rounding: no AVX-512F on this CPU");
+        if skip_without_avx512("half_weights_within_their_rounding") {
             return;
         }
         let cases = [

@@ -434,8 +434,7 @@ mod tests {
 
     #[test]
     fn hsum16_sums_each_vector_into_its_lane() {
-        if !direct::available() {
-            eprintln!("SKIPPED hsum16_sums_each_vector_into_its_lane: no AVX-512 on this CPU");
+        if direct::skip_without_avx512("hsum16_sums_each_vector_into_its_lane") {
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -461,8 +460,7 @@ mod tests {
 
     #[test]
     fn winograd_weight_gradient_matches_gemm_path() {
-        if !direct::available() {
-            eprintln!("SKIPPED winograd_weight_gradient_matches_gemm_path: no AVX-512 on this CPU");
+        if direct::skip_without_avx512("winograd_weight_gradient_matches_gemm_path") {
             return;
         }
         // (b, c, h, w, k): odd sizes (partial tiles), more than one chunk, a partial K block.

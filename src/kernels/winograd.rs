@@ -933,8 +933,7 @@ mod tests {
 
     #[test]
     fn winograd_matches_gemm_path() {
-        if !direct::available() {
-            eprintln!("SKIPPED winograd_matches_gemm_path: no AVX-512F on this CPU");
+        if direct::skip_without_avx512("winograd_matches_gemm_path") {
             return;
         }
         // b, c, h, w, k: even and odd sizes, rows of tiles longer and shorter than 16, channel
