@@ -213,7 +213,11 @@ fn group_stills_have_several_faces() {
 }
 
 fn synthetic_y4m(frames: usize) -> Vec<u8> {
-    let (w, h) = (64usize, 48usize);
+    synthetic_y4m_sized(frames, 640, 480)
+}
+
+/// `frames` frames of `w`x`h` 4:2:0 video (a moving gray ramp).
+fn synthetic_y4m_sized(frames: usize, w: usize, h: usize) -> Vec<u8> {
     let mut v = format!("YUV4MPEG2 W{w} H{h} F25:1 Ip C420jpeg\n").into_bytes();
     for f in 0..frames {
         v.extend_from_slice(b"FRAME\n");
@@ -354,21 +358,20 @@ fn closed_stdout_ends_the_run_with_success() {
     assert!(start.elapsed() < Duration::from_secs(30));
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
+/// The process's peak resident set size so far (VmHWM), in KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     s.lines()
-        .find(|l| l.starts_with("VmRSS:"))?
+        .find(|l| l.starts_with("VmHWM:"))?
         .split_whitespace()
         .nth(1)?
         .parse()
         .ok()
 }
 
-#[test]
-fn slow_reader_keeps_memory_flat_and_counts_drops() {
-    let tmp = tempfile::tempdir().unwrap();
-    let m = model(tmp.path());
-    let frames = 600;
+/// Feeds `frames` VGA frames on stdin faster than the daemon classifies them, while reading its
+/// stdout slowly. Returns (peak RSS in KiB, frames emitted, frames dropped).
+fn slow_reader_run(m: &Path, frames: usize) -> (u64, u64, u64) {
     let mut child = spawn(&[
         "run",
         "--model",
@@ -383,15 +386,25 @@ fn slow_reader_keeps_memory_flat_and_counts_drops() {
     let pid = child.id();
     let mut stdin = child.stdin.take().unwrap();
     let writer = std::thread::spawn(move || {
-        let _ = stdin.write_all(&synthetic_y4m(frames));
+        let _ = stdin.write_all(&synthetic_y4m_sized(frames, 640, 480));
+    });
+    // Poll the child's high-water mark until it is gone (a zombie has none).
+    let monitor = std::thread::spawn(move || {
+        let (mut peak, mut seen) = (0, false);
+        loop {
+            match peak_rss_kib(pid) {
+                Some(kib) => (peak, seen) = (peak.max(kib), true),
+                None if seen => return peak,
+                None => {}
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
     });
     let mut out = child.stdout.take().unwrap();
     let mut buf = [0u8; 256];
     let mut text = Vec::new();
-    let mut peak = 0;
-    // Read slowly: 256 bytes every 20 ms, far slower than frames arrive.
+    // Read slowly: 256 bytes every 20 ms.
     loop {
-        peak = peak.max(rss_kib(pid).unwrap_or(0));
         match out.read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => text.extend_from_slice(&buf[..n]),
@@ -402,6 +415,7 @@ fn slow_reader_keeps_memory_flat_and_counts_drops() {
     }
     writer.join().unwrap();
     let status = child.wait().unwrap();
+    let peak = monitor.join().unwrap();
     assert!(status.success());
     let ls: Vec<Value> = String::from_utf8_lossy(&text)
         .lines()
@@ -414,10 +428,26 @@ fn slow_reader_keeps_memory_flat_and_counts_drops() {
         summary["dropped"].as_u64().unwrap(),
     );
     assert_eq!(done + dropped, frames as u64);
-    assert!(dropped > 0, "a slow reader must cause drops");
-    // Frames are 3 KiB; a pipeline that queued them all would still be small, so bound the
-    // resident size loosely but far below what an unbounded queue of decoded tensors would take.
-    assert!(peak < 1_000_000, "peak RSS {peak} KiB");
+    (peak, done, dropped)
+}
+
+#[test]
+fn slow_reader_keeps_memory_flat_and_counts_drops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    // 400 VGA frames are 184 MB of luma and chroma: a daemon that queued the frames it cannot
+    // keep up with, instead of dropping them, would peak over 150 MB above the same run with 40.
+    let (small, _, _) = slow_reader_run(&m, 40);
+    let (peak, done, dropped) = slow_reader_run(&m, 400);
+    eprintln!("slow reader: peak RSS {peak} KiB (40 frames: {small} KiB), {done} emitted, {dropped} dropped");
+    assert!(
+        dropped > 0,
+        "frames arriving faster than they are classified must be dropped"
+    );
+    assert!(
+        peak < small + 50_000,
+        "peak RSS {peak} KiB with 400 frames against {small} KiB with 40"
+    );
 }
 
 /// The frames of a 4:2:0 YUV4MPEG2 stream: (width, height, [luma plane per frame]).

@@ -16,9 +16,7 @@ fn rngs(n: usize, seed: u64) -> Vec<rand::rngs::StdRng> {
 }
 
 fn votes(y0: &[f32], c: usize) -> Vec<usize> {
-    y0.chunks_exact(c)
-        .map(fer_cam::metrics::argmax)
-        .collect()
+    y0.chunks_exact(c).map(fer_cam::metrics::argmax).collect()
 }
 
 /// Checks the fused sampler against the reference for `faces` random feature vectors.

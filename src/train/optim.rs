@@ -132,7 +132,10 @@ mod tests {
         assert!((warmup_cosine(9, 100, 10, 1.0, 0.0) - 1.0).abs() < 1e-12);
         assert!((warmup_cosine(10, 100, 10, 1.0, 0.0) - 1.0).abs() < 1e-12);
         assert!((warmup_cosine(55, 100, 10, 1.0, 0.0) - 0.5).abs() < 1e-12);
-        assert!(warmup_cosine(100, 100, 10, 1.0, 0.01) - 0.01 < 1e-12);
+        // The end of the schedule is exactly the floor (min_ratio × base), never below it.
+        assert!((warmup_cosine(100, 100, 10, 1.0, 0.01) - 0.01).abs() < 1e-12);
+        assert!((warmup_cosine(500, 100, 10, 2.0, 0.01) - 0.02).abs() < 1e-12);
+        assert!((0..200).all(|s| warmup_cosine(s, 100, 10, 1.0, 0.01) >= 0.01 - 1e-12));
     }
 
     #[test]
