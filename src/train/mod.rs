@@ -6,6 +6,7 @@
 //! off. Metrics go to `RUN/metrics.jsonl`. Splits: train on Training; PublicTest chooses the best
 //! epoch; PrivateTest is never read here.
 
+pub mod card_batch;
 mod loader;
 pub mod optim;
 pub mod plots;
@@ -17,8 +18,7 @@ use std::time::Instant;
 
 use candle_core::{DType, Device, ModuleT, Tensor, Var, D};
 use candle_nn::{VarBuilder, VarMap};
-use rand::{Rng, SeedableRng};
-use rand_distr::StandardNormal;
+use rand::SeedableRng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::ModelConfig;
@@ -28,8 +28,8 @@ use crate::error::{Error, Result};
 use crate::fsutil::{write_dir_atomically, write_file_atomically};
 use crate::metrics;
 use crate::model::barlow::{barlow_twins_loss, Projector};
-use crate::model::diffusion::q_sample;
 use crate::model::{sample_probs, seeded_init, write_model_files, FerModel};
+use card_batch::CardBatch;
 pub use loader::mix_seed;
 use loader::EpochPlan;
 use optim::{warmup_cosine, AdamW};
@@ -852,7 +852,6 @@ pub fn train_card(
     let (train_feats, train_f) = features_and_fphi(&model, &data.train, &cfg.model, dev)?;
     let (val_feats, val_f) = features_and_fphi(&model, &data.val, &cfg.model, dev)?;
     let feature_seconds = t0.elapsed().as_secs_f64();
-    let classes = cfg.model.num_classes();
     let schedule = model.schedule().clone();
     let n = data.train.len();
     let steps_per_epoch = n / c.batch_size + usize::from(n % c.batch_size >= 2);
@@ -875,26 +874,13 @@ pub fn train_card(
             let ids = Tensor::from_slice(idx, b, dev)?;
             let feats = train_feats.index_select(&ids, 0)?;
             let f = train_f.index_select(&ids, 0)?;
-            let mut y0 = vec![0f32; b * classes];
-            for (r, &i) in idx.iter().enumerate() {
-                y0[r * classes + data.train.labels[i as usize] as usize] = 1.0;
-            }
-            let y0 = Tensor::from_vec(y0, (b, classes), dev)?;
-            let ts: Vec<u32> = (0..b)
-                .map(|_| rng.random_range(0..schedule.len() as u32))
-                .collect();
-            let coeffs: Vec<_> = ts
+            let labels: Vec<u32> = idx
                 .iter()
-                .map(|&t| schedule.forward_coeffs(t as usize))
+                .map(|&i| data.train.labels[i as usize] as u32)
                 .collect();
-            let eps: Vec<f32> = (0..b * classes)
-                .map(|_| rng.sample(StandardNormal))
-                .collect();
-            let eps = Tensor::from_vec(eps, (b, classes), dev)?;
-            let y_t = q_sample(&y0, &f, &eps, &coeffs)?;
-            let t = Tensor::from_vec(ts, b, dev)?;
-            let eps_hat = model.card.forward(&feats, &y_t, &f, &t, true)?;
-            let loss_t = (eps_hat - &eps)?.sqr()?.mean_all()?;
+            let batch = CardBatch::draw(&labels, &f, &schedule, &mut rng, dev)?;
+            let eps_hat = model.card.forward(&feats, &batch.y_t, &f, &batch.t, true)?;
+            let loss_t = batch.loss(&eps_hat)?;
             let loss = loss_t.to_scalar::<f32>()? as f64;
             run.check_finite(loss, epoch, s)?;
             let lr = warmup_cosine(run.opt.steps(), total, 0, c.lr, 0.01);
