@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use fer_cam::kernels::WeightFormat;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -49,25 +48,50 @@ pub struct ReportArgs {
     pub out: PathBuf,
 }
 
+/// The model and how it classifies: shared by `run`, `eval` and `calibrate`.
 #[derive(Debug, Args)]
-pub struct CalibrateArgs {
-    /// Model directory [default: the built-in model].
+pub struct ClassifierArgs {
+    /// Model directory (config.json + model.safetensors) [default: the trained FER2013 model
+    /// built into fer-cam].
     #[arg(long)]
     pub model: Option<PathBuf>,
-    #[command(flatten)]
-    pub source: DataSource,
-    /// Split to fit on. Fit on PublicTest and report on PrivateTest.
-    #[arg(long, default_value = "PublicTest")]
-    pub split: String,
-    /// CARD samples per image [default: the model's].
+    /// CARD samples per face [default: the model's].
     #[arg(long)]
     pub samples: Option<usize>,
-    /// Sampling steps [default: the model's].
+    /// Sampling steps, a strided subset of the training timesteps [default: the model's].
     #[arg(long)]
     pub steps: Option<usize>,
     /// Seed of the sampler's noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Compute device: cpu (cuda needs a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Inference weights of the layers on maps of at most 4x4: f16 (half the memory traffic;
+    /// products and sums stay f32) or f32 (as trained).
+    #[arg(long, value_enum, default_value = "f16")]
+    pub weights: StoredWeightsArg,
+    /// CARD sampler code: fused (one CPU kernel) or candle (the reference, op by op).
+    #[arg(long, value_enum, default_value = "fused")]
+    pub sampler_kernel: SamplerKernelArg,
+}
+
+/// `--sampler-kernel`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SamplerKernelArg {
+    Fused,
+    Candle,
+}
+
+#[derive(Debug, Args)]
+pub struct CalibrateArgs {
+    #[command(flatten)]
+    pub classifier: ClassifierArgs,
+    #[command(flatten)]
+    pub source: DataSource,
+    /// Split to fit on. Fit on PublicTest and report on PrivateTest.
+    #[arg(long, default_value = "PublicTest")]
+    pub split: String,
     /// Crops per forward pass.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
@@ -96,12 +120,12 @@ pub struct ExportArgs {
     /// Storage of the convolution and linear weights.
     #[arg(long, value_enum, default_value = "f16")]
     pub weights: StoredWeightsArg,
-    /// Take the sampler temperature from this calibration file (written by `calibrate`).
+    /// Take the sampler temperatures from this calibration file (written by `calibrate`).
     #[arg(long)]
     pub calibration: Option<PathBuf>,
 }
 
-/// `--weights` of `export`.
+/// `--weights` of `export` (storage) and of `run` / `eval` / `calibrate` (inference).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum StoredWeightsArg {
     F16,
@@ -110,10 +134,8 @@ pub enum StoredWeightsArg {
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
-    /// Model directory (config.json + model.safetensors) [default: the trained FER2013 model
-    /// built into fer-cam].
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub classifier: ClassifierArgs,
     /// Input: a .y4m file, `-` for YUV4MPEG2 on stdin, or image files / directories (sorted).
     #[arg(long, num_args = 1.., conflicts_with = "camera")]
     pub input: Vec<PathBuf>,
@@ -133,17 +155,6 @@ pub struct RunArgs {
     /// files and stdin]. 0 = no limit.
     #[arg(long)]
     pub max_fps: Option<f64>,
-    /// CARD samples per face [default: the model's].
-    #[arg(long)]
-    pub samples: Option<usize>,
-    /// Sampling steps [default: the model's].
-    #[arg(long)]
-    pub steps: Option<usize>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    /// Compute device: cpu (cuda needs a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// Downscale full frames to this width for detection (0: never) [default: 320 for video,
     /// 0 for stills].
     #[arg(long)]
@@ -174,10 +185,6 @@ pub struct RunArgs {
     /// preview. Never replaces an existing file. JSON on stdout is unchanged.
     #[arg(long, value_name = "PATH")]
     pub annotate: Option<PathBuf>,
-    /// Inference weights of the layers on maps of at most 4x4: f16 (half the memory traffic;
-    /// products and sums stay f32) or f32 (as trained).
-    #[arg(long, value_enum, default_value = "f16")]
-    pub weights: WeightFormat,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -284,24 +291,13 @@ pub struct InitArgs {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
-    /// Model directory (config.json + model.safetensors) [default: the trained FER2013 model
-    /// built into fer-cam].
-    #[arg(long)]
-    pub model: Option<PathBuf>,
+    #[command(flatten)]
+    pub classifier: ClassifierArgs,
     #[command(flatten)]
     pub source: DataSource,
     /// Split to score (Training, PublicTest, PrivateTest or a folder name).
     #[arg(long, default_value = "PrivateTest")]
     pub split: String,
-    /// CARD samples per image [default: the model's].
-    #[arg(long)]
-    pub samples: Option<usize>,
-    /// Sampling steps, a strided subset of the training timesteps [default: the model's].
-    #[arg(long)]
-    pub steps: Option<usize>,
-    /// Seed of the sampler's noise.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
     /// Crops per forward pass.
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
@@ -317,13 +313,6 @@ pub struct EvalArgs {
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Inference weights of the layers on maps of at most 4x4: f16 (half the memory traffic;
-    /// products and sums stay f32) or f32 (as trained).
-    #[arg(long, value_enum, default_value = "f16")]
-    pub weights: WeightFormat,
-    /// Compute device: cpu (cuda needs a build with the `cuda` feature).
-    #[arg(long, default_value = "cpu")]
-    pub device: String,
     /// No progress bar on stderr.
     #[arg(long)]
     pub quiet: bool,

@@ -21,8 +21,7 @@ use cli::{Cli, Command, DataSource, EvalArgs, InitArgs, RunArgs, TrainArgs, Trai
 use fer_cam::config::{ModelConfig, Stem};
 use fer_cam::data::{self, Dataset, LoadOptions};
 use fer_cam::eval::{evaluate, EvalOptions};
-use fer_cam::infer::{Classifier, SamplerConfig};
-use fer_cam::kernels::WeightFormat;
+use fer_cam::infer::{Classifier, SamplerConfig, SamplerKernel};
 use fer_cam::model::{init_model, save_model_dir};
 use fer_cam::train::{Progress, StageSelection, TrainConfig};
 
@@ -97,25 +96,25 @@ fn model_name(model: Option<&Path>) -> String {
 
 /// Loads a model (a directory, or the built-in one) onto the named device with the sampler
 /// overrides applied.
-fn load_classifier(
-    model: Option<&Path>,
-    device_name: &str,
-    samples: Option<usize>,
-    steps: Option<usize>,
-    seed: u64,
-    weights: WeightFormat,
-) -> Result<Classifier> {
-    let dev = device(device_name)?;
-    let mut clf = match model {
+fn load_classifier(a: &cli::ClassifierArgs) -> Result<Classifier> {
+    let dev = device(&a.device)?;
+    let mut clf = match &a.model {
         Some(dir) => Classifier::load(dir, &dev)?,
         None => Classifier::load_embedded(&dev)?,
     };
-    clf.set_weight_format(weights);
+    clf.set_weight_format(match a.weights {
+        cli::StoredWeightsArg::F16 => fer_cam::kernels::WeightFormat::F16,
+        cli::StoredWeightsArg::F32 => fer_cam::kernels::WeightFormat::F32,
+    });
+    clf.set_sampler_kernel(match a.sampler_kernel {
+        cli::SamplerKernelArg::Fused => SamplerKernel::Fused,
+        cli::SamplerKernelArg::Candle => SamplerKernel::Candle,
+    })?;
     let defaults = clf.sampler();
     clf.set_sampler(SamplerConfig {
-        samples: samples.unwrap_or(defaults.samples),
-        steps: steps.unwrap_or(defaults.steps),
-        seed,
+        samples: a.samples.unwrap_or(defaults.samples),
+        steps: a.steps.unwrap_or(defaults.steps),
+        seed: a.seed,
     })?;
     Ok(clf)
 }
@@ -195,14 +194,7 @@ fn load_split(src: &DataSource, split: &str, limit: Option<usize>) -> Result<Dat
 }
 
 fn eval(a: EvalArgs) -> Result<()> {
-    let mut clf = load_classifier(
-        a.model.as_deref(),
-        &a.device,
-        a.samples,
-        a.steps,
-        a.seed,
-        a.weights,
-    )?;
+    let mut clf = load_classifier(&a.classifier)?;
     if a.batch_size == 0 {
         bail!("--batch-size 0 (must be at least 1)");
     }
@@ -223,7 +215,7 @@ fn eval(a: EvalArgs) -> Result<()> {
         bar.set_position(done as u64)
     })?;
     bar.finish_and_clear();
-    report.model = model_name(a.model.as_deref());
+    report.model = model_name(a.classifier.model.as_deref());
     report.data = a.source.data.display().to_string();
     report.split = a.split.clone();
     report.ten_crop = a.ten_crop;
@@ -463,14 +455,7 @@ fn run_daemon(a: RunArgs) -> Result<()> {
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
 
-    let clf = load_classifier(
-        a.model.as_deref(),
-        &a.device,
-        a.samples,
-        a.steps,
-        a.seed,
-        a.weights,
-    )?;
+    let clf = load_classifier(&a.classifier)?;
     let (cam_w, cam_h) = parse_resolution(&a.resolution)?;
     if !(1..=240).contains(&a.fps) {
         bail!("--fps {} (allowed 1..=240)", a.fps);

@@ -5,7 +5,6 @@ use anyhow::{bail, Result};
 
 use crate::cli::{CalibrateArgs, ExportArgs, StoredWeightsArg};
 use fer_cam::calibrate::{calibrate as fit, reliability_svg, Samples};
-use fer_cam::kernels::WeightFormat;
 use fer_cam::model::export::{export_model, StoredWeights};
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
@@ -26,14 +25,7 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
             }
         }
     }
-    let mut clf = crate::load_classifier(
-        a.model.as_deref(),
-        "cpu",
-        a.samples,
-        a.steps,
-        a.seed,
-        WeightFormat::F16,
-    )?;
+    let mut clf = crate::load_classifier(&a.classifier)?;
     let data = crate::load_split(&a.source, &a.split, None)?;
     if data.class_names != clf.config().classes {
         bail!(
@@ -48,11 +40,11 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     })?;
     bar.finish_and_clear();
     let mut report = fit(&samples, clf.config().card.temperatures(), a.bins);
-    report.model = crate::model_name(a.model.as_deref());
+    report.model = crate::model_name(a.classifier.model.as_deref());
     report.data = a.source.data.display().to_string();
     report.split = a.split.clone();
     report.steps = clf.sampler().steps;
-    report.seed = a.seed;
+    report.seed = a.classifier.seed;
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }

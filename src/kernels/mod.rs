@@ -162,7 +162,7 @@ pub enum ConvKernels {
 }
 
 /// How the inference path stores the convolution weights it packs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightFormat {
     /// f32, as trained.
     #[default]
