@@ -213,7 +213,7 @@ fn group_stills_have_several_faces() {
 }
 
 fn synthetic_y4m(frames: usize) -> Vec<u8> {
-    synthetic_y4m_sized(frames, 640, 480)
+    synthetic_y4m_sized(frames, 64, 48)
 }
 
 /// `frames` frames of `w`x`h` 4:2:0 video (a moving gray ramp).
