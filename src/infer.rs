@@ -110,6 +110,9 @@ impl Classifier {
     /// Chooses the code that draws the samples. [`SamplerKernel::Fused`] needs the CPU; on
     /// other devices it leaves the candle path in place.
     pub fn set_sampler_kernel(&mut self, kernel: SamplerKernel) -> Result<()> {
+        if kernel == SamplerKernel::Fused && self.fused.is_some() {
+            return Ok(()); // already folded
+        }
         self.fused = match kernel {
             SamplerKernel::Fused if self.device.is_cpu() => {
                 Some(Arc::new(self.model.card.fused(self.model.schedule())?))

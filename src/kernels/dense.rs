@@ -40,6 +40,11 @@ impl Dense {
         }
     }
 
+    /// The weight as given to [`Dense::new`]: row-major `(d_out, d_in)`.
+    pub fn weight(&self) -> &[f32] {
+        &self.w
+    }
+
     /// `out = x · Wᵀ` for `rows` rows of `x` (`out` is overwritten).
     pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
         assert!(x.len() >= rows * self.d_in, "x too short");

@@ -25,12 +25,8 @@ use crate::model::diffusion::{reverse_pairs, sampling_timesteps, Schedule, StepC
 /// One time-conditioned layer with its batch norm folded: `A_t ⊙ (W x) + B_t`.
 #[derive(Debug, Clone)]
 pub struct FoldedLayer {
-    /// Row-major `(d_out, d_in)`, as trained.
-    pub weight: Vec<f32>,
-    /// The same, transposed for [`Dense::forward`].
+    /// The weight `W`, `(d_out, d_in)`.
     pub dense: Dense,
-    pub d_in: usize,
-    pub d_out: usize,
     /// `(T, d_out)`: per-timestep scale and shift.
     pub scale: Vec<f32>,
     pub shift: Vec<f32>,
@@ -64,9 +60,6 @@ impl FoldedLayer {
         }
         Self {
             dense: Dense::new(&weight, d_out, d_in),
-            weight,
-            d_in,
-            d_out,
             scale,
             shift,
         }
@@ -94,21 +87,6 @@ pub struct FusedCard {
     schedule: Schedule,
 }
 
-/// `out (rows, d_out) = x (rows, d_in) · Wᵀ`, on `threads` threads.
-fn matmul_t(
-    x: &[f32],
-    rows: usize,
-    w: &[f32],
-    d_out: usize,
-    d_in: usize,
-    out: &mut [f32],
-    threads: usize,
-) {
-    super::cpu::sgemm(
-        rows, d_out, d_in, x, d_in, 1, w, 1, d_in, out, d_out, false, threads,
-    );
-}
-
 impl FusedCard {
     /// Builds the sampler from folded layers (see [`FoldedLayer::fold`]); `out_weight` is the
     /// output layer's row-major `(C, hidden)` weight.
@@ -121,12 +99,12 @@ impl FusedCard {
         out_bias: Vec<f32>,
         schedule: Schedule,
     ) -> Self {
-        let (c, h) = (out_bias.len(), image.d_out);
-        let (w_y, w_f) = split_columns(&lin1.weight, h, c);
+        let (c, h) = (out_bias.len(), image.dense.d_out);
+        let (w_y, w_f) = split_columns(lin1.dense.weight(), h, c);
         Self {
             classes: c,
             hidden: h,
-            feat_dim: image.d_in,
+            feat_dim: image.dense.d_in,
             lin1_y: Dense::new(&w_y, h, c),
             lin1_f: Dense::new(&w_f, h, c),
             out: Dense::new(out_weight, c, h),
@@ -143,15 +121,7 @@ impl FusedCard {
     fn embed(&self, features: &[f32], b: usize) -> Vec<f32> {
         let h = self.hidden;
         let mut emb = vec![0f32; b * h];
-        matmul_t(
-            features,
-            b,
-            &self.image.weight,
-            h,
-            self.feat_dim,
-            &mut emb,
-            1,
-        );
+        self.image.dense.forward(features, b, &mut emb);
         for row in emb.chunks_exact_mut(h) {
             for ((x, a), s) in row.iter_mut().zip(&self.image.scale).zip(&self.image.shift) {
                 *x = *a * *x + *s;
@@ -316,7 +286,7 @@ fn reverse_update(y: f32, f: f32, eps: f32, z: f32, co: &StepCoeffs) -> f32 {
 impl FoldedLayer {
     /// Scale and shift at timestep `t`.
     fn at(&self, t: usize) -> (&[f32], &[f32]) {
-        let d = self.d_out;
+        let d = self.dense.d_out;
         (
             &self.scale[t * d..(t + 1) * d],
             &self.shift[t * d..(t + 1) * d],
