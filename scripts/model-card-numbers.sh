@@ -26,7 +26,9 @@ for ss in "8 10" "16 10" "32 5" "64 10"; do
   ev --split PublicTest --samples "$1" --steps "$2" --json "$out/public_s$1_t$2.json" \
     > "$out/public_s$1_t$2.txt"
 done
-ev --split PublicTest --ten-crop --json "$out/public_tencrop.json" > "$out/public_tencrop.txt"
+# Other test-time views: none (half the encoder work per face) and ten-crop.
+ev --split PublicTest --tta none --json "$out/public_notta.json" > "$out/public_notta.txt"
+ev --split PublicTest --tta ten-crop --json "$out/public_tencrop.json" > "$out/public_tencrop.txt"
 # The report: PrivateTest, once.
 ev --split PrivateTest --json "$out/private.json" > "$out/private.txt"
 cat "$out/public.txt" "$out/private.txt"

@@ -2,7 +2,8 @@
 # Rebuilds the shipped model from scratch: `train all` with models/fer2013/recipe.json, then one
 # warm-restart cycle of the supervised stage per models/fer2013/recipe-cycle*.json (each starts
 # from the previous f_phi with a fresh head and a new cosine schedule), the CARD head on the last
-# cycle's frozen encoder, the calibration on PublicTest, and the f16 export. Everything is written
+# cycle's frozen encoder, the calibration on PublicTest under the shipped test-time views (flip:
+# each face and its mirror image), and the f16 export. Everything is written
 # under RUN_DIR (base/, cycle2/, ..., calibration/, export/); nothing in the repository is
 # replaced. Compare RUN_DIR/export with models/fer2013, then copy it (and RUN_DIR/calibration/*)
 # over by hand.
@@ -18,6 +19,7 @@ data=${1:?$usage}
 run=${2:?$usage}
 bin=./target/release/fer-cam
 recipes=${RECIPES:-models/fer2013}  # RECIPES=DIR: another recipe set (tests use tiny ones)
+tta=${TTA:-flip}  # the test-time views the temperatures are fitted under and the model runs with
 
 # Runs `fer-cam train STAGE` in DIR unless DIR/done-STAGE exists; continues a begun stage.
 train() {
@@ -48,7 +50,7 @@ for cycle in "$recipes"/recipe-cycle*.json; do
   prev=$dir
 done
 if [ ! -e "$run/calibration/fer2013.json" ]; then
-  $bin calibrate --model "$prev/card/model" --data "$data" --split PublicTest \
+  $bin calibrate --model "$prev/card/model" --data "$data" --split PublicTest --tta "$tta" \
     --out "$run/calibration/fer2013.json"
 fi
 if [ ! -e "$run/export" ]; then

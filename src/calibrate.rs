@@ -12,7 +12,7 @@ use std::path::Path;
 use plotters::prelude::*;
 use serde::Serialize;
 
-pub use crate::config::Temperatures;
+pub use crate::config::{Calibration, Temperatures, Tta};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::infer::Classifier;
@@ -51,7 +51,7 @@ impl Samples {
         }
         Ok(Self {
             y0,
-            samples: classifier.sampler().samples,
+            samples: classifier.samples_per_face(),
             classes: classifier.config().num_classes(),
             labels: data.labels.iter().map(|&l| l as usize).collect(),
         })
@@ -160,6 +160,8 @@ pub struct CalibrationReport {
     pub samples: usize,
     pub steps: usize,
     pub seed: u64,
+    /// Test-time views the samples were drawn under (the temperatures hold for these only).
+    pub tta: Tta,
     /// τ in the model's config before, and the fitted one.
     pub temperature_before: f64,
     pub temperature: f64,
@@ -207,6 +209,7 @@ pub fn calibrate(samples: &Samples, before: Temperatures, bins: usize) -> Calibr
         samples: samples.samples,
         steps: 0,
         seed: 0,
+        tta: Tta::None,
         temperature_before: before.sample,
         temperature: fitted.sample,
         output_temperature_before: before.output,
@@ -304,25 +307,34 @@ impl CalibrationReport {
 
 /// Reads the fitted temperatures from a calibration file written by `fer-cam calibrate` (a file
 /// from before the output temperature existed has T = 1).
-pub fn read_temperatures(path: &Path) -> Result<Temperatures> {
+pub fn read_calibration(path: &Path) -> Result<Calibration> {
     let text = crate::fsutil::read_regular(path, 1 << 20)?;
     let v: serde_json::Value = serde_json::from_slice(&text)
         .map_err(|e| Error::file(path, format!("not a calibration file: {e}")))?;
-    let t = Temperatures {
+    let temperatures = Temperatures {
         sample: v["temperature"].as_f64().unwrap_or(f64::NAN),
         output: match &v["output_temperature"] {
             serde_json::Value::Null => 1.0,
             x => x.as_f64().unwrap_or(f64::NAN),
         },
     };
-    if t.is_valid() {
-        Ok(t)
-    } else {
-        Err(Error::file(
+    if !temperatures.is_valid() {
+        return Err(Error::file(
             path,
             "the calibration file needs a positive finite \"temperature\" (and \"output_temperature\", if given)",
-        ))
+        ));
     }
+    // Files written before test-time views were recorded were fitted without them.
+    let tta = match &v["tta"] {
+        serde_json::Value::Null => Tta::None,
+        x => serde_json::from_value(x.clone()).map_err(|_| {
+            Error::file(
+                path,
+                format!("\"tta\": {x} (must be \"none\", \"flip\" or \"ten-crop\")"),
+            )
+        })?,
+    };
+    Ok(Calibration { temperatures, tta })
 }
 
 #[cfg(test)]
@@ -474,19 +486,27 @@ mod tests {
         assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
         let json = dir.path().join("r.json");
         std::fs::write(&json, serde_json::to_string(&r).unwrap()).unwrap();
-        assert_eq!(read_temperatures(&json).unwrap(), r.temperatures());
-        // A file from before the output temperature: T = 1.
+        let read = read_calibration(&json).unwrap();
+        assert_eq!(read.temperatures, r.temperatures());
+        assert_eq!(read.tta, Tta::None);
+        r.tta = Tta::Flip;
+        std::fs::write(&json, serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(read_calibration(&json).unwrap().tta, Tta::Flip);
+        // A file from before the output temperature and the views: T = 1, no views.
         std::fs::write(&json, "{\"temperature\": 0.3}").unwrap();
-        let old = read_temperatures(&json).unwrap();
-        assert_eq!((old.sample, old.output), (0.3, 1.0));
+        let old = read_calibration(&json).unwrap();
+        let t = old.temperatures;
+        assert_eq!((t.sample, t.output, old.tta), (0.3, 1.0, Tta::None));
         for bad in [
             "{\"temperature\": -1}",
             "{\"temperature\": 0.3, \"output_temperature\": 0}",
             "{\"temperature\": 0.3, \"output_temperature\": \"x\"}",
+            "{\"temperature\": 0.3, \"tta\": \"mirror\"}",
+            "{\"temperature\": 0.3, \"tta\": 2}",
             "{}",
         ] {
             std::fs::write(&json, bad).unwrap();
-            assert!(read_temperatures(&json).is_err(), "{bad}");
+            assert!(read_calibration(&json).is_err(), "{bad}");
         }
     }
 }

@@ -74,6 +74,19 @@ pub struct ClassifierArgs {
     /// CARD sampler code: fused (one CPU kernel) or candle (the reference, op by op).
     #[arg(long, value_enum, default_value = "fused")]
     pub sampler_kernel: SamplerKernelArg,
+    /// Test-time views per face: none, flip (the crop and its mirror) or ten-crop (corner and
+    /// centre 44-px crops and their mirrors) [default: the model's, which its temperatures were
+    /// calibrated under].
+    #[arg(long, value_enum)]
+    pub tta: Option<TtaArg>,
+}
+
+/// `--tta`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum TtaArg {
+    None,
+    Flip,
+    TenCrop,
 }
 
 /// `--sampler-kernel`.
@@ -307,9 +320,6 @@ pub struct EvalArgs {
     /// Score only the first N images of the split.
     #[arg(long)]
     pub limit: Option<usize>,
-    /// Ten-crop test-time augmentation (corner and centre 44-px crops and mirrors).
-    #[arg(long)]
-    pub ten_crop: bool,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

@@ -88,6 +88,48 @@ impl Default for EncoderConfig {
     }
 }
 
+/// Test-time augmentation: the views of each face that the encoder sees. f_φ's probabilities
+/// are averaged over the views and CARD's samples are pooled across them (⌈S/V⌉ per view), so
+/// the calibrated temperatures belong to one choice of views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum Tta {
+    /// The crop as it is.
+    #[default]
+    None,
+    /// The crop and its mirror image.
+    Flip,
+    /// The four corner and the centre 44-px crops (resized back to the input size) and their
+    /// mirror images.
+    TenCrop,
+}
+
+impl Tta {
+    /// Views per face.
+    pub fn views(self) -> usize {
+        match self {
+            Tta::None => 1,
+            Tta::Flip => 2,
+            Tta::TenCrop => 10,
+        }
+    }
+
+    /// Samples actually drawn per face when `samples` are asked for: whole samples per view.
+    pub fn samples_per_face(self, samples: usize) -> usize {
+        let v = self.views();
+        v * samples.div_ceil(v)
+    }
+
+    /// The name used in config files and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Tta::None => "none",
+            Tta::Flip => "flip",
+            Tta::TenCrop => "ten-crop",
+        }
+    }
+}
+
 /// Input crop geometry and normalisation: `x = (pixel/255 − mean)/std`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -95,6 +137,9 @@ pub struct InputConfig {
     pub size: usize,
     pub mean: f32,
     pub std: f32,
+    /// Default test-time views of `eval` and `run` (and those `calibrate` fitted the
+    /// temperatures under).
+    pub tta: Tta,
 }
 
 impl Default for InputConfig {
@@ -103,6 +148,7 @@ impl Default for InputConfig {
             size: 48,
             mean: 0.5,
             std: 0.25,
+            tta: Tta::None,
         }
     }
 }
@@ -164,6 +210,14 @@ impl Temperatures {
             .iter()
             .all(|t| t.is_finite() && *t > 0.0)
     }
+}
+
+/// What `fer-cam calibrate` fits and `export` writes into a model: the temperatures and the
+/// test-time views they were fitted under.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Calibration {
+    pub temperatures: Temperatures,
+    pub tta: Tta,
 }
 
 impl CardConfig {

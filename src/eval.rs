@@ -8,7 +8,7 @@ use serde::Serialize;
 
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::infer::Classifier;
+use crate::infer::{Classifier, Tta};
 use crate::metrics;
 
 /// Options of one evaluation run.
@@ -43,8 +43,8 @@ pub struct EvalReport {
     pub samples: usize,
     pub steps: usize,
     pub seed: u64,
-    /// Ten-crop test-time augmentation was used.
-    pub ten_crop: bool,
+    /// Test-time views per face.
+    pub tta: Tta,
     /// How the encoder's inference weights were stored: `f16` or `f32`.
     pub weights: String,
     pub accuracy: f64,
@@ -122,10 +122,10 @@ pub fn evaluate(
         split: String::new(),
         images: data.len(),
         classes: data.class_names.clone(),
-        samples: sampler.samples,
+        samples: classifier.samples_per_face(),
         steps: sampler.steps,
         seed: sampler.seed,
-        ten_crop: false,
+        tta: classifier.tta(),
         weights: classifier.weight_format().name().to_string(),
         accuracy: metrics::accuracy(&pred, &labels),
         fphi_accuracy: metrics::accuracy(&fphi, &labels),
@@ -158,7 +158,10 @@ impl fmt::Display for EvalReport {
             self.samples,
             self.steps,
             self.seed,
-            if self.ten_crop { ", ten-crop TTA" } else { "" }
+            match self.tta {
+                Tta::None => String::new(),
+                t => format!(", {} TTA", t.name()),
+            }
         )?;
         writeln!(
             f,

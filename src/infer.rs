@@ -12,6 +12,7 @@ use candle_core::{Device, Tensor, D};
 use rand::rngs::StdRng;
 use serde::Serialize;
 
+pub use crate::config::Tta;
 use crate::config::{validate_sampler, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::sampler::FusedCard;
@@ -28,17 +29,6 @@ pub struct FacePrediction {
     pub card: SampleSummary,
     /// f_φ's own softmax (the prior mean), for diagnostics and ablations.
     pub fphi_probs: Vec<f32>,
-}
-
-/// Test-time augmentation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Tta {
-    #[default]
-    None,
-    /// Ten views per face (corner and centre 44-px crops and their mirrors): f_φ's
-    /// probabilities are averaged over the views and CARD's samples are pooled across them
-    /// (⌈S/10⌉ per view).
-    TenCrop,
 }
 
 /// Sampler settings.
@@ -103,6 +93,7 @@ impl Classifier {
             next_face: 0,
             tta: Tta::None,
         };
+        c.tta = c.config.input.tta;
         c.set_sampler_kernel(SamplerKernel::Fused)?;
         Ok(c)
     }
@@ -130,9 +121,26 @@ impl Classifier {
         }
     }
 
-    /// Turns test-time augmentation on or off.
-    pub fn set_tta(&mut self, tta: Tta) {
+    /// Chooses the test-time views (the model's `input.tta` by default). Ten-crop needs 48x48
+    /// inputs.
+    pub fn set_tta(&mut self, tta: Tta) -> Result<()> {
+        let side = self.config.input.size;
+        if tta == Tta::TenCrop && side != crate::data::FACE_SIZE {
+            return Err(Error::Config(format!(
+                "ten-crop needs 48x48 inputs, the model takes {side}"
+            )));
+        }
         self.tta = tta;
+        Ok(())
+    }
+
+    pub fn tta(&self) -> Tta {
+        self.tta
+    }
+
+    /// Samples summarised per face: the sampler's, rounded up to whole samples per view.
+    pub fn samples_per_face(&self) -> usize {
+        self.tta.samples_per_face(self.sampler.samples)
     }
 
     /// Overrides samples / steps / seed (validated against the model's T).
@@ -211,60 +219,66 @@ impl Classifier {
 
     /// Classifies `n` crops given as `n·S·S` bytes. Returns one prediction per crop, in order.
     pub fn predict(&mut self, crops: &[u8]) -> Result<Vec<FacePrediction>> {
-        if self.tta == Tta::TenCrop {
-            return self.predict_ten_crop(crops);
-        }
-        let xs = self.preprocess(crops)?;
-        self.predict_tensor(&xs)
-    }
-
-    fn predict_ten_crop(&mut self, crops: &[u8]) -> Result<Vec<FacePrediction>> {
-        let side = self.config.input.size;
-        if side != crate::data::FACE_SIZE {
-            return Err(Error::Config(format!(
-                "ten-crop needs 48x48 inputs, the model takes {side}"
-            )));
-        }
-        let px = side * side;
         let n = self.crop_count(crops.len())?;
-        let views: Vec<u8> = crops
-            .chunks_exact(px)
-            .flat_map(|c| crate::data::augment::ten_crops(c, 44).into_iter().flatten())
-            .collect();
-        let xs = self.preprocess(&views)?;
-        let feats = self.model.features(&xs, false)?;
-        let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
-        let per_view = self.sampler.samples.div_ceil(10);
-        let mut rngs: Vec<StdRng> = self
-            .face_keys(n)
-            .flat_map(|(seed, face)| (0..10).map(move |v| keyed_rng(&[seed, face, 1 + v])))
-            .collect();
-        // (n·10, per_view, C) row-major is (n, 10·per_view, C): each face's views in a row.
-        let y0 = self.draw(&feats, &f, per_view, &mut rngs)?;
+        let (f, y0) = self.fphi_and_samples(crops)?;
         let c = self.config.num_classes();
         let probs = sample_probs_rows(&y0, c, self.config.card.temperature);
-        let fphi = f.reshape((n, 10, c))?.mean(1)?.to_vec2::<f32>()?;
-        Ok(self.summarize(&probs, 10 * per_view, fphi))
+        let fphi = f
+            .reshape((n, self.tta.views(), c))?
+            .mean(1)?
+            .to_vec2::<f32>()?;
+        Ok(self.summarize(&probs, self.samples_per_face(), fphi))
     }
 
-    /// The raw CARD samples ŷ_0 of `n` crops, as `(n, samples, C)` values in one flat vector
-    /// (no test-time augmentation): what calibration fits the temperature on.
+    /// The raw CARD samples ŷ_0 of `n` crops under the chosen views, as
+    /// `(n, samples_per_face, C)` values in one flat vector: what calibration fits the
+    /// temperatures on.
     pub fn sample_y0(&mut self, crops: &[u8]) -> Result<Vec<f32>> {
-        let xs = self.preprocess(crops)?;
-        let (_, y0) = self.fphi_and_samples(&xs)?;
-        Ok(y0)
+        Ok(self.fphi_and_samples(crops)?.1)
     }
 
-    /// f_φ's probabilities `(n, C)` and the CARD samples ŷ_0 `(n, S, C)` (flat) of a normalised
-    /// batch.
-    fn fphi_and_samples(&mut self, xs: &Tensor) -> Result<(Tensor, Vec<f32>)> {
-        let feats = self.model.features(xs, false)?;
+    /// The views of `n` crops, `n·V` crops with each face's views together.
+    fn views(&self, crops: &[u8]) -> Result<Vec<u8>> {
+        let side = self.config.input.size;
+        Ok(match self.tta {
+            Tta::None => crops.to_vec(),
+            Tta::Flip => crops
+                .chunks_exact(side * side)
+                .flat_map(|c| {
+                    let mirror = c.chunks_exact(side).flat_map(|row| row.iter().rev());
+                    c.iter().chain(mirror).copied()
+                })
+                .collect(),
+            Tta::TenCrop => crops
+                .chunks_exact(side * side)
+                .flat_map(|c| crate::data::augment::ten_crops(c, 44).into_iter().flatten())
+                .collect(),
+        })
+    }
+
+    /// f_φ's probabilities `(n·V, C)` per view and the CARD samples ŷ_0
+    /// `(n, samples_per_face, C)` (flat) of `n` crops. Without views each face draws from the
+    /// generator keyed (seed, face); with views, view v from (seed, face, 1 + v).
+    fn fphi_and_samples(&mut self, crops: &[u8]) -> Result<(Tensor, Vec<f32>)> {
+        let n = self.crop_count(crops.len())?;
+        let views = self.tta.views();
+        let xs = self.preprocess(&self.views(crops)?)?;
+        let feats = self.model.features(&xs, false)?;
         let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
-        let mut rngs: Vec<StdRng> = self
-            .face_keys(xs.dim(0)?)
-            .map(|(seed, face)| keyed_rng(&[seed, face]))
-            .collect();
-        let y0 = self.draw(&feats, &f, self.sampler.samples, &mut rngs)?;
+        let mut rngs: Vec<StdRng> = if views == 1 {
+            self.face_keys(n)
+                .map(|(seed, face)| keyed_rng(&[seed, face]))
+                .collect()
+        } else {
+            self.face_keys(n)
+                .flat_map(|(seed, face)| {
+                    (0..views as u64).map(move |v| keyed_rng(&[seed, face, 1 + v]))
+                })
+                .collect()
+        };
+        // (n·V, S/V, C) row-major is (n, S, C): each face's views in a row.
+        let per_view = self.samples_per_face() / views;
+        let y0 = self.draw(&feats, &f, per_view, &mut rngs)?;
         Ok((f, y0))
     }
 
@@ -296,13 +310,5 @@ impl Classifier {
         let (seed, first) = (self.sampler.seed, self.next_face);
         self.next_face += n as u64;
         (first..first + n as u64).map(move |face| (seed, face))
-    }
-
-    /// Classifies a normalised batch `(n, 1, S, S)`.
-    pub fn predict_tensor(&mut self, xs: &Tensor) -> Result<Vec<FacePrediction>> {
-        let (f, y0) = self.fphi_and_samples(xs)?;
-        let c = self.config.num_classes();
-        let probs = sample_probs_rows(&y0, c, self.config.card.temperature);
-        Ok(self.summarize(&probs, self.sampler.samples, f.to_vec2::<f32>()?))
     }
 }

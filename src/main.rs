@@ -21,7 +21,7 @@ use cli::{Cli, Command, DataSource, EvalArgs, InitArgs, RunArgs, TrainArgs, Trai
 use fer_cam::config::{ModelConfig, Stem};
 use fer_cam::data::{self, Dataset, LoadOptions};
 use fer_cam::eval::{evaluate, EvalOptions};
-use fer_cam::infer::{Classifier, SamplerConfig, SamplerKernel};
+use fer_cam::infer::{Classifier, SamplerConfig, SamplerKernel, Tta};
 use fer_cam::model::{init_model, save_model_dir};
 use fer_cam::train::{Progress, StageSelection, TrainConfig};
 
@@ -110,6 +110,13 @@ fn load_classifier(a: &cli::ClassifierArgs) -> Result<Classifier> {
         cli::SamplerKernelArg::Fused => SamplerKernel::Fused,
         cli::SamplerKernelArg::Candle => SamplerKernel::Candle,
     })?;
+    if let Some(tta) = a.tta {
+        clf.set_tta(match tta {
+            cli::TtaArg::None => Tta::None,
+            cli::TtaArg::Flip => Tta::Flip,
+            cli::TtaArg::TenCrop => Tta::TenCrop,
+        })?;
+    }
     let defaults = clf.sampler();
     clf.set_sampler(SamplerConfig {
         samples: a.samples.unwrap_or(defaults.samples),
@@ -198,9 +205,6 @@ fn eval(a: EvalArgs) -> Result<()> {
     if a.batch_size == 0 {
         bail!("--batch-size 0 (must be at least 1)");
     }
-    if a.ten_crop {
-        clf.set_tta(fer_cam::infer::Tta::TenCrop);
-    }
     if !(0.0..=1.0).contains(&a.threshold) {
         bail!("--threshold {} (allowed 0..=1)", a.threshold);
     }
@@ -218,7 +222,6 @@ fn eval(a: EvalArgs) -> Result<()> {
     report.model = model_name(a.classifier.model.as_deref());
     report.data = a.source.data.display().to_string();
     report.split = a.split.clone();
-    report.ten_crop = a.ten_crop;
     if let Some(path) = &a.json {
         write_json(path, &report)?;
     }

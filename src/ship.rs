@@ -45,13 +45,14 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     report.split = a.split.clone();
     report.steps = clf.sampler().steps;
     report.seed = a.classifier.seed;
+    report.tta = clf.tta();
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
     crate::write_json(&a.out, &report)?;
     reliability_svg(&report, &svg)?;
     crate::print_stdout(&format!(
-        "{} [{}], {} images, {} samples x {} steps\n\
+        "{} [{}], {} images, {} samples x {} steps, test-time views {}\n\
          temperature (per sample) {:.4} -> {:.4}\n\
          output temperature {:.4} -> {:.4}\n\
          ECE {:.4} -> {:.4} ({} bins)\n\
@@ -62,6 +63,7 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         report.images,
         report.samples,
         report.steps,
+        report.tta.name(),
         report.temperature_before,
         report.temperature,
         report.output_temperature_before,
@@ -77,23 +79,25 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    let temperatures = a
+    let calibration = a
         .calibration
         .as_deref()
-        .map(fer_cam::calibrate::read_temperatures)
+        .map(fer_cam::calibrate::read_calibration)
         .transpose()?;
     let weights = match a.weights {
         StoredWeightsArg::F16 => StoredWeights::F16,
         StoredWeightsArg::F32 => StoredWeights::F32,
     };
-    let s = export_model(&a.model, &a.out, weights, temperatures)?;
+    let s = export_model(&a.model, &a.out, weights, calibration)?;
     crate::print_stdout(&format!(
-        "wrote {}: {} tensors ({} as f16), {:.2} MB, sampler temperatures τ {:.4}, T {:.4}",
+        "wrote {}: {} tensors ({} as f16), {:.2} MB, sampler temperatures τ {:.4}, T {:.4}, \
+         test-time views {}",
         a.out.display(),
         s.tensors,
         s.tensors_f16,
         s.bytes as f64 / 1e6,
         s.temperatures.sample,
-        s.temperatures.output
+        s.temperatures.output,
+        s.tta.name()
     ))
 }

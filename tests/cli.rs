@@ -114,7 +114,8 @@ fn init_then_eval_writes_report_and_json() {
         csv.to_str().unwrap(),
         "--samples",
         "10",
-        "--ten-crop",
+        "--tta",
+        "ten-crop",
         "--no-cache",
         "--quiet",
     ]);

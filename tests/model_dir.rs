@@ -37,7 +37,8 @@ fn load_err(dir: &Path) -> String {
 fn round_trip_and_predict() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().join("model");
-    let cfg = small(true);
+    let mut cfg = small(true);
+    cfg.input.tta = fer_cam::config::Tta::Flip;
     save(&dir, &cfg);
     // Saving again over an existing directory replaces it and leaves no temp files behind.
     save(&dir, &cfg);
@@ -49,6 +50,8 @@ fn round_trip_and_predict() {
     let loaded = load_model_dir(&dir, &Device::Cpu).unwrap();
     assert_eq!(loaded.config, cfg);
     let mut clf = Classifier::load(&dir, &Device::Cpu).unwrap();
+    // The config's test-time views are the classifier's default.
+    assert_eq!(clf.tta(), fer_cam::config::Tta::Flip);
     let crops = vec![128u8; 3 * 48 * 48];
     let preds = clf.predict(&crops).unwrap();
     assert_eq!(preds.len(), 3);

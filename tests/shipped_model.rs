@@ -34,8 +34,14 @@ fn embedded_model_is_the_committed_one_and_calibrated() {
     assert_eq!(config, embedded_config);
     let loaded = embedded::load(&Device::Cpu).unwrap();
     assert_eq!(loaded.config.classes, fer_cam::config::FER2013_CLASSES);
-    // `fer-cam calibrate` fitted the temperature; the default 1.0 means it was never applied.
+    // `fer-cam calibrate` fitted the temperatures (the default 1.0 means it was never applied),
+    // and the model carries the calibration file's temperatures and the test-time views they
+    // were fitted under.
     assert_ne!(loaded.config.card.temperature, 1.0);
+    let calibration = Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/fer2013.json");
+    let cal = fer_cam::calibrate::read_calibration(&calibration).unwrap();
+    assert_eq!(loaded.config.card.temperatures(), cal.temperatures);
+    assert_eq!(loaded.config.input.tta, cal.tta);
     assert!(
         weights.len() <= 25_000_000,
         "shipped model is {} bytes",

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use super::{read_config, CONFIG_FILE, WEIGHTS_FILE};
-use crate::config::Temperatures;
+use crate::config::{Calibration, Temperatures, Tta};
 use crate::error::{Error, Result};
 
 /// Largest finite half-precision value.
@@ -32,15 +32,17 @@ pub struct ExportSummary {
     pub tensors_f16: usize,
     pub bytes: u64,
     pub temperatures: Temperatures,
+    pub tta: Tta,
 }
 
 /// Copies the model in `src` to the new directory `out` (an existing `out` is refused), with
-/// the weights stored as `weights` and, when given, the sampler temperatures replaced.
+/// the weights stored as `weights` and, when given, the calibration (the sampler temperatures
+/// and the test-time views they hold for) replaced.
 pub fn export_model(
     src: &Path,
     out: &Path,
     weights: StoredWeights,
-    temperatures: Option<Temperatures>,
+    calibration: Option<Calibration>,
 ) -> Result<ExportSummary> {
     if out.exists() {
         return Err(Error::file(
@@ -49,7 +51,11 @@ pub fn export_model(
         ));
     }
     let mut cfg = read_config(src)?;
-    if let Some(t) = temperatures {
+    if let Some(Calibration {
+        temperatures: t,
+        tta,
+    }) = calibration
+    {
         if !t.is_valid() {
             return Err(Error::Config(format!(
                 "temperatures τ {} and T {} (both must be > 0)",
@@ -57,6 +63,7 @@ pub fn export_model(
             )));
         }
         cfg.card.set_temperatures(t);
+        cfg.input.tta = tta;
     }
     // Loading checks every tensor against the config before anything is written.
     super::load_model_dir(src, &Device::Cpu)?;
@@ -89,6 +96,7 @@ pub fn export_model(
         tensors_f16,
         bytes,
         temperatures: cfg.card.temperatures(),
+        tta: cfg.input.tta,
     })
 }
 
@@ -120,12 +128,17 @@ mod tests {
             sample: 1.7,
             output: 0.8,
         };
-        let s = export_model(&src, &out, StoredWeights::F16, Some(t)).unwrap();
+        let calibration = Calibration {
+            temperatures: t,
+            tta: Tta::Flip,
+        };
+        let s = export_model(&src, &out, StoredWeights::F16, Some(calibration)).unwrap();
         assert!(s.tensors_f16 > 0 && s.tensors_f16 < s.tensors);
         let a = load_model_dir(&src, &Device::Cpu).unwrap();
         let b = load_model_dir(&out, &Device::Cpu).unwrap();
         assert_eq!(b.config.card.temperatures(), t);
         assert_eq!(s.temperatures, t);
+        assert_eq!((s.tta, b.config.input.tta), (Tta::Flip, Tta::Flip));
         let xs = Tensor::randn(0f32, 1.0, (2, 1, 48, 48), &Device::Cpu).unwrap();
         let fa = a.model.features(&xs, false).unwrap();
         let fb = b.model.features(&xs, false).unwrap();
