@@ -109,16 +109,83 @@ pub fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
-/// Writes a file via a temp file + rename.
+/// Writes a file via a new temp file beside it + rename, so a reader never sees half a file.
+/// The temp file's name is fresh (`.NAME.PID-N.tmp`, created exclusively), so no file that
+/// happens to share a "temp" name is ever replaced; it is removed again if the write fails.
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| Error::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
+    use std::io::Write;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::file(path, "not a file name"))?
+        .to_string_lossy();
+    let dir = path.parent().unwrap_or(Path::new(""));
+    let (tmp, mut file) = loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!(".{name}.{}-{n}.tmp", std::process::id()));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => break (tmp, f),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::io(&tmp, e)),
+        }
+    };
+    let written = file
+        .write_all(bytes)
+        .and_then(|_| file.flush())
+        .map_err(|e| Error::io(&tmp, e))
+        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn atomic_writes_leave_files_with_temp_like_names_alone() {
+        let root = tempfile::tempdir().unwrap();
+        let path = root.path().join("report.json");
+        // Names an earlier, simpler scheme would have used as its temp file.
+        for other in ["report.tmp", "report.json.tmp", ".report.json.tmp"] {
+            std::fs::write(root.path().join(other), "keep").unwrap();
+        }
+        write_file_atomically(&path, b"one").unwrap();
+        write_file_atomically(&path, b"two").unwrap();
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "two");
+        let mut names: Vec<String> = std::fs::read_dir(root.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(
+            names,
+            [
+                ".report.json.tmp",
+                "report.json",
+                "report.json.tmp",
+                "report.tmp"
+            ]
+        );
+        for other in ["report.tmp", "report.json.tmp", ".report.json.tmp"] {
+            assert_eq!(
+                std::fs::read_to_string(root.path().join(other)).unwrap(),
+                "keep"
+            );
+        }
+        // A failed write (the target is a directory) leaves no temp file behind.
+        let dir = root.path().join("sub");
+        std::fs::create_dir(&dir).unwrap();
+        assert!(write_file_atomically(&dir, b"x").is_err());
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 5);
+    }
 
     #[test]
     fn a_crash_between_the_renames_is_repaired_and_modes_follow_the_umask() {

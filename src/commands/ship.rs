@@ -25,8 +25,8 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
             }
         }
     }
-    let mut clf = crate::load_classifier(&a.classifier)?;
-    let data = crate::load_split(&a.source, &a.split, None)?;
+    let mut clf = super::load_classifier(&a.classifier)?;
+    let data = super::load_split(&a.source, &a.split, None)?;
     if data.class_names != clf.config().classes {
         bail!(
             "the data's classes [{}] differ from the model's [{}]",
@@ -34,13 +34,13 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
             clf.config().classes.join(", ")
         );
     }
-    let bar = crate::progress_bar(a.quiet, data.len(), format!("sample {}", a.split))?;
+    let bar = super::progress_bar(a.quiet, data.len(), format!("sample {}", a.split))?;
     let samples = Samples::draw(&mut clf, &data, a.batch_size, |d| {
         bar.set_position(d as u64)
     })?;
     bar.finish_and_clear();
     let mut report = fit(&samples, clf.config().card.temperatures(), a.bins);
-    report.model = crate::model_name(a.classifier.model.as_deref());
+    report.model = super::model_name(a.classifier.model.as_deref());
     report.data = a.source.data.display().to_string();
     report.split = a.split.clone();
     report.steps = clf.sampler().steps;
@@ -49,9 +49,9 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::create_dir_all(dir)?;
     }
-    crate::write_json(&a.out, &report)?;
+    super::write_json(&a.out, &report)?;
     reliability_svg(&report, &svg)?;
-    crate::print_stdout(&format!(
+    super::print_stdout(&format!(
         "{} [{}], {} images, {} samples x {} steps, test-time views {}\n\
          temperature (per sample) {:.4} -> {:.4}\n\
          output temperature {:.4} -> {:.4}\n\
@@ -89,7 +89,7 @@ pub fn export(a: ExportArgs) -> Result<()> {
         StoredWeightsArg::F32 => StoredWeights::F32,
     };
     let s = export_model(&a.model, &a.out, weights, calibration)?;
-    crate::print_stdout(&format!(
+    super::print_stdout(&format!(
         "wrote {}: {} tensors ({} as f16), {:.2} MB, sampler temperatures τ {:.4}, T {:.4}, \
          test-time views {}",
         a.out.display(),

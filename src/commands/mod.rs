@@ -1,0 +1,140 @@
+//! The binary's subcommands, one file each, and what they share: loading a model or a dataset,
+//! progress bars, writing stdout and JSON files.
+
+pub mod data;
+pub mod eval;
+pub mod init;
+pub mod report;
+pub mod run;
+pub mod ship;
+pub mod train;
+
+use std::io::Write;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::Device;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::cli::{self, DataSource};
+use fer_cam::data::{self as dataset, Dataset, LoadOptions};
+use fer_cam::infer::{Classifier, SamplerConfig, SamplerKernel, Tta};
+
+pub fn device(name: &str) -> Result<Device> {
+    match name {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => {
+            bail!("--device cuda: this build has no CUDA support (build with --features cuda)")
+        }
+        other => bail!("--device {other:?} is unknown (allowed: cpu, cuda)"),
+    }
+}
+
+pub fn load_options(src: &DataSource) -> LoadOptions {
+    if src.no_cache {
+        LoadOptions::default()
+    } else if let Some(d) = &src.cache_dir {
+        LoadOptions {
+            cache_dir: Some(d.clone()),
+        }
+    } else {
+        LoadOptions::with_default_cache()
+    }
+}
+
+/// How reports name the model: its directory, or the built-in one.
+pub fn model_name(model: Option<&Path>) -> String {
+    model.map_or_else(
+        || fer_cam::model::embedded::NAME.to_string(),
+        |p| p.display().to_string(),
+    )
+}
+
+/// Loads a model (a directory, or the built-in one) onto the named device with the sampler
+/// overrides applied.
+pub fn load_classifier(a: &cli::ClassifierArgs) -> Result<Classifier> {
+    let dev = device(&a.device)?;
+    let mut clf = match &a.model {
+        Some(dir) => Classifier::load(dir, &dev)?,
+        None => Classifier::load_embedded(&dev)?,
+    };
+    clf.set_weight_format(match a.weights {
+        cli::StoredWeightsArg::F16 => fer_cam::kernels::WeightFormat::F16,
+        cli::StoredWeightsArg::F32 => fer_cam::kernels::WeightFormat::F32,
+    });
+    clf.set_sampler_kernel(match a.sampler_kernel {
+        cli::SamplerKernelArg::Fused => SamplerKernel::Fused,
+        cli::SamplerKernelArg::Candle => SamplerKernel::Candle,
+    })?;
+    if let Some(tta) = a.tta {
+        clf.set_tta(match tta {
+            cli::TtaArg::None => Tta::None,
+            cli::TtaArg::Flip => Tta::Flip,
+            cli::TtaArg::TenCrop => Tta::TenCrop,
+        })?;
+    }
+    let defaults = clf.sampler();
+    clf.set_sampler(SamplerConfig {
+        samples: a.samples.unwrap_or(defaults.samples),
+        steps: a.steps.unwrap_or(defaults.steps),
+        seed: a.seed,
+    })?;
+    Ok(clf)
+}
+
+pub fn load_data(src: &DataSource) -> Result<Dataset> {
+    let opts = load_options(src);
+    let (ds, info) = dataset::load(&src.data, &opts)?;
+    for w in &info.warnings {
+        fer_cam::log!("warning: {w}");
+    }
+    fer_cam::log!(
+        "loaded {} images from {} in {:.3} s ({})",
+        ds.len(),
+        src.data.display(),
+        info.seconds,
+        if info.from_cache { "cache" } else { "parsed" }
+    );
+    Ok(ds)
+}
+
+pub fn print_stdout(text: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// A progress bar on stderr (hidden with `quiet`).
+pub fn progress_bar(quiet: bool, len: usize, msg: String) -> Result<ProgressBar> {
+    let bar = if quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(len as u64)
+    };
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{msg} [{elapsed_precise}] {wide_bar} {pos}/{len} ({per_sec}, eta {eta})",
+        )
+        .context("progress bar template")?,
+    );
+    bar.set_message(msg);
+    Ok(bar)
+}
+
+/// The labelled images of one split, or of its first `limit`.
+pub fn load_split(src: &DataSource, split: &str, limit: Option<usize>) -> Result<Dataset> {
+    let all = load_data(src)?;
+    let mut data = all.select_split(split)?;
+    if let Some(n) = limit {
+        data = data.select(|i| i < n);
+    }
+    Ok(data)
+}
+
+/// Writes `value` as pretty JSON to `path` (atomically: a reader sees the old or the new file).
+pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)? + "\n";
+    fer_cam::fsutil::write_file_atomically(path, text.as_bytes())?;
+    Ok(())
+}
