@@ -8,7 +8,7 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use fer_cam::kernels::{cpu, cpu::ConvGeom, direct, wgrad, winograd};
+use fer_cam::kernels::{direct, geom::ConvGeom, reference, wgrad, winograd};
 
 fn main() {
     // As the fer-cam binary does: keep freed pages for reuse instead of faulting them in again.
@@ -60,7 +60,7 @@ fn main() {
                         }
                         ("winograd", Some(p)) => winograd::conv_forward(&g, &x, p, None, false),
                         ("direct", _) => direct::conv_forward(&g, &x, &pw, None, false),
-                        _ => cpu::conv2d_forward_gemm(&g, &x, &w, None, false),
+                        _ => reference::conv2d_forward_gemm(&g, &x, &w, None, false),
                     };
                     std::hint::black_box(y);
                 }
@@ -119,7 +119,7 @@ fn weight_gradients() {
                 let dw = match label {
                     "winograd4" => wgrad::conv_backward_weight_tiles(&g, &x, &dy, 4),
                     "winograd" => wgrad::conv_backward_weight_tiles(&g, &x, &dy, 2),
-                    _ => cpu::conv2d_backward_weight_gemm(&g, &x, &dy),
+                    _ => reference::conv2d_backward_weight_gemm(&g, &x, &dy),
                 };
                 std::hint::black_box(dw);
             });

@@ -9,7 +9,7 @@
 
 use rayon::prelude::*;
 
-use super::MapGeom;
+use super::geom::MapGeom;
 
 avx512_twins! {
     /// Per-plane loops, written branch-free so that they vectorise.

@@ -3,7 +3,7 @@
 //! Through a general GEMM the CARD sampler's 32-row products spent as long packing the 256x256
 //! weight as multiplying; here each 6-row x 16-column block of the output stays in registers
 //! while `k` runs over `d_in`, reading `W_t` rows straight from memory. Compiled for the baseline
-//! target and for AVX2+FMA (chosen at run time). The reference twin is [`super::cpu::sgemm`],
+//! target and for AVX2+FMA (chosen at run time). The reference twin is [`super::reference::sgemm`],
 //! compared in this module's tests.
 
 /// Columns of one output block (two AVX registers).
@@ -172,7 +172,7 @@ mod tests {
             let w: Vec<f32> = (0..d_out * d_in).map(|_| g.random::<f32>() - 0.5).collect();
             let x: Vec<f32> = (0..rows * d_in).map(|_| g.random::<f32>() - 0.5).collect();
             let mut want = vec![0f32; rows * d_out];
-            crate::kernels::cpu::sgemm(
+            crate::kernels::reference::sgemm(
                 rows, d_out, d_in, &x, d_in, 1, &w, 1, d_in, &mut want, d_out, false, 1,
             );
             let dense = Dense::new(&w, d_out, d_in);

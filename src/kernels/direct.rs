@@ -16,13 +16,13 @@
 //!   Bias and ReLU are applied when the tile is stored.
 //!
 //! Used when the CPU has AVX-512F (checked once at run time); otherwise the GEMM path in
-//! [`super::cpu`] runs. `FER_CAM_NO_AVX512=1` forces that path.
+//! [`super::reference`] runs. `FER_CAM_NO_AVX512=1` forces that path.
 
 use std::sync::OnceLock;
 
 use rayon::prelude::*;
 
-use super::cpu::{ConvGeom, SharedOut};
+use super::geom::{ConvGeom, SharedOut};
 
 /// Output channels per weight panel.
 pub const MR: usize = 16;
@@ -895,7 +895,6 @@ pub(super) mod avx512 {
 #[cfg(test)]
 pub(super) mod tests {
     use super::*;
-    use crate::kernels::cpu;
 
     /// Uniform values in [-1, 1) from a fixed-seed LCG (shared by the kernel unit tests).
     pub(in crate::kernels) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
@@ -996,7 +995,7 @@ pub(super) mod tests {
             let wt = rand_vec(g.weight_len(), 2 * i as u64 + 1);
             let bias = rand_vec(k, 99);
             for (bias, relu) in [(None, false), (Some(&bias[..]), true)] {
-                let want = cpu::conv2d_forward_gemm(&g, &x, &wt, bias, relu);
+                let want = crate::kernels::reference::conv2d_forward_gemm(&g, &x, &wt, bias, relu);
                 let pw = PackedWeights::pack(&wt, k, c, kh, kh);
                 let got = conv_forward(&g, &x, &pw, bias, relu);
                 assert_eq!(got.len(), want.len());

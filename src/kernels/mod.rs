@@ -2,12 +2,14 @@
 //! gradients), a fused conv + bias + ReLU for inference with batch-norm folded in, an overlapping
 //! max-pool with backward, and fused training-mode batch-norm and CBAM gates with backward.
 //!
-//! Kernels: [`winograd`] (F(2x2,3x3), F(4x4,3x3)) and [`direct`] (implicit GEMM) on an AVX-512
-//! micro-kernel, chosen per layer in [`cpu::conv2d_forward`]; the im2col + GEMM path in [`cpu`]
-//! where AVX-512 is missing; [`bn`] and [`cbam_train`] for training. candle's built-in ops are
-//! the reference in the parity tests (`tests/kernels.rs`); the GEMM path is the reference in the
-//! unit tests of the AVX-512 kernels. Tensors on other devices fall back to candle's ops, so the
-//! model code is device-agnostic.
+//! Layout, from the ground up: [`geom`] (shapes only); [`reference`] (im2col + GEMM and pooling,
+//! the portable path every fast path is tested against); the fast paths [`winograd`]
+//! (F(2x2,3x3), F(4x4,3x3)), [`direct`] (implicit GEMM on an AVX-512 micro-kernel), [`wgrad`],
+//! [`bn`] and [`cbam`]; [`conv`], the per-layer choice between them; and the candle custom ops
+//! that wrap them here. candle's built-in ops are the reference in the parity tests
+//! (`tests/kernels.rs`). Tensors on other devices fall back to candle's ops, so the model code is
+//! device-agnostic. The CARD sampler's kernels ([`sampler`], [`dense`], [`softplus`]) work on
+//! plain slices.
 
 /// Calls `$avx::$f` (a loop compiled with `#[target_feature(enable = "avx512f")]`) where the CPU
 /// has AVX-512, else the baseline build `$base::$f` of the same loop.
@@ -65,36 +67,6 @@ macro_rules! avx512_twins {
     };
 }
 
-/// Shape of a `(b, c, h, w)` feature map as the batch-norm and CBAM kernels see it: `hw` values
-/// per channel per image.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct MapGeom {
-    pub b: usize,
-    pub c: usize,
-    pub hw: usize,
-}
-
-impl MapGeom {
-    pub fn len(&self) -> usize {
-        self.b * self.c * self.hw
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Values per channel over the batch.
-    pub fn n(&self) -> usize {
-        self.b * self.hw
-    }
-
-    /// The `b` planes of channel `c` of `x`.
-    pub fn planes<'a>(&self, x: &'a [f32], c: usize) -> impl Iterator<Item = &'a [f32]> + 'a {
-        let (cs, hw) = (self.c * self.hw, self.hw);
-        (0..self.b).map(move |n| &x[n * cs + c * hw..][..hw])
-    }
-}
-
 /// `M` sums `Σ f(a[i], b[i], …)` over the columns `cols` (up to the shortest), each in 16
 /// independent f32 lanes so that the compiler vectorises the loop (a single running sum is a
 /// dependency chain it must keep in order), then added up in f64. `f` sees one value of each
@@ -131,10 +103,12 @@ pub(crate) fn lane_sums<const N: usize, const M: usize>(
 }
 
 pub mod bn;
-pub mod cbam_train;
-pub mod cpu;
+pub mod cbam;
+pub mod conv;
 pub mod dense;
 pub mod direct;
+pub mod geom;
+pub mod reference;
 pub mod sampler;
 pub mod softplus;
 pub mod wgrad;
@@ -149,7 +123,8 @@ use std::sync::{Arc, Mutex};
 use candle_core::Var;
 use candle_nn::BatchNorm;
 
-use cpu::{ConvGeom, PackedCache, PoolGeom};
+use conv::PackedCache;
+use geom::{ConvGeom, MapGeom, PoolGeom};
 
 /// Which implementation the encoder's convolutions and pools use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -230,7 +205,7 @@ impl CustomOp2 for Conv2d {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = geom(l1, l2, self.stride, self.pad)?;
-        let y = cpu::conv2d_forward(
+        let y = conv::conv2d_forward(
             &g,
             f32_slice(s1, l1, "conv2d input")?,
             f32_slice(s2, l2, "conv2d weight")?,
@@ -310,7 +285,7 @@ impl CustomOp2 for Conv2dBackwardInput {
                 l1.shape()
             );
         }
-        let dx = cpu::conv2d_backward_input(
+        let dx = conv::conv2d_backward_input(
             &g,
             f32_slice(s1, l1, "conv2d grad")?,
             f32_slice(s2, l2, "conv2d weight")?,
@@ -349,7 +324,7 @@ impl CustomOp2 for Conv2dBackwardWeight {
                 l2.shape()
             );
         }
-        let dw = cpu::conv2d_backward_weight(
+        let dw = conv::conv2d_backward_weight(
             &g,
             f32_slice(s1, l1, "conv2d input")?,
             f32_slice(s2, l2, "conv2d grad")?,
@@ -389,7 +364,7 @@ impl CustomOp3 for Conv2dBiasAct {
                 g.k
             );
         }
-        let y = cpu::conv2d_forward(
+        let y = conv::conv2d_forward(
             &g,
             f32_slice(s1, l1, "conv2d input")?,
             f32_slice(s2, l2, "conv2d weight")?,
@@ -429,7 +404,7 @@ impl CustomOp1 for MaxPool {
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let g = self.geom(l)?;
         let (b, c, _, _) = l.shape().dims4()?;
-        let y = cpu::max_pool_forward(&g, f32_slice(s, l, "max-pool input")?);
+        let y = reference::max_pool_forward(&g, f32_slice(s, l, "max-pool input")?);
         Ok((CpuStorage::F32(y), Shape::from((b, c, g.oh, g.ow))))
     }
 
@@ -462,7 +437,7 @@ impl CustomOp2 for MaxPoolBackward {
                 l2.shape()
             );
         }
-        let dx = cpu::max_pool_backward(
+        let dx = reference::max_pool_backward(
             &g,
             f32_slice(s1, l1, "max-pool input")?,
             f32_slice(s2, l2, "max-pool grad")?,
@@ -593,7 +568,7 @@ pub fn max_pool2d(
 }
 
 /// Inference-only `relu(CBAM(x) + identity)` with the gate's parameters packed in.
-struct CbamResidualRelu(std::sync::Arc<cpu::CbamParams>);
+struct CbamResidualRelu(std::sync::Arc<cbam::CbamParams>);
 
 impl CustomOp2 for CbamResidualRelu {
     fn name(&self) -> &'static str {
@@ -616,7 +591,7 @@ impl CustomOp2 for CbamResidualRelu {
                 self.0.channels
             );
         }
-        let y = cpu::cbam_residual_relu(
+        let y = cbam::cbam_residual_relu(
             &self.0,
             f32_slice(s1, l1, "cbam input")?,
             f32_slice(s2, l2, "cbam identity")?,
@@ -633,7 +608,7 @@ impl CustomOp2 for CbamResidualRelu {
 pub fn cbam_residual_relu(
     xs: &Tensor,
     identity: &Tensor,
-    params: &std::sync::Arc<cpu::CbamParams>,
+    params: &std::sync::Arc<cbam::CbamParams>,
     kernels: ConvKernels,
 ) -> Result<Option<Tensor>> {
     if !fast_ok(xs, kernels) {
@@ -806,7 +781,7 @@ fn map_geom(l: &Layout) -> Result<MapGeom> {
 }
 
 /// CBAM's channel pooling: `x (b,c,h,w) → (b,3,c)`, per channel the spatial mean, the maximum
-/// and the index of the maximum (see [`cbam_train::channel_pool`]).
+/// and the index of the maximum (see [`cbam::channel_pool`]).
 struct ChannelPool;
 
 impl CustomOp1 for ChannelPool {
@@ -816,7 +791,7 @@ impl CustomOp1 for ChannelPool {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let d = map_geom(l)?;
-        let out = cbam_train::channel_pool(&d, f32_slice(s, l, "channel pool input")?);
+        let out = cbam::channel_pool(&d, f32_slice(s, l, "channel pool input")?);
         Ok((CpuStorage::F32(out), Shape::from((d.b, 3, d.c))))
     }
 
@@ -858,7 +833,7 @@ impl CustomOp2 for ChannelPoolBackward {
             c,
             hw: self.h * self.w,
         };
-        let dx = cbam_train::channel_pool_backward(
+        let dx = cbam::channel_pool_backward(
             &d,
             f32_slice(s1, l1, "channel pool output")?,
             f32_slice(s2, l2, "channel pool grad")?,
@@ -904,7 +879,7 @@ impl CustomOp2 for CbamGatePool {
                 l1.shape()
             );
         }
-        let pooled = cbam_train::gate_pool(
+        let pooled = cbam::gate_pool(
             &d,
             f32_slice(s1, l1, "cbam input")?,
             f32_slice(s2, l2, "cbam channel gate")?,
@@ -946,7 +921,7 @@ impl CustomOp3 for CbamGatePoolBackward {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = map_geom(l1)?;
-        let (mut dx, dg) = cbam_train::gate_pool_backward(
+        let (mut dx, dg) = cbam::gate_pool_backward(
             &d,
             f32_slice(s1, l1, "cbam input")?,
             f32_slice(s2, l2, "cbam channel gate")?,
@@ -987,7 +962,7 @@ impl CustomOp3 for CbamApply {
             bail!("cbam: identity {:?} for input {:?}", l2.shape(), l1.shape());
         }
         let (g, s) = split_gates(&d, f32_slice(s3, l3, "cbam gates")?)?;
-        let out = cbam_train::apply(
+        let out = cbam::apply(
             &d,
             f32_slice(s1, l1, "cbam input")?,
             f32_slice(s2, l2, "cbam identity")?,
@@ -1041,7 +1016,7 @@ impl CustomOp3 for CbamApplyBackward {
     ) -> Result<(CpuStorage, Shape)> {
         let d = map_geom(l1)?;
         let (g, s) = split_gates(&d, &self.gates)?;
-        let flat = cbam_train::apply_backward(
+        let flat = cbam::apply_backward(
             &d,
             f32_slice(s1, l1, "cbam input")?,
             f32_slice(s2, l2, "cbam output")?,

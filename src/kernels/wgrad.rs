@@ -25,8 +25,8 @@
 
 use rayon::prelude::*;
 
-use super::cpu::{ConvGeom, SharedOut};
 use super::direct;
+use super::geom::{ConvGeom, SharedOut};
 use super::winograd::{self, for_each, padded_planes, xi_stride, Scratch, Tiles, G2, G4};
 
 /// Tiles per chunk: the transforms of a chunk are written, then reduced by the GEMMs.
@@ -189,7 +189,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{xi_stride, Tiles};
-    use crate::kernels::cpu::SharedOut;
+    use crate::kernels::geom::SharedOut;
     use crate::kernels::winograd::avx512::{idx, EVEN, ODD, STRIDE4};
 
     /// `U_ξ[k][t − t0] = (A E Aᵀ)_ξ` for output channel `k` and tiles `t0..t1`, where `E` is the
@@ -429,8 +429,8 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::cpu::conv2d_backward_weight_gemm;
     use crate::kernels::direct::tests::{max_rel, rand_vec};
+    use crate::kernels::reference::conv2d_backward_weight_gemm;
 
     #[test]
     fn hsum16_sums_each_vector_into_its_lane() {

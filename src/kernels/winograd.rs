@@ -20,8 +20,8 @@
 
 use rayon::prelude::*;
 
-use super::cpu::{ConvGeom, SharedOut};
 use super::direct::{self, MR};
+use super::geom::{ConvGeom, SharedOut};
 
 /// `G` of F(2x2, 3x3): the weight transform (4x3).
 pub(super) const G2: [[f64; 3]; 4] = [
@@ -928,7 +928,6 @@ pub(super) mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::cpu;
     use crate::kernels::direct::tests::{max_rel, rand_vec};
 
     #[test]
@@ -960,7 +959,8 @@ mod tests {
             for (m, tol) in [(2, 5e-6), (4, 5e-5)] {
                 let pw = PackedWinograd::pack(&wt, k, c, m);
                 for (bias, relu) in [(None, false), (Some(&bias[..]), true)] {
-                    let want = cpu::conv2d_forward_gemm(&g, &x, &wt, bias, relu);
+                    let want =
+                        crate::kernels::reference::conv2d_forward_gemm(&g, &x, &wt, bias, relu);
                     let got = conv_forward(&g, &x, &pw, bias, relu);
                     let err = max_rel(&got, &want);
                     assert!(err < tol, "case {i} F({m}x{m}) {g:?}: max rel err {err}");

@@ -8,8 +8,8 @@ use std::sync::{Arc, RwLock};
 use candle_core::{Module, ModuleT, Result, Tensor, D};
 use candle_nn::{linear, Linear, VarBuilder};
 
-use super::resnet::ConvBn;
-use crate::kernels::{self, cpu::CbamParams, ConvKernels};
+use super::conv_bn::ConvBn;
+use crate::kernels::{self, cbam::CbamParams, ConvKernels};
 
 /// CBAM gate for a `(b, c, h, w)` feature map; output has the same shape.
 #[derive(Debug, Clone)]

@@ -4,6 +4,7 @@
 pub mod barlow;
 pub mod card;
 pub mod cbam;
+pub mod conv_bn;
 pub mod diffusion;
 pub mod embedded;
 pub mod export;

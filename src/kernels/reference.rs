@@ -13,98 +13,7 @@
 
 use rayon::prelude::*;
 
-use std::sync::OnceLock;
-
-use super::{cbam_train, direct, lane_sums, wgrad, winograd, MapGeom, WeightFormat};
-
-/// Geometry of one convolution.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConvGeom {
-    pub b: usize,
-    pub c: usize,
-    pub h: usize,
-    pub w: usize,
-    pub k: usize,
-    pub kh: usize,
-    pub kw: usize,
-    pub stride: usize,
-    pub pad: usize,
-    pub oh: usize,
-    pub ow: usize,
-}
-
-impl ConvGeom {
-    /// Checks the sizes and derives the output size; `None` if the kernel does not fit.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        b: usize,
-        c: usize,
-        h: usize,
-        w: usize,
-        k: usize,
-        kh: usize,
-        kw: usize,
-        stride: usize,
-        pad: usize,
-    ) -> Option<Self> {
-        if stride == 0 || h + 2 * pad < kh || w + 2 * pad < kw || kh == 0 || kw == 0 {
-            return None;
-        }
-        let oh = (h + 2 * pad - kh) / stride + 1;
-        let ow = (w + 2 * pad - kw) / stride + 1;
-        Some(Self {
-            b,
-            c,
-            h,
-            w,
-            k,
-            kh,
-            kw,
-            stride,
-            pad,
-            oh,
-            ow,
-        })
-    }
-
-    /// Rows of the column matrix (C·KH·KW).
-    pub fn ckk(&self) -> usize {
-        self.c * self.kh * self.kw
-    }
-
-    /// Output positions per image.
-    pub fn ohw(&self) -> usize {
-        self.oh * self.ow
-    }
-
-    fn is_pointwise(&self) -> bool {
-        self.kh == 1 && self.kw == 1 && self.stride == 1 && self.pad == 0
-    }
-
-    /// Output columns per im2col tile: about 128K floats of column matrix (512 KiB), which keeps
-    /// the tile and the packed GEMM operands in L2, rounded to a multiple of 64 (the column count
-    /// of gemm's widest AVX-512 micro-kernel, since it computes the transposed product).
-    fn tile(&self) -> usize {
-        let t = (128 * 1024 / self.ckk().max(1)).max(64) / 64 * 64;
-        if t >= self.ohw() {
-            self.ohw().max(1)
-        } else {
-            t
-        }
-    }
-
-    pub fn input_len(&self) -> usize {
-        self.b * self.c * self.h * self.w
-    }
-
-    pub fn weight_len(&self) -> usize {
-        self.k * self.ckk()
-    }
-
-    pub fn output_len(&self) -> usize {
-        self.b * self.k * self.ohw()
-    }
-}
+use super::geom::{ConvGeom, PoolGeom, SharedOut};
 
 /// `C (m×n) = [C +] A (m×k) · B (k×n)` with explicit row/column strides. Sizes are asserted so that
 /// every element the strides reach is inside its slice.
@@ -262,101 +171,6 @@ fn threads() -> usize {
     rayon::current_num_threads().max(1)
 }
 
-/// The output buffer, shared by parallel workers that each write a disjoint block of it.
-#[derive(Clone, Copy)]
-pub(crate) struct SharedOut {
-    ptr: *mut f32,
-    len: usize,
-}
-
-// SAFETY: workers only write disjoint (row-range × column-range) blocks of one image each, as
-// laid out by `conv2d_forward`; the buffer outlives the parallel loop.
-unsafe impl Send for SharedOut {}
-unsafe impl Sync for SharedOut {}
-
-impl SharedOut {
-    pub(crate) fn new(buf: &mut [f32]) -> Self {
-        Self {
-            ptr: buf.as_mut_ptr(),
-            len: buf.len(),
-        }
-    }
-    // Accessors make closures capture the whole (Sync) struct, not its raw-pointer field.
-    pub(crate) fn ptr(&self) -> *mut f32 {
-        self.ptr
-    }
-    pub(crate) fn len(&self) -> usize {
-        self.len
-    }
-}
-
-/// Weights packed for the AVX-512 kernels, each layout built on first use and kept (for
-/// inference, where the weights do not change between calls).
-#[derive(Debug, Default)]
-pub struct PackedCache {
-    format: WeightFormat,
-    direct: OnceLock<direct::PackedWeights>,
-    /// [`WeightFormat::F16`]: the few-positions kernel's half-precision panels (`None`
-    /// where the weights do not fit half's range).
-    direct_half: OnceLock<Option<direct::PackedWeights>>,
-    /// F(2x2,3x3) and F(4x4,3x3) weights (which one runs depends on the input size).
-    winograd: [OnceLock<winograd::PackedWinograd>; 2],
-}
-
-impl PackedCache {
-    /// An empty cache whose packs use `format`.
-    pub fn new(format: WeightFormat) -> Self {
-        Self {
-            format,
-            ..Self::default()
-        }
-    }
-}
-
-/// Forward convolution `x (b,c,h,w) * w (k,c,kh,kw) [+ bias] [ReLU]` → `(b,k,oh,ow)`.
-///
-/// Picks the kernel: Winograd (F(4x4,3x3) or F(2x2,3x3), [`winograd::tile_size`]) for 3x3
-/// stride-1 layers large enough to gain, the direct
-/// AVX-512 kernel for the rest, and im2col + GEMM where the CPU lacks AVX-512. Weights are
-/// packed for this call unless `cache` holds them.
-pub fn conv2d_forward(
-    g: &ConvGeom,
-    x: &[f32],
-    wt: &[f32],
-    bias: Option<&[f32]>,
-    relu: bool,
-    cache: Option<&PackedCache>,
-) -> Vec<f32> {
-    assert_eq!(wt.len(), g.weight_len());
-    if let Some(m) = winograd::tile_size(g) {
-        let pack = || winograd::PackedWinograd::pack(wt, g.k, g.c, m);
-        match cache {
-            Some(c) => {
-                let slot = &c.winograd[usize::from(m == 4)];
-                winograd::conv_forward(g, x, slot.get_or_init(pack), bias, relu)
-            }
-            None => winograd::conv_forward(g, x, &pack(), bias, relu),
-        }
-    } else if direct::available() {
-        let pack = || direct::PackedWeights::pack(wt, g.k, g.c, g.kh, g.kw);
-        match cache {
-            Some(c) => {
-                let half = (c.format == WeightFormat::F16 && direct::half_weights_pay(g))
-                    .then(|| {
-                        let pack = || direct::PackedWeights::pack_half(wt, g.k, g.c, g.kh, g.kw);
-                        c.direct_half.get_or_init(pack).as_ref()
-                    })
-                    .flatten();
-                let pw = half.unwrap_or_else(|| c.direct.get_or_init(pack));
-                direct::conv_forward(g, x, pw, bias, relu)
-            }
-            None => direct::conv_forward(g, x, &pack(), bias, relu),
-        }
-    } else {
-        conv2d_forward_gemm(g, x, wt, bias, relu)
-    }
-}
-
 /// Forward convolution through im2col + GEMM (the portable path).
 ///
 /// Work is split into (image, column tile, block of output channels) items, enough of them to
@@ -510,42 +324,6 @@ fn conv_bwd_input_image(g: &ConvGeom, dy: &[f32], wt: &[f32], dx: &mut [f32], ge
     }
 }
 
-/// Gradient w.r.t. the input: `(b,c,h,w)` from `dy (b,k,oh,ow)`.
-///
-/// For stride 1 on a CPU with AVX-512 this is the direct forward kernel run on `dy` with the
-/// transposed, flipped weights (padding `kh − 1 − pad`); otherwise GEMM + col2im.
-pub fn conv2d_backward_input(g: &ConvGeom, dy: &[f32], wt: &[f32]) -> Vec<f32> {
-    if direct::available() && g.stride == 1 && g.pad < g.kh && g.kh == g.kw {
-        if let Some(gt) = ConvGeom::new(g.b, g.k, g.oh, g.ow, g.c, g.kh, g.kw, 1, g.kh - 1 - g.pad)
-        {
-            if (gt.oh, gt.ow) == (g.h, g.w) {
-                assert_eq!(dy.len(), g.output_len());
-                let wt_flipped = transpose_flip(g, wt);
-                return conv2d_forward(&gt, dy, &wt_flipped, None, false, None);
-            }
-        }
-    }
-    conv2d_backward_input_gemm(g, dy, wt)
-}
-
-/// `w'(c, k, y, x) = w(k, c, kh−1−y, kw−1−x)`: the weights of the input gradient of a stride-1
-/// convolution, itself a `k → c` convolution.
-fn transpose_flip(g: &ConvGeom, wt: &[f32]) -> Vec<f32> {
-    let (kh, kw) = (g.kh, g.kw);
-    let mut out = vec![0f32; wt.len()];
-    for k in 0..g.k {
-        for c in 0..g.c {
-            for y in 0..kh {
-                for x in 0..kw {
-                    out[((c * g.k + k) * kh + y) * kw + x] =
-                        wt[((k * g.c + c) * kh + (kh - 1 - y)) * kw + (kw - 1 - x)];
-                }
-            }
-        }
-    }
-    out
-}
-
 /// Gradient w.r.t. the input through GEMM + col2im (the portable path).
 pub fn conv2d_backward_input_gemm(g: &ConvGeom, dy: &[f32], wt: &[f32]) -> Vec<f32> {
     assert_eq!(dy.len(), g.output_len());
@@ -618,17 +396,6 @@ fn conv_bwd_weight_images(
     }
 }
 
-/// Gradient w.r.t. the weight: `(k,c,kh,kw)` from `x` and `dy`.
-///
-/// 3x3 stride-1 layers on a CPU with AVX-512 go through Winograd F(3x3,2x2) or F(3x3,4x4)
-/// ([`super::wgrad`]); the rest through im2col + GEMM.
-pub fn conv2d_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    if wgrad::applicable(g) {
-        return wgrad::conv_backward_weight(g, x, dy);
-    }
-    conv2d_backward_weight_gemm(g, x, dy)
-}
-
 /// Gradient w.r.t. the weight through im2col + GEMM (the portable path).
 pub fn conv2d_backward_weight_gemm(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     assert_eq!(x.len(), g.input_len());
@@ -665,74 +432,6 @@ pub fn conv2d_backward_weight_gemm(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f
         dw.iter_mut().zip(p).for_each(|(a, b)| *a += b);
     }
     dw
-}
-
-/// Geometry of a max-pool over `(b·c)` planes of `h×w`; padding counts as −∞.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PoolGeom {
-    pub planes: usize,
-    pub h: usize,
-    pub w: usize,
-    pub kernel: usize,
-    pub stride: usize,
-    pub pad: usize,
-    pub oh: usize,
-    pub ow: usize,
-}
-
-impl PoolGeom {
-    pub fn new(
-        planes: usize,
-        h: usize,
-        w: usize,
-        kernel: usize,
-        stride: usize,
-        pad: usize,
-    ) -> Option<Self> {
-        if kernel == 0
-            || stride == 0
-            || pad >= kernel
-            || h + 2 * pad < kernel
-            || w + 2 * pad < kernel
-        {
-            return None;
-        }
-        Some(Self {
-            planes,
-            h,
-            w,
-            kernel,
-            stride,
-            pad,
-            oh: (h + 2 * pad - kernel) / stride + 1,
-            ow: (w + 2 * pad - kernel) / stride + 1,
-        })
-    }
-
-    /// Input rows (or columns) `0..len` that the window of output row (column) `o` covers.
-    /// Never empty: the padding is smaller than the kernel, and the last window starts inside.
-    fn window(&self, o: usize, len: usize) -> std::ops::Range<usize> {
-        let start = (o * self.stride).saturating_sub(self.pad);
-        start..(o * self.stride + self.kernel - self.pad).min(len)
-    }
-
-    /// Index (within the plane) of the first maximum of the window of output `(oy, ox)`; the
-    /// first NaN wins, so that it propagates.
-    fn argmax(&self, plane: &[f32], oy: usize, ox: usize) -> usize {
-        let (ys, xs) = (self.window(oy, self.h), self.window(ox, self.w));
-        let mut best = ys.start * self.w + xs.start;
-        let mut best_v = plane[best];
-        for iy in ys {
-            let row = iy * self.w;
-            for (ix, &v) in plane[row + xs.start..row + xs.end].iter().enumerate() {
-                if v > best_v || (v.is_nan() && !best_v.is_nan()) {
-                    best = row + xs.start + ix;
-                    best_v = v;
-                }
-            }
-        }
-        best
-    }
 }
 
 /// Max-pool forward: the value at [`PoolGeom::argmax`], that is the window's maximum, or NaN
@@ -788,6 +487,8 @@ pub fn max_pool_backward(g: &PoolGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    // The per-layer dispatcher is checked here against the definition too.
+    use crate::kernels::conv::{conv2d_backward_input, conv2d_backward_weight, conv2d_forward};
 
     /// Direct convolution, the definition itself.
     fn naive(g: &ConvGeom, x: &[f32], w: &[f32]) -> Vec<f32> {
@@ -916,48 +617,6 @@ mod tests {
         assert_eq!(y, vec![1.5, 0., 3.5, 0., 0., 2., 0., 4.]);
     }
 
-    /// A cache packing half-precision weights uses them only for maps of at most 16 positions,
-    /// and keeps f32 for a layer whose weights do not fit half: the other layers give exactly
-    /// the f32 results.
-    #[test]
-    fn half_weight_cache_scope() {
-        if direct::skip_without_avx512("half_weight_cache_scope") {
-            return;
-        }
-        let rand = crate::kernels::direct::tests::rand_vec;
-        let run = |g: &ConvGeom, wt: &[f32], format| {
-            let x = rand(g.input_len(), 1);
-            let cache = PackedCache::new(format);
-            conv2d_forward(g, &x, wt, None, false, Some(&cache))
-        };
-        let few = ConvGeom::new(1, 32, 3, 3, 32, 3, 3, 1, 1).unwrap();
-        let mut wt = rand(few.weight_len(), 2);
-        let (f32y, f16y) = (
-            run(&few, &wt, WeightFormat::F32),
-            run(&few, &wt, WeightFormat::F16),
-        );
-        assert_ne!(f32y, f16y, "few positions: half weights in use");
-        wt[3] = 1e5;
-        assert_eq!(
-            run(&few, &wt, WeightFormat::F32),
-            run(&few, &wt, WeightFormat::F16),
-            "beyond half's range"
-        );
-        // The grid kernel (7x7 stride 2 on 48x48), Winograd (3x3 on 12x12) and the
-        // few-positions kernel on 6x6 maps: f32 always.
-        for g in [
-            ConvGeom::new(1, 1, 48, 48, 64, 7, 7, 2, 3).unwrap(),
-            ConvGeom::new(1, 64, 12, 12, 64, 3, 3, 1, 1).unwrap(),
-            ConvGeom::new(2, 32, 6, 6, 32, 3, 3, 1, 1).unwrap(),
-        ] {
-            let wt = rand(g.weight_len(), 3);
-            assert_eq!(
-                run(&g, &wt, WeightFormat::F32),
-                run(&g, &wt, WeightFormat::F16)
-            );
-        }
-    }
-
     #[test]
     fn max_pool_overlapping_windows() {
         // 1 plane 4x4, 3x3 stride 2 pad 1 → 2x2.
@@ -1041,128 +700,4 @@ mod tests {
             assert_eq!(max_pool_backward(&g, &x, &dy), dx_want, "case {i}");
         }
     }
-}
-
-/// Inference parameters of a CBAM gate (`crate::model::cbam`), batch-norm folded into the
-/// spatial conv.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CbamParams {
-    pub channels: usize,
-    pub hidden: usize,
-    /// `(hidden, channels)` row-major, and bias `(hidden,)`.
-    pub fc1_w: Vec<f32>,
-    pub fc1_b: Vec<f32>,
-    /// fc2's weight transposed, `(hidden, channels)` row-major (so the gate is a sum of
-    /// `hidden` scaled rows: vectorised over channels), and bias `(channels,)`.
-    pub fc2_wt: Vec<f32>,
-    pub fc2_b: Vec<f32>,
-    /// Spatial conv `(1, 2, k, k)` with BN folded in, and its bias.
-    pub spatial_w: Vec<f32>,
-    pub spatial_b: f32,
-    pub spatial_k: usize,
-}
-
-fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
-
-impl CbamParams {
-    /// The channel gate before its sigmoid, `MLP(avg) + MLP(max)`. The second layer is
-    /// linear, so both branches go through it in one pass: `fc2·(h_avg + h_max) + 2·b2`.
-    fn gate_logits(&self, avg: &[f32], max: &[f32]) -> Vec<f32> {
-        let (c, hidden) = (self.channels, self.hidden);
-        // Vectorised dot products (`lane_sums`); a single running sum is a scalar chain.
-        let h: Vec<f32> = (0..hidden)
-            .map(|j| {
-                let (row, b) = (&self.fc1_w[j * c..(j + 1) * c], self.fc1_b[j]);
-                let [sa, sm] = lane_sums([row, avg, max], |[w, a, m]| [w * a, w * m]);
-                (sa as f32 + b).max(0.0) + (sm as f32 + b).max(0.0)
-            })
-            .collect();
-        let mut out: Vec<f32> = self.fc2_b.iter().map(|b| 2.0 * b).collect();
-        for (&hj, row) in h.iter().zip(self.fc2_wt.chunks_exact(c)) {
-            for (o, &w) in out.iter_mut().zip(row) {
-                *o += hj * w;
-            }
-        }
-        out
-    }
-
-    /// The spatial attention map `sigmoid(conv_k([mean; max]))` of one image from its pooled
-    /// maps `[mean; max]` (`2·h·w` floats), zero-padded. The maps are copied into padded
-    /// planes first, so that every tap is a full-width row update (vectorised).
-    fn spatial(&self, pooled: &[f32], h: usize, w: usize) -> Vec<f32> {
-        let k = self.spatial_k;
-        let pad = k / 2;
-        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
-        let mut padded = vec![0f32; 2 * hp * wp];
-        for (dst, map) in padded
-            .chunks_exact_mut(hp * wp)
-            .zip(pooled.chunks_exact(h * w))
-        {
-            for (drow, srow) in dst[pad * wp..]
-                .chunks_exact_mut(wp)
-                .zip(map.chunks_exact(w))
-            {
-                drow[pad..pad + w].copy_from_slice(srow);
-            }
-        }
-        let mut att = vec![self.spatial_b; h * w];
-        for (y, dst) in att.chunks_exact_mut(w).enumerate() {
-            for (map, wk) in padded
-                .chunks_exact(hp * wp)
-                .zip(self.spatial_w.chunks_exact(k * k))
-            {
-                for (ky, wrow) in wk.chunks_exact(k).enumerate() {
-                    let src = &map[(y + ky) * wp..][..wp];
-                    for (kx, &wv) in wrow.iter().enumerate() {
-                        for (d, &v) in dst.iter_mut().zip(&src[kx..kx + w]) {
-                            *d += wv * v;
-                        }
-                    }
-                }
-            }
-        }
-        att.iter_mut().for_each(|a| *a = sigmoid(*a));
-        att
-    }
-}
-
-/// `relu(CBAM(x) + identity)` over a batch `(b, c, h, w)` (inference only), on the training
-/// path's fused loops ([`cbam_train`]): each pass split over images and over blocks of channels
-/// or pixels, so that a single image keeps every core busy.
-pub fn cbam_residual_relu(
-    p: &CbamParams,
-    x: &[f32],
-    identity: &[f32],
-    b: usize,
-    h: usize,
-    w: usize,
-) -> Vec<f32> {
-    let d = MapGeom {
-        b,
-        c: p.channels,
-        hw: h * w,
-    };
-    assert_eq!(x.len(), d.len());
-    assert_eq!(identity.len(), d.len());
-    if d.is_empty() {
-        return Vec::new();
-    }
-    let stats = cbam_train::channel_mean_max(&d, x);
-    let gates: Vec<f32> = stats
-        .chunks_exact(2 * d.c)
-        .flat_map(|s| {
-            let (avg, max) = s.split_at(d.c);
-            let mut g = p.gate_logits(avg, max);
-            g.iter_mut().for_each(|v| *v = sigmoid(*v));
-            g
-        })
-        .collect();
-    let pooled = cbam_train::gate_pool(&d, x, &gates);
-    let att: Vec<f32> = pooled
-        .par_chunks(2 * d.hw)
-        .flat_map_iter(|pi| p.spatial(pi, h, w))
-        .collect();
-    cbam_train::apply(&d, x, identity, &gates, &att)
 }

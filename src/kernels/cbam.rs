@@ -1,7 +1,7 @@
 //! The element-wise and channel-reduction parts of a CBAM gate in training, fused into two passes
 //! forward and two backward over `(b, c, h·w)` `f32` slices. The small parts (pooling over space,
 //! the channel MLP, the 7x7 spatial convolution and its batch-norm) stay ordinary ops. The
-//! inference gate ([`super::cpu::cbam_residual_relu`]) runs the same forward loops.
+//! inference gate (([`cbam_residual_relu`])) runs the same forward loops.
 //!
 //! With the channel gate `g (b, c)` and the spatial gate `s (b, h·w)`:
 //! - gate-and-pool: `x' = x·g`, `pooled = [mean_c x', max_c x']` (`(b, 2, h·w)`);
@@ -12,7 +12,8 @@
 
 use rayon::prelude::*;
 
-use super::MapGeom;
+use super::geom::MapGeom;
+use super::lane_sums;
 
 avx512_twins! {
     /// Per-image loops.
@@ -348,6 +349,130 @@ pub fn apply_backward(
             });
     }
     flat
+}
+
+/// Inference parameters of a CBAM gate (`crate::model::cbam`), batch-norm folded into the
+/// spatial conv.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CbamParams {
+    pub channels: usize,
+    pub hidden: usize,
+    /// `(hidden, channels)` row-major, and bias `(hidden,)`.
+    pub fc1_w: Vec<f32>,
+    pub fc1_b: Vec<f32>,
+    /// fc2's weight transposed, `(hidden, channels)` row-major (so the gate is a sum of
+    /// `hidden` scaled rows: vectorised over channels), and bias `(channels,)`.
+    pub fc2_wt: Vec<f32>,
+    pub fc2_b: Vec<f32>,
+    /// Spatial conv `(1, 2, k, k)` with BN folded in, and its bias.
+    pub spatial_w: Vec<f32>,
+    pub spatial_b: f32,
+    pub spatial_k: usize,
+}
+
+fn sigmoid(v: f32) -> f32 {
+    1.0 / (1.0 + (-v).exp())
+}
+
+impl CbamParams {
+    /// The channel gate before its sigmoid, `MLP(avg) + MLP(max)`. The second layer is
+    /// linear, so both branches go through it in one pass: `fc2·(h_avg + h_max) + 2·b2`.
+    fn gate_logits(&self, avg: &[f32], max: &[f32]) -> Vec<f32> {
+        let (c, hidden) = (self.channels, self.hidden);
+        // Vectorised dot products (`lane_sums`); a single running sum is a scalar chain.
+        let h: Vec<f32> = (0..hidden)
+            .map(|j| {
+                let (row, b) = (&self.fc1_w[j * c..(j + 1) * c], self.fc1_b[j]);
+                let [sa, sm] = lane_sums([row, avg, max], |[w, a, m]| [w * a, w * m]);
+                (sa as f32 + b).max(0.0) + (sm as f32 + b).max(0.0)
+            })
+            .collect();
+        let mut out: Vec<f32> = self.fc2_b.iter().map(|b| 2.0 * b).collect();
+        for (&hj, row) in h.iter().zip(self.fc2_wt.chunks_exact(c)) {
+            for (o, &w) in out.iter_mut().zip(row) {
+                *o += hj * w;
+            }
+        }
+        out
+    }
+
+    /// The spatial attention map `sigmoid(conv_k([mean; max]))` of one image from its pooled
+    /// maps `[mean; max]` (`2·h·w` floats), zero-padded. The maps are copied into padded
+    /// planes first, so that every tap is a full-width row update (vectorised).
+    fn spatial(&self, pooled: &[f32], h: usize, w: usize) -> Vec<f32> {
+        let k = self.spatial_k;
+        let pad = k / 2;
+        let (hp, wp) = (h + 2 * pad, w + 2 * pad);
+        let mut padded = vec![0f32; 2 * hp * wp];
+        for (dst, map) in padded
+            .chunks_exact_mut(hp * wp)
+            .zip(pooled.chunks_exact(h * w))
+        {
+            for (drow, srow) in dst[pad * wp..]
+                .chunks_exact_mut(wp)
+                .zip(map.chunks_exact(w))
+            {
+                drow[pad..pad + w].copy_from_slice(srow);
+            }
+        }
+        let mut att = vec![self.spatial_b; h * w];
+        for (y, dst) in att.chunks_exact_mut(w).enumerate() {
+            for (map, wk) in padded
+                .chunks_exact(hp * wp)
+                .zip(self.spatial_w.chunks_exact(k * k))
+            {
+                for (ky, wrow) in wk.chunks_exact(k).enumerate() {
+                    let src = &map[(y + ky) * wp..][..wp];
+                    for (kx, &wv) in wrow.iter().enumerate() {
+                        for (d, &v) in dst.iter_mut().zip(&src[kx..kx + w]) {
+                            *d += wv * v;
+                        }
+                    }
+                }
+            }
+        }
+        att.iter_mut().for_each(|a| *a = sigmoid(*a));
+        att
+    }
+}
+
+/// `relu(CBAM(x) + identity)` over a batch `(b, c, h, w)` (inference only), on the training
+/// path's fused loops ([`cbam_train`]): each pass split over images and over blocks of channels
+/// or pixels, so that a single image keeps every core busy.
+pub fn cbam_residual_relu(
+    p: &CbamParams,
+    x: &[f32],
+    identity: &[f32],
+    b: usize,
+    h: usize,
+    w: usize,
+) -> Vec<f32> {
+    let d = MapGeom {
+        b,
+        c: p.channels,
+        hw: h * w,
+    };
+    assert_eq!(x.len(), d.len());
+    assert_eq!(identity.len(), d.len());
+    if d.is_empty() {
+        return Vec::new();
+    }
+    let stats = channel_mean_max(&d, x);
+    let gates: Vec<f32> = stats
+        .chunks_exact(2 * d.c)
+        .flat_map(|s| {
+            let (avg, max) = s.split_at(d.c);
+            let mut g = p.gate_logits(avg, max);
+            g.iter_mut().for_each(|v| *v = sigmoid(*v));
+            g
+        })
+        .collect();
+    let pooled = gate_pool(&d, x, &gates);
+    let att: Vec<f32> = pooled
+        .par_chunks(2 * d.hw)
+        .flat_map_iter(|pi| p.spatial(pi, h, w))
+        .collect();
+    apply(&d, x, identity, &gates, &att)
 }
 
 #[cfg(test)]
