@@ -2,7 +2,7 @@
 //! gradients), a fused conv + bias + ReLU for inference with batch-norm folded in, an overlapping
 //! max-pool with backward, and fused training-mode batch-norm and CBAM gates with backward.
 //!
-//! Layout, from the ground up: [`geom`] (shapes only); [`reference`] (im2col + GEMM and pooling,
+//! Layout, from the ground up: [`geom`] (shapes only); [`reference`](mod@reference) (im2col + GEMM and pooling,
 //! the portable path every fast path is tested against); the fast paths [`winograd`]
 //! (F(2x2,3x3), F(4x4,3x3)), [`direct`] (implicit GEMM on an AVX-512 micro-kernel), [`wgrad`],
 //! [`bn`] and [`cbam`]; [`conv`], the per-layer choice between them; and the candle custom ops
