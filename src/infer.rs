@@ -17,7 +17,7 @@ use crate::config::{validate_sampler, ModelConfig};
 use crate::error::{Error, Result};
 use crate::kernels::sampler::FusedCard;
 use crate::kernels::WeightFormat;
-use crate::metrics::{summarize_samples, SampleSummary};
+use crate::metrics::{summarize_faces, SampleSummary};
 use crate::model::{load_model_dir, sample_probs_rows, FerModel};
 use crate::rngs::keyed_rng;
 
@@ -191,15 +191,12 @@ impl Classifier {
     /// Predictions from per-sample probabilities `(n, s, c)` (flat) and f_φ's probabilities.
     fn summarize(&self, probs: &[f32], s: usize, fphi: Vec<Vec<f32>>) -> Vec<FacePrediction> {
         let c = self.config.num_classes();
-        fphi.into_iter()
-            .enumerate()
-            .map(|(i, fphi_probs)| FacePrediction {
-                card: summarize_samples(
-                    &probs[i * s * c..(i + 1) * s * c],
-                    c,
-                    self.config.card.alpha,
-                )
-                .tempered(self.config.card.output_temperature),
+        let t = self.config.card.output_temperature;
+        summarize_faces(probs, s, c, self.config.card.alpha)
+            .into_iter()
+            .zip(fphi)
+            .map(|(card, fphi_probs)| FacePrediction {
+                card: card.tempered(t),
                 fphi_probs,
             })
             .collect()

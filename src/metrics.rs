@@ -66,6 +66,20 @@ pub struct SampleSummary {
     pub entropy: f32,
 }
 
+/// [`summarize_samples`] for each of several faces: `probs` is `(faces, samples, classes)`
+/// row-major.
+pub fn summarize_faces(
+    probs: &[f32],
+    samples: usize,
+    classes: usize,
+    alpha: f64,
+) -> Vec<SampleSummary> {
+    probs
+        .chunks_exact((samples * classes).max(1))
+        .map(|face| summarize_samples(face, classes, alpha))
+        .collect()
+}
+
 /// Summarises `samples × classes` per-sample probabilities (row-major).
 pub fn summarize_samples(probs: &[f32], classes: usize, alpha: f64) -> SampleSummary {
     let samples = probs.len() / classes.max(1);

@@ -1,0 +1,169 @@
+//! Training configuration: what `--config FILE` holds and every checkpoint records.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::data::augment::Augment;
+use crate::error::{Error, Result};
+
+/// One stage's optimisation settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    pub warmup_epochs: f64,
+    pub augment: Augment,
+}
+
+/// Barlow Twins settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SslConfig {
+    #[serde(flatten)]
+    pub opt: StageConfig,
+    /// Projector widths (the last is the embedding size).
+    pub projector: Vec<usize>,
+    pub lambda: f64,
+    /// Extra unlabeled image folders (any layout; labels ignored).
+    #[serde(default)]
+    pub extra_images: Vec<PathBuf>,
+}
+
+/// Supervised f_φ settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClassifierConfig {
+    #[serde(flatten)]
+    pub opt: StageConfig,
+    pub label_smoothing: f64,
+}
+
+/// CARD ε_θ settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CardTrainConfig {
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    pub weight_decay: f64,
+    /// Samples per image when scoring PublicTest after each epoch.
+    pub val_samples: usize,
+}
+
+/// Everything a training run needs; saved beside every checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub data: PathBuf,
+    pub run_dir: PathBuf,
+    pub seed: u64,
+    pub model: ModelConfig,
+    pub ssl: SslConfig,
+    pub classifier: ClassifierConfig,
+    pub card: CardTrainConfig,
+    /// Use only the first N Training rows / PublicTest rows (CI-sized runs).
+    pub train_limit: Option<usize>,
+    pub val_limit: Option<usize>,
+    /// Dataset cache directory (`None`: no cache).
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl TrainConfig {
+    /// Defaults for a run on `data` writing to `run_dir`.
+    pub fn new(data: PathBuf, run_dir: PathBuf) -> Self {
+        Self {
+            data,
+            run_dir,
+            seed: 0,
+            model: ModelConfig::default(),
+            ssl: SslConfig {
+                opt: StageConfig {
+                    epochs: 10,
+                    batch_size: 128,
+                    lr: 1e-3,
+                    weight_decay: 1e-4,
+                    warmup_epochs: 1.0,
+                    augment: Augment::ssl(),
+                },
+                projector: vec![2048, 2048, 2048],
+                lambda: crate::model::barlow::DEFAULT_LAMBDA,
+                extra_images: Vec::new(),
+            },
+            classifier: ClassifierConfig {
+                opt: StageConfig {
+                    epochs: 30,
+                    batch_size: 64,
+                    lr: 1e-3,
+                    weight_decay: 0.05,
+                    warmup_epochs: 1.0,
+                    augment: Augment::supervised(),
+                },
+                label_smoothing: 0.1,
+            },
+            card: CardTrainConfig {
+                epochs: 20,
+                batch_size: 256,
+                lr: 1e-3,
+                weight_decay: 0.0,
+                val_samples: 16,
+            },
+            train_limit: None,
+            val_limit: None,
+            cache_dir: None,
+        }
+    }
+
+    /// Checks every value before anything runs.
+    pub fn validate(&self) -> Result<()> {
+        self.model.validate()?;
+        let bad = |m: String| Err(Error::Config(m));
+        for (name, o) in [("ssl", &self.ssl.opt), ("classifier", &self.classifier.opt)] {
+            if o.batch_size < 2 {
+                return bad(format!(
+                    "{name}.batch_size {} (must be >= 2 for batch-norm)",
+                    o.batch_size
+                ));
+            }
+            if !(o.lr > 0.0 && o.lr.is_finite()) {
+                return bad(format!("{name}.lr {} (must be > 0)", o.lr));
+            }
+            if o.weight_decay.is_nan()
+                || o.weight_decay < 0.0
+                || o.warmup_epochs.is_nan()
+                || o.warmup_epochs < 0.0
+            {
+                return bad(format!(
+                    "{name}: weight_decay and warmup_epochs must be >= 0"
+                ));
+            }
+            o.augment
+                .validate()
+                .map_err(|e| Error::Config(format!("{name}.{e}")))?;
+        }
+        if self.ssl.projector.is_empty() || self.ssl.projector.contains(&0) {
+            return bad(format!(
+                "ssl.projector {:?} (non-empty, no zero widths)",
+                self.ssl.projector
+            ));
+        }
+        if !(0.0..1.0).contains(&self.classifier.label_smoothing) {
+            return bad(format!(
+                "classifier.label_smoothing {} (allowed 0..1)",
+                self.classifier.label_smoothing
+            ));
+        }
+        let c = &self.card;
+        if c.batch_size < 2 || !(c.lr > 0.0 && c.lr.is_finite()) || c.val_samples == 0 {
+            return bad(format!(
+                "card: batch_size {} (>= 2), lr {} (> 0), val_samples {} (>= 1)",
+                c.batch_size, c.lr, c.val_samples
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,275 @@
+//! The one epoch loop every stage runs, and the batch sources that feed it: the augmenting data
+//! loader (SSL and f_φ) and shuffled rows of precomputed features (the CARD head).
+
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use crossbeam_channel::Receiver;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::card_batch::CardBatch;
+use super::checkpoint::StageRun;
+use super::loader::{self, EpochPlan};
+use super::optim::warmup_cosine;
+use super::{log_metrics, mix_seed, plots, Progress, Stage};
+use crate::data::Dataset;
+use crate::error::{Error, Result};
+use crate::model::diffusion::Schedule;
+
+/// Where a stage's batches come from, one epoch at a time. The batches of an epoch depend only
+/// on (seed, stage, epoch), so a resumed run sees the same batches as an uninterrupted one.
+pub(super) trait BatchSource {
+    type Batch;
+    fn steps_per_epoch(&self) -> usize;
+    /// Begins epoch `epoch` (0-based).
+    fn start(&mut self, epoch: usize) -> Result<()>;
+    /// The next batch of the epoch begun last.
+    fn next_batch(&mut self) -> Result<Self::Batch>;
+    /// Ends the epoch (a loader thread is stopped and joined).
+    fn finish(&mut self) {}
+    /// Images in a batch.
+    fn images(batch: &Self::Batch) -> usize;
+}
+
+/// Augmented image batches from the background data loader.
+pub(super) struct LoaderSource<F: Fn(usize) -> EpochPlan> {
+    plan_for: F,
+    running: Option<(Receiver<loader::Batch>, JoinHandle<()>)>,
+}
+
+impl<F: Fn(usize) -> EpochPlan> LoaderSource<F> {
+    /// `plan_for(epoch)`: the loader plan of each epoch.
+    pub fn new(plan_for: F) -> Self {
+        Self {
+            plan_for,
+            running: None,
+        }
+    }
+}
+
+impl<F: Fn(usize) -> EpochPlan> BatchSource for LoaderSource<F> {
+    type Batch = loader::Batch;
+
+    fn steps_per_epoch(&self) -> usize {
+        (self.plan_for)(0).batches()
+    }
+
+    fn start(&mut self, epoch: usize) -> Result<()> {
+        self.finish();
+        let running = (self.plan_for)(epoch)
+            .spawn(3)
+            .map_err(|e| Error::Msg(format!("cannot start the data loader: {e}")))?;
+        self.running = Some(running);
+        Ok(())
+    }
+
+    fn next_batch(&mut self) -> Result<loader::Batch> {
+        self.running
+            .as_ref()
+            .and_then(|(rx, _)| rx.recv().ok())
+            .ok_or_else(|| Error::Msg("the data loader stopped early".into()))
+    }
+
+    fn finish(&mut self) {
+        if let Some((rx, handle)) = self.running.take() {
+            drop(rx);
+            let _ = handle.join();
+        }
+    }
+
+    fn images(batch: &loader::Batch) -> usize {
+        batch.len()
+    }
+}
+
+/// A CARD training batch: rows of the frozen features and f_φ's probabilities, and the noised
+/// labels drawn for them.
+pub(super) struct CardRows {
+    pub feats: Tensor,
+    pub f: Tensor,
+    pub batch: CardBatch,
+}
+
+/// CARD batches: the Training rows of precomputed features in a shuffled order, with fresh
+/// timesteps and noise. One generator per epoch, seeded by (seed, stage, epoch), shuffles the
+/// rows and then draws every batch's noise in turn.
+pub(super) struct CardSource<'a> {
+    pub feats: &'a Tensor,
+    pub f: &'a Tensor,
+    pub data: &'a Dataset,
+    pub schedule: &'a Schedule,
+    pub batch_size: usize,
+    pub seed: u64,
+    pub dev: &'a Device,
+    epoch: Option<(StdRng, Vec<u32>, usize)>,
+}
+
+impl<'a> CardSource<'a> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        feats: &'a Tensor,
+        f: &'a Tensor,
+        data: &'a Dataset,
+        schedule: &'a Schedule,
+        batch_size: usize,
+        seed: u64,
+        dev: &'a Device,
+    ) -> Self {
+        Self {
+            feats,
+            f,
+            data,
+            schedule,
+            batch_size,
+            seed,
+            dev,
+            epoch: None,
+        }
+    }
+}
+
+impl BatchSource for CardSource<'_> {
+    type Batch = CardRows;
+
+    fn steps_per_epoch(&self) -> usize {
+        let (n, bs) = (self.data.len(), self.batch_size);
+        n / bs + usize::from(n % bs >= 2)
+    }
+
+    fn start(&mut self, epoch: usize) -> Result<()> {
+        let mut rng = StdRng::seed_from_u64(mix_seed(&[self.seed, Stage::Card.id(), epoch as u64]));
+        let mut order: Vec<u32> = (0..self.data.len() as u32).collect();
+        rand::seq::SliceRandom::shuffle(order.as_mut_slice(), &mut rng);
+        self.epoch = Some((rng, order, 0));
+        Ok(())
+    }
+
+    fn next_batch(&mut self) -> Result<CardRows> {
+        let Some((rng, order, step)) = self.epoch.as_mut() else {
+            return Err(Error::Msg("CARD batches: no epoch begun".into()));
+        };
+        let bs = self.batch_size;
+        let idx = &order[*step * bs..((*step + 1) * bs).min(order.len())];
+        *step += 1;
+        let ids = Tensor::from_slice(idx, idx.len(), self.dev)?;
+        let feats = self.feats.index_select(&ids, 0)?;
+        let f = self.f.index_select(&ids, 0)?;
+        let labels: Vec<u32> = idx
+            .iter()
+            .map(|&i| self.data.labels[i as usize] as u32)
+            .collect();
+        let batch = CardBatch::draw(&labels, &f, self.schedule, rng, self.dev)?;
+        Ok(CardRows { feats, f, batch })
+    }
+
+    fn images(batch: &CardRows) -> usize {
+        batch.batch.y0.dims()[0]
+    }
+}
+
+/// Timing of an epoch loop.
+#[derive(Default)]
+pub(super) struct Throughput {
+    pub images: usize,
+    pub seconds: f64,
+    pub waiting: f64,
+}
+
+/// The learning-rate schedule of a stage: warm-up, then cosine to 1% of `base_lr`.
+pub(super) struct LrSchedule {
+    pub epochs: usize,
+    pub base_lr: f64,
+    pub warmup_epochs: f64,
+}
+
+impl LrSchedule {
+    pub fn of(o: &super::StageConfig) -> Self {
+        Self {
+            epochs: o.epochs,
+            base_lr: o.lr,
+            warmup_epochs: o.warmup_epochs,
+        }
+    }
+}
+
+/// Runs the stage's remaining epochs: per batch `step(batch) → loss`, backward and an AdamW
+/// step; after each epoch `after_epoch(run, epoch) → validation score` (the best is kept), a
+/// checkpoint, a metrics line (with `extra` fields) and the stage's plots.
+pub(super) fn run_epochs<S: BatchSource>(
+    run: &mut StageRun,
+    source: &mut S,
+    lr: &LrSchedule,
+    progress: &mut dyn FnMut(&Progress),
+    step: &mut dyn FnMut(&S::Batch) -> Result<Tensor>,
+    after_epoch: &mut dyn FnMut(&mut StageRun, usize) -> Result<Option<f64>>,
+    extra: serde_json::Value,
+) -> Result<Throughput> {
+    let mut tput = Throughput::default();
+    let steps_per_epoch = source.steps_per_epoch();
+    let total = lr.epochs * steps_per_epoch;
+    let warmup = (lr.warmup_epochs * steps_per_epoch as f64).round() as usize;
+    let rate = |step: usize| warmup_cosine(step, total, warmup, lr.base_lr, 0.01);
+    while run.epochs_done < lr.epochs {
+        let epoch = run.epochs_done;
+        let start = Instant::now();
+        source.start(epoch)?;
+        let mut loss_sum = 0.0;
+        let mut images = 0;
+        let mut waiting = 0.0;
+        for i in 0..steps_per_epoch {
+            let t_wait = Instant::now();
+            let batch = source.next_batch()?;
+            waiting += t_wait.elapsed().as_secs_f64();
+            let lr_now = rate(run.opt.steps());
+            let loss_t = step(&batch)?;
+            let loss = loss_t.to_scalar::<f32>()? as f64;
+            run.check_finite(loss, epoch, i)?;
+            let grads = loss_t.backward()?;
+            run.opt.step(&grads, lr_now)?;
+            loss_sum += loss;
+            images += S::images(&batch);
+            progress(&Progress {
+                stage: run.stage,
+                epoch,
+                epochs: lr.epochs,
+                step: i + 1,
+                steps: steps_per_epoch,
+                loss,
+                images_per_s: images as f64 / start.elapsed().as_secs_f64().max(1e-9),
+            });
+        }
+        source.finish();
+        let seconds = start.elapsed().as_secs_f64();
+        run.epochs_done += 1;
+        let val = after_epoch(run, epoch)?;
+        if let Some(v) = val {
+            if run.best_val.is_none_or(|b| v > b) {
+                run.best_val = Some(v);
+                run.best_epoch = Some(epoch + 1);
+            }
+        }
+        run.checkpoint()?;
+        tput.images += images;
+        tput.seconds += seconds;
+        tput.waiting += waiting;
+        let mut line = serde_json::json!({
+            "stage": run.stage.name(),
+            "epoch": epoch + 1,
+            "steps": run.opt.steps(),
+            "loss": loss_sum / steps_per_epoch.max(1) as f64,
+            "lr": rate(run.opt.steps().saturating_sub(1)),
+            "images_per_s": images as f64 / seconds.max(1e-9),
+            "data_wait_share": waiting / seconds.max(1e-9),
+            "val_accuracy": val,
+            "seconds": seconds,
+        });
+        if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), &extra) {
+            line.extend(extra.clone());
+        }
+        log_metrics(&run.cfg.run_dir, line)?;
+        plots::plot_stage(&run.cfg.run_dir, run.stage.name())?;
+    }
+    Ok(tput)
+}

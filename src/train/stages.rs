@@ -1,0 +1,388 @@
+//! The three stages: Barlow Twins, the supervised f_φ, and CARD's ε_θ on frozen features. Each
+//! builds its model, its batch source and its step, and hands them to the one epoch loop
+//! ([`super::epochs::run_epochs`]).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use candle_core::{DType, Device, ModuleT, Tensor, D};
+use candle_nn::{VarBuilder, VarMap};
+
+use super::checkpoint::{load_vars, model_dir, vars_with_prefix, StageRun};
+use super::epochs::{run_epochs, CardRows, CardSource, LoaderSource, LrSchedule, Throughput};
+use super::loader::{self, EpochPlan};
+use super::{mix_seed, Progress, Stage, StageConfig, StageSummary, TrainConfig, TrainData};
+use crate::config::ModelConfig;
+use crate::data::{Dataset, FACE_PIXELS};
+use crate::error::{Error, Result};
+use crate::metrics;
+use crate::model::barlow::{barlow_twins_loss, Projector};
+use crate::model::{sample_probs_rows, seeded_init, FerModel};
+
+fn normalised_batch(
+    data: &Dataset,
+    idx: std::ops::Range<usize>,
+    cfg: &ModelConfig,
+    dev: &Device,
+) -> Result<Tensor> {
+    let (mean, std) = (cfg.input.mean, cfg.input.std);
+    let px = &data.pixels[idx.start * FACE_PIXELS..idx.end * FACE_PIXELS];
+    let v: Vec<f32> = px
+        .iter()
+        .map(|&p| (p as f32 / 255.0 - mean) / std)
+        .collect();
+    Ok(Tensor::from_vec(v, (idx.len(), 1, 48, 48), dev)?)
+}
+
+/// Encoder features and f_φ probabilities of every image (eval mode, no augmentation).
+fn features_and_fphi(
+    model: &FerModel,
+    data: &Dataset,
+    cfg: &ModelConfig,
+    dev: &Device,
+) -> Result<(Tensor, Tensor)> {
+    let mut feats = Vec::new();
+    let mut probs = Vec::new();
+    let bs = 128;
+    for start in (0..data.len()).step_by(bs) {
+        let xs = normalised_batch(data, start..(start + bs).min(data.len()), cfg, dev)?;
+        // Detached: the weights are training variables, and an attached result would keep the
+        // whole forward graph (every activation of every batch) alive.
+        let f = model.features(&xs, false)?.detach();
+        probs.push(candle_nn::ops::softmax(&model.head_logits(&f)?, D::Minus1)?.detach());
+        feats.push(f);
+    }
+    Ok((Tensor::cat(&feats, 0)?, Tensor::cat(&probs, 0)?))
+}
+
+/// f_φ accuracy on a dataset.
+fn fphi_accuracy(model: &FerModel, data: &Dataset, cfg: &ModelConfig, dev: &Device) -> Result<f64> {
+    let (_, probs) = features_and_fphi(model, data, cfg, dev)?;
+    let pred: Vec<usize> = probs
+        .argmax(D::Minus1)?
+        .to_vec1::<u32>()?
+        .into_iter()
+        .map(|p| p as usize)
+        .collect();
+    let labels: Vec<usize> = data.labels.iter().map(|&l| l as usize).collect();
+    Ok(metrics::accuracy(&pred, &labels))
+}
+
+/// Cross-entropy with label smoothing `eps` (targets `eps/C + (1−eps)·onehot`).
+pub fn smoothed_cross_entropy(logits: &Tensor, labels: &[u32], eps: f64) -> Result<Tensor> {
+    let (b, c) = logits.dims2()?;
+    let mut t = vec![(eps / c as f64) as f32; b * c];
+    for (i, &l) in labels.iter().enumerate() {
+        if (l as usize) < c {
+            t[i * c + l as usize] += (1.0 - eps) as f32;
+        }
+    }
+    let targets = Tensor::from_vec(t, (b, c), logits.device())?;
+    let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
+    Ok((targets * logp)?.sum(D::Minus1)?.mean_all()?.neg()?)
+}
+
+/// The loader plan of one epoch: order and augmentation seeded by (seed, stage, epoch).
+fn epoch_plan(
+    cfg: &TrainConfig,
+    stage: Stage,
+    data: &Arc<Dataset>,
+    opt: &StageConfig,
+    views: usize,
+    epoch: usize,
+) -> EpochPlan {
+    EpochPlan {
+        data: data.clone(),
+        batch_size: opt.batch_size,
+        augment: opt.augment.clone(),
+        views,
+        seed: mix_seed(&[cfg.seed, stage.id(), epoch as u64]),
+        mean: cfg.model.input.mean,
+        std: cfg.model.input.std,
+    }
+}
+
+fn new_model(cfg: &TrainConfig, dev: &Device, seed: u64) -> Result<(VarMap, FerModel)> {
+    let vm = VarMap::new();
+    let model = FerModel::new(&cfg.model, VarBuilder::from_varmap(&vm, DType::F32, dev))?;
+    seeded_init(&vm, seed)?;
+    Ok((vm, model))
+}
+
+fn batch_tensor(view: &[f32], n: usize, dev: &Device) -> Result<Tensor> {
+    Ok(Tensor::from_vec(view.to_vec(), (n, 1, 48, 48), dev)?)
+}
+
+fn summary(run: &StageRun, tput: &Throughput, dir: PathBuf) -> StageSummary {
+    StageSummary {
+        stage: run.stage.name(),
+        epochs_run: run.epochs_done,
+        images_per_s: tput.images as f64 / tput.seconds.max(1e-9),
+        data_wait_share: tput.waiting / tput.seconds.max(1e-9),
+        best_val_accuracy: run.best_val,
+        best_epoch: run.best_epoch,
+        model_dir: dir,
+    }
+}
+
+/// Stage 1: Barlow Twins on unlabeled faces (Training pixels, labels ignored, plus extras).
+pub fn train_ssl(
+    cfg: &TrainConfig,
+    data: &TrainData,
+    dev: &Device,
+    resume: bool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<StageSummary> {
+    let (vm, model) = new_model(cfg, dev, mix_seed(&[cfg.seed, Stage::Ssl.id()]))?;
+    let vm_proj = VarMap::new();
+    let projector = Projector::new(
+        model.encoder.out_dim(),
+        &cfg.ssl.projector,
+        VarBuilder::from_varmap(&vm_proj, DType::F32, dev),
+    )?;
+    seeded_init(&vm_proj, mix_seed(&[cfg.seed, Stage::Ssl.id(), 1]))?;
+    let mut trainable = vars_with_prefix(&vm, &["encoder."])?;
+    trainable.extend(vars_with_prefix(&vm_proj, &[""])?);
+    let o = &cfg.ssl.opt;
+    let mut run = StageRun::new(
+        cfg,
+        Stage::Ssl,
+        vec![("model", &vm), ("projector", &vm_proj)],
+        trainable,
+        o.weight_decay,
+        resume,
+    )?;
+    let mut source =
+        LoaderSource::new(|epoch| epoch_plan(cfg, Stage::Ssl, &data.unlabeled, o, 2, epoch));
+    let mut step = |b: &loader::Batch| -> Result<Tensor> {
+        let n = b.len();
+        let za = projector.forward_t(
+            &model.features(&batch_tensor(&b.views[0], n, dev)?, true)?,
+            true,
+        )?;
+        let zb = projector.forward_t(
+            &model.features(&batch_tensor(&b.views[1], n, dev)?, true)?,
+            true,
+        )?;
+        Ok(barlow_twins_loss(&za, &zb, cfg.ssl.lambda)?)
+    };
+    let mut after = |run: &mut StageRun, _epoch: usize| -> Result<Option<f64>> {
+        run.save_model(&vm)?;
+        Ok(None)
+    };
+    let tput = run_epochs(
+        &mut run,
+        &mut source,
+        &LrSchedule::of(o),
+        progress,
+        &mut step,
+        &mut after,
+        serde_json::json!({}),
+    )?;
+    let dir = run.save_model(&vm)?;
+    Ok(summary(&run, &tput, dir))
+}
+
+/// Stage 2: f_φ (encoder + linear head) with cross-entropy, from `init` (an SSL model directory)
+/// or from scratch. Keeps the epoch with the best PublicTest accuracy.
+pub fn train_classifier(
+    cfg: &TrainConfig,
+    data: &TrainData,
+    init: Option<&Path>,
+    dev: &Device,
+    resume: bool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<StageSummary> {
+    let (vm, model) = new_model(cfg, dev, mix_seed(&[cfg.seed, Stage::Classifier.id()]))?;
+    if let Some(dir) = init {
+        crate::model::read_config(dir).and_then(|c| {
+            if c.encoder == cfg.model.encoder {
+                Ok(())
+            } else {
+                Err(Error::model(
+                    dir,
+                    "its encoder differs from the training config's",
+                ))
+            }
+        })?;
+        load_vars(&vm, &dir.join(crate::model::WEIGHTS_FILE), &["encoder."])?;
+    }
+    let trainable = vars_with_prefix(&vm, &["encoder.", "head."])?;
+    let o = &cfg.classifier.opt;
+    let mut run = StageRun::new(
+        cfg,
+        Stage::Classifier,
+        vec![("model", &vm)],
+        trainable,
+        o.weight_decay,
+        resume,
+    )?;
+    let mut source =
+        LoaderSource::new(|epoch| epoch_plan(cfg, Stage::Classifier, &data.train, o, 1, epoch));
+    let mut step = |b: &loader::Batch| -> Result<Tensor> {
+        let xs = batch_tensor(&b.views[0], b.len(), dev)?;
+        let logits = model.head_logits(&model.features(&xs, true)?)?;
+        smoothed_cross_entropy(&logits, &b.labels, cfg.classifier.label_smoothing)
+    };
+    let mut after = |run: &mut StageRun, _epoch: usize| -> Result<Option<f64>> {
+        let acc = fphi_accuracy(&model, &data.val, &cfg.model, dev)?;
+        if run.best_val.is_none_or(|b| acc > b) {
+            run.save_model(&vm)?;
+        }
+        Ok(Some(acc))
+    };
+    let tput = run_epochs(
+        &mut run,
+        &mut source,
+        &LrSchedule::of(o),
+        progress,
+        &mut step,
+        &mut after,
+        serde_json::json!({}),
+    )?;
+    let dir = model_dir(&cfg.run_dir, Stage::Classifier);
+    if !dir.exists() {
+        run.save_model(&vm)?;
+    }
+    Ok(summary(&run, &tput, dir))
+}
+
+/// Stage 3: CARD's ε_θ with the encoder and f_φ of `init` frozen. Features are computed once, so
+/// the stage costs one encoder pass over the data plus small MLP steps.
+pub fn train_card(
+    cfg: &TrainConfig,
+    data: &TrainData,
+    init: &Path,
+    dev: &Device,
+    resume: bool,
+    progress: &mut dyn FnMut(&Progress),
+) -> Result<StageSummary> {
+    let (vm, model) = new_model(cfg, dev, mix_seed(&[cfg.seed, Stage::Card.id()]))?;
+    let init_cfg = crate::model::read_config(init)?;
+    if init_cfg.encoder != cfg.model.encoder || init_cfg.classes != cfg.model.classes {
+        return Err(Error::model(
+            init,
+            "its encoder or classes differ from the training config's",
+        ));
+    }
+    load_vars(
+        &vm,
+        &init.join(crate::model::WEIGHTS_FILE),
+        &["encoder.", "head."],
+    )?;
+    let trainable = vars_with_prefix(&vm, &["card."])?;
+    let c = &cfg.card;
+    let mut run = StageRun::new(
+        cfg,
+        Stage::Card,
+        vec![("model", &vm)],
+        trainable,
+        c.weight_decay,
+        resume,
+    )?;
+    let t0 = Instant::now();
+    let (train_feats, train_f) = features_and_fphi(&model, &data.train, &cfg.model, dev)?;
+    let (val_feats, val_f) = features_and_fphi(&model, &data.val, &cfg.model, dev)?;
+    let feature_seconds = t0.elapsed().as_secs_f64();
+    let schedule = model.schedule().clone();
+    let mut source = CardSource::new(
+        &train_feats,
+        &train_f,
+        &data.train,
+        &schedule,
+        c.batch_size,
+        cfg.seed,
+        dev,
+    );
+    let mut step = |b: &CardRows| -> Result<Tensor> {
+        let eps_hat = model
+            .card
+            .forward(&b.feats, &b.batch.y_t, &b.f, &b.batch.t, true)?;
+        Ok(b.batch.loss(&eps_hat)?)
+    };
+    let labels: Vec<usize> = data.val.labels.iter().map(|&l| l as usize).collect();
+    let mut after = |run: &mut StageRun, epoch: usize| -> Result<Option<f64>> {
+        // PublicTest accuracy of the CARD majority vote, sampled 256 images at a time.
+        let mut pred: Vec<usize> = Vec::with_capacity(data.val.len());
+        for lo in (0..data.val.len()).step_by(256) {
+            let len = 256.min(data.val.len() - lo);
+            let mut rngs: Vec<_> = (lo..lo + len)
+                .map(|i| crate::rngs::keyed_rng(&[cfg.seed, 99, epoch as u64, i as u64]))
+                .collect();
+            let y0 = model.sample(
+                &val_feats.narrow(0, lo, len)?,
+                &val_f.narrow(0, lo, len)?,
+                c.val_samples,
+                cfg.model.card.steps,
+                &mut rngs,
+            )?;
+            let probs = sample_probs_rows(
+                &y0.flatten_all()?.to_vec1::<f32>()?,
+                cfg.model.num_classes(),
+                cfg.model.card.temperature,
+            );
+            let summaries = metrics::summarize_faces(
+                &probs,
+                c.val_samples,
+                cfg.model.num_classes(),
+                cfg.model.card.alpha,
+            );
+            pred.extend(summaries.iter().map(|s| s.label));
+        }
+        let acc = metrics::accuracy(&pred, &labels);
+        if run.best_val.is_none_or(|b| acc > b) {
+            run.save_model(&vm)?;
+        }
+        Ok(Some(acc))
+    };
+    let lr = LrSchedule {
+        epochs: c.epochs,
+        base_lr: c.lr,
+        warmup_epochs: 0.0,
+    };
+    let tput = run_epochs(
+        &mut run,
+        &mut source,
+        &lr,
+        progress,
+        &mut step,
+        &mut after,
+        serde_json::json!({ "feature_seconds": feature_seconds }),
+    )?;
+    let dir = model_dir(&cfg.run_dir, Stage::Card);
+    if !dir.exists() {
+        run.save_model(&vm)?;
+    }
+    Ok(summary(&run, &tput, dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::data::Dataset;
+
+    /// Features cached for the CARD stage must not hold the forward graph (it kept every
+    /// activation of the training set alive: 24 GB on FER2013).
+    #[test]
+    fn cached_features_are_detached() {
+        let mut cfg = TrainConfig::new("x".into(), "y".into());
+        cfg.model.encoder.stem = crate::config::Stem::Conv7x7Pool;
+        cfg.model.encoder.widths = [8, 8, 16, 16];
+        cfg.model.encoder.blocks = [1, 1, 1, 1];
+        cfg.model.encoder.cbam_reduction = 4;
+        let dev = Device::Cpu;
+        let (_vm, model) = new_model(&cfg, &dev, 1).unwrap();
+        let data = Dataset {
+            class_names: cfg.model.classes.clone(),
+            split_names: vec!["Training".into()],
+            pixels: vec![100; 3 * FACE_PIXELS],
+            labels: vec![0, 1, 2],
+            splits: vec![0; 3],
+        };
+        let (f, p) = features_and_fphi(&model, &data, &cfg.model, &dev).unwrap();
+        assert_eq!(f.dims(), &[3, 16]);
+        assert_eq!(p.dims(), &[3, 7]);
+        assert!(!f.track_op() && !p.track_op());
+    }
+}
