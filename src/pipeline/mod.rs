@@ -9,21 +9,24 @@
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Receiver, Sender, TrySendError};
+use crossbeam_channel::{bounded, select, Receiver, Sender};
 
 use crate::annotate::{AnnotateStats, Annotator};
-use crate::capture::{Frame, FrameSource, SourceEvent};
+use crate::capture::{Frame, FrameSource};
 use crate::emit::{Body, ClassMap, Emitter, FaceOut, Latency, Percentiles};
 use crate::error::{Error, Result};
 use crate::face::{
     crop_face, DetectConfig, FaceBox, FaceDetector, Smoother, Tracker, TrackerConfig,
 };
 use crate::infer::Classifier;
+use capture::{capture_loop, Counters, Event};
+
+mod capture;
 
 /// Settings of one `fer-cam run`, validated before any thread starts.
 #[derive(Debug, Clone)]
@@ -144,24 +147,9 @@ struct Result_ {
     infer_ms: f64,
 }
 
-enum Event {
-    /// The source is open: its name and nominal rate. Sent before its first frame.
-    Source(String, Option<f64>),
-    Warning(String),
-}
-
 /// After a signal (or a closed stdout), how long the stages get to finish what they hold before
 /// the run ends without them (a read from a silent stdin or a slow decode cannot be interrupted).
 const STOP_GRACE: Duration = Duration::from_millis(700);
-
-/// Counters the capture thread shares with the emitter.
-#[derive(Default)]
-struct Counters {
-    /// Frames dropped because the pipeline was busy.
-    dropped: AtomicU64,
-    /// Frames passed over by `--max-fps`.
-    skipped: AtomicU64,
-}
 
 fn spawn<T: Send + 'static>(
     name: &str,
@@ -430,88 +418,6 @@ pub fn run<W: Write>(
         r?;
     }
     Ok(stats)
-}
-
-fn capture_loop(
-    cfg: &RunConfig,
-    open: impl FnOnce() -> Result<Box<dyn FrameSource>>,
-    tx: Sender<Frame>,
-    stale: Receiver<Frame>,
-    events: Sender<Event>,
-    cancel: Arc<AtomicBool>,
-    counters: &Counters,
-) -> Result<()> {
-    let mut src = open()?;
-    src.keep_color(cfg.annotate.is_some());
-    let _ = events.send(Event::Source(src.name(), src.fps()));
-    let pace = if cfg.realtime { src.fps() } else { None };
-    let min_gap = (cfg.max_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.max_fps));
-    let t0 = Instant::now();
-    let mut last_accepted: Option<Instant> = None;
-    while !cancel.load(Ordering::SeqCst) {
-        let frame = match src.next_event()? {
-            SourceEvent::End => break,
-            SourceEvent::Warning(w) => {
-                let _ = events.try_send(Event::Warning(w));
-                continue;
-            }
-            SourceEvent::Frame(f) => f,
-        };
-        if let Some(fps) = pace {
-            let due = t0 + Duration::from_secs_f64(frame.seq as f64 / fps);
-            // Sleep in short steps so a signal is noticed.
-            while let Some(wait) = due.checked_duration_since(Instant::now()) {
-                if cancel.load(Ordering::SeqCst) {
-                    return Ok(());
-                }
-                thread::sleep(wait.min(Duration::from_millis(50)));
-            }
-        }
-        if let (Some(gap), Some(last)) = (min_gap, last_accepted) {
-            if last.elapsed() < gap {
-                counters.skipped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-        }
-        last_accepted = Some(Instant::now());
-        let mut frame = frame;
-        // Stamp the capture time when the frame enters the pipeline (after pacing).
-        frame.captured = Instant::now();
-        frame.wall = SystemTime::now();
-        if cfg.live || cfg.realtime {
-            match tx.try_send(frame) {
-                Ok(()) => {}
-                Err(TrySendError::Full(f)) => {
-                    // Drop the stalest queued frame, then queue this one.
-                    if stale.try_recv().is_ok() {
-                        counters.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                    if let Err(TrySendError::Full(_)) = tx.try_send(f) {
-                        counters.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
-                Err(TrySendError::Disconnected(_)) => break,
-            }
-        } else {
-            // Files wait for the face stage, but never past cancellation: this thread also
-            // holds a receiver (for dropping stale frames), so the queue never disconnects
-            // while it blocks here.
-            let mut pending = frame;
-            loop {
-                match tx.send_timeout(pending, Duration::from_millis(50)) {
-                    Ok(()) => break,
-                    Err(crossbeam_channel::SendTimeoutError::Timeout(f)) => {
-                        if cancel.load(Ordering::SeqCst) {
-                            return Ok(());
-                        }
-                        pending = f;
-                    }
-                    Err(crossbeam_channel::SendTimeoutError::Disconnected(_)) => return Ok(()),
-                }
-            }
-        }
-    }
-    Ok(())
 }
 
 fn face_loop(
