@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use fer_cam::config::Stem;
+use fer_cam::train::TrainConfig;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -262,6 +264,53 @@ pub struct TrainArgs {
     /// No progress bar on stderr.
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl TrainArgs {
+    /// Sets the data, the run directory and every flag given on the command line in `cfg` (a
+    /// `--config` file or the defaults); flags win over the file.
+    pub fn apply_to(
+        &self,
+        cfg: &mut TrainConfig,
+        cache_dir: Option<PathBuf>,
+    ) -> anyhow::Result<()> {
+        cfg.data = self.source.data.clone();
+        cfg.run_dir = self.run_dir.clone();
+        cfg.cache_dir = cache_dir;
+        if let Some(s) = &self.stem {
+            cfg.model.encoder.stem = s.parse::<Stem>()?;
+        }
+        if self.no_cbam {
+            cfg.model.encoder.cbam = false;
+        }
+        if let Some(n) = self.ssl_epochs {
+            cfg.ssl.opt.epochs = n;
+        }
+        if let Some(n) = self.classifier_epochs {
+            cfg.classifier.opt.epochs = n;
+        }
+        if let Some(n) = self.card_epochs {
+            cfg.card.epochs = n;
+        }
+        if let Some(b) = self.batch_size {
+            cfg.ssl.opt.batch_size = b;
+            cfg.classifier.opt.batch_size = b;
+        }
+        if let Some(lr) = self.lr {
+            cfg.ssl.opt.lr = lr;
+            cfg.classifier.opt.lr = lr;
+        }
+        if self.train_limit.is_some() {
+            cfg.train_limit = self.train_limit;
+        }
+        if self.val_limit.is_some() {
+            cfg.val_limit = self.val_limit;
+        }
+        if let Some(s) = self.seed {
+            cfg.seed = s;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Args)]

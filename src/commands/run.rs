@@ -43,10 +43,10 @@ fn parse_resolution(s: &str) -> Result<(u32, u32)> {
 }
 
 pub fn run_daemon(a: RunArgs) -> Result<()> {
-    use fer_cam::capture::{FrameSource, ImageSource, InputKind, Y4mSource};
+    use fer_cam::capture::Input;
     use fer_cam::face::{DetectConfig, TrackerConfig};
     use fer_cam::pipeline::RunConfig;
-    use std::sync::atomic::AtomicBool;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
 
     let clf = load_classifier(&a.classifier)?;
@@ -58,35 +58,19 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
     if a.camera.is_some() {
         return Err(no_camera_support());
     }
-    if a.input.is_empty() && a.camera.is_none() {
-        bail!("give --input FILE.y4m, --input - (YUV4MPEG2 on stdin), image files, or --camera N");
-    }
-    let camera = a.camera;
-    for p in &a.input {
-        fer_cam::capture::refuse_compressed(p)?;
-    }
-    let kind = match a.input.as_slice() {
-        [one] => InputKind::detect(one)?,
-        _ => InputKind::Images,
-    };
-    let stdin = kind == InputKind::Stdin;
-    let stream = kind == InputKind::Stream;
-    let y4m = kind == InputKind::Y4mFile || stream;
+    let camera = a.camera.map(|index| Input::Camera {
+        index,
+        width: cam_w,
+        height: cam_h,
+        fps: a.fps,
+    });
+    let input = Input::select(&a.input, camera)?;
+    let (video, live) = (input.is_video(), input.is_live());
     let cfg = RunConfig {
         detect: DetectConfig {
-            detect_width: a
-                .detect_width
-                .unwrap_or(if stdin || y4m || camera.is_some() {
-                    320
-                } else {
-                    0
-                }),
+            detect_width: a.detect_width.unwrap_or(if video { 320 } else { 0 }),
             // Stills are unrelated pictures: detect on every one.
-            every: if stdin || y4m || camera.is_some() {
-                a.detect_every
-            } else {
-                1
-            },
+            every: if video { a.detect_every } else { 1 },
             min_face: a.min_face,
             score_threshold: a.det_threshold,
             ..Default::default()
@@ -96,48 +80,17 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
         smooth: a.smooth,
         max_fps: a
             .max_fps
-            .unwrap_or(if camera.is_some() { 10.0 } else { 0.0 }),
+            .unwrap_or(if a.camera.is_some() { 10.0 } else { 0.0 }),
         realtime: a.realtime,
-        live: stdin || stream || camera.is_some(),
+        live,
         status_every: a.status_every,
         annotate: a.annotate.clone(),
         ..Default::default()
     };
     cfg.validate()?;
-    let inputs = a.input.clone();
     let cancel = Arc::new(AtomicBool::new(false));
     let cam_cancel = cancel.clone();
-    let cam_fps = a.fps;
-    let open = move || -> fer_cam::Result<Box<dyn FrameSource>> {
-        #[cfg(feature = "camera")]
-        if let Some(index) = camera {
-            use fer_cam::capture::camera::CameraSource;
-            use fer_cam::capture::{Backoff, Reconnecting};
-            let reopen = move || -> fer_cam::Result<Box<dyn FrameSource>> {
-                Ok(Box::new(CameraSource::open(index, cam_w, cam_h, cam_fps)?))
-            };
-            // The first open must succeed: a missing or busy camera is an error, not a retry loop.
-            let first = CameraSource::open(index, cam_w, cam_h, cam_fps)?;
-            let src = Reconnecting::new(format!("camera:{index}"), reopen, Backoff::default())
-                .with_source(Box::new(first))
-                .with_cancel(move || cam_cancel.load(std::sync::atomic::Ordering::SeqCst));
-            return Ok(Box::new(src));
-        }
-        #[cfg(not(feature = "camera"))]
-        let _ = (&cam_cancel, cam_fps, cam_w, cam_h);
-        if stdin {
-            Ok(Box::new(Y4mSource::new(std::io::stdin(), "stdin")?))
-        } else if y4m {
-            let p = &inputs[0];
-            let f = std::fs::File::open(p).map_err(|e| fer_cam::Error::io(p, e))?;
-            Ok(Box::new(Y4mSource::new(
-                f,
-                format!("file:{}", p.display()),
-            )?))
-        } else {
-            Ok(Box::new(ImageSource::new(&inputs)?))
-        }
-    };
+    let open = move || input.open(move || cam_cancel.load(Ordering::SeqCst));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, cancel.clone()).context("installing signal handlers")?;
     }

@@ -6,7 +6,6 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{device, load_options, print_stdout};
 use crate::cli::{TrainArgs, TrainStage};
-use fer_cam::config::Stem;
 use fer_cam::train::{Progress, StageSelection, TrainConfig};
 
 pub fn train(a: TrainArgs) -> Result<()> {
@@ -20,41 +19,7 @@ pub fn train(a: TrainArgs) -> Result<()> {
         }
         None => TrainConfig::new(a.source.data.clone(), a.run_dir.clone()),
     };
-    cfg.data = a.source.data.clone();
-    cfg.run_dir = a.run_dir.clone();
-    cfg.cache_dir = load_options(&a.source).cache_dir;
-    if let Some(s) = &a.stem {
-        cfg.model.encoder.stem = s.parse::<Stem>()?;
-    }
-    if a.no_cbam {
-        cfg.model.encoder.cbam = false;
-    }
-    if let Some(n) = a.ssl_epochs {
-        cfg.ssl.opt.epochs = n;
-    }
-    if let Some(n) = a.classifier_epochs {
-        cfg.classifier.opt.epochs = n;
-    }
-    if let Some(n) = a.card_epochs {
-        cfg.card.epochs = n;
-    }
-    if let Some(b) = a.batch_size {
-        cfg.ssl.opt.batch_size = b;
-        cfg.classifier.opt.batch_size = b;
-    }
-    if let Some(lr) = a.lr {
-        cfg.ssl.opt.lr = lr;
-        cfg.classifier.opt.lr = lr;
-    }
-    if a.train_limit.is_some() {
-        cfg.train_limit = a.train_limit;
-    }
-    if a.val_limit.is_some() {
-        cfg.val_limit = a.val_limit;
-    }
-    if let Some(s) = a.seed {
-        cfg.seed = s;
-    }
+    a.apply_to(&mut cfg, load_options(&a.source).cache_dir)?;
     let selection = match a.stage {
         TrainStage::Ssl => StageSelection::Ssl,
         TrainStage::Classifier => StageSelection::Classifier,
