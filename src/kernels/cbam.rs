@@ -1,7 +1,7 @@
 //! The element-wise and channel-reduction parts of a CBAM gate in training, fused into two passes
 //! forward and two backward over `(b, c, h·w)` `f32` slices. The small parts (pooling over space,
 //! the channel MLP, the 7x7 spatial convolution and its batch-norm) stay ordinary ops. The
-//! inference gate (([`cbam_residual_relu`])) runs the same forward loops.
+//! inference gate ([`cbam_residual_relu`]) runs the same forward loops.
 //!
 //! With the channel gate `g (b, c)` and the spatial gate `s (b, h·w)`:
 //! - gate-and-pool: `x' = x·g`, `pooled = [mean_c x', max_c x']` (`(b, 2, h·w)`);
@@ -437,7 +437,7 @@ impl CbamParams {
 }
 
 /// `relu(CBAM(x) + identity)` over a batch `(b, c, h, w)` (inference only), on the training
-/// path's fused loops ([`cbam_train`]): each pass split over images and over blocks of channels
+/// path's fused loops (above): each pass split over images and over blocks of channels
 /// or pixels, so that a single image keeps every core busy.
 pub fn cbam_residual_relu(
     p: &CbamParams,
