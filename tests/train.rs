@@ -237,6 +237,55 @@ fn killed_then_resumed_run_matches_uninterrupted() {
     let oa = load_all(&run_a.join("classifier/checkpoint/optimizer.safetensors"));
     let ob = load_all(&run_b.join("classifier/checkpoint/optimizer.safetensors"));
     assert!(oa == ob, "optimizer state differs after resume");
+
+    // SIGINT instead of a kill: the stage stops before its next step with a one-line error that
+    // names the checkpoint, promptly, and --resume again ends where the uninterrupted run did.
+    let run_c = tmp.path().join("c");
+    let mut c = small_run("classifier", &data, &run_c);
+    c.extend(epochs.iter().map(|s| s.to_string()));
+    let child = Command::new(common::bin())
+        .args(args(&c))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let state = run_c.join("classifier/checkpoint/state.json");
+    let start = Instant::now();
+    let mut signalled = None;
+    while start.elapsed() < Duration::from_secs(120) && signalled.is_none() {
+        let done = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["epochs_done"].as_u64());
+        if done == Some(1) {
+            let pid = child.id().to_string();
+            assert!(Command::new("kill")
+                .args(["-INT", &pid])
+                .status()
+                .unwrap()
+                .success());
+            signalled = Some(Instant::now());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let signalled = signalled.expect("the run finished before it could be interrupted");
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        signalled.elapsed() < Duration::from_secs(10),
+        "slow to stop"
+    );
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert!(
+        err.contains("interrupted") && err.contains("--resume") && err.contains("checkpoint"),
+        "{err}"
+    );
+    c.push("--resume".into());
+    let o = fer(&args(&c));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let wc = load_all(&run_c.join("classifier/checkpoint/model.safetensors"));
+    for ((na, va), (_, vc)) in wa.iter().zip(&wc) {
+        assert!(va == vc, "{na} differs after an interrupted run resumed");
+    }
 }
 
 #[test]

@@ -6,7 +6,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use super::{device, load_options, print_stdout};
 use crate::cli::{TrainArgs, TrainStage};
-use fer_cam::train::{Progress, StageSelection, TrainConfig};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use fer_cam::train::{Monitor, Progress, StageSelection, TrainConfig};
 
 pub fn train(a: TrainArgs) -> Result<()> {
     let dev = device(&a.device)?;
@@ -49,6 +52,15 @@ pub fn train(a: TrainArgs) -> Result<()> {
             p.images_per_s
         ));
     };
+    // SIGINT / SIGTERM: the stage stops before its next step; the last epoch's checkpoint stays.
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    let mut monitor = Monitor {
+        progress: &mut progress,
+        stop: &stop,
+    };
     let summaries = fer_cam::train::run(
         &cfg,
         selection,
@@ -56,9 +68,10 @@ pub fn train(a: TrainArgs) -> Result<()> {
         a.from_scratch,
         &dev,
         a.resume,
-        &mut progress,
-    )?;
+        &mut monitor,
+    );
     bar.finish_and_clear();
+    let summaries = summaries?;
     let mut text = String::new();
     for s in &summaries {
         if s.images_per_s > 0.0 {

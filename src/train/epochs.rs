@@ -10,10 +10,11 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::card_batch::CardBatch;
+use super::checkpoint::checkpoint_dir;
 use super::checkpoint::StageRun;
 use super::loader::{self, EpochPlan};
 use super::optim::warmup_cosine;
-use super::{log_metrics, mix_seed, plots, Progress, Stage};
+use super::{log_metrics, mix_seed, plots, Monitor, Progress, Stage};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::model::diffusion::Schedule;
@@ -201,7 +202,7 @@ pub(super) fn run_epochs<S: BatchSource>(
     run: &mut StageRun,
     source: &mut S,
     lr: &LrSchedule,
-    progress: &mut dyn FnMut(&Progress),
+    monitor: &mut Monitor,
     step: &mut dyn FnMut(&S::Batch) -> Result<Tensor>,
     after_epoch: &mut dyn FnMut(&mut StageRun, usize) -> Result<Option<f64>>,
     extra: serde_json::Value,
@@ -219,6 +220,10 @@ pub(super) fn run_epochs<S: BatchSource>(
         let mut images = 0;
         let mut waiting = 0.0;
         for i in 0..steps_per_epoch {
+            if monitor.stop.load(std::sync::atomic::Ordering::SeqCst) {
+                source.finish();
+                return Err(interrupted(run, epoch, i));
+            }
             let t_wait = Instant::now();
             let batch = source.next_batch()?;
             waiting += t_wait.elapsed().as_secs_f64();
@@ -230,7 +235,7 @@ pub(super) fn run_epochs<S: BatchSource>(
             run.opt.step(&grads, lr_now)?;
             loss_sum += loss;
             images += S::images(&batch);
-            progress(&Progress {
+            (monitor.progress)(&Progress {
                 stage: run.stage,
                 epoch,
                 epochs: lr.epochs,
@@ -272,4 +277,23 @@ pub(super) fn run_epochs<S: BatchSource>(
         plots::plot_stage(&run.cfg.run_dir, run.stage.name())?;
     }
     Ok(tput)
+}
+
+/// The error of a stage stopped by a signal before step `step` of epoch `epoch`.
+fn interrupted(run: &StageRun, epoch: usize, step: usize) -> Error {
+    let resume = if run.epochs_done > 0 {
+        format!(
+            "its checkpoint after {} epoch(s) is in {}: continue with --resume",
+            run.epochs_done,
+            checkpoint_dir(&run.cfg.run_dir, run.stage).display()
+        )
+    } else {
+        "no epoch had finished, so there is no checkpoint yet".to_string()
+    };
+    Error::Msg(format!(
+        "stage {} interrupted at epoch {} step {}; {resume}",
+        run.stage.name(),
+        epoch + 1,
+        step + 1
+    ))
 }

@@ -53,6 +53,14 @@ impl Stage {
     }
 }
 
+/// What the caller sees of a running stage, and how it stops one: `progress` after every step;
+/// `stop` (set from a signal handler) ends the stage before its next step, with an error that
+/// names the checkpoint `--resume` continues from.
+pub struct Monitor<'a> {
+    pub progress: &'a mut dyn FnMut(&Progress),
+    pub stop: &'a std::sync::atomic::AtomicBool,
+}
+
 /// A progress report, sent after every step.
 #[derive(Debug, Clone)]
 pub struct Progress {
@@ -213,7 +221,7 @@ pub fn run(
     from_scratch: bool,
     dev: &Device,
     resume: bool,
-    progress: &mut dyn FnMut(&Progress),
+    monitor: &mut Monitor,
 ) -> Result<Vec<StageSummary>> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.run_dir).map_err(|e| Error::io(&cfg.run_dir, e))?;
@@ -226,7 +234,7 @@ pub fn run(
     let ssl_model = model_dir(&cfg.run_dir, Stage::Ssl);
     let cls_model = model_dir(&cfg.run_dir, Stage::Classifier);
     if selection == StageSelection::Ssl || (selection == StageSelection::All && !from_scratch) {
-        out.push(train_ssl(cfg, &data, dev, resume, progress)?);
+        out.push(train_ssl(cfg, &data, dev, resume, monitor)?);
     }
     if matches!(selection, StageSelection::Classifier | StageSelection::All) {
         let start = if from_scratch {
@@ -242,7 +250,7 @@ pub fn run(
             start.as_deref(),
             dev,
             resume,
-            progress,
+            monitor,
         )?);
     }
     if matches!(selection, StageSelection::Card | StageSelection::All) {
@@ -256,7 +264,7 @@ pub fn run(
                 start.display()
             )));
         }
-        out.push(train_card(cfg, &data, &start, dev, resume, progress)?);
+        out.push(train_card(cfg, &data, &start, dev, resume, monitor)?);
     }
     Ok(out)
 }

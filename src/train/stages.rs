@@ -12,7 +12,7 @@ use candle_nn::{VarBuilder, VarMap};
 use super::checkpoint::{load_vars, model_dir, vars_with_prefix, StageRun};
 use super::epochs::{run_epochs, CardRows, CardSource, LoaderSource, LrSchedule, Throughput};
 use super::loader::{self, EpochPlan};
-use super::{mix_seed, Progress, Stage, StageConfig, StageSummary, TrainConfig, TrainData};
+use super::{mix_seed, Monitor, Stage, StageConfig, StageSummary, TrainConfig, TrainData};
 use crate::config::ModelConfig;
 use crate::data::{Dataset, FACE_PIXELS};
 use crate::error::{Error, Result};
@@ -132,7 +132,7 @@ pub fn train_ssl(
     data: &TrainData,
     dev: &Device,
     resume: bool,
-    progress: &mut dyn FnMut(&Progress),
+    monitor: &mut Monitor,
 ) -> Result<StageSummary> {
     let (vm, model) = new_model(cfg, dev, mix_seed(&[cfg.seed, Stage::Ssl.id()]))?;
     let vm_proj = VarMap::new();
@@ -175,7 +175,7 @@ pub fn train_ssl(
         &mut run,
         &mut source,
         &LrSchedule::of(o),
-        progress,
+        monitor,
         &mut step,
         &mut after,
         serde_json::json!({}),
@@ -192,7 +192,7 @@ pub fn train_classifier(
     init: Option<&Path>,
     dev: &Device,
     resume: bool,
-    progress: &mut dyn FnMut(&Progress),
+    monitor: &mut Monitor,
 ) -> Result<StageSummary> {
     let (vm, model) = new_model(cfg, dev, mix_seed(&[cfg.seed, Stage::Classifier.id()]))?;
     if let Some(dir) = init {
@@ -236,7 +236,7 @@ pub fn train_classifier(
         &mut run,
         &mut source,
         &LrSchedule::of(o),
-        progress,
+        monitor,
         &mut step,
         &mut after,
         serde_json::json!({}),
@@ -256,7 +256,7 @@ pub fn train_card(
     init: &Path,
     dev: &Device,
     resume: bool,
-    progress: &mut dyn FnMut(&Progress),
+    monitor: &mut Monitor,
 ) -> Result<StageSummary> {
     let (vm, model) = new_model(cfg, dev, mix_seed(&[cfg.seed, Stage::Card.id()]))?;
     let init_cfg = crate::model::read_config(init)?;
@@ -345,7 +345,7 @@ pub fn train_card(
         &mut run,
         &mut source,
         &lr,
-        progress,
+        monitor,
         &mut step,
         &mut after,
         serde_json::json!({ "feature_seconds": feature_seconds }),
