@@ -30,6 +30,30 @@ pub fn decode_image(path: &Path) -> Result<DynamicImage> {
         .map_err(|e| Error::file(path, format!("cannot decode image: {e}")))
 }
 
+/// How far from its end a JPEG's end-of-image marker may lie (some cameras append data).
+const JPEG_TAIL: u64 = 64 << 10;
+
+/// Whether `path` is a JPEG cut short: it starts with the start-of-image marker but has no
+/// end-of-image marker (FF D9) in its last [`JPEG_TAIL`] bytes. Such a file still decodes, with
+/// its missing end filled in, so the caller warns instead of passing off a damaged picture.
+pub fn jpeg_is_truncated(path: &Path) -> Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut head = [0u8; 2];
+    if len < 4 || f.read_exact(&mut head).is_err() || head != [0xFF, 0xD8] {
+        return Ok(false);
+    }
+    let start = len.saturating_sub(JPEG_TAIL).max(2);
+    f.seek(SeekFrom::Start(start))
+        .map_err(|e| Error::io(path, e))?;
+    let mut tail = Vec::new();
+    f.take(JPEG_TAIL)
+        .read_to_end(&mut tail)
+        .map_err(|e| Error::io(path, e))?;
+    Ok(!tail.windows(2).any(|w| w == [0xFF, 0xD9]))
+}
+
 /// Whether a directory entry is hidden (`.git`, macOS `._x.png` companions): never input.
 pub fn is_hidden(path: &Path) -> bool {
     path.file_name()

@@ -15,6 +15,8 @@ pub struct ImageSource {
     name: String,
     keep_color: bool,
     decoded: usize,
+    /// A frame held back while its warning goes out first.
+    pending: Option<Frame>,
 }
 
 fn is_image(p: &Path) -> bool {
@@ -55,12 +57,16 @@ impl ImageSource {
             name,
             keep_color: false,
             decoded: 0,
+            pending: None,
         })
     }
 }
 
 impl FrameSource for ImageSource {
     fn next_event(&mut self) -> Result<SourceEvent> {
+        if let Some(frame) = self.pending.take() {
+            return Ok(SourceEvent::Frame(frame));
+        }
         let Some(path) = self.files.get(self.next).cloned() else {
             if self.decoded == 0 {
                 // Not one picture: the input was not what it was taken for.
@@ -81,7 +87,7 @@ impl FrameSource for ImageSource {
                 });
                 let g = img.into_luma8();
                 self.decoded += 1;
-                Ok(SourceEvent::Frame(Frame {
+                let frame = Frame {
                     seq,
                     captured: Instant::now(),
                     wall: SystemTime::now(),
@@ -90,7 +96,16 @@ impl FrameSource for ImageSource {
                     gray: g.into_raw(),
                     label: Some(path.display().to_string()),
                     chroma: chroma.flatten(),
-                }))
+                };
+                if crate::decode::jpeg_is_truncated(&path).unwrap_or(false) {
+                    self.pending = Some(frame);
+                    return Ok(SourceEvent::Warning(format!(
+                        "{}: truncated JPEG (no end marker): its missing part is filled in, \
+                         so faces there are not real",
+                        path.display()
+                    )));
+                }
+                Ok(SourceEvent::Frame(frame))
             }
             Err(e) => Ok(SourceEvent::Warning(e.to_string())),
         }
@@ -102,5 +117,45 @@ impl FrameSource for ImageSource {
 
     fn keep_color(&mut self, on: bool) {
         self.keep_color = on;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn events(src: &mut ImageSource) -> Vec<String> {
+        let mut out = Vec::new();
+        loop {
+            match src.next_event().unwrap() {
+                SourceEvent::Frame(f) => out.push(format!("frame {}", f.seq)),
+                SourceEvent::Warning(w) => out.push(format!("warning {w}")),
+                SourceEvent::End => return out,
+            }
+        }
+    }
+
+    #[test]
+    fn a_truncated_jpeg_is_shown_with_a_warning_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = image::GrayImage::from_fn(64, 64, |x, y| image::Luma([(x * 3 + y) as u8]));
+        let whole = dir.path().join("a_whole.jpg");
+        img.save(&whole).unwrap();
+        let bytes = std::fs::read(&whole).unwrap();
+        let cut = dir.path().join("b_cut.jpg");
+        std::fs::write(&cut, &bytes[..bytes.len() * 2 / 3]).unwrap();
+        assert!(!crate::decode::jpeg_is_truncated(&whole).unwrap());
+        assert!(crate::decode::jpeg_is_truncated(&cut).unwrap());
+        let mut src = ImageSource::new(&[dir.path().to_path_buf()]).unwrap();
+        let ev = events(&mut src);
+        assert_eq!(ev.len(), 3, "{ev:?}");
+        assert_eq!(ev[0], "frame 0");
+        assert!(
+            ev[1].starts_with("warning")
+                && ev[1].contains("b_cut.jpg")
+                && ev[1].contains("truncated"),
+            "{ev:?}"
+        );
+        assert_eq!(ev[2], "frame 1");
     }
 }
