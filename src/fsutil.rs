@@ -20,33 +20,56 @@ fn sidecars(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
     Ok((parent, tmp, old))
 }
 
+/// The file that marks a directory beside `dir` as one [`write_dir_atomically`] made: only such a
+/// leftover is ever removed (a user's own `.name.tmp` is left alone and reported).
+const MARKER: &str = ".fer-cam-partial";
+
+fn is_ours(p: &Path) -> bool {
+    p.join(MARKER).is_file()
+}
+
 /// Repairs what a crash between the two renames of [`write_dir_atomically`] leaves: `dir` gone
 /// and its previous version at `.name.old`. The previous version is put back (the new one may be
 /// incomplete), so a reader — `--resume` — finds the last complete directory instead of none.
 pub fn recover_dir(dir: &Path) -> Result<()> {
     let (_, _, old) = sidecars(dir)?;
-    if !dir.exists() && old.is_dir() {
+    if !dir.exists() && old.is_dir() && is_ours(&old) {
         std::fs::rename(&old, dir).map_err(|e| Error::io(dir, e))?;
+        let marker = dir.join(MARKER);
+        std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
     }
     Ok(())
 }
 
 /// Builds a directory with `fill(tmp_dir)` next to `dir`, fsyncs its files, then swaps it in for
-/// `dir` by renames. A crash leaves either the old directory (possibly beside a stale temp one
-/// of this function's own naming, which the next write removes) or, between the two renames,
-/// the old one at `.name.old`, which [`recover_dir`] puts back. Files get the mode a new file
-/// gets under the process umask (some writers create 0600 files, unreadable to the group).
+/// `dir` by renames. A crash leaves either the old directory (possibly beside a stale temp one,
+/// which the next write removes) or, between the two renames, the old one at `.name.old`, which
+/// [`recover_dir`] puts back. Both sidecars carry a marker file while they exist, and a sidecar
+/// without it (not made here) is never removed: the write fails instead, naming it. Files get
+/// the mode a new file gets under the process umask (some writers create 0600 files, unreadable
+/// to the group).
 pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let (parent, tmp, old) = sidecars(dir)?;
     std::fs::create_dir_all(&parent).map_err(|e| Error::io(&parent, e))?;
     recover_dir(dir)?;
     for stale in [&tmp, &old] {
-        if stale.exists() {
+        if stale.symlink_metadata().is_ok() {
+            if !stale.is_dir() || !is_ours(stale) {
+                return Err(Error::file(
+                    stale,
+                    "is in the way and was not made by fer-cam; move it elsewhere",
+                ));
+            }
             std::fs::remove_dir_all(stale).map_err(|e| Error::io(stale, e))?;
         }
     }
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
+    let mark = |d: &Path| {
+        let m = d.join(MARKER);
+        std::fs::write(&m, b"").map_err(|e| Error::io(&m, e))
+    };
+    mark(&tmp)?;
     fill(&tmp)?;
     let probe = tmp.join(".mode-probe");
     let mode = std::fs::File::create(&probe)
@@ -55,6 +78,8 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
         .permissions()
         .mode();
     std::fs::remove_file(&probe).map_err(|e| Error::io(&probe, e))?;
+    let tmp_marker = tmp.join(MARKER);
+    std::fs::remove_file(&tmp_marker).map_err(|e| Error::io(&tmp_marker, e))?;
     for entry in std::fs::read_dir(&tmp).map_err(|e| Error::io(&tmp, e))? {
         let p = entry.map_err(|e| Error::io(&tmp, e))?.path();
         if p.is_file() {
@@ -65,6 +90,9 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
         }
     }
     if dir.exists() {
+        // The previous version moves aside marked, so that only recover_dir or the next write
+        // (not a user's own `.name.old`) ever takes it back or removes it.
+        mark(dir)?;
         std::fs::rename(dir, &old).map_err(|e| Error::io(dir, e))?;
         std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
@@ -209,15 +237,34 @@ mod tests {
         std::fs::File::create(&probe).unwrap();
         let want = std::fs::metadata(&probe).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, want & 0o777);
-        // Simulate the crash: the old version moved aside, the new one not yet in place.
+        // Simulate the crash: the old version moved aside (marked, as the write marks it), the
+        // new one half-built (marked, as made here).
+        std::fs::write(dir.join(MARKER), "").unwrap();
         std::fs::rename(&dir, root.path().join(".checkpoint.old")).unwrap();
         std::fs::create_dir_all(root.path().join(".checkpoint.tmp")).unwrap();
+        std::fs::write(root.path().join(".checkpoint.tmp").join(MARKER), "").unwrap();
         recover_dir(&dir).unwrap();
+        assert!(!dir.join(MARKER).exists());
         assert_eq!(std::fs::read_to_string(dir.join("state")).unwrap(), "1");
         write("2").unwrap();
         assert_eq!(std::fs::read_to_string(dir.join("state")).unwrap(), "2");
         assert!(!root.path().join(".checkpoint.old").exists());
         assert!(!root.path().join(".checkpoint.tmp").exists());
+        assert!(!dir.join(MARKER).exists());
+        // A user's own directory (or file) with a sidecar's name is neither removed nor used.
+        for name in [".checkpoint.tmp", ".checkpoint.old"] {
+            let theirs = root.path().join(name);
+            std::fs::create_dir_all(&theirs).unwrap();
+            std::fs::write(theirs.join("notes.txt"), "mine").unwrap();
+            let e = write("3").unwrap_err().to_string();
+            assert!(e.contains("not made by fer-cam"), "{e}");
+            assert_eq!(
+                std::fs::read_to_string(theirs.join("notes.txt")).unwrap(),
+                "mine"
+            );
+            assert_eq!(std::fs::read_to_string(dir.join("state")).unwrap(), "2");
+            std::fs::remove_dir_all(&theirs).unwrap();
+        }
     }
 
     #[test]
