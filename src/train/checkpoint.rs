@@ -173,10 +173,27 @@ impl<'a> StageRun<'a> {
         })
     }
 
-    pub fn save_model(&self, vm: &VarMap) -> Result<PathBuf> {
+    /// Writes the stage's model directory from its `model` variables.
+    pub fn save_model(&self) -> Result<PathBuf> {
+        let Some((_, vm)) = self.saved.iter().find(|(name, _)| *name == "model") else {
+            return Err(Error::Msg(format!(
+                "stage {}: no model variables",
+                self.stage.name()
+            )));
+        };
         let dir = model_dir(&self.cfg.run_dir, self.stage);
         write_dir_atomically(&dir, |tmp| write_model_files(tmp, &self.cfg.model, vm))?;
         Ok(dir)
+    }
+
+    /// The stage's model directory, written now if no epoch wrote one.
+    pub fn model_dir_or_save(&self) -> Result<PathBuf> {
+        let dir = model_dir(&self.cfg.run_dir, self.stage);
+        if dir.exists() {
+            Ok(dir)
+        } else {
+            self.save_model()
+        }
     }
 
     pub fn check_finite(&self, loss: f64, epoch: usize, step: usize) -> Result<()> {

@@ -196,7 +196,8 @@ impl LrSchedule {
 }
 
 /// Runs the stage's remaining epochs: per batch `step(batch) → loss`, backward and an AdamW
-/// step; after each epoch `after_epoch(run, epoch) → validation score` (the best is kept), a
+/// step; after each epoch `score(epoch)`: a validation score, whose best epoch's model is kept,
+/// or `None` (no validation: every epoch's model is kept); then a
 /// checkpoint, a metrics line (with `extra` fields) and the stage's plots.
 pub(super) fn run_epochs<S: BatchSource>(
     run: &mut StageRun,
@@ -204,7 +205,7 @@ pub(super) fn run_epochs<S: BatchSource>(
     lr: &LrSchedule,
     monitor: &mut Monitor,
     step: &mut dyn FnMut(&S::Batch) -> Result<Tensor>,
-    after_epoch: &mut dyn FnMut(&mut StageRun, usize) -> Result<Option<f64>>,
+    score: &mut dyn FnMut(usize) -> Result<Option<f64>>,
     extra: serde_json::Value,
 ) -> Result<Throughput> {
     let mut tput = Throughput::default();
@@ -248,12 +249,17 @@ pub(super) fn run_epochs<S: BatchSource>(
         source.finish();
         let seconds = start.elapsed().as_secs_f64();
         run.epochs_done += 1;
-        let val = after_epoch(run, epoch)?;
-        if let Some(v) = val {
-            if run.best_val.is_none_or(|b| v > b) {
+        let val = score(epoch)?;
+        match val {
+            None => {
+                run.save_model()?;
+            }
+            Some(v) if run.best_val.is_none_or(|b| v > b) => {
                 run.best_val = Some(v);
                 run.best_epoch = Some(epoch + 1);
+                run.save_model()?;
             }
+            Some(_) => {}
         }
         run.checkpoint()?;
         tput.images += images;

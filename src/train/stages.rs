@@ -9,7 +9,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, ModuleT, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 
-use super::checkpoint::{load_vars, model_dir, vars_with_prefix, StageRun};
+use super::checkpoint::{load_vars, vars_with_prefix, StageRun};
 use super::epochs::{run_epochs, CardRows, CardSource, LoaderSource, LrSchedule, Throughput};
 use super::loader::{self, EpochPlan};
 use super::{mix_seed, Monitor, Stage, StageConfig, StageSummary, TrainConfig, TrainData};
@@ -167,21 +167,17 @@ pub fn train_ssl(
         )?;
         Ok(barlow_twins_loss(&za, &zb, cfg.ssl.lambda)?)
     };
-    let mut after = |run: &mut StageRun, _epoch: usize| -> Result<Option<f64>> {
-        run.save_model(&vm)?;
-        Ok(None)
-    };
+    let mut score = |_epoch: usize| -> Result<Option<f64>> { Ok(None) };
     let tput = run_epochs(
         &mut run,
         &mut source,
         &LrSchedule::of(o),
         monitor,
         &mut step,
-        &mut after,
+        &mut score,
         serde_json::json!({}),
     )?;
-    let dir = run.save_model(&vm)?;
-    Ok(summary(&run, &tput, dir))
+    Ok(summary(&run, &tput, run.model_dir_or_save()?))
 }
 
 /// Stage 2: f_φ (encoder + linear head) with cross-entropy, from `init` (an SSL model directory)
@@ -225,12 +221,8 @@ pub fn train_classifier(
         let logits = model.head_logits(&model.features(&xs, true)?)?;
         smoothed_cross_entropy(&logits, &b.labels, cfg.classifier.label_smoothing)
     };
-    let mut after = |run: &mut StageRun, _epoch: usize| -> Result<Option<f64>> {
-        let acc = fphi_accuracy(&model, &data.val, &cfg.model, dev)?;
-        if run.best_val.is_none_or(|b| acc > b) {
-            run.save_model(&vm)?;
-        }
-        Ok(Some(acc))
+    let mut score = |_epoch: usize| -> Result<Option<f64>> {
+        Ok(Some(fphi_accuracy(&model, &data.val, &cfg.model, dev)?))
     };
     let tput = run_epochs(
         &mut run,
@@ -238,14 +230,10 @@ pub fn train_classifier(
         &LrSchedule::of(o),
         monitor,
         &mut step,
-        &mut after,
+        &mut score,
         serde_json::json!({}),
     )?;
-    let dir = model_dir(&cfg.run_dir, Stage::Classifier);
-    if !dir.exists() {
-        run.save_model(&vm)?;
-    }
-    Ok(summary(&run, &tput, dir))
+    Ok(summary(&run, &tput, run.model_dir_or_save()?))
 }
 
 /// Stage 3: CARD's ε_θ with the encoder and f_φ of `init` frozen. Features are computed once, so
@@ -302,7 +290,7 @@ pub fn train_card(
         Ok(b.batch.loss(&eps_hat)?)
     };
     let labels: Vec<usize> = data.val.labels.iter().map(|&l| l as usize).collect();
-    let mut after = |run: &mut StageRun, epoch: usize| -> Result<Option<f64>> {
+    let mut score = |epoch: usize| -> Result<Option<f64>> {
         // PublicTest accuracy of the CARD majority vote, sampled 256 images at a time.
         let mut pred: Vec<usize> = Vec::with_capacity(data.val.len());
         for lo in (0..data.val.len()).step_by(256) {
@@ -330,11 +318,7 @@ pub fn train_card(
             );
             pred.extend(summaries.iter().map(|s| s.label));
         }
-        let acc = metrics::accuracy(&pred, &labels);
-        if run.best_val.is_none_or(|b| acc > b) {
-            run.save_model(&vm)?;
-        }
-        Ok(Some(acc))
+        Ok(Some(metrics::accuracy(&pred, &labels)))
     };
     let lr = LrSchedule {
         epochs: c.epochs,
@@ -347,14 +331,10 @@ pub fn train_card(
         &lr,
         monitor,
         &mut step,
-        &mut after,
+        &mut score,
         serde_json::json!({ "feature_seconds": feature_seconds }),
     )?;
-    let dir = model_dir(&cfg.run_dir, Stage::Card);
-    if !dir.exists() {
-        run.save_model(&vm)?;
-    }
-    Ok(summary(&run, &tput, dir))
+    Ok(summary(&run, &tput, run.model_dir_or_save()?))
 }
 
 #[cfg(test)]
