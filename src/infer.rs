@@ -93,7 +93,8 @@ impl Classifier {
             next_face: 0,
             tta: Tta::None,
         };
-        c.tta = c.config.input.tta;
+        // The model's own views, checked like any other choice.
+        c.set_tta(c.config.input.tta)?;
         c.set_sampler_kernel(SamplerKernel::Fused)?;
         Ok(c)
     }

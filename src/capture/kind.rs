@@ -79,6 +79,10 @@ impl InputKind {
     }
 }
 
+/// Why a camera cannot be opened by a build without the `camera` feature.
+pub const NO_CAMERA_SUPPORT: &str = "this build has no camera support (rebuild with \
+     `--features camera`), or feed frames through ffmpeg: see README, \"Sharing the camera\"";
+
 /// What `run` reads: a camera, or `--input` paths classified by [`InputKind`].
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
@@ -170,11 +174,7 @@ impl Input {
             #[cfg(not(feature = "camera"))]
             Input::Camera { .. } => {
                 let _ = cancelled;
-                Err(Error::Config(
-                    "this build has no camera support (rebuild with `--features camera`), or feed \
-                     frames through ffmpeg: see README, \"Sharing the camera\""
-                        .into(),
-                ))
+                Err(Error::Config(NO_CAMERA_SUPPORT.into()))
             }
             Input::Stdin => Ok(Box::new(super::Y4mSource::new(std::io::stdin(), "stdin")?)),
             Input::Y4m { path, .. } => {

@@ -14,7 +14,7 @@ use std::time::{Instant, SystemTime};
 
 pub use color::Chroma;
 pub use images::ImageSource;
-pub use kind::{refuse_compressed, Input, InputKind};
+pub use kind::{refuse_compressed, Input, InputKind, NO_CAMERA_SUPPORT};
 pub use reconnect::{Backoff, Reconnecting};
 pub use y4m::Y4mSource;
 

@@ -9,10 +9,7 @@ use crate::cli::RunArgs;
 
 #[cfg(not(feature = "camera"))]
 fn no_camera_support() -> anyhow::Error {
-    anyhow::anyhow!(
-        "this build has no camera support (rebuild with `--features camera`), or feed frames \
-         through ffmpeg: see README, \"Sharing the camera\""
-    )
+    anyhow::anyhow!(fer_cam::capture::NO_CAMERA_SUPPORT)
 }
 
 #[cfg(feature = "camera")]

@@ -97,13 +97,13 @@ pub(super) struct CardRows {
 /// timesteps and noise. One generator per epoch, seeded by (seed, stage, epoch), shuffles the
 /// rows and then draws every batch's noise in turn.
 pub(super) struct CardSource<'a> {
-    pub feats: &'a Tensor,
-    pub f: &'a Tensor,
-    pub data: &'a Dataset,
-    pub schedule: &'a Schedule,
-    pub batch_size: usize,
-    pub seed: u64,
-    pub dev: &'a Device,
+    feats: &'a Tensor,
+    f: &'a Tensor,
+    data: &'a Dataset,
+    schedule: &'a Schedule,
+    batch_size: usize,
+    seed: u64,
+    dev: &'a Device,
     epoch: Option<(StdRng, Vec<u32>, usize)>,
 }
 
