@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 src=${1:?usage: scripts/soak.sh CLIP.y4m SECONDS [SLOW_LINES_PER_S]}
 secs=${2:?usage: scripts/soak.sh CLIP.y4m SECONDS [SLOW_LINES_PER_S]}
 slow=${3:-10}
-bin=./target/release/fer-cam
+bin=${FER_CAM_BIN:-./target/release/fer-cam}
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 # One 20-s copy of the clip at 640x360, 30 fps (each source frame shown 15 times).

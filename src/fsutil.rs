@@ -64,6 +64,7 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
             std::fs::remove_dir_all(stale).map_err(|e| Error::io(stale, e))?;
         }
     }
+    check_replaceable(dir, None)?;
     std::fs::create_dir_all(&tmp).map_err(|e| Error::io(&tmp, e))?;
     let mark = |d: &Path| {
         let m = d.join(MARKER);
@@ -71,6 +72,15 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
     };
     mark(&tmp)?;
     fill(&tmp)?;
+    let written: Vec<std::ffi::OsString> = std::fs::read_dir(&tmp)
+        .map_err(|e| Error::io(&tmp, e))?
+        .map(|e| e.map(|e| e.file_name()).map_err(|e| Error::io(&tmp, e)))
+        .collect::<Result<_>>()?;
+    if let Err(e) = check_replaceable(dir, Some(&written)) {
+        // The temp directory is ours (marked): nothing of the user's is touched.
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     let probe = tmp.join(".mode-probe");
     let mode = std::fs::File::create(&probe)
         .and_then(|f| f.metadata())
@@ -98,6 +108,40 @@ pub fn write_dir_atomically(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) 
         std::fs::remove_dir_all(&old).map_err(|e| Error::io(&old, e))?;
     } else {
         std::fs::rename(&tmp, dir).map_err(|e| Error::io(dir, e))?;
+    }
+    Ok(())
+}
+
+/// Refuses to replace `dir` unless it is absent or a real directory (not a link or a file) that
+/// holds nothing but files named in `written` (what the new version contains): replacing a
+/// user's own directory — `init --out ~/work --force` — would delete whatever else is in it.
+fn check_replaceable(dir: &Path, written: Option<&[std::ffi::OsString]>) -> Result<()> {
+    let Ok(meta) = dir.symlink_metadata() else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        return Err(Error::file(
+            dir,
+            "exists and is not a directory fer-cam wrote; it is left alone",
+        ));
+    }
+    let Some(written) = written else {
+        return Ok(());
+    };
+    for entry in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let entry = entry.map_err(|e| Error::io(dir, e))?;
+        let name = entry.file_name();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if !is_file || !written.contains(&name) {
+            return Err(Error::file(
+                dir,
+                format!(
+                    "holds {}, which fer-cam did not write; the directory is left alone \
+                     (move that out, or choose another path)",
+                    name.to_string_lossy()
+                ),
+            ));
+        }
     }
     Ok(())
 }
@@ -282,5 +326,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("not a regular file"), "{e}");
+    }
+
+    #[test]
+    fn a_directory_holding_anything_else_is_never_replaced() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("model");
+        let write = || {
+            write_dir_atomically(&dir, |t| {
+                std::fs::write(t.join("config.json"), "{}").map_err(|e| Error::io(t, e))
+            })
+        };
+        write().unwrap();
+        // Only what the write itself produces: replaced.
+        write().unwrap();
+        // A user's file inside: refused, and the file and the old version stay.
+        std::fs::write(dir.join("notes.txt"), "keep").unwrap();
+        let err = write().unwrap_err().to_string();
+        assert!(err.contains("notes.txt"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+            "keep"
+        );
+        assert!(dir.join("config.json").is_file());
+        std::fs::remove_file(dir.join("notes.txt")).unwrap();
+        std::fs::create_dir(dir.join("sub")).unwrap();
+        assert!(write().is_err());
+        assert!(dir.join("sub").is_dir());
+        // No sidecar is left behind by the refusals.
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 1);
+        // A file or a link in the directory's place: refused and left as it was.
+        let file = root.path().join("file");
+        std::fs::write(&file, "keep").unwrap();
+        assert!(write_dir_atomically(&file, |_| Ok(())).is_err());
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+        let link = root.path().join("link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        assert!(write_dir_atomically(&link, |_| Ok(())).is_err());
+        assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
     }
 }

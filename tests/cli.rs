@@ -280,3 +280,46 @@ fn untrained_model_on_real_private_test_is_near_chance() {
     // The largest PrivateTest class (happy) is 24.5%: an untrained model cannot do much better.
     assert!(acc < 0.35, "untrained accuracy {acc}");
 }
+
+#[test]
+fn init_force_replaces_only_a_model_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    init_fast_model(&model);
+    let force = |dir: &Path| {
+        run(&[
+            "init",
+            "--out",
+            dir.to_str().unwrap(),
+            "--stem",
+            "conv7x7_pool",
+            "--force",
+        ])
+    };
+    // A model directory fer-cam wrote: replaced.
+    let o = force(&model);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // A user's directory (anything else in it): refused, nothing deleted.
+    let mine = tmp.path().join("mine");
+    std::fs::create_dir(&mine).unwrap();
+    std::fs::write(mine.join("notes.txt"), "keep").unwrap();
+    std::fs::write(mine.join("config.json"), "mine").unwrap();
+    let o = force(&mine);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("notes.txt"), "{}", stderr(&o));
+    assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(mine.join("notes.txt")).unwrap(),
+        "keep"
+    );
+    assert_eq!(
+        std::fs::read_to_string(mine.join("config.json")).unwrap(),
+        "mine"
+    );
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
+    // A file in the way: refused and kept.
+    let file = tmp.path().join("file");
+    std::fs::write(&file, "keep").unwrap();
+    assert_eq!(force(&file).status.code(), Some(1));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+}

@@ -169,6 +169,18 @@ fn train_all_stages_then_eval() {
         stderr(&o)
     );
     drop(lock);
+    // A user's own directory is not a run directory: nothing in it is written or replaced.
+    for (name, file) in [("config.json", "{\"mine\": 1}"), ("notes.txt", "keep")] {
+        let mine = tmp.path().join(format!("mine-{name}"));
+        std::fs::create_dir_all(&mine).unwrap();
+        std::fs::write(mine.join(name), file).unwrap();
+        let o = fer(&args(&small_run("classifier", &data, &mine)));
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("use a new directory"), "{}", stderr(&o));
+        let left: Vec<_> = std::fs::read_dir(&mine).unwrap().collect();
+        assert_eq!(left.len(), 1, "{name}");
+        assert_eq!(std::fs::read_to_string(mine.join(name)).unwrap(), file);
+    }
     // --resume with nothing to continue is an error, not a silent fresh start.
     let empty = tmp.path().join("empty-run");
     let mut resume = small_run("classifier", &data, &empty);

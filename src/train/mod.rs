@@ -177,6 +177,46 @@ fn lock_run_dir(run_dir: &Path) -> Result<std::fs::File> {
     }
 }
 
+/// A run directory must be new, empty, or one `fer-cam train` made (its `config.json` is a
+/// training config): training writes `config.json`, `metrics.jsonl` and `plots/` there, and must
+/// not replace or append to a user's own files of those names.
+fn check_run_dir_is_ours(run_dir: &Path) -> Result<()> {
+    let Ok(meta) = run_dir.symlink_metadata() else {
+        return Ok(());
+    };
+    let refuse = |why: &str| {
+        Err(Error::Config(format!(
+            "--run-dir {} {why}; use a new directory",
+            run_dir.display()
+        )))
+    };
+    if !meta.is_dir() {
+        return refuse("exists and is not a directory");
+    }
+    let config = run_dir.join("config.json");
+    if config.symlink_metadata().is_ok() {
+        let ours = crate::fsutil::read_regular(&config, 1 << 20)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|v| v.get("run_dir").is_some() && v.get("model").is_some());
+        if !ours {
+            return refuse("holds a config.json that is not a fer-cam training config");
+        }
+        return Ok(());
+    }
+    let entries = std::fs::read_dir(run_dir).map_err(|e| Error::io(run_dir, e))?;
+    for e in entries {
+        let name = e.map_err(|e| Error::io(run_dir, e))?.file_name();
+        if name != ".lock" {
+            return refuse(&format!(
+                "is not empty ({}) and is not a fer-cam run directory",
+                name.to_string_lossy()
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Refuses, before anything in `run_dir` is written, a fresh start over an existing checkpoint
 /// (that needs `--resume`) and a `--resume` with nothing to resume (which would silently start
 /// over). Repairs a checkpoint interrupted between its two renames first.
@@ -224,6 +264,7 @@ pub fn run(
     monitor: &mut Monitor,
 ) -> Result<Vec<StageSummary>> {
     cfg.validate()?;
+    check_run_dir_is_ours(&cfg.run_dir)?;
     std::fs::create_dir_all(&cfg.run_dir).map_err(|e| Error::io(&cfg.run_dir, e))?;
     let _lock = lock_run_dir(&cfg.run_dir)?;
     check_run_dir(&cfg.run_dir, selection, resume)?;
