@@ -229,70 +229,75 @@ pub fn calibrate(samples: &Samples, before: Temperatures, bins: usize) -> Calibr
 /// the diagonal of perfect calibration) as SVG.
 pub fn reliability_svg(report: &CalibrationReport, path: &Path) -> Result<()> {
     let fail = |e: String| Error::file(path, format!("cannot draw the reliability diagram: {e}"));
-    let root = SVGBackend::new(path, (560, 520)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
-    let title = format!(
-        "{} {}: ECE {:.3} → {:.3}",
-        report.data_name(),
-        report.split,
-        report.ece_before,
-        report.ece_after,
-    );
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 16))
-        .margin(14)
-        .x_label_area_size(40)
-        .y_label_area_size(50)
-        .build_cartesian_2d(0.0..1.0, 0.0..1.0)
-        .map_err(|e| fail(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("confidence (top-class reported probability)")
-        .y_desc("accuracy")
-        .draw()
-        .map_err(|e| fail(e.to_string()))?;
-    chart
-        .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.4)))
-        .map_err(|e| fail(e.to_string()))?
-        .label("perfect calibration")
-        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK.mix(0.4)));
-    let series = [
-        (
-            &report.reliability_before,
-            RED,
-            "before",
-            report.temperatures_before(),
-        ),
-        (
-            &report.reliability_after,
-            BLUE,
-            "after",
-            report.temperatures(),
-        ),
-    ];
-    for (bins, color, name, t) in series {
-        let points: Vec<(f64, f64)> = bins
-            .iter()
-            .filter(|b| b.count > 0)
-            .map(|b| (b.confidence, b.accuracy))
-            .collect();
-        chart
-            .draw_series(LineSeries::new(points.iter().copied(), color))
-            .map_err(|e| fail(e.to_string()))?
-            .label(format!("{name} (τ {:.3}, T {:.3})", t.sample, t.output))
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
-        chart
-            .draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))
+    // Drawn into memory and written atomically (a stream or a link is written as such).
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (560, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        let title = format!(
+            "{} {}: ECE {:.3} → {:.3}",
+            report.data_name(),
+            report.split,
+            report.ece_before,
+            report.ece_after,
+        );
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 16))
+            .margin(14)
+            .x_label_area_size(40)
+            .y_label_area_size(50)
+            .build_cartesian_2d(0.0..1.0, 0.0..1.0)
             .map_err(|e| fail(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("confidence (top-class reported probability)")
+            .y_desc("accuracy")
+            .draw()
+            .map_err(|e| fail(e.to_string()))?;
+        chart
+            .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], BLACK.mix(0.4)))
+            .map_err(|e| fail(e.to_string()))?
+            .label("perfect calibration")
+            .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], BLACK.mix(0.4)));
+        let series = [
+            (
+                &report.reliability_before,
+                RED,
+                "before",
+                report.temperatures_before(),
+            ),
+            (
+                &report.reliability_after,
+                BLUE,
+                "after",
+                report.temperatures(),
+            ),
+        ];
+        for (bins, color, name, t) in series {
+            let points: Vec<(f64, f64)> = bins
+                .iter()
+                .filter(|b| b.count > 0)
+                .map(|b| (b.confidence, b.accuracy))
+                .collect();
+            chart
+                .draw_series(LineSeries::new(points.iter().copied(), color))
+                .map_err(|e| fail(e.to_string()))?
+                .label(format!("{name} (τ {:.3}, T {:.3})", t.sample, t.output))
+                .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], color));
+            chart
+                .draw_series(points.iter().map(|p| Circle::new(*p, 3, color.filled())))
+                .map_err(|e| fail(e.to_string()))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK.mix(0.3))
+            .draw()
+            .map_err(|e| fail(e.to_string()))?;
+        root.present().map_err(|e| fail(e.to_string()))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK.mix(0.3))
-        .draw()
-        .map_err(|e| fail(e.to_string()))?;
-    root.present().map_err(|e| fail(e.to_string()))
+    crate::fsutil::write_file_atomically(path, svg.as_bytes())
 }
 
 impl CalibrationReport {

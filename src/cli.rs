@@ -168,7 +168,7 @@ pub struct RunArgs {
     pub realtime: bool,
     /// Process at most this many frames per second [default: 10 for cameras, no limit for
     /// files and stdin]. 0 = no limit.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub max_fps: Option<f64>,
     /// Downscale full frames to this width for detection (0: never) [default: 320 for video,
     /// 0 for stills].
@@ -181,16 +181,16 @@ pub struct RunArgs {
     #[arg(long, default_value_t = 20)]
     pub min_face: u32,
     /// Detector score threshold.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(allow_negative_numbers = true, long, default_value_t = 2.0)]
     pub det_threshold: f64,
     /// Crop margin around the face box (fraction of its side, each side).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(allow_negative_numbers = true, long, default_value_t = 0.1)]
     pub margin: f32,
     /// Per-track smoothing: weight of the newest probabilities (1 = off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(allow_negative_numbers = true, long, default_value_t = 1.0)]
     pub smooth: f32,
     /// Seconds between status lines (0: none).
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(allow_negative_numbers = true, long, default_value_t = 5.0)]
     pub status_every: f64,
     /// Print a latency / fps / drops summary to stderr at exit.
     #[arg(long)]
@@ -248,7 +248,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Learning rate of the ssl and classifier stages.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub lr: Option<f64>,
     /// Use only the first N Training images.
     #[arg(long)]
@@ -364,7 +364,7 @@ pub struct EvalArgs {
     #[arg(long, default_value_t = 64)]
     pub batch_size: usize,
     /// Confidence threshold of the paper's PAvPU variant.
-    #[arg(long, default_value_t = 0.5)]
+    #[arg(allow_negative_numbers = true, long, default_value_t = 0.5)]
     pub threshold: f32,
     /// Score only the first N images of the split.
     #[arg(long)]

@@ -184,8 +184,32 @@ pub fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>> {
 /// Writes a file via a new temp file beside it + rename, so a reader never sees half a file.
 /// The temp file's name is fresh (`.NAME.PID-N.tmp`, created exclusively), so no file that
 /// happens to share a "temp" name is ever replaced; it is removed again if the write fails.
+///
+/// What `path` names decides how: a new name or a regular file is replaced as above (through a
+/// symbolic link, the file it points to); a stream such as `/dev/stdout`, a FIFO or `/dev/full`
+/// is written in place (a rename would swap the device node itself for a file); a directory or
+/// a dangling link is refused.
 pub fn write_file_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
+    let path = match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?,
+        Ok(m) if m.is_dir() => return Err(Error::file(path, "is a directory")),
+        Ok(_) => {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .map_err(|e| Error::io(path, e))?;
+            return f
+                .write_all(bytes)
+                .and_then(|_| f.flush())
+                .map_err(|e| Error::io(path, e));
+        }
+        Err(_) if path.symlink_metadata().is_ok() => {
+            return Err(Error::file(path, "is a link to nothing"));
+        }
+        Err(_) => path.to_path_buf(),
+    };
+    let path = path.as_path();
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = path
@@ -364,5 +388,51 @@ mod tests {
         std::os::unix::fs::symlink(&dir, &link).unwrap();
         assert!(write_dir_atomically(&link, |_| Ok(())).is_err());
         assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+    }
+
+    #[test]
+    fn streams_are_written_in_place_and_links_through() {
+        use std::os::unix::fs::FileTypeExt;
+        let root = tempfile::tempdir().unwrap();
+        // A FIFO keeps its node (a rename would have put a file in its place).
+        let fifo = root.path().join("fifo");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || std::fs::read(&fifo).unwrap())
+        };
+        write_file_atomically(&fifo, b"data").unwrap();
+        assert_eq!(reader.join().unwrap(), b"data");
+        assert!(std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo());
+        // A device that fails the write: an error, the node untouched.
+        let full = Path::new("/dev/full");
+        if full.exists() {
+            assert!(write_file_atomically(full, b"x").is_err());
+            assert!(std::fs::metadata(full)
+                .unwrap()
+                .file_type()
+                .is_char_device());
+        }
+        // Through a link: the target gets the content, the link stays a link.
+        let target = root.path().join("target.json");
+        std::fs::write(&target, "old").unwrap();
+        let link = root.path().join("link.json");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_file_atomically(&link, b"new").unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+        assert!(link.symlink_metadata().unwrap().file_type().is_symlink());
+        // A dangling link and a directory: refused.
+        let dangling = root.path().join("dangling");
+        std::os::unix::fs::symlink(root.path().join("nowhere"), &dangling).unwrap();
+        assert!(write_file_atomically(&dangling, b"x").is_err());
+        assert!(!root.path().join("nowhere").exists());
+        assert!(write_file_atomically(root.path(), b"x").is_err());
     }
 }

@@ -18,7 +18,10 @@ fn main() {
     // Freed tensors stay mapped for 30 s: longer than a training step, so steps reuse memory.
     fer_cam::alloc::keep_freed_memory_ms(30_000);
     fix_thread_counts();
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => usage_error(e),
+    };
     let result = match cli.command {
         Command::Init(a) => init::init(a),
         Command::Eval(a) => eval::eval(a),
@@ -51,6 +54,34 @@ fn main() {
         fer_cam::log!("error: {}", line.replace('\n', " "));
         std::process::exit(1);
     }
+}
+
+/// Help and version go to stdout (exit 0); a usage error is one `error:` line on stderr with
+/// exit status 1, like every other error (clap's own style is several lines and exit 2).
+fn usage_error(e: clap::Error) -> ! {
+    use clap::error::ErrorKind;
+    if matches!(
+        e.kind(),
+        ErrorKind::DisplayHelp
+            | ErrorKind::DisplayVersion
+            | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+    ) {
+        let _ = e.print();
+        std::process::exit(if e.use_stderr() { 1 } else { 0 });
+    }
+    let text = e.render().to_string();
+    let mut line = String::new();
+    for l in text.lines().map(str::trim) {
+        // The message and any list of allowed values; not the usage block or the tip.
+        if l.starts_with("error:") || l.starts_with("[possible values") {
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(l.trim_start_matches("error:").trim());
+        }
+    }
+    fer_cam::log!("error: {line} (see --help)");
+    std::process::exit(1);
 }
 
 /// candle sizes every CPU matmul by the physical core count, which it re-reads from

@@ -282,6 +282,30 @@ fn untrained_model_on_real_private_test_is_near_chance() {
 }
 
 #[test]
+fn usage_errors_are_one_line_with_exit_1() {
+    for args in [
+        &["run", "--tta", "bogus"][..],
+        &["run", "--min-face", "99999999999"],
+        &["eval", "--no-such-flag"],
+        &["no-such-command"],
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}");
+        let e = stderr(&o);
+        assert_eq!(e.trim().lines().count(), 1, "{args:?}: {e}");
+        assert!(e.starts_with("error: "), "{e}");
+    }
+    // Allowed values are named; a negative number reaches validation as a number.
+    assert!(stderr(&run(&["run", "--tta", "bogus"])).contains("ten-crop"));
+    let e = stderr(&run(&["eval", "--data", "x.csv", "--threshold", "-1"]));
+    assert!(e.contains("--threshold -1"), "{e}");
+    // Help is data: stdout, exit 0.
+    let o = run(&["run", "--help"]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("--input"));
+}
+
+#[test]
 fn init_force_replaces_only_a_model_directory() {
     let tmp = tempfile::tempdir().unwrap();
     let model = tmp.path().join("m");
@@ -306,7 +330,7 @@ fn init_force_replaces_only_a_model_directory() {
     std::fs::write(mine.join("config.json"), "mine").unwrap();
     let o = force(&mine);
     assert_eq!(o.status.code(), Some(1));
-    assert!(stderr(&o).contains("notes.txt"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("left alone"), "{}", stderr(&o));
     assert_eq!(stderr(&o).trim().lines().count(), 1, "{}", stderr(&o));
     assert_eq!(
         std::fs::read_to_string(mine.join("notes.txt")).unwrap(),
@@ -317,9 +341,41 @@ fn init_force_replaces_only_a_model_directory() {
         "mine"
     );
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2);
+    // A model directory with a user's file in it: refused, the file kept.
+    std::fs::write(model.join("notes.txt"), "keep").unwrap();
+    let o = force(&model);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("notes.txt"), "{}", stderr(&o));
+    assert_eq!(
+        std::fs::read_to_string(model.join("notes.txt")).unwrap(),
+        "keep"
+    );
     // A file in the way: refused and kept.
     let file = tmp.path().join("file");
     std::fs::write(&file, "keep").unwrap();
     assert_eq!(force(&file).status.code(), Some(1));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+}
+
+#[test]
+fn an_output_that_is_an_input_is_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let csv = tmp.path().join("fer.csv");
+    common::write_fer_csv(&csv, 3);
+    let before = std::fs::read(&csv).unwrap();
+    // The same file under another spelling.
+    let other = tmp.path().join(".").join("fer.csv");
+    let o = run(&[
+        "eval",
+        "--data",
+        csv.to_str().unwrap(),
+        "--json",
+        other.to_str().unwrap(),
+        "--limit",
+        "2",
+        "--quiet",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("also an input"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&csv).unwrap(), before);
 }

@@ -275,3 +275,30 @@ fn fer2013_from_shared_has_official_counts() {
         cold.seconds, warm.seconds
     );
 }
+
+#[test]
+fn endless_lines_fifos_and_devices_are_refused_promptly() {
+    let dir = tempfile::tempdir().unwrap();
+    // A gzip bomb: 64 MB of zeros without a newline, about 64 KB compressed.
+    let gz = dir.path().join("bomb.csv.gz");
+    let mut enc = flate2::write::GzEncoder::new(
+        std::fs::File::create(&gz).unwrap(),
+        flate2::Compression::best(),
+    );
+    let zeros = vec![b'0'; 1 << 20];
+    for _ in 0..64 {
+        enc.write_all(&zeros).unwrap();
+    }
+    enc.finish().unwrap();
+    let e = load_err(&gz);
+    assert!(e.contains("longer than"), "{e}");
+    // A FIFO with no writer would block the open; /dev/zero would never end.
+    let fifo = dir.path().join("fifo.csv");
+    assert!(std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    assert!(load_err(&fifo).contains("not a regular file"));
+    assert!(load_err(Path::new("/dev/zero")).contains("not a regular file"));
+}

@@ -141,7 +141,9 @@ impl<R: Read> FrameSource for Y4mSource<R> {
         else {
             return Ok(SourceEvent::End);
         };
-        if !line.starts_with(b"FRAME") || !line.ends_with(b"\n") {
+        // `FRAME`, then parameters after a space or nothing: `FRAMEX` is not a marker.
+        let marker = line.strip_prefix(b"FRAME").unwrap_or_default();
+        if !matches!(marker.first(), Some(b' ' | b'\n')) || !line.ends_with(b"\n") {
             return Err(bad(
                 "expected a FRAME marker (corrupt or truncated stream)".into()
             ));
@@ -285,5 +287,15 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("FRAME marker"));
+        // Parameters after a space are allowed; a longer word is not a marker.
+        let frame = |marker: &[u8]| {
+            let mut data = stream(8, 8, 1);
+            let at = data.windows(6).position(|w| w == b"FRAME\n").unwrap();
+            data.splice(at..at + 6, marker.iter().copied());
+            let mut s = Y4mSource::new(&data[..], "t.y4m").unwrap();
+            s.next_event().map(|_| ()).map_err(|e| e.to_string())
+        };
+        assert!(frame(b"FRAME Ixyz\n").is_ok());
+        assert!(frame(b"FRAMEX\n").unwrap_err().contains("FRAME marker"));
     }
 }

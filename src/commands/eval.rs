@@ -2,11 +2,17 @@
 
 use anyhow::{bail, Result};
 
-use super::{load_classifier, load_split, model_name, print_stdout, progress_bar, write_json};
+use super::{
+    check_not_an_input, load_classifier, load_split, model_name, print_stdout, progress_bar,
+    write_json,
+};
 use crate::cli::EvalArgs;
 use fer_cam::eval::{evaluate, EvalOptions};
 
 pub fn eval(a: EvalArgs) -> Result<()> {
+    if let Some(path) = &a.json {
+        check_not_an_input(path, &a.classifier, &a.source.data)?;
+    }
     let mut clf = load_classifier(&a.classifier)?;
     if a.batch_size == 0 {
         bail!("--batch-size 0 (must be at least 1)");

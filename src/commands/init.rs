@@ -5,14 +5,23 @@ use candle_core::Device;
 
 use crate::cli::InitArgs;
 use fer_cam::config::{ModelConfig, Stem};
-use fer_cam::model::{init_model, save_model_dir};
+use fer_cam::model::{init_model, read_config, save_model_dir};
 
 pub fn init(a: InitArgs) -> Result<()> {
-    if a.out.exists() && !a.force {
-        bail!(
-            "{} already exists (pass --force to replace it)",
-            a.out.display()
-        );
+    if a.out.symlink_metadata().is_ok() {
+        if !a.force {
+            bail!(
+                "{} already exists (pass --force to replace it)",
+                a.out.display()
+            );
+        }
+        // --force replaces a model directory, never a directory that merely has its place.
+        if let Err(e) = read_config(&a.out) {
+            bail!(
+                "--force replaces only a model directory, and {} is not one ({e}); it is left alone",
+                a.out.display()
+            );
+        }
     }
     let mut cfg = ModelConfig::default();
     cfg.encoder.stem = a.stem.parse::<Stem>()?;

@@ -132,6 +132,29 @@ pub fn load_split(src: &DataSource, split: &str, limit: Option<usize>) -> Result
     Ok(data)
 }
 
+/// Refuses an output path that is one of the command's inputs (the same file, by device and
+/// inode, whatever the spelling): `eval --json data.csv` would replace the data set.
+pub fn check_not_an_input(out: &Path, a: &cli::ClassifierArgs, data: &Path) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(o) = std::fs::metadata(out) else {
+        return Ok(());
+    };
+    let mut inputs = vec![data.to_path_buf()];
+    if let Some(m) = &a.model {
+        inputs.extend([m.join("config.json"), m.join("model.safetensors")]);
+    }
+    for input in inputs {
+        if std::fs::metadata(&input).is_ok_and(|i| i.dev() == o.dev() && i.ino() == o.ino()) {
+            anyhow::bail!(
+                "{} is also an input ({}): choose another output path",
+                out.display(),
+                input.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Writes `value` as pretty JSON to `path` (atomically: a reader sees the old or the new file).
 pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)? + "\n";

@@ -25,6 +25,9 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
             }
         }
     }
+    for p in [&a.out, &svg] {
+        super::check_not_an_input(p, &a.classifier, &a.source.data)?;
+    }
     let mut clf = super::load_classifier(&a.classifier)?;
     let data = super::load_split(&a.source, &a.split, None)?;
     if data.class_names != clf.config().classes {

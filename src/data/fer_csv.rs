@@ -15,7 +15,10 @@ use crate::error::{Error, Result};
 pub const FER2013_SPLITS: [&str; 3] = ["Training", "PublicTest", "PrivateTest"];
 
 /// Opens `path`, transparently decompressing gzip.
+/// A FIFO (whose open blocks until a writer comes) or a device such as /dev/zero (which never
+/// ends) is refused: the data must be a regular file, which the cache can also fingerprint.
 fn open(path: &Path) -> Result<Box<dyn BufRead>> {
+    crate::fsutil::regular_file(path)?;
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut magic = [0u8; 2];
     let n = f.read(&mut magic).map_err(|e| Error::io(path, e))?;
@@ -25,6 +28,21 @@ fn open(path: &Path) -> Result<Box<dyn BufRead>> {
     } else {
         Box::new(BufReader::with_capacity(1 << 20, f))
     })
+}
+
+/// The longest line read (a FER2013 row is about 9 KB): a file without newlines — a gzip bomb
+/// of one endless line — fails here instead of filling memory.
+const MAX_LINE: u64 = 1 << 20;
+
+fn read_line_capped(reader: &mut Box<dyn BufRead>, line: &mut String) -> std::io::Result<usize> {
+    let n = reader.by_ref().take(MAX_LINE).read_line(line)?;
+    if n as u64 == MAX_LINE && !line.ends_with('\n') {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!("a line longer than {MAX_LINE} bytes"),
+        ));
+    }
+    Ok(n)
 }
 
 /// Parses a whole FER2013 CSV. Every problem is an [`Error::Data`] with the file and 1-based line.
@@ -37,8 +55,7 @@ pub fn read(path: &Path) -> Result<Dataset> {
     };
     let mut line = String::new();
     let mut lineno = 1;
-    let n = reader
-        .read_line(&mut line)
+    let n = read_line_capped(&mut reader, &mut line)
         .map_err(|e| err(lineno, format!("read error: {e}")))?;
     if n == 0 {
         return Err(err(
@@ -72,7 +89,7 @@ pub fn read(path: &Path) -> Result<Dataset> {
     loop {
         line.clear();
         lineno += 1;
-        let n = reader.read_line(&mut line).map_err(|e| {
+        let n = read_line_capped(&mut reader, &mut line).map_err(|e| {
             err(
                 lineno,
                 format!("read error (truncated or corrupt file?): {e}"),

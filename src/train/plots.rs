@@ -33,28 +33,33 @@ fn draw(path: &Path, title: &str, y_label: &str, points: &[(f64, f64)]) -> Resul
         y_max += 0.5;
     }
     let pad = 0.05 * (y_max - y_min);
-    let root = SVGBackend::new(path, (640, 400)).into_drawing_area();
-    root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(title, ("sans-serif", 20))
-        .margin(12)
-        .x_label_area_size(36)
-        .y_label_area_size(56)
-        .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))
-        .map_err(|e| fail(e.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("epoch")
-        .y_desc(y_label)
-        .draw()
-        .map_err(|e| fail(e.to_string()))?;
-    chart
-        .draw_series(LineSeries::new(points.iter().copied(), &BLUE))
-        .map_err(|e| fail(e.to_string()))?;
-    chart
-        .draw_series(points.iter().map(|p| Circle::new(*p, 3, BLUE.filled())))
-        .map_err(|e| fail(e.to_string()))?;
-    root.present().map_err(|e| fail(e.to_string()))
+    // Drawn into memory and written atomically (a stream or a link is written as such).
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (640, 400)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| fail(e.to_string()))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(36)
+            .y_label_area_size(56)
+            .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))
+            .map_err(|e| fail(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc("epoch")
+            .y_desc(y_label)
+            .draw()
+            .map_err(|e| fail(e.to_string()))?;
+        chart
+            .draw_series(LineSeries::new(points.iter().copied(), &BLUE))
+            .map_err(|e| fail(e.to_string()))?;
+        chart
+            .draw_series(points.iter().map(|p| Circle::new(*p, 3, BLUE.filled())))
+            .map_err(|e| fail(e.to_string()))?;
+        root.present().map_err(|e| fail(e.to_string()))?;
+    }
+    crate::fsutil::write_file_atomically(path, svg.as_bytes())
 }
 
 /// Writes `RUN/plots/<stage>_loss.svg` and, when present, `<stage>_val_accuracy.svg`.
