@@ -5,8 +5,8 @@
 //!
 //! - `frame`: one per processed frame —
 //!   `source`, `frame` (the source's frame number, from 0), `size` `[w, h]`, optional `file`
-//!   (stills), `faces` (below), `latency_ms` `{capture_to_emit, detect, infer}`, and `dropped`
-//!   (frames dropped so far because the pipeline was busy).
+//!   (stills), `faces` (below), `latency_ms` `{capture_to_emit, queue, detect, crop, infer,
+//!   emit}`, and `dropped` (frames dropped so far because the pipeline was busy).
 //!   Each face: `id` (track id, stable across frames, never reused), `box` `[x, y, w, h]` in
 //!   source pixels, `det_score`, `label` (CARD majority vote), `probs` and `votes` (objects keyed
 //!   by class name, in the model's class order), `certain` (CARD's paired t-test between the two
@@ -71,8 +71,16 @@ pub struct FaceOut {
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct Latency {
     pub capture_to_emit: f64,
+    /// Waiting in the queues before the face stage and before inference.
+    pub queue: f64,
+    /// Face detection and tracking.
     pub detect: f64,
+    /// Cutting and resizing the face crops.
+    pub crop: f64,
+    /// Encoder and CARD sampler (shared by the faces of a batch).
     pub infer: f64,
+    /// From inference to the line being written.
+    pub emit: f64,
 }
 
 /// The body of each message type.
@@ -113,6 +121,24 @@ pub enum Body {
         fps: f64,
         latency_ms: Percentiles,
     },
+}
+
+impl Latency {
+    /// The median of each part over `frames` (each part on its own: the medians need not add
+    /// up to the median total).
+    pub fn medians(frames: &[Latency]) -> Latency {
+        let p50 = |f: fn(&Latency) -> f64| {
+            Percentiles::from_samples(&frames.iter().map(f).collect::<Vec<_>>()).p50
+        };
+        Latency {
+            capture_to_emit: p50(|l| l.capture_to_emit),
+            queue: p50(|l| l.queue),
+            detect: p50(|l| l.detect),
+            crop: p50(|l| l.crop),
+            infer: p50(|l| l.infer),
+            emit: p50(|l| l.emit),
+        }
+    }
 }
 
 /// Latency percentiles of `capture_to_emit`.

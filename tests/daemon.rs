@@ -81,9 +81,26 @@ fn check_schema(v: &Value, classes: usize) {
         "frame" => {
             assert!(v["frame"].is_u64() && v["dropped"].is_u64() && v["source"].is_string());
             assert_eq!(v["size"].as_array().unwrap().len(), 2);
-            for k in ["capture_to_emit", "detect", "infer"] {
-                assert!(v["latency_ms"][k].as_f64().unwrap() >= 0.0);
+            let lat = &v["latency_ms"];
+            for k in [
+                "capture_to_emit",
+                "queue",
+                "detect",
+                "crop",
+                "infer",
+                "emit",
+            ] {
+                assert!(lat[k].as_f64().unwrap() >= 0.0, "{k}");
             }
+            // The parts are consecutive stretches of the total (rounding aside).
+            let parts: f64 = ["queue", "detect", "crop", "infer", "emit"]
+                .iter()
+                .map(|k| lat[*k].as_f64().unwrap())
+                .sum();
+            assert!(
+                parts <= lat["capture_to_emit"].as_f64().unwrap() + 0.06,
+                "{lat}"
+            );
             for f in v["faces"].as_array().unwrap() {
                 assert!(f["id"].as_u64().unwrap() >= 1);
                 assert_eq!(f["box"].as_array().unwrap().len(), 4);

@@ -82,6 +82,7 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
         live,
         status_every: a.status_every,
         annotate: a.annotate.clone(),
+        async_detect: video && (live || a.realtime),
         ..Default::default()
     };
     cfg.validate()?;
@@ -118,6 +119,15 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
             stats.latency.p95,
             stats.latency.p99,
             stats.latency.max
+        );
+        let m = &stats.latency_parts;
+        fer_cam::log!(
+            "median ms per part: queue {:.2}, detect {:.2}, crop {:.2}, infer {:.2}, emit {:.2}",
+            m.queue,
+            m.detect,
+            m.crop,
+            m.infer,
+            m.emit
         );
     }
     Ok(())

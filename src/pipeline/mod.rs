@@ -20,13 +20,13 @@ use crate::annotate::{AnnotateStats, Annotator};
 use crate::capture::{Frame, FrameSource};
 use crate::emit::{Body, ClassMap, Emitter, FaceOut, Latency, Percentiles};
 use crate::error::{Error, Result};
-use crate::face::{
-    crop_face, DetectConfig, FaceBox, FaceDetector, Smoother, Tracker, TrackerConfig,
-};
+use crate::face::{DetectConfig, FaceBox, Smoother, TrackerConfig};
 use crate::infer::Classifier;
 use capture::{capture_loop, Counters, Event};
+use face::face_loop;
 
 mod capture;
+mod face;
 
 /// Settings of one `fer-cam run`, validated before any thread starts.
 #[derive(Debug, Clone)]
@@ -51,6 +51,9 @@ pub struct RunConfig {
     pub max_batch: usize,
     /// Also write every processed frame, annotated, as YUV4MPEG2 here (a new file or a FIFO).
     pub annotate: Option<PathBuf>,
+    /// Run the full-frame face search on its own thread (live or paced video), so frames with
+    /// tracks do not wait for it; otherwise it runs in line and a file's output is repeatable.
+    pub async_detect: bool,
 }
 
 impl Default for RunConfig {
@@ -67,6 +70,7 @@ impl Default for RunConfig {
             queue: 2,
             max_batch: 32,
             annotate: None,
+            async_detect: false,
         }
     }
 }
@@ -124,6 +128,8 @@ pub struct RunStats {
     pub warnings: u64,
     pub seconds: f64,
     pub latency: Percentiles,
+    /// The median of each part of the frames' latency.
+    pub latency_parts: Latency,
     /// Frames passed over by `--max-fps`.
     pub skipped: u64,
     /// The reader closed stdout.
@@ -137,14 +143,24 @@ struct FaceJob {
     frame: Frame,
     faces: Vec<(u64, FaceBox)>,
     crops: Vec<u8>,
+    /// From capture to the face stage taking the frame.
+    queue_ms: f64,
+    /// Detection and tracking.
     detect_ms: f64,
+    crop_ms: f64,
+    /// When the face stage finished with it.
+    done: Instant,
 }
 
 /// A frame after inference.
 struct Result_ {
     job: FaceJob,
     out: Vec<FaceOut>,
+    /// From the face stage to inference taking the batch.
+    wait_ms: f64,
     infer_ms: f64,
+    /// When inference finished with it.
+    done: Instant,
 }
 
 /// After a signal (or a closed stdout), how long the stages get to finish what they hold before
@@ -180,8 +196,11 @@ fn frame_body(r: Result_, source: &str, dropped: u64) -> (Body, f64) {
         faces: r.out,
         latency_ms: Latency {
             capture_to_emit: round2(lat),
+            queue: round2(r.job.queue_ms + r.wait_ms),
             detect: round2(r.job.detect_ms),
+            crop: round2(r.job.crop_ms),
             infer: round2(r.infer_ms),
+            emit: round2(r.done.elapsed().as_secs_f64() * 1e3),
         },
         dropped,
     };
@@ -291,6 +310,7 @@ pub fn run<W: Write>(
     let mut emitter = Emitter::new(out, start);
     let mut stats = RunStats::default();
     let mut latencies = Vec::new();
+    let mut parts = Vec::new();
     let mut last_status = (Instant::now(), 0u64, process_cpu_seconds());
     let status_every = (cfg.status_every > 0.0).then(|| Duration::from_secs_f64(cfg.status_every));
     let mut events = ev_rx.clone();
@@ -328,6 +348,9 @@ pub fn run<W: Write>(
                     let (body, lat) =
                         frame_body(r, name, counters.dropped.load(Ordering::Relaxed));
                     latencies.push(lat);
+                    if let Body::Frame { latency_ms, .. } = &body {
+                        parts.push(*latency_ms);
+                    }
                     stats.frames += 1;
                     if let Body::Frame { faces, .. } = &body {
                         stats.faces += faces.len() as u64;
@@ -392,6 +415,7 @@ pub fn run<W: Write>(
     stats.skipped = counters.skipped.load(Ordering::Relaxed);
     stats.seconds = start.elapsed().as_secs_f64();
     stats.latency = Percentiles::from_samples(&latencies);
+    stats.latency_parts = Latency::medians(&parts);
     if stats.output_closed {
         return Ok(stats);
     }
@@ -418,55 +442,6 @@ pub fn run<W: Write>(
         r?;
     }
     Ok(stats)
-}
-
-fn face_loop(
-    cfg: &RunConfig,
-    rx: Receiver<Frame>,
-    tx: Sender<FaceJob>,
-    cancel: &AtomicBool,
-    counters: &Counters,
-) -> Result<()> {
-    let mut detector = FaceDetector::new(cfg.detect.clone())?;
-    let mut tracker = Tracker::new(cfg.tracker);
-    let every = cfg.detect.every as usize;
-    for (n, frame) in rx.iter().enumerate() {
-        // Stopping: frames still queued are dropped, not detected.
-        if cancel.load(Ordering::SeqCst) {
-            counters.dropped.fetch_add(1, Ordering::Relaxed);
-            drop(frame);
-            continue;
-        }
-        let t = Instant::now();
-        let (w, h) = (frame.width, frame.height);
-        let dets = if n.is_multiple_of(every) {
-            detector.detect_full(&frame.gray, w, h)
-        } else {
-            tracker
-                .live()
-                .iter()
-                .filter_map(|(_, b)| detector.detect_near(&frame.gray, w, h, b))
-                .collect()
-        };
-        let faces = tracker.update(&dets);
-        let mut crops = Vec::with_capacity(faces.len() * 48 * 48);
-        for (_, b) in &faces {
-            crops.extend(crop_face(&frame.gray, w, h, b, cfg.margin, 48));
-        }
-        let detect_ms = t.elapsed().as_secs_f64() * 1e3;
-        if tx
-            .send(FaceJob {
-                frame,
-                faces,
-                crops,
-                detect_ms,
-            })
-            .is_err()
-        {
-            break;
-        }
-    }
-    Ok(())
 }
 
 fn infer_loop(
@@ -504,6 +479,10 @@ fn infer_loop(
             continue;
         }
         let t = Instant::now();
+        let waits: Vec<f64> = jobs
+            .iter()
+            .map(|j| (t - j.done).as_secs_f64() * 1e3)
+            .collect();
         let crops: Vec<u8> = jobs.iter().flat_map(|j| j.crops.iter().copied()).collect();
         let preds = if crops.is_empty() {
             Vec::new()
@@ -515,8 +494,9 @@ fn infer_loop(
             )));
         };
         let infer_ms = t.elapsed().as_secs_f64() * 1e3;
+        let done = Instant::now();
         let mut preds = preds.into_iter();
-        for job in jobs {
+        for (job, wait_ms) in jobs.into_iter().zip(waits) {
             let mut out = Vec::with_capacity(job.faces.len());
             for (id, b) in &job.faces {
                 let Some(p) = preds.next() else { break };
@@ -549,7 +529,14 @@ fn infer_loop(
                     entropy: (p.card.entropy as f64 * 1e4).round() / 1e4,
                 });
             }
-            if tx.send(Result_ { job, out, infer_ms }).is_err() {
+            let r = Result_ {
+                job,
+                out,
+                wait_ms,
+                infer_ms,
+                done,
+            };
+            if tx.send(r).is_err() {
                 return Ok(());
             }
         }

@@ -1,0 +1,221 @@
+//! The face stage: detection, tracking and 48x48 crops for each frame.
+//!
+//! Between full-frame searches only the region around each track is searched, at the track's
+//! own scale ([`FaceDetector::detect_near`]). For live and paced input the full-frame search runs
+//! on a thread of its own ([`FullSearch`]), so frames with tracks never wait for it: it takes the
+//! newest frame whenever it is free (every `every` frames, or every frame while nothing is
+//! tracked), and the faces it finds join the tracker on the frame its answer arrives. Files read
+//! as fast as possible search in line, so their output is the same on every run.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError};
+
+use super::capture::Counters;
+use super::{spawn, FaceJob, RunConfig};
+use crate::capture::Frame;
+use crate::error::Result;
+use crate::face::{crop_face, DetectConfig, FaceBox, FaceDetector, Tracker};
+
+/// A full-frame detection that overlaps a region search's face this much is the same face.
+const SAME_FACE_IOU: f32 = 0.3;
+
+pub(super) fn face_loop(
+    cfg: &RunConfig,
+    rx: Receiver<Frame>,
+    tx: Sender<FaceJob>,
+    cancel: &AtomicBool,
+    counters: &Counters,
+) -> Result<()> {
+    let mut detector = FaceDetector::new(cfg.detect.clone())?;
+    let mut tracker = Tracker::new(cfg.tracker);
+    let every = cfg.detect.every as usize;
+    let mut full = if cfg.async_detect {
+        Some(FullSearch::start(cfg.detect.clone())?)
+    } else {
+        None
+    };
+    for (n, frame) in rx.iter().enumerate() {
+        // Stopping: frames still queued are dropped, not detected.
+        if cancel.load(Ordering::SeqCst) {
+            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
+        let t = Instant::now();
+        let queue_ms = (t - frame.captured).as_secs_f64() * 1e3;
+        let (w, h) = (frame.width, frame.height);
+        let due = n.is_multiple_of(every);
+        let dets = match full.as_mut() {
+            None if due => detector.detect_full(&frame.gray, w, h),
+            _ => {
+                let mut dets: Vec<FaceBox> = tracker
+                    .live()
+                    .iter()
+                    .filter_map(|(_, b)| detector.detect_near(&frame.gray, w, h, b))
+                    .collect();
+                if let Some(search) = full.as_mut() {
+                    for b in search.poll() {
+                        if dets.iter().all(|d| d.iou(&b) < SAME_FACE_IOU) {
+                            dets.push(b);
+                        }
+                    }
+                    if due || tracker.live().is_empty() {
+                        search.offer(&frame);
+                    }
+                }
+                dets
+            }
+        };
+        let faces = tracker.update(&dets);
+        let detect_ms = t.elapsed().as_secs_f64() * 1e3;
+        let c = Instant::now();
+        let mut crops = Vec::with_capacity(faces.len() * 48 * 48);
+        for (_, b) in &faces {
+            crops.extend(crop_face(&frame.gray, w, h, b, cfg.margin, 48));
+        }
+        let job = FaceJob {
+            frame,
+            faces,
+            crops,
+            queue_ms,
+            detect_ms,
+            crop_ms: c.elapsed().as_secs_f64() * 1e3,
+            done: Instant::now(),
+        };
+        if tx.send(job).is_err() {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// The full-frame search on its own thread: one frame at a time, the newest it is offered.
+struct FullSearch {
+    frames: Sender<(Vec<u8>, u32, u32)>,
+    found: Receiver<Vec<FaceBox>>,
+    busy: bool,
+}
+
+impl FullSearch {
+    fn start(cfg: DetectConfig) -> Result<Self> {
+        let (frames, todo) = bounded::<(Vec<u8>, u32, u32)>(1);
+        let (done, found) = bounded(1);
+        // Detached: it ends when `frames` closes, after at most the search in hand.
+        spawn("fer-detect", move || {
+            // The settings were validated by the face stage's own detector.
+            let Ok(mut det) = FaceDetector::new(cfg) else {
+                return;
+            };
+            for (gray, w, h) in todo {
+                if done.send(det.detect_full(&gray, w, h)).is_err() {
+                    return;
+                }
+            }
+        })?;
+        Ok(Self {
+            frames,
+            found,
+            busy: false,
+        })
+    }
+
+    /// Hands `frame` over unless a search is still running.
+    fn offer(&mut self, frame: &Frame) {
+        if !self.busy
+            && self
+                .frames
+                .try_send((frame.gray.clone(), frame.width, frame.height))
+                .is_ok()
+        {
+            self.busy = true;
+        }
+    }
+
+    /// The faces of the last search, once it has finished (in frame pixels).
+    fn poll(&mut self) -> Vec<FaceBox> {
+        match self.found.try_recv() {
+            Ok(faces) => {
+                self.busy = false;
+                faces
+            }
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => Vec::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::SystemTime;
+
+    /// The single-face still at 640x480, or None (said loudly) without ../shared.
+    fn still() -> Option<Vec<u8>> {
+        let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/media/stills/single_face_pyfeat.jpg");
+        let Ok(img) = image::open(&p) else {
+            eprintln!("!!! SKIPPED the face-stage test: {} not found", p.display());
+            return None;
+        };
+        let g = img.into_luma8();
+        Some(
+            image::imageops::resize(&g, 640, 480, image::imageops::FilterType::Triangle).into_raw(),
+        )
+    }
+
+    /// Runs the face stage over `n` copies of `gray`, the full search in line or beside.
+    fn stage(gray: &[u8], n: u64, async_detect: bool) -> Vec<Vec<u64>> {
+        let cfg = RunConfig {
+            async_detect,
+            ..Default::default()
+        };
+        let (ftx, frx) = bounded(n as usize);
+        let (jtx, jrx) = bounded(n as usize);
+        let stage = std::thread::spawn(move || {
+            face_loop(
+                &cfg,
+                frx,
+                jtx,
+                &AtomicBool::new(false),
+                &Counters::default(),
+            )
+        });
+        for seq in 0..n {
+            let frame = Frame {
+                seq,
+                captured: Instant::now(),
+                wall: SystemTime::now(),
+                width: 640,
+                height: 480,
+                gray: gray.to_vec(),
+                label: None,
+                chroma: None,
+            };
+            ftx.send(frame).unwrap();
+            if async_detect {
+                // Paced input: let the search beside the stage answer now and then.
+                std::thread::sleep(std::time::Duration::from_millis(30));
+            }
+        }
+        drop(ftx);
+        stage.join().unwrap().unwrap();
+        jrx.iter()
+            .map(|j: FaceJob| {
+                assert_eq!(j.crops.len(), j.faces.len() * 48 * 48);
+                j.faces.iter().map(|(id, _)| *id).collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_face_is_found_and_keeps_its_id_with_the_search_in_line_or_beside() {
+        let Some(gray) = still() else { return };
+        // In line: every frame, one face, one id.
+        let ids = stage(&gray, 8, false);
+        assert!(ids.iter().all(|f| f == &[1]), "{ids:?}");
+        // Beside: once the first search answers, every frame has the face under one id.
+        let ids = stage(&gray, 40, true);
+        let first = ids.iter().position(|f| !f.is_empty()).expect("never found");
+        assert!(ids[first..].iter().all(|f| f == &[1]), "{ids:?}");
+    }
+}
