@@ -1,8 +1,9 @@
-//! Daemon stages on this machine: face detection on a 640x480 frame (full resolution and
-//! downscaled to 320 wide), the face crop, the CARD sampler (candle ops against the fused
-//! kernel, 1/8/32 faces; the encoder is in
-//! `benches/encoder.rs`), and the whole pipeline over the 40 recorded frames of
-//! `../shared/media/woman_expressions_320x180_2fps.y4m`.
+//! Daemon stages on this machine: face detection on a 640x480 frame (full resolution, downscaled
+//! to 320 wide, and the search around a track), the face crop, the CARD sampler (candle ops
+//! against the fused kernel, 1/8/32 faces; the encoder is in `benches/encoder.rs`), and whole
+//! frames through the pipeline with the shipped model: the 40 recorded frames of
+//! `../shared/media/woman_expressions_320x180_2fps.y4m` as they are, at 640x360 and at 1280x360
+//! with two faces.
 //!
 //! `cargo bench --bench pipeline`. Needs ../shared for the real frames; without it, the frame
 //! benches say so and are skipped.
@@ -13,11 +14,10 @@ use std::sync::Arc;
 
 use candle_core::{Device, Tensor, D};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use fer_cam::capture::clip::{remake_y4m, ClipLayout};
 use fer_cam::capture::{FrameSource, Y4mSource};
-use fer_cam::config::{ModelConfig, Stem};
 use fer_cam::face::{crop_face, DetectConfig, FaceDetector};
 use fer_cam::infer::Classifier;
-use fer_cam::model::init_model;
 use fer_cam::pipeline::{run, RunConfig};
 
 #[global_allocator]
@@ -39,13 +39,6 @@ fn frame_640x480(media: &std::path::Path) -> Vec<u8> {
         .expect("still")
         .into_luma8();
     image::imageops::resize(&img, 640, 480, image::imageops::FilterType::Triangle).into_raw()
-}
-
-fn classifier(stem: Stem) -> Classifier {
-    let mut cfg = ModelConfig::default();
-    cfg.encoder.stem = stem;
-    let (_vm, model) = init_model(&cfg, &Device::Cpu, 0).expect("model");
-    Classifier::new(cfg, model, Device::Cpu).expect("classifier")
 }
 
 fn detect(c: &mut Criterion) {
@@ -115,17 +108,39 @@ fn sampler(c: &mut Criterion) {
     group.finish();
 }
 
+/// Whole frames through the daemon's pipeline (capture, face stage, inference with the shipped
+/// model and its views, emit) on the 40 frames of the shared clip: as recorded (320x180), resized
+/// to 640x360 (one face) and set twice side by side at 1280x360 (two faces, one mirrored).
+/// Files are read as fast as they go, so the full-frame search runs in line every third frame:
+/// time per iteration / 40 is the mean cost of a frame, not its latency (`fer-cam run --realtime
+/// --stats` measures that).
 fn end_to_end(c: &mut Criterion) {
     let Some(media) = media() else { return };
     let clip = std::fs::read(media.join("woman_expressions_320x180_2fps.y4m")).expect("clip");
+    let remade = |width, height, copies| {
+        let mut out = Vec::new();
+        let layout = ClipLayout {
+            width,
+            height,
+            fps: 2,
+            repeat: 1,
+            copies,
+        };
+        remake_y4m(&clip[..], "clip", layout, &mut out).expect("remake");
+        out
+    };
+    let clips = [
+        ("320x180_one_face", clip.clone()),
+        ("640x360_one_face", remade(640, 360, 1)),
+        ("1280x360_two_faces", remade(640, 360, 2)),
+    ];
+    let clf = Classifier::load_embedded(&Device::Cpu).expect("embedded model");
     let mut group = c.benchmark_group("pipeline/cpu");
     group.sample_size(10);
-    for stem in [Stem::Conv7x7Pool, Stem::Conv3x3] {
-        let name = format!("y4m_40_frames/{}", stem.name());
-        let clf = classifier(stem);
-        group.bench_function(&name, |b| {
+    for (name, data) in clips {
+        group.bench_function(format!("40_frames/{name}"), |b| {
             b.iter(|| {
-                let data = clip.clone();
+                let data = data.clone();
                 let open = move || -> fer_cam::Result<Box<dyn FrameSource>> {
                     Ok(Box::new(Y4mSource::new(
                         std::io::Cursor::new(data),

@@ -4,6 +4,7 @@
 
 #[cfg(feature = "camera")]
 pub mod camera;
+pub mod clip;
 pub mod color;
 mod images;
 mod kind;
