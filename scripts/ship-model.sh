@@ -53,7 +53,17 @@ if [ ! -e "$run/calibration/fer2013.json" ]; then
   $bin calibrate --model "$prev/card/model" --data "$data" --split PublicTest --tta "$tta" \
     --out "$run/calibration/fer2013.json"
 fi
+# The other test-time views get their own temperatures too (used when --tta picks them).
+others=()
+for views in none flip ten-crop; do
+  [ "$views" = "$tta" ] && continue
+  if [ ! -e "$run/calibration/fer2013-$views.json" ]; then
+    $bin calibrate --model "$prev/card/model" --data "$data" --split PublicTest --tta "$views" \
+      --out "$run/calibration/fer2013-$views.json"
+  fi
+  others+=(--calibration "$run/calibration/fer2013-$views.json")
+done
 if [ ! -e "$run/export" ]; then
   $bin export --model "$prev/card/model" --calibration "$run/calibration/fer2013.json" \
-    --out "$run/export"
+    "${others[@]}" --out "$run/export"
 fi

@@ -136,8 +136,10 @@ pub struct ExportArgs {
     #[arg(long, value_enum, default_value = "f16")]
     pub weights: StoredWeightsArg,
     /// Take the sampler temperatures from this calibration file (written by `calibrate`).
+    /// Repeat it for calibrations under other test-time views: the first sets the model's
+    /// default views, the others are used when `--tta` picks theirs.
     #[arg(long)]
-    pub calibration: Option<PathBuf>,
+    pub calibration: Vec<PathBuf>,
 }
 
 /// `--weights` of `export` (storage) and of `run` / `eval` / `calibrate` (inference).

@@ -1,6 +1,8 @@
 //! Model configuration: what `config.json` in a model directory holds. Every field has a default
 //! and [`ModelConfig::validate`] checks ranges before any tensor is built.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -91,7 +93,9 @@ impl Default for EncoderConfig {
 /// Test-time augmentation: the views of each face that the encoder sees. f_φ's probabilities
 /// are averaged over the views and CARD's samples are pooled across them (⌈S/V⌉ per view), so
 /// the calibrated temperatures belong to one choice of views.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum Tta {
     /// The crop as it is.
@@ -175,6 +179,11 @@ pub struct CardConfig {
     pub output_temperature: f64,
     /// Significance level of the CARD paired t-test for the certain flag.
     pub alpha: f64,
+    /// Temperatures fitted under each set of test-time views that was calibrated, so that a
+    /// run with other views than the model's default (`--tta`) gets its own; views missing here
+    /// fall back to `temperature` / `output_temperature`.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub calibrated: BTreeMap<Tta, Temperatures>,
 }
 
 impl Default for CardConfig {
@@ -189,6 +198,7 @@ impl Default for CardConfig {
             temperature: 1.0,
             output_temperature: 1.0,
             alpha: 0.05,
+            calibrated: BTreeMap::new(),
         }
     }
 }
@@ -231,6 +241,15 @@ impl CardConfig {
     pub fn set_temperatures(&mut self, t: Temperatures) {
         self.temperature = t.sample;
         self.output_temperature = t.output;
+    }
+
+    /// The temperatures calibrated under `tta`, or the default ones where those views were not
+    /// calibrated.
+    pub fn temperatures_for(&self, tta: Tta) -> Temperatures {
+        self.calibrated
+            .get(&tta)
+            .copied()
+            .unwrap_or_else(|| self.temperatures())
     }
 }
 
@@ -354,6 +373,16 @@ impl ModelConfig {
                 )
             },
         )?;
+        for (tta, t) in &c.calibrated {
+            check(t.is_valid(), || {
+                format!(
+                    "card.calibrated.{}: temperatures {} and {} (must be > 0)",
+                    tta.name(),
+                    t.sample,
+                    t.output
+                )
+            })?;
+        }
         check(c.alpha > 0.0 && c.alpha < 1.0, || {
             format!("card.alpha {} (allowed 0 < alpha < 1)", c.alpha)
         })?;

@@ -13,7 +13,7 @@ use rand::rngs::StdRng;
 use serde::Serialize;
 
 pub use crate::config::Tta;
-use crate::config::{validate_sampler, ModelConfig};
+use crate::config::{validate_sampler, ModelConfig, Temperatures};
 use crate::error::{Error, Result};
 use crate::kernels::sampler::FusedCard;
 use crate::kernels::WeightFormat;
@@ -139,6 +139,12 @@ impl Classifier {
         self.tta
     }
 
+    /// The sampler temperatures in use: those calibrated under the chosen views, or the
+    /// model's default ones where those views were not calibrated.
+    pub fn temperatures(&self) -> Temperatures {
+        self.config.card.temperatures_for(self.tta)
+    }
+
     /// Samples summarised per face: the sampler's, rounded up to whole samples per view.
     pub fn samples_per_face(&self) -> usize {
         self.tta.samples_per_face(self.sampler.samples)
@@ -192,7 +198,7 @@ impl Classifier {
     /// Predictions from per-sample probabilities `(n, s, c)` (flat) and f_φ's probabilities.
     fn summarize(&self, probs: &[f32], s: usize, fphi: Vec<Vec<f32>>) -> Vec<FacePrediction> {
         let c = self.config.num_classes();
-        let t = self.config.card.output_temperature;
+        let t = self.temperatures().output;
         summarize_faces(probs, s, c, self.config.card.alpha)
             .into_iter()
             .zip(fphi)
@@ -220,7 +226,7 @@ impl Classifier {
         let n = self.crop_count(crops.len())?;
         let (f, y0) = self.fphi_and_samples(crops)?;
         let c = self.config.num_classes();
-        let probs = sample_probs_rows(&y0, c, self.config.card.temperature);
+        let probs = sample_probs_rows(&y0, c, self.temperatures().sample);
         let fphi = f
             .reshape((n, self.tta.views(), c))?
             .mean(1)?

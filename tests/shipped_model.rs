@@ -42,6 +42,22 @@ fn embedded_model_is_the_committed_one_and_calibrated() {
     let cal = fer_cam::calibrate::read_calibration(&calibration).unwrap();
     assert_eq!(loaded.config.card.temperatures(), cal.temperatures);
     assert_eq!(loaded.config.input.tta, cal.tta);
+    // Every calibration file under calibration/ is in the model, under its views.
+    let mut files = 0;
+    for e in std::fs::read_dir(calibration.parent().unwrap()).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "json") {
+            let c = fer_cam::calibrate::read_calibration(&p).unwrap();
+            assert_eq!(
+                loaded.config.card.calibrated.get(&c.tta),
+                Some(&c.temperatures),
+                "{}",
+                p.display()
+            );
+            files += 1;
+        }
+    }
+    assert_eq!(files, loaded.config.card.calibrated.len());
     assert!(
         weights.len() <= 25_000_000,
         "shipped model is {} bytes",

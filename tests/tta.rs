@@ -100,3 +100,34 @@ fn faces_under_views_do_not_depend_on_batching() {
         assert!(max_diff(&got[0].card.probs, &want.card.probs) < 1e-5);
     }
 }
+
+#[test]
+fn each_set_of_views_uses_the_temperatures_calibrated_under_it() {
+    use fer_cam::config::Temperatures;
+    let base = Classifier::load_embedded(&Device::Cpu).expect("embedded model");
+    let mut cfg = base.config().clone();
+    let ten = Temperatures {
+        sample: 0.05,
+        output: 3.0,
+    };
+    cfg.card.calibrated.insert(Tta::TenCrop, ten);
+    cfg.card.calibrated.remove(&Tta::None);
+    let mut clf = Classifier::new(cfg.clone(), base.model().clone(), Device::Cpu).unwrap();
+    let x = crops(2, 5);
+    let run = |clf: &mut Classifier, tta| {
+        clf.set_tta(tta).unwrap();
+        (clf.temperatures(), clf.predict(&x).unwrap())
+    };
+    // Views calibrated: their temperatures, and the probabilities follow them.
+    let (t, calibrated) = run(&mut clf, Tta::TenCrop);
+    assert_eq!(t, ten);
+    // Views not calibrated: the model's default temperatures.
+    let (t, _) = run(&mut clf, Tta::None);
+    assert_eq!(t, cfg.card.temperatures());
+    // The same model with the default temperatures under ten-crop reports other probabilities.
+    cfg.card.calibrated.remove(&Tta::TenCrop);
+    let mut plain = Classifier::new(cfg.clone(), base.model().clone(), Device::Cpu).unwrap();
+    let (t, default) = run(&mut plain, Tta::TenCrop);
+    assert_eq!(t, cfg.card.temperatures());
+    assert!(max_diff(&calibrated[0].card.probs, &default[0].card.probs) > 1e-3);
+}

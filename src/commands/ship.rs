@@ -42,7 +42,7 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         bar.set_position(d as u64)
     })?;
     bar.finish_and_clear();
-    let mut report = fit(&samples, clf.config().card.temperatures(), a.bins);
+    let mut report = fit(&samples, clf.temperatures(), a.bins);
     report.model = super::model_name(a.classifier.model.as_deref());
     report.data = a.source.data.display().to_string();
     report.split = a.split.clone();
@@ -82,16 +82,16 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    let calibration = a
+    let calibrations = a
         .calibration
-        .as_deref()
-        .map(fer_cam::calibrate::read_calibration)
-        .transpose()?;
+        .iter()
+        .map(|p| fer_cam::calibrate::read_calibration(p))
+        .collect::<fer_cam::Result<Vec<_>>>()?;
     let weights = match a.weights {
         StoredWeightsArg::F16 => StoredWeights::F16,
         StoredWeightsArg::F32 => StoredWeights::F32,
     };
-    let s = export_model(&a.model, &a.out, weights, calibration)?;
+    let s = export_model(&a.model, &a.out, weights, &calibrations)?;
     super::print_stdout(&format!(
         "wrote {}: {} tensors ({} as f16), {:.2} MB, sampler temperatures τ {:.4}, T {:.4}, \
          test-time views {}",

@@ -36,13 +36,15 @@ pub struct ExportSummary {
 }
 
 /// Copies the model in `src` to the new directory `out` (an existing `out` is refused), with
-/// the weights stored as `weights` and, when given, the calibration (the sampler temperatures
-/// and the test-time views they hold for) replaced.
+/// the weights stored as `weights` and, when calibrations are given, the sampler temperatures
+/// replaced: the first calibration's become the default ones and its test-time views the
+/// model's default views; every calibration is kept under its views (`card.calibrated`), one
+/// per set of views.
 pub fn export_model(
     src: &Path,
     out: &Path,
     weights: StoredWeights,
-    calibration: Option<Calibration>,
+    calibrations: &[Calibration],
 ) -> Result<ExportSummary> {
     if out.exists() {
         return Err(Error::file(
@@ -51,19 +53,25 @@ pub fn export_model(
         ));
     }
     let mut cfg = read_config(src)?;
-    if let Some(Calibration {
-        temperatures: t,
-        tta,
-    }) = calibration
-    {
-        if !t.is_valid() {
-            return Err(Error::Config(format!(
-                "temperatures τ {} and T {} (both must be > 0)",
-                t.sample, t.output
-            )));
+    if let Some(first) = calibrations.first() {
+        cfg.card.calibrated.clear();
+        for c in calibrations {
+            let t = c.temperatures;
+            if !t.is_valid() {
+                return Err(Error::Config(format!(
+                    "temperatures τ {} and T {} (both must be > 0)",
+                    t.sample, t.output
+                )));
+            }
+            if cfg.card.calibrated.insert(c.tta, t).is_some() {
+                return Err(Error::Config(format!(
+                    "two calibrations under test-time views {}",
+                    c.tta.name()
+                )));
+            }
         }
-        cfg.card.set_temperatures(t);
-        cfg.input.tta = tta;
+        cfg.card.set_temperatures(first.temperatures);
+        cfg.input.tta = first.tta;
     }
     // Loading checks every tensor against the config before anything is written.
     super::load_model_dir(src, &Device::Cpu)?;
@@ -132,13 +140,29 @@ mod tests {
             temperatures: t,
             tta: Tta::Flip,
         };
-        let s = export_model(&src, &out, StoredWeights::F16, Some(calibration)).unwrap();
+        let ten = Calibration {
+            temperatures: Temperatures {
+                sample: 0.5,
+                output: 1.5,
+            },
+            tta: Tta::TenCrop,
+        };
+        let s = export_model(&src, &out, StoredWeights::F16, &[calibration, ten]).unwrap();
         assert!(s.tensors_f16 > 0 && s.tensors_f16 < s.tensors);
         let a = load_model_dir(&src, &Device::Cpu).unwrap();
         let b = load_model_dir(&out, &Device::Cpu).unwrap();
         assert_eq!(b.config.card.temperatures(), t);
         assert_eq!(s.temperatures, t);
         assert_eq!((s.tta, b.config.input.tta), (Tta::Flip, Tta::Flip));
+        // Every calibration is kept under its views; others fall back to the default.
+        let card = &b.config.card;
+        assert_eq!(card.temperatures_for(Tta::TenCrop), ten.temperatures);
+        assert_eq!(card.temperatures_for(Tta::Flip), t);
+        assert_eq!(card.temperatures_for(Tta::None), t);
+        // Two calibrations under the same views: refused.
+        let twice = dir.path().join("twice");
+        assert!(export_model(&src, &twice, StoredWeights::F16, &[ten, ten]).is_err());
+        assert!(!twice.exists());
         let xs = Tensor::randn(0f32, 1.0, (2, 1, 48, 48), &Device::Cpu).unwrap();
         let fa = a.model.features(&xs, false).unwrap();
         let fb = b.model.features(&xs, false).unwrap();
@@ -162,6 +186,6 @@ mod tests {
             "diff {diff}, scale {scale}"
         );
         // The output directory is never replaced.
-        assert!(export_model(&src, &out, StoredWeights::F32, None).is_err());
+        assert!(export_model(&src, &out, StoredWeights::F32, &[]).is_err());
     }
 }
