@@ -1,5 +1,6 @@
 //! The real-time pipeline: capture → face → inference → emitter, each a named thread joined by
-//! bounded queues (DESIGN.md §1).
+//! bounded queues (DESIGN.md §1). The stages live in `capture.rs`, `face.rs` and `infer.rs`;
+//! this file starts them, emits their results and ends the run.
 //!
 //! - Capture never blocks on a live source: when the face stage is busy the stalest queued frame
 //!   is dropped and counted. File input without `--realtime` blocks instead (nothing is lost).
@@ -14,19 +15,21 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{bounded, select, Receiver, Sender};
+use crossbeam_channel::{bounded, select};
 
 use crate::annotate::{AnnotateStats, Annotator};
 use crate::capture::{Frame, FrameSource};
-use crate::emit::{Body, ClassMap, Emitter, FaceOut, Latency, Percentiles};
+use crate::emit::{Body, Emitter, FaceOut, Latency, Percentiles};
 use crate::error::{Error, Result};
-use crate::face::{DetectConfig, FaceBox, Smoother, TrackerConfig};
+use crate::face::{DetectConfig, FaceBox, TrackerConfig};
 use crate::infer::Classifier;
 use capture::{capture_loop, Counters, Event};
 use face::face_loop;
+use infer::infer_loop;
 
 mod capture;
 mod face;
+mod infer;
 
 /// Settings of one `fer-cam run`, validated before any thread starts.
 #[derive(Debug, Clone)]
@@ -442,104 +445,4 @@ pub fn run<W: Write>(
         r?;
     }
     Ok(stats)
-}
-
-fn infer_loop(
-    cfg: &RunConfig,
-    mut clf: Classifier,
-    rx: Receiver<FaceJob>,
-    tx: Sender<Result_>,
-    cancel: &AtomicBool,
-    counters: &Counters,
-) -> Result<()> {
-    let names = Arc::new(clf.config().classes.clone());
-    let side = clf.config().input.size;
-    let mut smoother = Smoother::new(cfg.smooth);
-    while let Ok(first) = rx.recv() {
-        // Batch the faces of this frame with those of frames already waiting. File input read
-        // as fast as possible classifies frame by frame instead: which frames are waiting
-        // depends on timing, and a batch's size changes the last bits of its sums, so only this
-        // keeps a file's output the same from run to run.
-        let mut jobs = vec![first];
-        let mut faces: usize = jobs[0].faces.len();
-        while faces < cfg.max_batch && (cfg.live || cfg.realtime) {
-            match rx.try_recv() {
-                Ok(j) => {
-                    faces += j.faces.len();
-                    jobs.push(j);
-                }
-                Err(_) => break,
-            }
-        }
-        // Stopping: frames that were only queued are dropped, not classified.
-        if cancel.load(Ordering::SeqCst) {
-            counters
-                .dropped
-                .fetch_add(jobs.len() as u64, Ordering::Relaxed);
-            continue;
-        }
-        let t = Instant::now();
-        let waits: Vec<f64> = jobs
-            .iter()
-            .map(|j| (t - j.done).as_secs_f64() * 1e3)
-            .collect();
-        let crops: Vec<u8> = jobs.iter().flat_map(|j| j.crops.iter().copied()).collect();
-        let preds = if crops.is_empty() {
-            Vec::new()
-        } else if side == 48 {
-            clf.predict(&crops)?
-        } else {
-            return Err(Error::Config(format!(
-                "model input size {side} (the daemon crops 48x48)"
-            )));
-        };
-        let infer_ms = t.elapsed().as_secs_f64() * 1e3;
-        let done = Instant::now();
-        let mut preds = preds.into_iter();
-        for (job, wait_ms) in jobs.into_iter().zip(waits) {
-            let mut out = Vec::with_capacity(job.faces.len());
-            for (id, b) in &job.faces {
-                let Some(p) = preds.next() else { break };
-                let probs = smoother.smooth(*id, job.frame.seq, &p.card.probs);
-                let label = if cfg.smooth < 1.0 {
-                    crate::metrics::argmax(&probs)
-                } else {
-                    p.card.label
-                };
-                out.push(FaceOut {
-                    id: *id,
-                    bbox: [
-                        b.x.round() as i32,
-                        b.y.round() as i32,
-                        b.w.round() as i32,
-                        b.h.round() as i32,
-                    ],
-                    det_score: (b.score * 1000.0).round() / 1000.0,
-                    label: names.get(label).cloned().unwrap_or_default(),
-                    probs: ClassMap {
-                        names: names.clone(),
-                        values: probs,
-                    },
-                    votes: ClassMap {
-                        names: names.clone(),
-                        values: p.card.votes.clone(),
-                    },
-                    certain: p.card.certain,
-                    p_value: p.card.p_value.is_finite().then_some(p.card.p_value),
-                    entropy: (p.card.entropy as f64 * 1e4).round() / 1e4,
-                });
-            }
-            let r = Result_ {
-                job,
-                out,
-                wait_ms,
-                infer_ms,
-                done,
-            };
-            if tx.send(r).is_err() {
-                return Ok(());
-            }
-        }
-    }
-    Ok(())
 }
