@@ -55,11 +55,7 @@ pub(super) fn face_loop(
                     .filter_map(|(_, b)| detector.detect_near(&frame.gray, w, h, b))
                     .collect();
                 if let Some(search) = full.as_mut() {
-                    for b in search.poll() {
-                        if dets.iter().all(|d| d.iou(&b) < SAME_FACE_IOU) {
-                            dets.push(b);
-                        }
-                    }
+                    dets.extend(search.poll());
                     if due || tracker.live().is_empty() {
                         search.offer(&frame);
                     }
@@ -67,7 +63,7 @@ pub(super) fn face_loop(
                 dets
             }
         };
-        let faces = tracker.update(&dets);
+        let faces = tracker.update(&distinct(dets));
         let detect_ms = t.elapsed().as_secs_f64() * 1e3;
         let c = Instant::now();
         let mut crops = Vec::with_capacity(faces.len() * 48 * 48);
@@ -88,6 +84,19 @@ pub(super) fn face_loop(
         }
     }
     Ok(())
+}
+
+/// Detections that are not the same face as an earlier one (IoU above [`SAME_FACE_IOU`]): the
+/// searches around two tracks, or a late full-frame search, can find one face twice, and two
+/// tracks would then follow it for good. Earlier detections (older tracks) win.
+fn distinct(dets: Vec<FaceBox>) -> Vec<FaceBox> {
+    let mut kept: Vec<FaceBox> = Vec::with_capacity(dets.len());
+    for d in dets {
+        if kept.iter().all(|k| k.iou(&d) < SAME_FACE_IOU) {
+            kept.push(d);
+        }
+    }
+    kept
 }
 
 /// The full-frame search on its own thread: one frame at a time, the newest it is offered.
@@ -205,6 +214,20 @@ mod tests {
                 j.faces.iter().map(|(id, _)| *id).collect()
             })
             .collect()
+    }
+
+    #[test]
+    fn one_face_found_twice_is_kept_once() {
+        let b = |x: f32| FaceBox {
+            x,
+            y: 10.0,
+            w: 100.0,
+            h: 100.0,
+            score: 5.0,
+        };
+        // The second overlaps the first (IoU 0.82); the third is another face.
+        let kept = distinct(vec![b(0.0), b(10.0), b(300.0)]);
+        assert_eq!(kept.iter().map(|k| k.x).collect::<Vec<_>>(), [0.0, 300.0]);
     }
 
     #[test]
