@@ -48,5 +48,6 @@ print(f"fed {fed} frames in {s['seconds']} s: emitted {s['frames']}, dropped {s[
       f"skipped {s['skipped']} -> {'all accounted for' if total == fed else f'MISSING {fed - total}'}")
 print(f"RSS start {rss[0] / 1024:.0f} MiB, end {rss[-1] / 1024:.0f} MiB, max {max(rss) / 1024:.0f} MiB "
       f"({len(rss)} samples); capture-to-emit p50 {s['latency_ms']['p50']} ms, p99 {s['latency_ms']['p99']} ms")
+print("RSS MiB every 10 s:", " ".join(f"{r / 1024:.0f}" for r in rss))
 sys.exit(0 if total == fed else 1)
 PY
