@@ -34,7 +34,8 @@ pub enum Command {
     /// Fit the CARD sampler's temperature on a labelled split (PublicTest) by NLL; write the
     /// calibration JSON and its reliability diagram (SVG).
     Calibrate(CalibrateArgs),
-    /// Write a model directory for shipping: f16 weights and a calibrated temperature.
+    /// Write a model directory for shipping: f16 weights and the sampler temperatures of each
+    /// calibration given.
     Export(ExportArgs),
     /// Turn a recorded run (the JSON lines of `run`) into timelines, emotion shares, gaps and
     /// latency plots on one HTML page, plus a CSV with one row per face per frame.
