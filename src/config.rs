@@ -179,9 +179,10 @@ pub struct CardConfig {
     pub output_temperature: f64,
     /// Significance level of the CARD paired t-test for the certain flag.
     pub alpha: f64,
-    /// Temperatures fitted under each set of test-time views that was calibrated, so that a
-    /// run with other views than the model's default (`--tta`) gets its own; views missing here
-    /// fall back to `temperature` / `output_temperature`.
+    /// Temperatures fitted under test-time views other than the model's default
+    /// (`input.tta`, whose temperatures are `temperature` / `output_temperature`), so that a
+    /// run with other views (`--tta`) gets its own; views missing here fall back to the default
+    /// temperatures. See [`ModelConfig::temperatures_for`].
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub calibrated: BTreeMap<Tta, Temperatures>,
 }
@@ -242,15 +243,6 @@ impl CardConfig {
         self.temperature = t.sample;
         self.output_temperature = t.output;
     }
-
-    /// The temperatures calibrated under `tta`, or the default ones where those views were not
-    /// calibrated.
-    pub fn temperatures_for(&self, tta: Tta) -> Temperatures {
-        self.calibrated
-            .get(&tta)
-            .copied()
-            .unwrap_or_else(|| self.temperatures())
-    }
 }
 
 /// Everything needed to rebuild a model from its weights.
@@ -291,6 +283,16 @@ fn check(ok: bool, msg: impl FnOnce() -> String) -> Result<()> {
 }
 
 impl ModelConfig {
+    /// The sampler temperatures under the test-time views `tta`: the default ones for the
+    /// model's default views, those calibrated under `tta` for others, and the default ones
+    /// where `tta` was not calibrated.
+    pub fn temperatures_for(&self, tta: Tta) -> Temperatures {
+        match self.card.calibrated.get(&tta) {
+            Some(t) if tta != self.input.tta => *t,
+            _ => self.card.temperatures(),
+        }
+    }
+
     /// Number of classes.
     pub fn num_classes(&self) -> usize {
         self.classes.len()
@@ -373,6 +375,14 @@ impl ModelConfig {
                 )
             },
         )?;
+        // The default views' temperatures have one place: `temperature` / `output_temperature`.
+        check(!c.calibrated.contains_key(&self.input.tta), || {
+            format!(
+                "card.calibrated.{0}: {0} is the default views (input.tta), whose temperatures \
+                 are card.temperature and card.output_temperature",
+                self.input.tta.name()
+            )
+        })?;
         for (tta, t) in &c.calibrated {
             check(t.is_valid(), || {
                 format!(

@@ -142,7 +142,7 @@ impl Classifier {
     /// The sampler temperatures in use: those calibrated under the chosen views, or the
     /// model's default ones where those views were not calibrated.
     pub fn temperatures(&self) -> Temperatures {
-        self.config.card.temperatures_for(self.tta)
+        self.config.temperatures_for(self.tta)
     }
 
     /// Samples summarised per face: the sampler's, rounded up to whole samples per view.

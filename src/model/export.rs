@@ -38,8 +38,8 @@ pub struct ExportSummary {
 /// Copies the model in `src` to the new directory `out` (an existing `out` is refused), with
 /// the weights stored as `weights` and, when calibrations are given, the sampler temperatures
 /// replaced: the first calibration's become the default ones and its test-time views the
-/// model's default views; every calibration is kept under its views (`card.calibrated`), one
-/// per set of views.
+/// model's default views; the others are kept under their views (`card.calibrated`), one per
+/// set of views.
 pub fn export_model(
     src: &Path,
     out: &Path,
@@ -53,9 +53,9 @@ pub fn export_model(
         ));
     }
     let mut cfg = read_config(src)?;
-    if let Some(first) = calibrations.first() {
+    if let Some((first, others)) = calibrations.split_first() {
         cfg.card.calibrated.clear();
-        for c in calibrations {
+        for (i, c) in calibrations.iter().enumerate() {
             let t = c.temperatures;
             if !t.is_valid() {
                 return Err(Error::Config(format!(
@@ -63,7 +63,7 @@ pub fn export_model(
                     t.sample, t.output
                 )));
             }
-            if cfg.card.calibrated.insert(c.tta, t).is_some() {
+            if calibrations[..i].iter().any(|e| e.tta == c.tta) {
                 return Err(Error::Config(format!(
                     "two calibrations under test-time views {}",
                     c.tta.name()
@@ -72,6 +72,9 @@ pub fn export_model(
         }
         cfg.card.set_temperatures(first.temperatures);
         cfg.input.tta = first.tta;
+        cfg.card
+            .calibrated
+            .extend(others.iter().map(|c| (c.tta, c.temperatures)));
     }
     // Loading checks every tensor against the config before anything is written.
     super::load_model_dir(src, &Device::Cpu)?;
@@ -155,10 +158,15 @@ mod tests {
         assert_eq!(s.temperatures, t);
         assert_eq!((s.tta, b.config.input.tta), (Tta::Flip, Tta::Flip));
         // Every calibration is kept under its views; others fall back to the default.
-        let card = &b.config.card;
-        assert_eq!(card.temperatures_for(Tta::TenCrop), ten.temperatures);
-        assert_eq!(card.temperatures_for(Tta::Flip), t);
-        assert_eq!(card.temperatures_for(Tta::None), t);
+        let c = &b.config;
+        assert_eq!(c.temperatures_for(Tta::TenCrop), ten.temperatures);
+        assert_eq!(c.temperatures_for(Tta::Flip), t);
+        assert_eq!(c.temperatures_for(Tta::None), t);
+        // The default views' temperatures are stored once, as the default ones.
+        assert!(!c.card.calibrated.contains_key(&Tta::Flip));
+        let mut twice = c.clone();
+        twice.card.calibrated.insert(Tta::Flip, t);
+        assert!(twice.validate().is_err());
         // Two calibrations under the same views: refused.
         let twice = dir.path().join("twice");
         assert!(export_model(&src, &twice, StoredWeights::F16, &[ten, ten]).is_err());
