@@ -85,7 +85,7 @@ pub fn cache_path(dir: &Path, source: &Path) -> PathBuf {
 
 /// Fingerprint of a single source file: size and modification time.
 pub fn file_fingerprint(path: &Path) -> Result<u64> {
-    let meta = crate::fsutil::regular_file(path)?;
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
     let mut h = Fnv::new();
     h.write(&CACHE_VERSION.to_le_bytes());
     h.write_meta(&meta);

@@ -49,14 +49,14 @@ pub(super) fn face_loop(
         let dets = match full.as_mut() {
             None if due => detector.detect_full(&frame.gray, w, h),
             _ => {
-                let mut dets: Vec<FaceBox> = tracker
-                    .live()
+                let tracks = tracker.live();
+                let mut dets: Vec<FaceBox> = tracks
                     .iter()
                     .filter_map(|(_, b)| detector.detect_near(&frame.gray, w, h, b))
                     .collect();
                 if let Some(search) = full.as_mut() {
                     dets.extend(search.poll());
-                    if due || tracker.live().is_empty() {
+                    if due || tracks.is_empty() {
                         search.offer(&frame);
                     }
                 }
