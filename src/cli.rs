@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use fer_cam::config::Stem;
-use fer_cam::train::TrainConfig;
+use fer_cam::train::{DistillConfig, TrainConfig};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -232,6 +232,10 @@ pub struct TrainArgs {
     /// Model directory to start from (classifier: an SSL model; card: a trained classifier).
     #[arg(long)]
     pub init: Option<PathBuf>,
+    /// Distil the classifier from this model directory's f_φ (its views and share of the
+    /// target from the config's `classifier.distill`, else ten-crop and 0.6).
+    #[arg(long, value_name = "DIR")]
+    pub teacher: Option<PathBuf>,
     /// Train the classifier from random weights (ablation: no SSL); `all` then skips ssl.
     #[arg(long)]
     pub from_scratch: bool,
@@ -294,6 +298,12 @@ impl TrainArgs {
         }
         if let Some(n) = self.card_epochs {
             cfg.card.epochs = n;
+        }
+        if let Some(dir) = &self.teacher {
+            match &mut cfg.classifier.distill {
+                Some(d) => d.teacher = dir.clone(),
+                None => cfg.classifier.distill = Some(DistillConfig::new(dir.clone())),
+            }
         }
         if let Some(b) = self.batch_size {
             cfg.ssl.opt.batch_size = b;

@@ -241,6 +241,27 @@ impl Classifier {
         Ok(self.fphi_and_samples(crops)?.1)
     }
 
+    /// f_φ's probabilities of `n` crops, averaged over the chosen views: `(n, C)` flat, no
+    /// sampling (what a distilled student learns from).
+    pub fn fphi_probs(&self, crops: &[u8]) -> Result<Vec<f32>> {
+        let n = self.crop_count(crops.len())?;
+        let c = self.config.num_classes();
+        let (_, f) = self.features_and_view_probs(crops)?;
+        Ok(f.reshape((n, self.tta.views(), c))?
+            .mean(1)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+
+    /// Encoder features and f_φ's probabilities of every view of `n` crops, `n·V` rows with
+    /// each face's views together.
+    fn features_and_view_probs(&self, crops: &[u8]) -> Result<(Tensor, Tensor)> {
+        let xs = self.preprocess(&self.views(crops)?)?;
+        let feats = self.model.features(&xs, false)?;
+        let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
+        Ok((feats, f))
+    }
+
     /// The views of `n` crops, `n·V` crops with each face's views together.
     fn views(&self, crops: &[u8]) -> Result<Vec<u8>> {
         let side = self.config.input.size;
@@ -266,9 +287,7 @@ impl Classifier {
     fn fphi_and_samples(&mut self, crops: &[u8]) -> Result<(Tensor, Vec<f32>)> {
         let n = self.crop_count(crops.len())?;
         let views = self.tta.views();
-        let xs = self.preprocess(&self.views(crops)?)?;
-        let feats = self.model.features(&xs, false)?;
-        let f = candle_nn::ops::softmax(&self.model.head_logits(&feats)?, D::Minus1)?;
+        let (feats, f) = self.features_and_view_probs(crops)?;
         let mut rngs: Vec<StdRng> = if views == 1 {
             self.face_keys(n)
                 .map(|(seed, face)| keyed_rng(&[seed, face]))

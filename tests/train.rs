@@ -143,6 +143,57 @@ fn train_all_stages_then_eval() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("accuracy (CARD majority vote)"));
 
+    // Distillation: the teacher's probabilities change the loss of an otherwise identical run
+    // (same seed, same batches); a teacher with other classes is refused.
+    let first_loss = |run: &Path| -> f64 {
+        let m = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+        let l: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
+        l["loss"].as_f64().unwrap()
+    };
+    let classifier_run = |name: &str, teacher: Option<&Path>| -> (PathBuf, Output) {
+        let dir = tmp.path().join(name);
+        let mut a = small_run("classifier", &data, &dir);
+        for extra in ["--classifier-epochs", "1", "--train-limit", limit] {
+            a.push(extra.into());
+        }
+        a.extend(["--val-limit".into(), "64".into()]);
+        if let Some(t) = teacher {
+            a.extend(["--teacher".into(), t.to_str().unwrap().into()]);
+        }
+        let o = fer(&args(&a));
+        (dir, o)
+    };
+    let (plain, o) = classifier_run("plain", None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (distilled, o) = classifier_run("distilled", Some(&run.join("card/model")));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (a, b) = (first_loss(&plain), first_loss(&distilled));
+    assert!(
+        a.is_finite() && b.is_finite() && (a - b).abs() > 1e-6,
+        "{a} {b}"
+    );
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(distilled.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(cfg["classifier"]["distill"]["tta"], "ten-crop", "{cfg}");
+    let odd = tmp.path().join("odd-teacher");
+    std::fs::create_dir_all(&odd).unwrap();
+    let mut odd_cfg = fer_cam::model::read_config(&card).unwrap();
+    odd_cfg.classes.truncate(3);
+    std::fs::write(
+        odd.join("config.json"),
+        serde_json::to_string(&odd_cfg).unwrap(),
+    )
+    .unwrap();
+    std::fs::copy(
+        card.join("model.safetensors"),
+        odd.join("model.safetensors"),
+    )
+    .unwrap();
+    let (_, o) = classifier_run("odd", Some(&odd));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("odd-teacher"), "{}", stderr(&o));
+
     // A refused restart (no --resume over checkpoints) changes nothing, config.json included.
     let config_before = std::fs::read(run.join("config.json")).unwrap();
     let mut again = small_run("classifier", &data, &run);

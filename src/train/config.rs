@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::ModelConfig;
+use crate::config::{ModelConfig, Tta};
 use crate::data::augment::Augment;
 use crate::error::{Error, Result};
 
@@ -41,6 +41,35 @@ pub struct ClassifierConfig {
     #[serde(flatten)]
     pub opt: StageConfig,
     pub label_smoothing: f64,
+    /// Learn also from a trained model's probabilities (knowledge distillation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<DistillConfig>,
+}
+
+/// Distillation from a teacher: f_φ's target for each Training image becomes
+/// `(1 − weight) · smoothed one-hot label + weight · teacher probabilities`, the teacher's f_φ
+/// probabilities averaged over its test-time views of the un-augmented image, computed once
+/// before the first epoch.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillConfig {
+    /// The teacher's model directory (same classes, 48x48 input).
+    pub teacher: PathBuf,
+    /// The teacher's test-time views.
+    pub tta: Tta,
+    /// Share of the target taken from the teacher, in [0, 1].
+    pub weight: f64,
+}
+
+impl DistillConfig {
+    /// `teacher` under its ten-crop views, taking 0.6 of the target.
+    pub fn new(teacher: PathBuf) -> Self {
+        Self {
+            teacher,
+            tta: Tta::TenCrop,
+            weight: 0.6,
+        }
+    }
 }
 
 /// CARD ε_θ settings.
@@ -104,6 +133,7 @@ impl TrainConfig {
                     augment: Augment::supervised(),
                 },
                 label_smoothing: 0.1,
+                distill: None,
             },
             card: CardTrainConfig {
                 epochs: 20,
@@ -157,6 +187,14 @@ impl TrainConfig {
                 self.classifier.label_smoothing
             ));
         }
+        if let Some(d) = &self.classifier.distill {
+            if !(0.0..=1.0).contains(&d.weight) {
+                return bad(format!(
+                    "classifier.distill.weight {} (allowed 0..=1)",
+                    d.weight
+                ));
+            }
+        }
         let c = &self.card;
         if c.batch_size < 2 || !(c.lr > 0.0 && c.lr.is_finite()) || c.val_samples == 0 {
             return bad(format!(
@@ -165,5 +203,29 @@ impl TrainConfig {
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn distillation_is_optional_and_its_weight_is_checked() {
+        let mut cfg = TrainConfig::new("d.csv".into(), "run".into());
+        // A config written before distillation existed still reads, and without it writes none.
+        let json = serde_json::to_value(&cfg).unwrap();
+        assert!(json["classifier"].get("distill").is_none());
+        let back: TrainConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(back, cfg);
+        cfg.classifier.distill = Some(DistillConfig::new("teacher".into()));
+        cfg.validate().unwrap();
+        let back: TrainConfig =
+            serde_json::from_str(&serde_json::to_string(&cfg).unwrap()).unwrap();
+        assert_eq!(back.classifier.distill.as_ref().unwrap().tta, Tta::TenCrop);
+        for w in [-0.1, 1.5, f64::NAN] {
+            cfg.classifier.distill.as_mut().unwrap().weight = w;
+            assert!(cfg.validate().is_err(), "{w}");
+        }
     }
 }

@@ -12,10 +12,12 @@ use rand::SeedableRng;
 use crate::data::augment::Augment;
 use crate::data::{Dataset, FACE_PIXELS};
 
-/// One batch: `views` normalised image buffers of `len · 48 · 48` floats, and the labels.
+/// One batch: `views` normalised image buffers of `len · 48 · 48` floats, the labels, and the
+/// dataset rows the images came from.
 pub struct Batch {
     pub views: Vec<Vec<f32>>,
     pub labels: Vec<u32>,
+    pub rows: Vec<usize>,
 }
 
 impl Batch {
@@ -67,7 +69,11 @@ impl EpochPlan {
             }
             labels.push(self.data.labels[i] as u32);
         }
-        Batch { views, labels }
+        Batch {
+            views,
+            labels,
+            rows: order[lo..hi].to_vec(),
+        }
     }
 
     /// Starts a loader thread for this epoch; batches arrive in order through a queue of

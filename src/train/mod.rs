@@ -14,6 +14,7 @@ mod loader;
 pub mod optim;
 pub mod plots;
 mod stages;
+mod teacher;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -27,7 +28,9 @@ use crate::error::{Error, Result};
 use crate::fsutil::write_file_atomically;
 use checkpoint::checkpoint_dir;
 pub use checkpoint::{model_dir, stage_dir};
-pub use config::{CardTrainConfig, ClassifierConfig, SslConfig, StageConfig, TrainConfig};
+pub use config::{
+    CardTrainConfig, ClassifierConfig, DistillConfig, SslConfig, StageConfig, TrainConfig,
+};
 pub use loader::mix_seed;
 pub use stages::{smoothed_cross_entropy, train_card, train_classifier, train_ssl};
 

@@ -12,6 +12,7 @@ use candle_nn::{VarBuilder, VarMap};
 use super::checkpoint::{load_vars, vars_with_prefix, StageRun};
 use super::epochs::{run_epochs, CardRows, CardSource, LoaderSource, LrSchedule, Throughput};
 use super::loader::{self, EpochPlan};
+use super::teacher::{smoothed_targets, Teacher};
 use super::{mix_seed, Monitor, Stage, StageConfig, StageSummary, TrainConfig, TrainData};
 use crate::config::ModelConfig;
 use crate::data::{Dataset, FACE_PIXELS};
@@ -71,14 +72,13 @@ fn fphi_accuracy(model: &FerModel, data: &Dataset, cfg: &ModelConfig, dev: &Devi
 
 /// Cross-entropy with label smoothing `eps` (targets `eps/C + (1−eps)·onehot`).
 pub fn smoothed_cross_entropy(logits: &Tensor, labels: &[u32], eps: f64) -> Result<Tensor> {
-    let (b, c) = logits.dims2()?;
-    let mut t = vec![(eps / c as f64) as f32; b * c];
-    for (i, &l) in labels.iter().enumerate() {
-        if (l as usize) < c {
-            t[i * c + l as usize] += (1.0 - eps) as f32;
-        }
-    }
-    let targets = Tensor::from_vec(t, (b, c), logits.device())?;
+    let c = logits.dims2()?.1;
+    soft_cross_entropy(logits, smoothed_targets(labels, c, eps))
+}
+
+/// Cross-entropy against soft targets `(B, C)` given flat, averaged over the batch.
+fn soft_cross_entropy(logits: &Tensor, targets: Vec<f32>) -> Result<Tensor> {
+    let targets = Tensor::from_vec(targets, logits.dims2()?, logits.device())?;
     let logp = candle_nn::ops::log_softmax(logits, D::Minus1)?;
     Ok((targets * logp)?.sum(D::Minus1)?.mean_all()?.neg()?)
 }
@@ -214,12 +214,20 @@ pub fn train_classifier(
         o.weight_decay,
         resume,
     )?;
+    let teacher = match &cfg.classifier.distill {
+        Some(d) => Some(Teacher::compute(d, &data.train, &cfg.model, dev)?),
+        None => None,
+    };
+    let eps = cfg.classifier.label_smoothing;
     let mut source =
         LoaderSource::new(|epoch| epoch_plan(cfg, Stage::Classifier, &data.train, o, 1, epoch));
     let mut step = |b: &loader::Batch| -> Result<Tensor> {
         let xs = batch_tensor(&b.views[0], b.len(), dev)?;
         let logits = model.head_logits(&model.features(&xs, true)?)?;
-        smoothed_cross_entropy(&logits, &b.labels, cfg.classifier.label_smoothing)
+        match &teacher {
+            Some(t) => soft_cross_entropy(&logits, t.targets(&b.rows, &b.labels, eps)),
+            None => smoothed_cross_entropy(&logits, &b.labels, eps),
+        }
     };
     let mut score = |_epoch: usize| -> Result<Option<f64>> {
         Ok(Some(fphi_accuracy(&model, &data.val, &cfg.model, dev)?))

@@ -1,0 +1,130 @@
+//! Distillation targets: a trained model's f_φ probabilities for every Training image, mixed
+//! with the smoothed labels into the soft targets the student's cross-entropy uses.
+
+use candle_core::Device;
+
+use super::config::DistillConfig;
+use crate::config::ModelConfig;
+use crate::data::{Dataset, FACE_PIXELS, FACE_SIZE};
+use crate::error::{Error, Result};
+use crate::infer::Classifier;
+
+/// Images per teacher forward pass (times its views).
+const BATCH: usize = 64;
+
+/// The teacher's probabilities for every image of one dataset, and the share they take of the
+/// target.
+pub(super) struct Teacher {
+    probs: Vec<f32>,
+    classes: usize,
+    weight: f64,
+}
+
+impl Teacher {
+    /// Runs the teacher of `d` over every image of `data` (no augmentation, its views `d.tta`).
+    pub fn compute(
+        d: &DistillConfig,
+        data: &Dataset,
+        student: &ModelConfig,
+        dev: &Device,
+    ) -> Result<Self> {
+        let mut clf = Classifier::load(&d.teacher, dev)?;
+        if clf.config().classes != student.classes {
+            return Err(Error::model(
+                &d.teacher,
+                "the teacher's classes differ from the training config's",
+            ));
+        }
+        if clf.config().input.size != FACE_SIZE {
+            return Err(Error::model(
+                &d.teacher,
+                format!(
+                    "the teacher takes {0}x{0} inputs, the data is 48x48",
+                    clf.config().input.size
+                ),
+            ));
+        }
+        clf.set_tta(d.tta)?;
+        let mut probs = Vec::with_capacity(data.len() * student.num_classes());
+        for chunk in data.pixels.chunks(BATCH * FACE_PIXELS) {
+            probs.extend(clf.fphi_probs(chunk)?);
+        }
+        Ok(Self {
+            probs,
+            classes: student.num_classes(),
+            weight: d.weight,
+        })
+    }
+
+    /// Soft targets `(rows, C)` flat: `(1 − w) · smoothed one-hot + w · teacher`.
+    pub fn targets(&self, rows: &[usize], labels: &[u32], eps: f64) -> Vec<f32> {
+        let c = self.classes;
+        let mut t = smoothed_targets(labels, c, eps);
+        for (i, &r) in rows.iter().enumerate() {
+            let teacher = &self.probs[r * c..(r + 1) * c];
+            for (t, &p) in t[i * c..(i + 1) * c].iter_mut().zip(teacher) {
+                *t = ((1.0 - self.weight) * *t as f64 + self.weight * p as f64) as f32;
+            }
+        }
+        t
+    }
+}
+
+/// Label-smoothed one-hot targets `(labels, C)` flat: `eps/C + (1 − eps) · onehot`.
+pub fn smoothed_targets(labels: &[u32], c: usize, eps: f64) -> Vec<f32> {
+    let mut t = vec![(eps / c as f64) as f32; labels.len() * c];
+    for (i, &l) in labels.iter().enumerate() {
+        if (l as usize) < c {
+            t[i * c + l as usize] += (1.0 - eps) as f32;
+        }
+    }
+    t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn teacher(weight: f64) -> Teacher {
+        // Three images, two classes.
+        Teacher {
+            probs: vec![0.9, 0.1, 0.3, 0.7, 0.5, 0.5],
+            classes: 2,
+            weight,
+        }
+    }
+
+    fn close(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+    }
+
+    #[test]
+    fn targets_mix_the_smoothed_label_with_the_teachers_row() {
+        // Rows 2 and 0 of the data, labels 1 and 1, smoothing 0.2: smoothed [0.1, 0.9].
+        let (rows, labels) = ([2, 0], [1, 1]);
+        assert!(close(
+            &teacher(0.0).targets(&rows, &labels, 0.2),
+            &[0.1, 0.9, 0.1, 0.9]
+        ));
+        assert!(close(
+            &teacher(1.0).targets(&rows, &labels, 0.2),
+            &[0.5, 0.5, 0.9, 0.1]
+        ));
+        // 0.25 · teacher + 0.75 · smoothed.
+        assert!(close(
+            &teacher(0.25).targets(&rows, &labels, 0.2),
+            &[0.2, 0.8, 0.3, 0.7]
+        ));
+        for t in teacher(0.4).targets(&[1, 2, 0], &[0, 1, 0], 0.1).chunks(2) {
+            assert!((t[0] + t[1] - 1.0).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn smoothed_targets_ignore_out_of_range_labels() {
+        assert!(close(
+            &smoothed_targets(&[0, 5], 2, 0.0),
+            &[1.0, 0.0, 0.0, 0.0]
+        ));
+    }
+}
