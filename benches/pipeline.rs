@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor, D};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use fer_cam::capture::clip::{remake_y4m, ClipLayout};
 use fer_cam::capture::{FrameSource, Y4mSource};
-use fer_cam::face::{crop_face, DetectConfig, FaceDetector};
+use fer_cam::face::{crop_face, DetectConfig, FaceDetector, NearDetector};
 use fer_cam::infer::Classifier;
 use fer_cam::pipeline::{run, RunConfig};
 
@@ -62,9 +62,17 @@ fn detect(c: &mut Criterion) {
         group.bench_function(&name, |b| b.iter(|| det.detect_full(&frame, 640, 480)));
         if width == 320 {
             let face = faces[0];
-            group.bench_function("detect_near_track", |b| {
-                b.iter(|| det.detect_near(&frame, 640, 480, &face))
-            });
+            for near in [NearDetector::Rustface, NearDetector::BlazeFace] {
+                let mut det = FaceDetector::new(DetectConfig {
+                    near,
+                    ..Default::default()
+                })
+                .expect("detector");
+                assert!(det.detect_near(&frame, 640, 480, &face).is_some());
+                group.bench_function(format!("detect_near_track/{near:?}"), |b| {
+                    b.iter(|| det.detect_near(&frame, 640, 480, &face))
+                });
+            }
             group.bench_function("crop_48x48", |b| {
                 b.iter(|| crop_face(&frame, 640, 480, &face, 0.1, 48))
             });

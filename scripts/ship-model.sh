@@ -2,7 +2,8 @@
 # Rebuilds the shipped model from scratch: `train all` with models/fer2013/recipe.json, then one
 # warm-restart cycle of the supervised stage per models/fer2013/recipe-cycle*.json (each starts
 # from the previous f_phi with a fresh head and a new cosine schedule), the CARD head on the last
-# cycle's frozen encoder, the calibration on PublicTest under the shipped test-time views (flip:
+# cycle's frozen encoder (a cycle whose recipe has `classifier.distill` learns also from the
+# previous cycle's model, `--teacher`), the calibration on PublicTest under the shipped test-time views (flip:
 # each face and its mirror image), and the f16 export. Everything is written
 # under RUN_DIR (base/, cycle2/, ..., calibration/, export/); nothing in the repository is
 # replaced. Compare RUN_DIR/export with models/fer2013, then copy it (and RUN_DIR/calibration/*)
@@ -45,7 +46,9 @@ for cycle in "$recipes"/recipe-cycle*.json; do
   [ -e "$cycle" ] || continue
   name=$(basename "$cycle" .json)
   dir=$run/${name#recipe-}
-  train classifier "$dir" --config "$cycle" --init "$prev/classifier/model"
+  teacher=()
+  grep -q '"distill"' "$cycle" && teacher=(--teacher "$prev/card/model")
+  train classifier "$dir" --config "$cycle" --init "$prev/classifier/model" "${teacher[@]}"
   train card "$dir" --config "$cycle"
   prev=$dir
 done

@@ -183,6 +183,10 @@ pub struct RunArgs {
     /// Smallest face side searched (detector pixels).
     #[arg(long, default_value_t = 20)]
     pub min_face: u32,
+    /// Network that searches around known faces between full-frame searches: blazeface
+    /// (MediaPipe BlazeFace, short range) or rustface. Full frames always use rustface.
+    #[arg(long, default_value = "blazeface")]
+    pub detector: String,
     /// Detector score threshold.
     #[arg(allow_negative_numbers = true, long, default_value_t = 2.0)]
     pub det_threshold: f64,

@@ -70,6 +70,7 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
             every: if video { a.detect_every } else { 1 },
             min_face: a.min_face,
             score_threshold: a.det_threshold,
+            near: a.detector.parse()?,
             ..Default::default()
         },
         tracker: TrackerConfig::default(),

@@ -1,10 +1,11 @@
 //! The face stage: detection (rustface / SeetaFace), square crops at the classifier's input size,
 //! and a tracker that gives each face a stable id across frames.
 
+pub mod blazeface;
 mod detect;
 mod track;
 
-pub use detect::{crop_face, DetectConfig, FaceDetector};
+pub use detect::{crop_face, sample_square, DetectConfig, FaceDetector, NearDetector};
 pub use track::{Smoother, Tracker, TrackerConfig};
 
 /// A face box in source pixels, with the detector's score.
