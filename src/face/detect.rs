@@ -340,6 +340,33 @@ mod tests {
     use super::*;
 
     #[test]
+    fn square_samples_copy_at_scale_one_and_repeat_edges_outside() {
+        let (w, h) = (8u32, 6u32);
+        let gray: Vec<u8> = (0..w * h).map(|i| (i * 5) as u8).collect();
+        // Side n at a whole-pixel origin: the pixels themselves.
+        let s = sample_square(&gray, w, h, 2.0, 1.0, 4.0, 4);
+        for (j, row) in s.chunks(4).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                assert_eq!(v, gray[(1 + j) * 8 + 2 + i], "{i},{j}");
+            }
+        }
+        // Left of and above the frame: the corner pixel repeats.
+        assert_eq!(
+            sample_square(&gray, w, h, -10.0, -10.0, 4.0, 4),
+            vec![gray[0]; 16]
+        );
+        // Half the resolution: each output is the mean of a 2x2 block (bilinear at its centre).
+        let half = sample_square(&gray, w, h, 0.0, 0.0, 4.0, 2);
+        let mean = (gray[0] as f32 + gray[1] as f32 + gray[8] as f32 + gray[9] as f32) / 4.0;
+        assert_eq!(half[0], mean.round() as u8);
+        // A buffer of the wrong size gives a blank square, not a panic.
+        assert_eq!(
+            sample_square(&gray[1..], w, h, 0.0, 0.0, 4.0, 3),
+            vec![0; 9]
+        );
+    }
+
+    #[test]
     fn crop_is_square_resized_and_clamped() {
         let (w, h) = (100u32, 60u32);
         let gray: Vec<u8> = (0..w * h).map(|i| (i % w) as u8).collect();

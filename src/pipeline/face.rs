@@ -16,7 +16,7 @@ use super::capture::Counters;
 use super::{spawn, FaceJob, RunConfig};
 use crate::capture::Frame;
 use crate::error::Result;
-use crate::face::{crop_face, DetectConfig, FaceBox, FaceDetector, Tracker};
+use crate::face::{crop_face, DetectConfig, FaceBox, FaceDetector, NearDetector, Tracker};
 
 /// A full-frame detection that overlaps a region search's face this much is the same face.
 const SAME_FACE_IOU: f32 = 0.3;
@@ -112,7 +112,12 @@ impl FullSearch {
         let (done, found) = bounded(1);
         // Detached: it ends when `frames` closes, after at most the search in hand.
         spawn("fer-detect", move || {
-            // The settings were validated by the face stage's own detector.
+            // The settings were validated by the face stage's own detector. This one only
+            // searches full frames, which rustface does whatever searches around tracks.
+            let cfg = DetectConfig {
+                near: NearDetector::Rustface,
+                ..cfg
+            };
             let Ok(mut det) = FaceDetector::new(cfg) else {
                 return;
             };
