@@ -8,7 +8,8 @@
 //!   (stills), `faces` (below), `latency_ms` `{capture_to_emit, queue, detect, crop, infer,
 //!   emit}`, and `dropped` (frames dropped so far because the pipeline was busy).
 //!   Each face: `id` (track id, stable across frames, never reused), `box` `[x, y, w, h]` in
-//!   source pixels, `det_score`, `label` (CARD majority vote), `probs` and `votes` (objects keyed
+//!   source pixels, `det_score` (rustface's score from a full-frame search, BlazeFace's
+//!   probability from a search around the track), `label` (CARD majority vote), `probs` and `votes` (objects keyed
 //!   by class name, in the model's class order), `certain` (CARD's paired t-test between the two
 //!   most-voted classes, p < α), `p_value` (`null` when the test is undefined), `entropy` (nats,
 //!   of `probs`).
