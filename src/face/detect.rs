@@ -1,4 +1,5 @@
-//! rustface detection with the SeetaFace frontal model embedded in the binary.
+//! rustface detection with the SeetaFace frontal model embedded in the binary, and the search
+//! around a track by rustface or BlazeFace ([`NearDetector`]).
 //!
 //! rustface costs ~66 ms on a full 640x480 frame here, so full frames are downscaled to
 //! `detect_width` first, and between full detections the stage only searches small regions

@@ -1,5 +1,6 @@
-//! The face stage: detection (rustface / SeetaFace), square crops at the classifier's input size,
-//! and a tracker that gives each face a stable id across frames.
+//! The face stage: detection (rustface / SeetaFace on full frames, BlazeFace or rustface around
+//! tracks), square crops at the classifier's input size, and a tracker that gives each face a
+//! stable id across frames.
 
 pub mod blazeface;
 mod detect;
