@@ -227,10 +227,7 @@ impl Classifier {
         let (f, y0) = self.fphi_and_samples(crops)?;
         let c = self.config.num_classes();
         let probs = sample_probs_rows(&y0, c, self.temperatures().sample);
-        let fphi = f
-            .reshape((n, self.tta.views(), c))?
-            .mean(1)?
-            .to_vec2::<f32>()?;
+        let fphi = self.mean_over_views(&f, n)?.to_vec2::<f32>()?;
         Ok(self.summarize(&probs, self.samples_per_face(), fphi))
     }
 
@@ -245,12 +242,17 @@ impl Classifier {
     /// sampling (what a distilled student learns from).
     pub fn fphi_probs(&self, crops: &[u8]) -> Result<Vec<f32>> {
         let n = self.crop_count(crops.len())?;
-        let c = self.config.num_classes();
         let (_, f) = self.features_and_view_probs(crops)?;
-        Ok(f.reshape((n, self.tta.views(), c))?
-            .mean(1)?
+        Ok(self
+            .mean_over_views(&f, n)?
             .flatten_all()?
             .to_vec1::<f32>()?)
+    }
+
+    /// Per-view rows `(n·V, C)`, each face's views together, averaged per face: `(n, C)`.
+    fn mean_over_views(&self, f: &Tensor, n: usize) -> Result<Tensor> {
+        let c = self.config.num_classes();
+        Ok(f.reshape((n, self.tta.views(), c))?.mean(1)?)
     }
 
     /// Encoder features and f_φ's probabilities of every view of `n` crops, `n·V` rows with

@@ -2,14 +2,10 @@
 //! (`scripts/convert_blazeface.py` wrote the fixture): same raw outputs on a real face, and the
 //! decoded face where it is.
 
-use fer_cam::face::blazeface::{BlazeFace, ANCHORS, INPUT};
+mod common;
 
-fn fixture_image() -> Vec<u8> {
-    let pgm = std::fs::read("tests/fixtures/blazeface_input.pgm").unwrap();
-    let header = b"P5\n128 128\n255\n";
-    assert!(pgm.starts_with(header));
-    pgm[header.len()..].to_vec()
-}
+use common::face_fixture_128;
+use fer_cam::face::blazeface::{BlazeFace, ANCHORS, INPUT};
 
 fn reference_outputs() -> (Vec<f32>, Vec<f32>) {
     let raw = std::fs::read("tests/fixtures/blazeface_outputs.bin").unwrap();
@@ -24,7 +20,7 @@ fn reference_outputs() -> (Vec<f32>, Vec<f32>) {
 
 #[test]
 fn raw_outputs_match_onnxruntime() {
-    let img = fixture_image();
+    let img = face_fixture_128();
     assert_eq!(img.len(), INPUT * INPUT);
     let net = BlazeFace::embedded().unwrap();
     let (logits, regs) = net.forward(&img).unwrap();
@@ -50,7 +46,7 @@ fn raw_outputs_match_onnxruntime() {
 #[test]
 fn finds_the_one_face_of_the_fixture() {
     let net = BlazeFace::embedded().unwrap();
-    let faces = net.detect(&fixture_image(), 0.5).unwrap();
+    let faces = net.detect(&face_fixture_128(), 0.5).unwrap();
     assert_eq!(faces.len(), 1, "{faces:?}");
     let f = faces[0];
     // The face, by eye: centred near (62, 65), about 45 px across.

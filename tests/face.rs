@@ -32,9 +32,7 @@ fn still() -> image::GrayImage {
             .into_luma8(),
         None => {
             eprintln!("!!! ../shared absent: the face-stage test uses the 128x128 fixture");
-            let pgm = std::fs::read("tests/fixtures/blazeface_input.pgm").unwrap();
-            let px = pgm[b"P5\n128 128\n255\n".len()..].to_vec();
-            image::GrayImage::from_raw(128, 128, px).unwrap()
+            image::GrayImage::from_raw(128, 128, common::face_fixture_128()).unwrap()
         }
     }
 }

@@ -85,9 +85,9 @@ impl Pointwise {
 
 /// The network with its weights.
 pub struct BlazeFace {
-    /// Stem `(24, 25)`, summed over the RGB channels, and its bias.
-    stem_w: Vec<f32>,
-    stem_b: Vec<f32>,
+    /// The 5x5 stem as a GEMM over im2col columns: `(24, 25)` weights, summed over the RGB
+    /// channels, and the bias.
+    stem: Pointwise,
     blocks: Vec<Block>,
     /// Score and regressor heads on the 16x16 (2 anchors) and 8x8 (6 anchors) maps.
     cls16: Pointwise,
@@ -153,8 +153,11 @@ impl BlazeFace {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
-            stem_w,
-            stem_b: tensor(&map, "stem.b", &[24])?,
+            stem: Pointwise {
+                cout: 24,
+                w: stem_w,
+                b: tensor(&map, "stem.b", &[24])?,
+            },
             blocks,
             cls16: pointwise(&map, "cls16", 2, 88)?,
             reg16: pointwise(&map, "reg16", 2 * REG, 88)?,
@@ -224,12 +227,7 @@ impl BlazeFace {
                 }
             }
         }
-        let stem = Pointwise {
-            cout: 24,
-            w: self.stem_w.clone(),
-            b: self.stem_b.clone(),
-        };
-        let mut out = stem.apply(&col, 25, o * o);
+        let mut out = self.stem.apply(&col, 25, o * o);
         out.iter_mut().for_each(|v| *v = v.max(0.0));
         out
     }

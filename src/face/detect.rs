@@ -27,7 +27,8 @@ pub struct DetectConfig {
     pub min_face: u32,
     /// Detector score threshold (rustface's default is 2.0).
     pub score_threshold: f64,
-    /// Region searched around a track, as a multiple of its box side.
+    /// Region rustface searches around a track, as a multiple of its box side (BlazeFace's is
+    /// fixed, `BLAZE_ROI`).
     pub roi_scale: f32,
     /// The network that searches the regions around tracks.
     pub near: NearDetector,

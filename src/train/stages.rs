@@ -224,10 +224,11 @@ pub fn train_classifier(
     let mut step = |b: &loader::Batch| -> Result<Tensor> {
         let xs = batch_tensor(&b.views[0], b.len(), dev)?;
         let logits = model.head_logits(&model.features(&xs, true)?)?;
-        match &teacher {
-            Some(t) => soft_cross_entropy(&logits, t.targets(&b.rows, &b.labels, eps)),
-            None => smoothed_cross_entropy(&logits, &b.labels, eps),
-        }
+        let targets = match &teacher {
+            Some(t) => t.targets(&b.rows, &b.labels, eps),
+            None => smoothed_targets(&b.labels, cfg.model.num_classes(), eps),
+        };
+        soft_cross_entropy(&logits, targets)
     };
     let mut score = |_epoch: usize| -> Result<Option<f64>> {
         Ok(Some(fphi_accuracy(&model, &data.val, &cfg.model, dev)?))

@@ -10,6 +10,18 @@ pub fn shared_dir() -> Option<PathBuf> {
     p.is_dir().then_some(p)
 }
 
+/// The repository's 128x128 gray face (`tests/fixtures/blazeface_input.pgm`, binary PGM), as
+/// row-major bytes.
+pub fn face_fixture_128() -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/blazeface_input.pgm");
+    let pgm = std::fs::read(path).unwrap();
+    let header = b"P5\n128 128\n255\n";
+    assert!(pgm.starts_with(header), "not a 128x128 8-bit PGM");
+    let px = pgm[header.len()..].to_vec();
+    assert_eq!(px.len(), 128 * 128);
+    px
+}
+
 /// Says loudly that a test could not run its real-data part.
 pub fn skip_loudly(test: &str, what: &Path) {
     eprintln!(
