@@ -15,11 +15,15 @@ use statrs::distribution::{ContinuousCDF, StudentsT};
 /// Returns NaN when the test is undefined: fewer than two pairs, or zero variance of the
 /// differences with zero mean. Zero variance with a non-zero mean gives p = 0 (t = ±∞).
 pub fn paired_t_test(a: &[f64], b: &[f64]) -> f64 {
+    t_test_p_value(paired_t_statistic(a, b), a.len().min(b.len()))
+}
+
+/// The paired t statistic `mean(d) / (sd(d)/√n)` of `d = a − b`: NaN when undefined (a
+/// non-finite value, fewer than two pairs, or no spread and a zero mean), ±∞ when the
+/// differences have no spread but a non-zero mean.
+pub fn paired_t_statistic(a: &[f64], b: &[f64]) -> f64 {
     let n = a.len().min(b.len());
-    if a[..n].iter().chain(&b[..n]).any(|v| !v.is_finite()) {
-        return f64::NAN;
-    }
-    if n < 2 {
+    if a[..n].iter().chain(&b[..n]).any(|v| !v.is_finite()) || n < 2 {
         return f64::NAN;
     }
     let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x - y).collect();
@@ -27,12 +31,23 @@ pub fn paired_t_test(a: &[f64], b: &[f64]) -> f64 {
     let var = d.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
     let se = (var / n as f64).sqrt();
     if se == 0.0 {
-        return if mean == 0.0 { f64::NAN } else { 0.0 };
+        return if mean == 0.0 {
+            f64::NAN
+        } else {
+            f64::INFINITY.copysign(mean)
+        };
     }
-    let t = mean / se;
-    // statrs panics on a NaN statistic (NaN samples): an undefined test is NaN, i.e. uncertain.
-    if !t.is_finite() {
+    mean / se
+}
+
+/// Two-sided p-value of a t statistic from `n` pairs (`n − 1` degrees of freedom): NaN for a
+/// NaN statistic or fewer than two pairs, 0 for ±∞.
+pub fn t_test_p_value(t: f64, n: usize) -> f64 {
+    if t.is_nan() || n < 2 {
         return f64::NAN;
+    }
+    if t.is_infinite() {
+        return 0.0;
     }
     match StudentsT::new(0.0, 1.0, (n - 1) as f64) {
         Ok(dist) => 2.0 * (1.0 - dist.cdf(t.abs())),
@@ -82,6 +97,28 @@ pub fn summarize_faces(
 
 /// Summarises `samples × classes` per-sample probabilities (row-major).
 pub fn summarize_samples(probs: &[f32], classes: usize, alpha: f64) -> SampleSummary {
+    sample_stats(probs, classes).summary(alpha)
+}
+
+/// What [`SampleSummary`] is computed from: the sums over one face's samples. The GPU sampler's
+/// summary kernel (`src/cuda/kernels.cu`, `card_summary`) is this function's twin.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampleStats {
+    /// Number of samples.
+    pub samples: usize,
+    /// Mean over samples of the per-sample class probabilities.
+    pub mean: Vec<f32>,
+    /// Samples whose argmax is each class.
+    pub counts: Vec<usize>,
+    /// The two most-voted classes ([`top_two_by_votes`]).
+    pub top: (usize, usize),
+    /// [`paired_t_statistic`] between their per-sample probabilities (NaN when both are one
+    /// class).
+    pub t: f64,
+}
+
+/// [`SampleStats`] of `samples × classes` per-sample probabilities (row-major).
+pub fn sample_stats(probs: &[f32], classes: usize) -> SampleStats {
     let samples = probs.len() / classes.max(1);
     let mut mean = vec![0f32; classes];
     let mut counts = vec![0usize; classes];
@@ -96,21 +133,36 @@ pub fn summarize_samples(probs: &[f32], classes: usize, alpha: f64) -> SampleSum
     }
     let (a, b) = top_two_by_votes(&counts);
     let col = |k: usize| -> Vec<f64> { probs.chunks_exact(classes).map(|r| r[k] as f64).collect() };
-    let p_value = if a == b {
+    let t = if a == b {
         f64::NAN
     } else {
-        paired_t_test(&col(a), &col(b))
+        paired_t_statistic(&col(a), &col(b))
     };
-    SampleSummary {
-        label: a,
-        votes: counts
-            .iter()
-            .map(|&c| c as f32 / samples.max(1) as f32)
-            .collect(),
-        certain: p_value < alpha,
-        p_value,
-        entropy: entropy(&mean),
-        probs: mean,
+    SampleStats {
+        samples,
+        mean,
+        counts,
+        top: (a, b),
+        t,
+    }
+}
+
+impl SampleStats {
+    /// The summary: votes as shares, the t-test's p-value and `certain = p < alpha`.
+    pub fn summary(self, alpha: f64) -> SampleSummary {
+        let p_value = t_test_p_value(self.t, self.samples);
+        SampleSummary {
+            label: self.top.0,
+            votes: self
+                .counts
+                .iter()
+                .map(|&c| c as f32 / self.samples.max(1) as f32)
+                .collect(),
+            certain: p_value < alpha,
+            p_value,
+            entropy: entropy(&self.mean),
+            probs: self.mean,
+        }
     }
 }
 

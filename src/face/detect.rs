@@ -315,28 +315,6 @@ pub fn sample_square(gray: &[u8], w: u32, h: u32, x0: f32, y0: f32, side: f32, n
     out
 }
 
-/// A square crop around `b` enlarged by `margin` (fraction of the side on each side), clamped to
-/// the frame (edge pixels repeat), resized to `side × side`.
-pub fn crop_face(gray: &[u8], w: u32, h: u32, b: &FaceBox, margin: f32, side: u32) -> Vec<u8> {
-    let s = b.w.max(b.h) * (1.0 + 2.0 * margin);
-    let (cx, cy) = b.centre();
-    let n = (s.round() as i64).max(1);
-    let x0 = (cx - s / 2.0).round() as i64;
-    let y0 = (cy - s / 2.0).round() as i64;
-    let mut sq = Vec::with_capacity((n * n) as usize);
-    for y in 0..n {
-        let yy = (y0 + y).clamp(0, h as i64 - 1) as u32;
-        for x in 0..n {
-            let xx = (x0 + x).clamp(0, w as i64 - 1) as u32;
-            sq.push(gray[(yy * w + xx) as usize]);
-        }
-    }
-    match GrayImage::from_raw(n as u32, n as u32, sq) {
-        Some(img) => image::imageops::resize(&img, side, side, FilterType::Triangle).into_raw(),
-        None => vec![0; (side * side) as usize],
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -366,24 +344,6 @@ mod tests {
             sample_square(&gray[1..], w, h, 0.0, 0.0, 4.0, 3),
             vec![0; 9]
         );
-    }
-
-    #[test]
-    fn crop_is_square_resized_and_clamped() {
-        let (w, h) = (100u32, 60u32);
-        let gray: Vec<u8> = (0..w * h).map(|i| (i % w) as u8).collect();
-        let b = FaceBox {
-            x: 80.0,
-            y: 40.0,
-            w: 30.0,
-            h: 30.0,
-            score: 5.0,
-        };
-        let c = crop_face(&gray, w, h, &b, 0.1, 48);
-        assert_eq!(c.len(), 48 * 48);
-        // The right part lies outside the frame: clamped to the last column (99).
-        assert_eq!(c[47], 99);
-        assert!(c[0] < 80);
     }
 
     #[test]

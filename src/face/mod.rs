@@ -3,10 +3,12 @@
 //! stable id across frames.
 
 pub mod blazeface;
+mod crop;
 mod detect;
 mod track;
 
-pub use detect::{crop_face, sample_square, DetectConfig, FaceDetector, NearDetector};
+pub use crop::{crop_face, crop_square};
+pub use detect::{sample_square, DetectConfig, FaceDetector, NearDetector};
 pub use track::{Smoother, Tracker, TrackerConfig};
 
 /// A face box in source pixels, with the detector's score.

@@ -74,17 +74,17 @@ pub struct FusedCard {
     pub feat_dim: usize,
     /// Image embedding: `(hidden, feat_dim)` weight and the folded batch norm (`scale`, `shift`
     /// of one "timestep").
-    image: FoldedLayer,
+    pub(crate) image: FoldedLayer,
     /// First layer on `[y_t, f]` `(hidden, 2C)`, and its two halves: on y_t and on f.
-    lin1: FoldedLayer,
-    lin1_y: Dense,
-    lin1_f: Dense,
-    lin2: FoldedLayer,
-    lin3: FoldedLayer,
+    pub(crate) lin1: FoldedLayer,
+    pub(crate) lin1_y: Dense,
+    pub(crate) lin1_f: Dense,
+    pub(crate) lin2: FoldedLayer,
+    pub(crate) lin3: FoldedLayer,
     /// Output layer `(C, hidden)` and its bias.
-    out: Dense,
-    out_bias: Vec<f32>,
-    schedule: Schedule,
+    pub(crate) out: Dense,
+    pub(crate) out_bias: Vec<f32>,
+    pub(crate) schedule: Schedule,
 }
 
 impl FusedCard {
@@ -150,20 +150,8 @@ impl FusedCard {
         if n == 0 {
             return Vec::new();
         }
-        let pairs = reverse_pairs(&sampling_timesteps(self.schedule.len(), steps));
-        // All the noise first, in the reference's order for each face (its generator gives the
-        // prior, then one draw per step but the last): after that every row's chain is
-        // independent of the others, so rows can be split between threads.
-        let draws = pairs.len(); // the prior + every step but the last
-        let mut noise = vec![0f32; draws * n * c];
-        for (face, rng) in rngs.iter_mut().enumerate() {
-            for d in 0..draws {
-                let at = d * n * c + face * samples * c;
-                for v in &mut noise[at..at + samples * c] {
-                    *v = rng.sample::<f32, _>(StandardNormal);
-                }
-            }
-        }
+        let pairs = self.reverse_steps(steps);
+        let noise = draw_noise(rngs, samples, pairs.len(), c);
         let ctx = Chain {
             emb: self.embed(features, b),
             // W1 [y, f] = W1_y y + W1_f f: the f half is the same for every sample and step.
@@ -190,6 +178,12 @@ impl FusedCard {
                 .for_each(|(i, part)| self.chain(&ctx, i * per, part));
         }
         y
+    }
+
+    /// The (timestep, previous timestep) pairs of a `steps`-step chain, in the order they run:
+    /// the prior's draw and one per step but the last make `len()` noise draws.
+    pub(crate) fn reverse_steps(&self, steps: usize) -> Vec<(usize, Option<usize>)> {
+        reverse_pairs(&sampling_timesteps(self.schedule.len(), steps))
     }
 
     /// Runs the reverse chain of rows `first..first + y.len()/C` into `y`.
@@ -247,6 +241,29 @@ impl FusedCard {
     }
 }
 
+/// The noise of every row's chain: per face, from its generator, `samples × C` standard
+/// normals for the prior and then for every step but the last, laid out `(draws, n, C)` with
+/// `n = faces × samples` rows, each face's samples together. Drawing it all first, in the
+/// reference's order for each face, leaves every row's chain independent of the others.
+pub(crate) fn draw_noise<R: Rng>(
+    rngs: &mut [R],
+    samples: usize,
+    draws: usize,
+    c: usize,
+) -> Vec<f32> {
+    let n = rngs.len() * samples;
+    let mut noise = vec![0f32; draws * n * c];
+    for (face, rng) in rngs.iter_mut().enumerate() {
+        for d in 0..draws {
+            let at = d * n * c + face * samples * c;
+            for v in &mut noise[at..at + samples * c] {
+                *v = rng.sample::<f32, _>(StandardNormal);
+            }
+        }
+    }
+    noise
+}
+
 /// What every row's chain reads: per-face image embeddings and f-halves of layer 1, f_φ, and
 /// the pre-drawn noise (`draws × n × C`).
 struct Chain<'a> {
@@ -269,23 +286,35 @@ fn split_columns(w: &[f32], rows: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
     (left, right)
 }
 
+/// The f32 constants of one reverse step as [`reverse_update`] uses them (the GPU chain's
+/// `coef` rows): `√ᾱ, 1 − √ᾱ, √(1 − ᾱ), γ0, γ1, γ2, √variance, last`.
+pub(crate) fn step_constants(co: &StepCoeffs) -> [f32; 8] {
+    [
+        co.sqrt_alpha_bar as f32,
+        (1.0 - co.sqrt_alpha_bar) as f32,
+        co.sqrt_one_minus_alpha_bar as f32,
+        co.gamma0 as f32,
+        co.gamma1 as f32,
+        co.gamma2 as f32,
+        co.variance.sqrt() as f32,
+        if co.last { 1.0 } else { 0.0 },
+    ]
+}
+
 /// One element of [`crate::model::diffusion::reverse_step`]: ŷ_0 on the last step, otherwise
 /// `γ0·ŷ_0 + γ1·y_t + γ2·f + √variance·z`.
 fn reverse_update(y: f32, f: f32, eps: f32, z: f32, co: &StepCoeffs) -> f32 {
-    let y0 = (y - f * (1.0 - co.sqrt_alpha_bar) as f32 - eps * co.sqrt_one_minus_alpha_bar as f32)
-        / co.sqrt_alpha_bar as f32;
+    let [sab, one_minus_sab, somab, g0, g1, g2, sd, _] = step_constants(co);
+    let y0 = (y - f * one_minus_sab - eps * somab) / sab;
     if co.last {
         return y0;
     }
-    co.gamma0 as f32 * y0
-        + co.gamma1 as f32 * y
-        + co.gamma2 as f32 * f
-        + co.variance.sqrt() as f32 * z
+    g0 * y0 + g1 * y + g2 * f + sd * z
 }
 
 impl FoldedLayer {
     /// Scale and shift at timestep `t`.
-    fn at(&self, t: usize) -> (&[f32], &[f32]) {
+    pub(crate) fn at(&self, t: usize) -> (&[f32], &[f32]) {
         let d = self.dense.d_out;
         (
             &self.scale[t * d..(t + 1) * d],
