@@ -67,7 +67,7 @@ pub struct ClassifierArgs {
     /// Seed of the sampler's noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Compute device: cpu (cuda needs a build with the `cuda` feature).
+    /// Compute device: cpu, cuda or cuda:N (GPU N; needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// Inference weights of the layers on maps of at most 4x4: f16 (half the memory traffic;
@@ -269,7 +269,7 @@ pub struct TrainArgs {
     pub val_limit: Option<usize>,
     #[arg(long)]
     pub seed: Option<u64>,
-    /// Compute device: cpu (cuda needs a build with the `cuda` feature).
+    /// Compute device: cpu, cuda or cuda:N (GPU N; needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
     /// No progress bar on stderr.

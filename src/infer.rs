@@ -17,7 +17,7 @@ use crate::config::{validate_sampler, ModelConfig, Temperatures};
 use crate::error::{Error, Result};
 use crate::kernels::sampler::FusedCard;
 use crate::kernels::WeightFormat;
-use crate::metrics::{summarize_faces, SampleSummary};
+use crate::metrics::{sample_stats, SampleStats, SampleSummary};
 use crate::model::{load_model_dir, sample_probs_rows, FerModel};
 use crate::rngs::keyed_rng;
 
@@ -42,11 +42,37 @@ pub struct SamplerConfig {
 /// Which code draws the CARD samples.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SamplerKernel {
-    /// [`crate::kernels::sampler::FusedCard`]: one CPU kernel (the default on CPU).
+    /// fer-cam's own kernel: [`FusedCard`] on the CPU, `cuda::GpuCard` on a CUDA GPU (with
+    /// the per-face summary there too); the default.
     #[default]
     Fused,
-    /// [`FerModel::sample`]: candle ops, the reference (and the path on other devices).
+    /// [`FerModel::sample`]: candle ops, the reference.
     Candle,
+}
+
+/// The fused sampler for the classifier's device.
+#[derive(Clone)]
+enum Fused {
+    Cpu(Arc<FusedCard>),
+    #[cfg(feature = "cuda")]
+    Gpu(crate::cuda::GpuCard),
+}
+
+/// CARD samples ŷ_0 `(rows, C)`, where the sampler left them.
+enum Drawn {
+    Host(Vec<f32>),
+    #[cfg(feature = "cuda")]
+    Gpu(crate::cuda::GpuCard, crate::cuda::DeviceSamples),
+}
+
+impl Drawn {
+    fn into_host(self) -> Result<Vec<f32>> {
+        match self {
+            Self::Host(v) => Ok(v),
+            #[cfg(feature = "cuda")]
+            Self::Gpu(card, s) => card.to_host(&s),
+        }
+    }
 }
 
 /// Encoder + f_φ + CARD sampler, ready to classify crops. Clones share the weights.
@@ -56,8 +82,9 @@ pub struct Classifier {
     model: FerModel,
     device: Device,
     sampler: SamplerConfig,
-    /// ε_θ folded for the fused sampler; `None` off the CPU or with [`SamplerKernel::Candle`].
-    fused: Option<Arc<FusedCard>>,
+    /// ε_θ folded for the fused sampler; `None` with [`SamplerKernel::Candle`] (or on a
+    /// device without one).
+    fused: Option<Fused>,
     /// Key of the next face's noise generator: faces are numbered in the order they are
     /// classified, so results do not depend on how faces were batched.
     next_face: u64,
@@ -99,15 +126,20 @@ impl Classifier {
         Ok(c)
     }
 
-    /// Chooses the code that draws the samples. [`SamplerKernel::Fused`] needs the CPU; on
-    /// other devices it leaves the candle path in place.
+    /// Chooses the code that draws the samples. [`SamplerKernel::Fused`] runs on the CPU and
+    /// on CUDA GPUs; on other devices it leaves the candle path in place.
     pub fn set_sampler_kernel(&mut self, kernel: SamplerKernel) -> Result<()> {
         if kernel == SamplerKernel::Fused && self.fused.is_some() {
             return Ok(()); // already folded
         }
-        self.fused = match kernel {
-            SamplerKernel::Fused if self.device.is_cpu() => {
-                Some(Arc::new(self.model.card.fused(self.model.schedule())?))
+        self.fused = match (kernel, &self.device) {
+            (SamplerKernel::Fused, Device::Cpu) => Some(Fused::Cpu(Arc::new(
+                self.model.card.fused(self.model.schedule())?,
+            ))),
+            #[cfg(feature = "cuda")]
+            (SamplerKernel::Fused, Device::Cuda(_)) => {
+                let card = Arc::new(self.model.card.fused(self.model.schedule())?);
+                Some(Fused::Gpu(crate::cuda::GpuCard::new(card, &self.device)?))
             }
             _ => None,
         };
@@ -195,15 +227,30 @@ impl Classifier {
         Ok(len / px)
     }
 
-    /// Predictions from per-sample probabilities `(n, s, c)` (flat) and f_φ's probabilities.
-    fn summarize(&self, probs: &[f32], s: usize, fphi: Vec<Vec<f32>>) -> Vec<FacePrediction> {
+    /// Per-face statistics of the samples `(n, s, C)`: on the GPU where they were drawn there,
+    /// else from [`sample_probs_rows`] and [`sample_stats`].
+    fn stats(&self, drawn: Drawn, s: usize) -> Result<Vec<SampleStats>> {
         let c = self.config.num_classes();
+        let temperature = self.temperatures().sample;
+        match drawn {
+            Drawn::Host(y0) => Ok(sample_probs_rows(&y0, c, temperature)
+                .chunks_exact((s * c).max(1))
+                .map(|face| sample_stats(face, c))
+                .collect()),
+            #[cfg(feature = "cuda")]
+            Drawn::Gpu(card, d) => card.summarise(&d, s, temperature),
+        }
+    }
+
+    /// Predictions from per-face sample statistics and f_φ's probabilities.
+    fn summarize(&self, stats: Vec<SampleStats>, fphi: Vec<Vec<f32>>) -> Vec<FacePrediction> {
         let t = self.temperatures().output;
-        summarize_faces(probs, s, c, self.config.card.alpha)
+        let alpha = self.config.card.alpha;
+        stats
             .into_iter()
             .zip(fphi)
-            .map(|(card, fphi_probs)| FacePrediction {
-                card: card.tempered(t),
+            .map(|(st, fphi_probs)| FacePrediction {
+                card: st.summary(alpha).tempered(t),
                 fphi_probs,
             })
             .collect()
@@ -224,18 +271,17 @@ impl Classifier {
     /// Classifies `n` crops given as `n·S·S` bytes. Returns one prediction per crop, in order.
     pub fn predict(&mut self, crops: &[u8]) -> Result<Vec<FacePrediction>> {
         let n = self.crop_count(crops.len())?;
-        let (f, y0) = self.fphi_and_samples(crops)?;
-        let c = self.config.num_classes();
-        let probs = sample_probs_rows(&y0, c, self.temperatures().sample);
+        let (f, drawn) = self.fphi_and_samples(crops)?;
+        let stats = self.stats(drawn, self.samples_per_face())?;
         let fphi = self.mean_over_views(&f, n)?.to_vec2::<f32>()?;
-        Ok(self.summarize(&probs, self.samples_per_face(), fphi))
+        Ok(self.summarize(stats, fphi))
     }
 
     /// The raw CARD samples ŷ_0 of `n` crops under the chosen views, as
     /// `(n, samples_per_face, C)` values in one flat vector: what calibration fits the
     /// temperatures on.
     pub fn sample_y0(&mut self, crops: &[u8]) -> Result<Vec<f32>> {
-        Ok(self.fphi_and_samples(crops)?.1)
+        self.fphi_and_samples(crops)?.1.into_host()
     }
 
     /// f_φ's probabilities of `n` crops, averaged over the chosen views: `(n, C)` flat, no
@@ -286,7 +332,7 @@ impl Classifier {
     /// f_φ's probabilities `(n·V, C)` per view and the CARD samples ŷ_0
     /// `(n, samples_per_face, C)` (flat) of `n` crops. Without views each face draws from the
     /// generator keyed (seed, face); with views, view v from (seed, face, 1 + v).
-    fn fphi_and_samples(&mut self, crops: &[u8]) -> Result<(Tensor, Vec<f32>)> {
+    fn fphi_and_samples(&mut self, crops: &[u8]) -> Result<(Tensor, Drawn)> {
         let n = self.crop_count(crops.len())?;
         let views = self.tta.views();
         let (feats, f) = self.features_and_view_probs(crops)?;
@@ -307,7 +353,7 @@ impl Classifier {
         Ok((f, y0))
     }
 
-    /// `samples` ŷ_0 per row of `feats` / `f` (one generator each), `(rows, samples, C)` flat,
+    /// `samples` ŷ_0 per row of `feats` / `f` (one generator each), `(rows, samples, C)`,
     /// from the fused kernel or the candle reference.
     fn draw(
         &self,
@@ -315,18 +361,23 @@ impl Classifier {
         f: &Tensor,
         samples: usize,
         rngs: &mut [StdRng],
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Drawn> {
         let steps = self.sampler.steps;
         Ok(match &self.fused {
-            Some(fused) => {
+            Some(Fused::Cpu(fused)) => {
                 let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
-                fused.sample(&flat(feats)?, &flat(f)?, samples, steps, rngs)
+                Drawn::Host(fused.sample(&flat(feats)?, &flat(f)?, samples, steps, rngs))
             }
-            None => self
-                .model
-                .sample(feats, f, samples, steps, rngs)?
-                .flatten_all()?
-                .to_vec1::<f32>()?,
+            #[cfg(feature = "cuda")]
+            Some(Fused::Gpu(card)) => {
+                Drawn::Gpu(card.clone(), card.draw(feats, f, samples, steps, rngs)?)
+            }
+            None => Drawn::Host(
+                self.model
+                    .sample(feats, f, samples, steps, rngs)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?,
+            ),
         })
     }
 

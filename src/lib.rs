@@ -24,6 +24,8 @@ pub mod annotate;
 pub mod calibrate;
 pub mod capture;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod data;
 pub mod decode;
 pub mod emit;

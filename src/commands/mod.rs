@@ -20,14 +20,35 @@ use crate::cli::{self, DataSource};
 use fer_cam::data::{self as dataset, Dataset, LoadOptions};
 use fer_cam::infer::{Classifier, SamplerConfig, SamplerKernel, Tta};
 
+/// The compute device `--device` names: `cpu`, `cuda` (GPU 0) or `cuda:N`.
 pub fn device(name: &str) -> Result<Device> {
-    match name {
-        "cpu" => Ok(Device::Cpu),
-        "cuda" => {
-            bail!("--device cuda: this build has no CUDA support (build with --features cuda)")
+    let (kind, ordinal) = match name.split_once(':') {
+        Some((k, n)) => (k, Some(n)),
+        None => (name, None),
+    };
+    match (kind, ordinal) {
+        ("cpu", None) => Ok(Device::Cpu),
+        ("cuda", n) => {
+            let n = match n {
+                None => 0,
+                Some(s) => s.parse::<usize>().map_err(|_| {
+                    anyhow::anyhow!("--device {name:?}: the GPU number must be a whole number")
+                })?,
+            };
+            cuda_device(n)
         }
-        other => bail!("--device {other:?} is unknown (allowed: cpu, cuda)"),
+        _ => bail!("--device {name:?} is unknown (allowed: cpu, cuda, cuda:N)"),
     }
+}
+
+#[cfg(feature = "cuda")]
+fn cuda_device(ordinal: usize) -> Result<Device> {
+    Ok(fer_cam::cuda::open_device(ordinal)?)
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_device(_ordinal: usize) -> Result<Device> {
+    bail!("--device cuda: this build has no CUDA support (build with --features cuda)")
 }
 
 pub fn load_options(src: &DataSource) -> LoadOptions {
