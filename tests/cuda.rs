@@ -12,6 +12,9 @@
 //!
 //! They need a build with `--features cuda` and a CUDA GPU; elsewhere they print SKIPPED.
 
+#[cfg(feature = "cuda")]
+mod common;
+
 #[cfg(not(feature = "cuda"))]
 #[test]
 fn gpu_parity() {
@@ -20,6 +23,7 @@ fn gpu_parity() {
 
 #[cfg(feature = "cuda")]
 mod gpu {
+    use super::common::max_diff;
     use candle_core::{Device, Tensor, D};
     use fer_cam::cuda::{crop_faces, DeviceSamples, GpuCard};
     use fer_cam::face::{crop_face, FaceBox};
@@ -45,14 +49,6 @@ mod gpu {
         (0..n as u64)
             .map(|i| fer_cam::rngs::keyed_rng(&[seed, i]))
             .collect()
-    }
-
-    fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(b)
-            .map(|(x, y)| (x - y).abs())
-            .fold(0f32, f32::max)
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! rounds up to whole samples per view. Run on the shipped model, whose outputs do depend on
 //! which way a face looks.
 
+mod common;
+
 use candle_core::Device;
+use common::max_diff;
 use fer_cam::infer::{Classifier, SamplerConfig, Tta};
 use rand::{Rng, SeedableRng};
 
@@ -36,13 +39,6 @@ fn classifier(tta: Tta, samples: usize) -> Classifier {
     })
     .unwrap();
     c
-}
-
-fn max_diff(a: &[f32], b: &[f32]) -> f32 {
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]
