@@ -12,17 +12,18 @@
 # CUDA_COMPUTE_CAP picks the GPU generation candle's kernels are compiled for (90: H100/H200;
 # 80: A100; 89: L4/RTX 40xx; 86: RTX 30xx). fer-cam's own kernels are compiled at run time by
 # NVRTC for whatever GPU is present. ONLY_CHECK=1 installs the smaller set that `cargo check`
-# needs (no libraries, no link folder).
+# and scripts/nvrtc-check.py need (no cuBLAS or cuRAND, no link folder).
 
 _fc_venv="${1:-${FER_CAM_CUDA_VENV:-$PWD/.cuda-venv}}"
-_fc_extras="nvcc,crt,nvvm,cudart,cccl"
-[ -n "${ONLY_CHECK:-}" ] || _fc_extras="$_fc_extras,nvrtc,cublas,curand"
+_fc_extras="nvcc,crt,nvvm,cudart,cccl,nvrtc"
+[ -n "${ONLY_CHECK:-}" ] || _fc_extras="$_fc_extras,cublas,curand"
 if [ ! -x "$_fc_venv/bin/pip" ]; then
   python3 -m venv "$_fc_venv" || return 1
 fi
 _fc_site=$("$_fc_venv/bin/python3" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 _fc_cuda="$_fc_site/nvidia/cu13"
-if [ ! -x "$_fc_cuda/bin/nvcc" ] || { [ -z "${ONLY_CHECK:-}" ] && [ ! -e "$_fc_cuda/lib/libcublas.so.13" ]; }; then
+if [ ! -x "$_fc_cuda/bin/nvcc" ] || [ ! -e "$_fc_cuda/lib/libnvrtc.so.13" ] ||
+  { [ -z "${ONLY_CHECK:-}" ] && [ ! -e "$_fc_cuda/lib/libcublas.so.13" ]; }; then
   # crt and nvvm pinned: nvcc's own requirement on them is unpinned.
   "$_fc_venv/bin/pip" install -q "cuda-toolkit[$_fc_extras]==13.0.2" || return 1
 fi
