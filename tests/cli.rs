@@ -194,6 +194,19 @@ fn bad_input_gives_one_line_errors_and_exit_1() {
             vec!["eval", "--model", m, "--data", d, "--device", "tpu"],
             "--device \"tpu\"",
         ),
+        (
+            vec!["eval", "--model", m, "--data", d, "--device", "cpu:1"],
+            "allowed: cpu, cuda, cuda:N",
+        ),
+        (
+            vec!["eval", "--model", m, "--data", d, "--device", "cuda:first"],
+            "the GPU number must be a whole number",
+        ),
+        #[cfg(not(feature = "cuda"))]
+        (
+            vec!["eval", "--model", m, "--data", d, "--device", "cuda:1"],
+            "this build has no CUDA support (build with --features cuda)",
+        ),
         (vec!["init", "--out", m], "already exists"),
         (
             vec!["init", "--out", fresh, "--stem", "conv5x5"],
