@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::{Device, Tensor, D};
-use fer_cam::cuda::{crop_faces, synchronize, GpuCard};
+use fer_cam::cuda::{crop_faces, GpuCard};
 use fer_cam::face::{crop_face, FaceBox};
 use fer_cam::infer::Classifier;
 use fer_cam::model::{init_model, sample_probs_rows};
@@ -110,7 +110,7 @@ fn main() -> Result<()> {
         let t_gpu = time(iters, || {
             let feats = gm.features(&x_gpu, false)?;
             gm.head_logits(&feats)?;
-            synchronize(&gpu)?;
+            gpu.synchronize()?;
             Ok(())
         })?;
         row(&format!("encoder + f_φ, batch {b}"), t_cpu, t_gpu);
@@ -140,7 +140,7 @@ fn main() -> Result<()> {
         })?;
         let t_gpu = time(iters, || {
             crop_faces(&gpu, &frame, w, h, &boxes, 0.1, 48, cfg.mean, cfg.std)?;
-            synchronize(&gpu)?;
+            gpu.synchronize()?;
             Ok(())
         })?;
         row(&format!("crop + normalise, {n} boxes"), t_cpu, t_gpu);
@@ -166,7 +166,7 @@ fn main() -> Result<()> {
             let logits = m.head_logits(&m.features(&x, true)?)?;
             let loss = fer_cam::train::smoothed_cross_entropy(&logits, &labels, 0.1)?;
             opt.step(&loss.backward()?, 1e-4)?;
-            synchronize(dev)?;
+            dev.synchronize()?;
             Ok(())
         })?);
     }

@@ -151,7 +151,6 @@ extern "C" __global__ void card_summary(
     double* cnt = o + C;
     // The mean is summed in float, in sample order, as the CPU twin sums it.
     for (int c = 0; c < C; ++c) cnt[c] = 0.0;
-    float m_acc;
     for (int s = 0; s < S; ++s) {
         const float* yr = yf + (size_t)s * C;
         float* pr = pf + (size_t)s * C;
@@ -174,7 +173,7 @@ extern "C" __global__ void card_summary(
         cnt[best] += 1.0;
     }
     for (int c = 0; c < C; ++c) {
-        m_acc = 0.0f;
+        float m_acc = 0.0f;
         for (int s = 0; s < S; ++s) m_acc += pf[(size_t)s * C + c];
         o[c] = (double)(m_acc / (float)(S > 0 ? S : 1));
     }

@@ -23,7 +23,7 @@ pub use card::{DeviceSamples, GpuCard};
 pub use crop::crop_faces;
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::cuda_backend::cudarc;
 use candle_core::cuda_backend::CudaDevice;
@@ -53,9 +53,12 @@ pub fn open_device(ordinal: usize) -> Result<Device> {
     })
 }
 
+/// Compiled PTX per compute capability.
+type PtxCache = Mutex<HashMap<(i32, i32), Arc<str>>>;
+
 /// The PTX of [`SOURCE`] for compute capability `(major, minor)`, compiled once per process.
-fn ptx_for(cc: (i32, i32)) -> Result<String> {
-    static CACHE: OnceLock<Mutex<HashMap<(i32, i32), String>>> = OnceLock::new();
+fn ptx_for(cc: (i32, i32)) -> Result<Arc<str>> {
+    static CACHE: OnceLock<PtxCache> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     let mut map = cache.lock().unwrap_or_else(|p| p.into_inner());
     if let Some(p) = map.get(&cc) {
@@ -70,9 +73,10 @@ fn ptx_for(cc: (i32, i32)) -> Result<String> {
         name: Some("fer_cam_kernels.cu".into()),
         ..Default::default()
     };
-    let ptx = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
+    let ptx: Arc<str> = cudarc::nvrtc::compile_ptx_with_opts(SOURCE, opts)
         .map_err(|e| gpu_err("compiling src/cuda/kernels.cu with NVRTC", e))?
-        .to_src();
+        .to_src()
+        .into();
     map.insert(cc, ptx.clone());
     Ok(ptx)
 }
@@ -125,12 +129,6 @@ pub(crate) fn with_f32_view<R>(
     let start = layout.start_offset();
     let view = slice.slice(start..start + layout.shape().elem_count());
     f(&view)
-}
-
-/// Waits for all work queued on `dev`'s stream (for timings that stop the clock after it).
-pub fn synchronize(device: &Device) -> Result<()> {
-    device.synchronize()?;
-    Ok(())
 }
 
 #[cfg(test)]

@@ -207,7 +207,7 @@ impl FusedCard {
         let mut h2 = vec![0f32; rows * h];
         let mut eps = vec![0f32; rows * c];
         for (k, &(t, prev)) in ctx.pairs.iter().enumerate() {
-            let co = self.schedule.step_coeffs(t, prev);
+            let co = step_constants(&self.schedule.step_coeffs(t, prev));
             self.lin1_y.forward(y, rows, &mut h1);
             for (r, row) in h1.chunks_exact_mut(h).enumerate() {
                 for (x, u) in row.iter_mut().zip(&ctx.f_part[face(r) * h..][..h]) {
@@ -229,7 +229,8 @@ impl FusedCard {
             scale_shift_softplus(&mut h1, a3, b3);
             self.out.forward(&h1, rows, &mut eps);
             // The last step draws no noise (and uses none).
-            let z = if co.last { &eps[..] } else { noise(k + 1) };
+            let last = co[7] != 0.0;
+            let z = if last { &eps[..] } else { noise(k + 1) };
             for (r, row) in y.chunks_exact_mut(c).enumerate() {
                 let fr = frow(r);
                 for j in 0..c {
@@ -287,7 +288,7 @@ fn split_columns(w: &[f32], rows: usize, c: usize) -> (Vec<f32>, Vec<f32>) {
 }
 
 /// The f32 constants of one reverse step as [`reverse_update`] uses them (the GPU chain's
-/// `coef` rows): `√ᾱ, 1 − √ᾱ, √(1 − ᾱ), γ0, γ1, γ2, √variance, last`.
+/// `coef` rows): `√ᾱ, 1 − √ᾱ, √(1 − ᾱ), γ0, γ1, γ2, √variance, last` (1 on the last step).
 pub(crate) fn step_constants(co: &StepCoeffs) -> [f32; 8] {
     [
         co.sqrt_alpha_bar as f32,
@@ -303,10 +304,11 @@ pub(crate) fn step_constants(co: &StepCoeffs) -> [f32; 8] {
 
 /// One element of [`crate::model::diffusion::reverse_step`]: ŷ_0 on the last step, otherwise
 /// `γ0·ŷ_0 + γ1·y_t + γ2·f + √variance·z`.
-fn reverse_update(y: f32, f: f32, eps: f32, z: f32, co: &StepCoeffs) -> f32 {
-    let [sab, one_minus_sab, somab, g0, g1, g2, sd, _] = step_constants(co);
+/// `co` is [`step_constants`] of the step, computed once per step.
+fn reverse_update(y: f32, f: f32, eps: f32, z: f32, co: &[f32; 8]) -> f32 {
+    let [sab, one_minus_sab, somab, g0, g1, g2, sd, last] = *co;
     let y0 = (y - f * one_minus_sab - eps * somab) / sab;
-    if co.last {
+    if last != 0.0 {
         return y0;
     }
     g0 * y0 + g1 * y + g2 * f + sd * z
