@@ -1,5 +1,5 @@
-//! Throughput of single convolutions of the encoder: forward (Winograd, direct kernel, GEMM
-//! path), then the weight gradients of the training step's 3x3 layers (Winograd vs GEMM path).
+//! Throughput of single convolutions of the encoder: forward (Winograd, direct kernel on AVX-512
+//! or AVX2, GEMM path), then the weight gradients of the training step's 3x3 layers (Winograd vs GEMM path).
 //! GFLOP/s count the direct convolution's multiply-adds.
 //! `cargo run --release --example conv_gflops [-- NAME]` (only the cases whose name contains NAME;
 //! for the weight gradients the name is followed by the kernel, e.g. `"dW l1 64x48 b64 gemm"`)
@@ -32,7 +32,43 @@ fn main() {
         ("7x7: l4 512x2 b8", 8, 512, 2, 512, 3, 1, 1),
         ("train: l4.0 3x3 s2 b64", 64, 256, 12, 512, 3, 2, 1),
         ("train: l4.0 1x1 s2 b64", 64, 256, 12, 512, 1, 2, 0),
+        // Every layer shape of the shipped model (half width, 3x3 stride-2 stem), filled in
+        // below at batch 1, 2 (a face and its mirror) and 64 (training).
     ];
+    let half_layers = [
+        ("stem s2", 1, 48, 32, 3, 2, 1),
+        ("l1 32x24", 32, 24, 32, 3, 1, 1),
+        ("l2.0 s2", 32, 24, 64, 3, 2, 1),
+        ("l2.0 1x1 s2", 32, 24, 64, 1, 2, 0),
+        ("l2 64x12", 64, 12, 64, 3, 1, 1),
+        ("l3.0 s2", 64, 12, 128, 3, 2, 1),
+        ("l3.0 1x1 s2", 64, 12, 128, 1, 2, 0),
+        ("l3 128x6", 128, 6, 128, 3, 1, 1),
+        ("l4.0 s2", 128, 6, 256, 3, 2, 1),
+        ("l4.0 1x1 s2", 128, 6, 256, 1, 2, 0),
+        ("l4 256x3", 256, 3, 256, 3, 1, 1),
+    ];
+    let half_names: Vec<String> = [1, 2, 64]
+        .iter()
+        .flat_map(|b| {
+            half_layers
+                .iter()
+                .map(move |l| format!("half: {} b{b}", l.0))
+        })
+        .collect();
+    let half_cases = [1, 2, 64].iter().enumerate().flat_map(|(bi, &b)| {
+        let names = &half_names;
+        half_layers
+            .iter()
+            .enumerate()
+            .map(move |(li, &(_, c, hw, k, kh, s, p))| {
+                let name = names[bi * half_layers.len() + li].as_str();
+                (name, b, c, hw, k, kh, s, p)
+            })
+    });
+    let cases: Vec<_> = cases.into_iter().chain(half_cases).collect();
+    let isa = direct::isa();
+    println!("direct kernel: {isa:?}");
     for (name, b, c, hw, k, kh, s, p) in cases {
         if !selected(name) {
             continue;
@@ -46,7 +82,10 @@ fn main() {
         let flops = 2.0 * (g.b * g.k * g.ohw() * g.ckk()) as f64;
         let reps = (4e8 / flops).ceil() as usize;
         for label in ["winograd4", "winograd", "direct", "gemm"] {
-            if label.starts_with("winograd") && pwino.is_none() {
+            // Winograd runs on AVX-512 only; the direct kernel on AVX-512 or AVX2.
+            if (label.starts_with("winograd") && (pwino.is_none() || !direct::available()))
+                || (label == "direct" && isa.is_none())
+            {
                 continue;
             }
             // Best of 5 rounds: this machine is shared, the minimum is the least disturbed.

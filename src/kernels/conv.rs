@@ -1,6 +1,6 @@
-//! The per-layer choice of convolution path, in one place: Winograd for 3x3 stride-1 layers
-//! with enough tiles, the direct AVX-512 kernel for the rest, the im2col + GEMM reference where
-//! the CPU lacks AVX-512; and the cache of packed weights the fast paths use in inference.
+//! The per-layer choice of convolution path, in one place: Winograd (AVX-512) for 3x3 stride-1
+//! layers with enough tiles, the direct kernel (AVX-512 or AVX2) for the rest, the im2col + GEMM
+//! reference where the CPU has neither; and the cache of packed weights the fast paths use in inference.
 
 use std::sync::OnceLock;
 
@@ -36,9 +36,9 @@ impl PackedCache {
 /// Forward convolution `x (b,c,h,w) * w (k,c,kh,kw) [+ bias] [ReLU]` → `(b,k,oh,ow)`.
 ///
 /// Picks the kernel: Winograd (F(4x4,3x3) or F(2x2,3x3), [`winograd::tile_size`]) for 3x3
-/// stride-1 layers large enough to gain, the direct
-/// AVX-512 kernel for the rest, and im2col + GEMM where the CPU lacks AVX-512. Weights are
-/// packed for this call unless `cache` holds them.
+/// stride-1 layers large enough to gain (AVX-512 only), the direct kernel for the rest (AVX-512
+/// or AVX2), and im2col + GEMM where the CPU has neither. Weights are packed for this call
+/// unless `cache` holds them.
 pub fn conv2d_forward(
     g: &ConvGeom,
     x: &[f32],
@@ -57,7 +57,7 @@ pub fn conv2d_forward(
             }
             None => winograd::conv_forward(g, x, &pack(), bias, relu),
         }
-    } else if direct::available() {
+    } else if direct::runs(g) {
         let pack = || direct::PackedWeights::pack(wt, g.k, g.c, g.kh, g.kw);
         match cache {
             Some(c) => {
@@ -79,13 +79,14 @@ pub fn conv2d_forward(
 
 /// Gradient w.r.t. the input: `(b,c,h,w)` from `dy (b,k,oh,ow)`.
 ///
-/// For stride 1 on a CPU with AVX-512 this is the direct forward kernel run on `dy` with the
-/// transposed, flipped weights (padding `kh − 1 − pad`); otherwise GEMM + col2im.
+/// For stride 1, where the direct kernel runs ([`direct::runs`]), this is the direct forward
+/// kernel run on `dy` with the transposed, flipped weights (padding `kh − 1 − pad`);
+/// otherwise GEMM + col2im.
 pub fn conv2d_backward_input(g: &ConvGeom, dy: &[f32], wt: &[f32]) -> Vec<f32> {
-    if direct::available() && g.stride == 1 && g.pad < g.kh && g.kh == g.kw {
+    if g.stride == 1 && g.pad < g.kh && g.kh == g.kw {
         if let Some(gt) = ConvGeom::new(g.b, g.k, g.oh, g.ow, g.c, g.kh, g.kw, 1, g.kh - 1 - g.pad)
         {
-            if (gt.oh, gt.ow) == (g.h, g.w) {
+            if (gt.oh, gt.ow) == (g.h, g.w) && direct::runs(&gt) {
                 assert_eq!(dy.len(), g.output_len());
                 let wt_flipped = transpose_flip(g, wt);
                 return conv2d_forward(&gt, dy, &wt_flipped, None, false, None);
@@ -133,7 +134,7 @@ mod tests {
     /// the f32 results.
     #[test]
     fn half_weight_cache_scope() {
-        if direct::skip_without_avx512("half_weight_cache_scope") {
+        if direct::skip_without_direct("half_weight_cache_scope") {
             return;
         }
         let rand = crate::kernels::direct::tests::rand_vec;

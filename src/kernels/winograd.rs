@@ -440,7 +440,8 @@ pub(super) mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{xi_stride, Ctx, SharedOut, Tiles, MR};
-    use crate::kernels::direct::avx512::{few_tile_any, few_width, tile, FewGeo};
+    use crate::kernels::direct::avx512::{few_tile_any, few_width, tile};
+    use crate::kernels::direct::FewGeo;
     use crate::kernels::direct::ALL_SLOTS;
     use crate::kernels::direct::FEW_POS;
 

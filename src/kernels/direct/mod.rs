@@ -1,4 +1,4 @@
-//! Direct convolution with an AVX-512 micro-kernel and weights packed once.
+//! Direct convolution with AVX-512 or AVX2 micro-kernels and weights packed once.
 //!
 //! The convolution is an implicit GEMM, `out (K, positions) = W (K, C·KH·KW) × X`, where no column
 //! matrix is ever built: the input is laid out so that every row of X is a plain shift of one
@@ -15,8 +15,12 @@
 //!   vector of 16 positions and broadcasts 16 weights from memory: 16 FMAs per vector load.
 //!   Bias and ReLU are applied when the tile is stored.
 //!
-//! Used when the CPU has AVX-512F (checked once at run time); otherwise the GEMM path in
-//! [`super::reference`] runs. `FER_CAM_NO_AVX512=1` forces that path.
+//! Used when the CPU has AVX-512F, or AVX2 with FMA and F16C (checked once at run time, [`isa`];
+//! on AVX2 for the layers where it pays, [`runs`]); otherwise the GEMM path in
+//! [`super::reference`] runs. `FER_CAM_NO_AVX512=1` turns the AVX-512 kernels off (the AVX2
+//! ones then run where the CPU has them), `FER_CAM_NO_AVX2=1` the AVX2 ones. The micro-kernels
+//! of each instruction set are in [`avx512`] and [`avx2`]; the plans, layouts and work split
+//! here are shared.
 
 use std::sync::OnceLock;
 
@@ -26,13 +30,83 @@ use super::geom::{ConvGeom, SharedOut};
 
 /// Output channels per weight panel.
 pub const MR: usize = 16;
-/// Output positions per micro-tile (one 512-bit vector of f32).
+/// Output positions per micro-tile of the AVX-512 grid kernel (one 512-bit vector of f32).
 const NR: usize = 16;
+/// Output positions per micro-tile of the AVX2 grid kernel: 6 positions × 16 channels (two
+/// 256-bit vectors) are 12 sums, which with the two weight vectors and a broadcast fill 15 of
+/// the 16 registers.
+const NR_AVX2: usize = 6;
 
 /// Whether the AVX-512 kernels can run on this CPU (and are not disabled by `FER_CAM_NO_AVX512`).
 pub fn available() -> bool {
     static AVAILABLE: OnceLock<bool> = OnceLock::new();
     *AVAILABLE.get_or_init(|| std::env::var_os("FER_CAM_NO_AVX512").is_none() && detect())
+}
+
+/// The instruction set the direct convolution runs with on this CPU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isa {
+    /// 512-bit vectors ([`available`]).
+    Avx512,
+    /// 256-bit vectors with FMA and F16C (every x86-64 CPU since about 2013), where AVX-512 is
+    /// missing or disabled; `FER_CAM_NO_AVX2=1` turns these kernels off too.
+    Avx2,
+}
+
+impl Isa {
+    /// Whether this CPU runs these kernels (whatever `FER_CAM_NO_*` say).
+    fn supported(self) -> bool {
+        match self {
+            Self::Avx512 => detect(),
+            Self::Avx2 => detect_avx2(),
+        }
+    }
+}
+
+/// Which direct kernel runs here, if any (`None`: the GEMM path runs instead).
+pub fn isa() -> Option<Isa> {
+    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
+    *ISA.get_or_init(|| {
+        if available() {
+            Some(Isa::Avx512)
+        } else if std::env::var_os("FER_CAM_NO_AVX2").is_none() && detect_avx2() {
+            Some(Isa::Avx2)
+        } else {
+            None
+        }
+    })
+}
+
+/// Whether [`conv_forward`] runs this convolution here (otherwise the GEMM path does): always
+/// with AVX-512; with AVX2, for kernels wider than 1x1 with at least 64 products per output.
+///
+/// The AVX2 kernel stores its tiles a value at a time, which a handful of products per output
+/// does not repay: measured with `examples/conv_gflops.rs` on a 2-core Zen 3 (the shipped
+/// model's layers), the stem (1 channel, 9 products) took 1.3–2x as long as the GEMM path and
+/// its 1x1 stride-2 shortcuts up to 1.6x, while the 3x3 layers from 32 channels took 0.5–1.0x
+/// as long at batch 1, 2 and 64.
+pub fn runs(g: &ConvGeom) -> bool {
+    match isa() {
+        Some(Isa::Avx512) => true,
+        Some(Isa::Avx2) => g.kh * g.kw > 1 && g.ckk() >= 64,
+        None => false,
+    }
+}
+
+/// For tests of the direct kernel on any instruction set: `true` (skip, with a SKIPPED notice)
+/// where neither runs. With `FER_CAM_REQUIRE_DIRECT=1` (CI sets it on CPUs with AVX2 or
+/// AVX-512) a missing kernel is a failure instead.
+#[cfg(test)]
+pub(crate) fn skip_without_direct(test: &str) -> bool {
+    if isa().is_some() {
+        return false;
+    }
+    assert!(
+        std::env::var_os("FER_CAM_REQUIRE_DIRECT").is_none_or(|v| v.is_empty()),
+        "{test}: FER_CAM_REQUIRE_DIRECT is set but no direct kernel is available"
+    );
+    eprintln!("SKIPPED {test}: neither AVX-512F nor AVX2+FMA+F16C on this CPU (or both disabled)");
+    true
 }
 
 /// For tests of the AVX-512 kernels: `true` (skip, with a SKIPPED notice on stderr) where they
@@ -56,8 +130,20 @@ fn detect() -> bool {
     std::is_x86_feature_detected!("avx512f")
 }
 
+#[cfg(target_arch = "x86_64")]
+fn detect_avx2() -> bool {
+    std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 fn detect() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx2() -> bool {
     false
 }
 
@@ -157,19 +243,23 @@ struct Layout {
     ph: usize,
     /// Floats per phase plane (the grid plus zero slack that the last tile may read).
     plane: usize,
+    /// Output positions per micro-tile (at most [`NR`]).
+    nr: usize,
     /// Micro-tiles per image.
     tiles: usize,
 }
 
 impl Layout {
-    fn new(g: &ConvGeom) -> Self {
+    fn new(g: &ConvGeom, nr: usize) -> Self {
+        assert!((1..=NR).contains(&nr), "direct conv: tile width {nr}");
         let s = g.stride;
         let pw = (g.w + 2 * g.pad).div_ceil(s);
         let ph = (g.h + 2 * g.pad).div_ceil(s);
-        let tiles = (g.oh * pw).div_ceil(NR);
+        let tiles = (g.oh * pw).div_ceil(nr);
         let max_off = (g.kh - 1) / s * pw + (g.kw - 1) / s;
-        let plane = (tiles * NR + max_off).max(ph * pw);
+        let plane = (tiles * nr + max_off).max(ph * pw);
         Self {
+            nr,
             sa: s.min(g.kh),
             sb: s.min(g.kw),
             pw,
@@ -240,7 +330,7 @@ impl Layout {
 
 /// `relu?(conv(x, w) + bias)` for `x (b, c, h, w)` → `(b, k, oh, ow)`.
 ///
-/// Panics if [`available`] is false or the sizes disagree; callers check both.
+/// Panics if [`isa`] is `None` or the sizes disagree; callers check both.
 pub fn conv_forward(
     g: &ConvGeom,
     x: &[f32],
@@ -248,7 +338,23 @@ pub fn conv_forward(
     bias: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    assert!(available(), "direct conv without AVX-512");
+    let isa = isa().expect("direct conv without AVX-512 or AVX2");
+    conv_forward_with(isa, g, x, pw, bias, relu)
+}
+
+/// [`conv_forward`] with the kernels of `isa` (the tests run every one this CPU has).
+fn conv_forward_with(
+    isa: Isa,
+    g: &ConvGeom,
+    x: &[f32],
+    pw: &PackedWeights,
+    bias: Option<&[f32]>,
+    relu: bool,
+) -> Vec<f32> {
+    assert!(
+        isa.supported(),
+        "direct conv: {isa:?} is not available here"
+    );
     assert_eq!((pw.k, pw.c, pw.kh, pw.kw), (g.k, g.c, g.kh, g.kw));
     assert_eq!(x.len(), g.input_len());
     assert!(bias.is_none_or(|b| b.len() == g.k));
@@ -282,25 +388,38 @@ pub fn conv_forward(
             };
             let n0 = ch * per_chunk;
             let x = &x[n0 * img_len..(n0 + plan.images) * img_len];
-            // SAFETY: AVX-512F is present (asserted above); the item writes only the output
+            // SAFETY: the instruction set is present (`isa`); the item writes only the output
             // channels of panels p..p + np of images n0.., which no other item touches.
             #[cfg(target_arch = "x86_64")]
             unsafe {
-                match &pw.data {
-                    Panels::F32(a) => {
-                        avx512::run_few(g, pw, a, plan, x, bias, relu, (p, np), n0, out)
+                let pn = (p, np);
+                match (&pw.data, isa) {
+                    (Panels::F32(a), Isa::Avx512) => {
+                        avx512::run_few(g, pw, a, plan, x, bias, relu, pn, n0, out)
                     }
-                    Panels::F16(a) => {
-                        avx512::run_few(g, pw, a, plan, x, bias, relu, (p, np), n0, out)
+                    (Panels::F16(a), Isa::Avx512) => {
+                        avx512::run_few(g, pw, a, plan, x, bias, relu, pn, n0, out)
+                    }
+                    (Panels::F32(a), Isa::Avx2) => {
+                        avx2::run_few(g, pw, a, plan, x, bias, relu, pn, n0, out)
+                    }
+                    (Panels::F16(a), Isa::Avx2) => {
+                        avx2::run_few(g, pw, a, plan, x, bias, relu, pn, n0, out)
                     }
                 }
             };
             #[cfg(not(target_arch = "x86_64"))]
-            let _ = (p, x, out);
+            let _ = (p, x, out, isa);
         });
         return y;
     }
-    let lay = Layout::new(g);
+    let lay = Layout::new(
+        g,
+        match isa {
+            Isa::Avx512 => NR,
+            Isa::Avx2 => NR_AVX2,
+        },
+    );
     let img_len = lay.image_len(g);
     let mut xp = vec![0f32; g.b * img_len];
     // Channel by channel, so that batch 1 is split across the cores too.
@@ -335,11 +454,14 @@ pub fn conv_forward(
             rows: MR.min(g.k - p * MR),
             out_base: n * g.k * g.oh * g.ow,
         };
-        // SAFETY: AVX-512F is present (asserted above); the job writes only output rows
+        // SAFETY: the instruction set is present (`isa`); the job writes only output rows
         // k0..k0+rows of image n at positions of tiles t0..t1, which no other item touches.
         #[cfg(target_arch = "x86_64")]
         unsafe {
-            avx512::run_tiles(&job, t0, t1, out)
+            match isa {
+                Isa::Avx512 => avx512::run_tiles(&job, t0, t1, out),
+                Isa::Avx2 => avx2::run_tiles(&job, t0, t1, out),
+            }
         };
         #[cfg(not(target_arch = "x86_64"))]
         let _ = (job, out, t0, t1);
@@ -548,6 +670,95 @@ impl FewPlan {
     }
 }
 
+impl FewPlan {
+    /// The few-positions kernels' bounds, checked once per item: every read of the plan is
+    /// inside `x` (images `n0..` of the batch), every write inside `out`, every tap inside a
+    /// panel, and panels `p0..p0 + np` (1 or 2) exist.
+    fn check(&self, g: &ConvGeom, x: &[f32], out: SharedOut, n0: usize, (p0, np): (usize, usize)) {
+        assert!((1..=2).contains(&np) && (p0 + np) * MR < g.k + MR);
+        let plane = g.oh * g.ow;
+        let cl = g.h * g.w;
+        // (A plan may read nothing: with no channels, or padding wider than the kernel.)
+        let reads = g.c > 0 && self.reach.0 <= self.reach.1;
+        assert!(
+            !reads || (self.reach.0 >= 0 && (self.reach.1 as usize) + (g.c - 1) * cl < x.len())
+        );
+        assert!(self.taps.iter().flatten().all(|t| t.0 < g.kh * g.kw));
+        assert!(n0 + self.images <= g.b && g.b * g.k * plane <= out.len());
+        assert!(self.dst.iter().all(|&d| d < self.images * g.k * plane));
+    }
+}
+
+/// Where a few-positions micro-kernel finds its operands: input channels `chans` of `cl` floats
+/// each, `kk` taps per channel in a panel (`[c][kk][MR]`), the second panel (of a pair) `panel`
+/// floats after the first, and weights `pf` floats ahead prefetched into L2.
+pub(in crate::kernels) struct FewGeo {
+    pub chans: (usize, usize),
+    pub kk: usize,
+    pub cl: usize,
+    pub pf: usize,
+    pub panel: usize,
+}
+
+impl FewGeo {
+    /// The channel blocks the few-positions kernels run over, for weights of `weight_bytes`
+    /// each: 8 KiB of weights per panel (all taps), well inside L1. Every tile runs over one
+    /// block before the next, so the panels stream in once, in order, however the tiles split
+    /// the taps; the tiles' sums wait between blocks. Each weight load prefetches its twin one
+    /// block ahead into L2 (AVX-512, into L1: the prefetches evicted the block in use, 12%
+    /// slower at batch 8; 16 KiB blocks were 3% slower).
+    fn blocks(
+        g: &ConvGeom,
+        pw: &PackedWeights,
+        weight_bytes: usize,
+    ) -> impl Iterator<Item = FewGeo> {
+        let kk = g.kh * g.kw;
+        let cb = ((8 << 10) / (weight_bytes * kk * MR)).max(1);
+        let (c, cl, panel) = (g.c, g.h * g.w, pw.kd() * MR);
+        (0..c).step_by(cb).map(move |c0| FewGeo {
+            chans: (c0, (c0 + cb).min(c)),
+            kk,
+            cl,
+            pf: cb * kk * MR,
+            panel,
+        })
+    }
+}
+
+/// How one weight panel's sums become outputs: the panel's bias (if any) added, then ReLU.
+pub(super) struct PanelStore<'a> {
+    rows: usize,
+    bias: Option<&'a [f32]>,
+    relu: bool,
+}
+
+impl<'a> PanelStore<'a> {
+    /// For panel `p` of a `g.k`-channel layer with bias `bias` (all `g.k` channels).
+    fn new(g: &ConvGeom, p: usize, bias: Option<&'a [f32]>, relu: bool) -> Self {
+        let rows = MR.min(g.k - p * MR);
+        Self {
+            rows,
+            bias: bias.map(|b| &b[p * MR..p * MR + rows]),
+            relu,
+        }
+    }
+
+    /// Writes one output position's sums `lanes` (one per channel of the panel): the panel's
+    /// channel `r` goes to `out[base + r·stride]`.
+    ///
+    /// # Safety
+    /// Those places must be inside `out`, and no other thread may write them.
+    #[inline(always)]
+    unsafe fn put(&self, lanes: &[f32; MR], out: SharedOut, base: usize, stride: usize) {
+        for (r, val) in lanes.iter().enumerate().take(self.rows) {
+            let y = val + self.bias.map_or(0.0, |b| b[r]);
+            let y = if self.relu { y.max(0.0) } else { y };
+            // SAFETY: the caller's contract.
+            unsafe { *out.ptr().add(base + r * stride) = y };
+        }
+    }
+}
+
 /// One work item's operands.
 struct Job<'a> {
     g: &'a ConvGeom,
@@ -570,11 +781,12 @@ impl Job<'_> {
     /// within a channel plane)`, and how many there are.
     fn segments(&self, tile: usize) -> ([(usize, usize, usize); NR], usize) {
         let (g, pw) = (self.g, self.lay.pw);
+        let nr = self.lay.nr;
         let mut segs = [(0, 0, 0); NR];
         let mut n = 0;
         let mut lane = 0;
-        while lane < NR {
-            let q = tile * NR + lane;
+        while lane < nr {
+            let q = tile * nr + lane;
             let (oy, ox) = (q / pw, q % pw);
             if oy >= g.oh {
                 break;
@@ -583,7 +795,7 @@ impl Job<'_> {
                 lane += pw - ox;
                 continue;
             }
-            let len = (g.ow - ox).min(NR - lane);
+            let len = (g.ow - ox).min(nr - lane);
             segs[n] = (lane, len, oy * g.ow + ox);
             n += 1;
             lane += len;
@@ -593,304 +805,10 @@ impl Job<'_> {
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod avx512 {
-    use std::arch::x86_64::*;
+pub(super) mod avx512;
 
-    use super::{ConvGeom, FewPlan, FewTap, Job, PackedWeights, SharedOut, FEW_POS, MR, NR};
-
-    /// A number weight panels hold: 16 consecutive ones load as one vector of f32.
-    pub(in crate::kernels) trait Weight: Copy {
-        /// # Safety
-        /// AVX-512F; `p` must point at 16 readable values.
-        unsafe fn load16(p: *const Self) -> __m512;
-    }
-
-    impl Weight for f32 {
-        #[inline(always)]
-        unsafe fn load16(p: *const f32) -> __m512 {
-            // SAFETY: the caller's contract.
-            unsafe { _mm512_loadu_ps(p) }
-        }
-    }
-
-    impl Weight for half::f16 {
-        #[inline(always)]
-        unsafe fn load16(p: *const half::f16) -> __m512 {
-            // SAFETY: the caller's contract (16 halves are 32 bytes).
-            unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
-        }
-    }
-
-    /// Computes tiles `t0..t1` of one job and stores them.
-    ///
-    /// # Safety
-    /// The CPU must support AVX-512F, and no other thread may write the job's output block.
-    #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn run_tiles(job: &Job, t0: usize, t1: usize, out: SharedOut) {
-        let plane = job.g.oh * job.g.ow;
-        let max_off = job.off.iter().copied().max().unwrap_or(0) as usize;
-        assert!(job.a.len() >= job.kd * MR && job.off.len() == job.kd);
-        assert!(t1 * NR + max_off <= job.x.len(), "direct conv: input slack");
-        assert!(job.out_base + (job.k0 + job.rows) * plane <= out.len());
-        let mut bias = [0f32; MR];
-        if let Some(b) = job.bias {
-            bias[..b.len()].copy_from_slice(b);
-        }
-        for t in t0..t1 {
-            // SAFETY: every read is inside `job.x` (asserted: the largest offset plus the last
-            // tile's end) and `job.a` (kd·MR floats).
-            let acc = unsafe {
-                tile::<false>(job.kd, job.a.as_ptr(), job.x.as_ptr().add(t * NR), job.off)
-            };
-            let mut vals = [_mm512_setzero_ps(); MR];
-            for r in 0..job.rows {
-                let mut v = _mm512_add_ps(acc[r], _mm512_set1_ps(bias[r]));
-                if job.relu {
-                    v = _mm512_max_ps(v, _mm512_setzero_ps());
-                }
-                vals[r] = v;
-            }
-            let (segs, n) = job.segments(t);
-            for &(lane, len, o) in &segs[..n] {
-                let mask: __mmask16 = (((1u32 << len) - 1) << lane) as u16;
-                for (r, v) in vals.iter().enumerate().take(job.rows) {
-                    let dst = job.out_base + (job.k0 + r) * plane + o;
-                    // SAFETY: lanes lane..lane+len go to dst..dst+len, inside this job's rows
-                    // (asserted above); masked-off lanes are not accessed.
-                    unsafe {
-                        let p = out.ptr().wrapping_add(dst).wrapping_sub(lane);
-                        _mm512_mask_storeu_ps(p, mask, *v);
-                    }
-                }
-            }
-        }
-    }
-
-    /// The few-positions kernel: every position of `plan` (images `n0..` of the batch, whose
-    /// input is `x`) for the `np` (1 or 2) weight panels from `p0` of `panels`, one micro-tile of
-    /// up to [`FEW_POS`] positions at a time, each position's input value broadcast (from
-    /// memory) against 16 output channels of weights per panel.
-    ///
-    /// # Safety
-    /// AVX-512F; no other thread writes these output channels of these images.
-    #[target_feature(enable = "avx512f")]
-    #[allow(clippy::too_many_arguments)]
-    pub(super) unsafe fn run_few<W: Weight>(
-        g: &ConvGeom,
-        pw: &PackedWeights,
-        panels: &[W],
-        plan: &FewPlan,
-        x: &[f32],
-        bias: Option<&[f32]>,
-        relu: bool,
-        (p0, np): (usize, usize),
-        n0: usize,
-        out: SharedOut,
-    ) {
-        assert!((1..=2).contains(&np) && (p0 + np) * MR < g.k + MR);
-        let plane = g.oh * g.ow;
-        let kk = g.kh * g.kw;
-        let cl = g.h * g.w;
-        // Every read is inside x, every write inside the output, every tap inside the panel.
-        // (A plan may read nothing: with no channels, or padding wider than the kernel.)
-        let reads = g.c > 0 && plan.reach.0 <= plan.reach.1;
-        assert!(
-            !reads || (plan.reach.0 >= 0 && (plan.reach.1 as usize) + (g.c - 1) * cl < x.len())
-        );
-        assert!(plan.taps.iter().flatten().all(|t| t.0 < kk));
-        assert!(n0 + plan.images <= g.b && g.b * g.k * plane <= out.len());
-        assert!(plan.dst.iter().all(|&d| d < plan.images * g.k * plane));
-        let a = &panels[p0 * pw.kd() * MR..(p0 + np) * pw.kd() * MR];
-        // Channel blocks of 8 KiB of weights per panel (all taps), well inside L1: every tile
-        // runs over one block before the next, so the panels stream in once, in order, however
-        // the tiles split the taps; the tiles' sums wait in `acc` between blocks. Each weight
-        // load prefetches its twin one block ahead into L2 (into L1, the prefetches evicted the
-        // block in use: 12% slower at batch 8; 16 KiB blocks were 3% slower).
-        let cb = ((8 << 10) / (size_of::<W>() * kk * MR)).max(1);
-        // Each tile's sums: `n` slots of the first panel, then (with two) `n` of the second.
-        let slots: Vec<usize> = plan.tiles.iter().map(|t| np * few_width(t.len)).collect();
-        let mut acc = vec![_mm512_setzero_ps(); slots.iter().sum()];
-        for c0 in (0..g.c).step_by(cb) {
-            let geo = FewGeo {
-                chans: (c0, (c0 + cb).min(g.c)),
-                kk,
-                cl,
-                pf: cb * kk * MR,
-                panel: pw.kd() * MR,
-            };
-            let mut at = 0;
-            for (t, &n) in plan.tiles.iter().zip(&slots) {
-                let src = &plan.src[t.start..t.start + t.len];
-                let taps = &plan.taps[t.set];
-                let acc = &mut acc[at..at + n];
-                at += n;
-                // SAFETY: the reads are bounded (asserted above); `a` holds np panels.
-                unsafe { few_tile_any(acc, a, x, &geo, taps, src, (t.masked, np == 2)) };
-            }
-        }
-        let mut at = 0;
-        for (t, &n) in plan.tiles.iter().zip(&slots) {
-            let dst = &plan.dst[t.start..t.start + t.len];
-            for (j, acc) in acc[at..at + n].chunks(n / np).enumerate() {
-                let p = p0 + j;
-                let rows = MR.min(g.k - p * MR);
-                let out_base = n0 * g.k * plane + p * MR * plane;
-                for (v, &d) in acc.iter().zip(dst) {
-                    let mut lanes = [0f32; MR];
-                    // SAFETY: MR floats.
-                    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), *v) };
-                    for (r, val) in lanes.iter().enumerate().take(rows) {
-                        let y = val + bias.map_or(0.0, |b| b[p * MR + r]);
-                        let y = if relu { y.max(0.0) } else { y };
-                        // SAFETY: channel p·MR + r < K, position inside the chunk (asserted).
-                        unsafe { *out.ptr().add(out_base + d + r * plane) = y };
-                    }
-                }
-            }
-            at += n;
-        }
-    }
-
-    /// Where [`few_tile`] finds its operands: input channels `chans` of `cl` floats each, `kk`
-    /// taps per channel in a panel (`[c][kk][MR]`), the second panel (of a pair) `panel` floats
-    /// after the first, and weights `pf` floats ahead prefetched into L2.
-    pub(in crate::kernels) struct FewGeo {
-        pub chans: (usize, usize),
-        pub kk: usize,
-        pub cl: usize,
-        pub pf: usize,
-        pub panel: usize,
-    }
-
-    /// The slots [`few_tile_any`] computes for `n` positions: `n`, but at least 4, so that
-    /// enough sums are in flight to hide the FMA latency.
-    pub(in crate::kernels) fn few_width(n: usize) -> usize {
-        n.max(4)
-    }
-
-    /// [`few_tile`] exactly as wide as `src` ([`few_width`]; `acc` holds that many vectors per
-    /// panel): at batch 1 the maps of the last stages have 4 or 9 positions (and Winograd's
-    /// few-tiles GEMM 9 tiles), and a tile rounded up to 12 would spend a quarter or more of
-    /// its FMAs on copies. With `masked`, each tap updates only the slots of its mask; with
-    /// `pair`, two panels (`geo.panel` apart) run at once.
-    ///
-    /// # Safety
-    /// As for [`few_tile`].
-    #[target_feature(enable = "avx512f")]
-    pub(in crate::kernels) unsafe fn few_tile_any<W: Weight>(
-        acc: &mut [__m512],
-        a: &[W],
-        x: &[f32],
-        geo: &FewGeo,
-        taps: &[FewTap],
-        src: &[usize],
-        (masked, pair): (bool, bool),
-    ) {
-        macro_rules! width {
-            ($($p:literal)*) => {
-                match (few_width(src.len()), masked, pair) {
-                    $(
-                        ($p, false, false) => few_tile::<$p, false, 1, W>(acc, a, x, geo, taps, src),
-                        ($p, true, false) => few_tile::<$p, true, 1, W>(acc, a, x, geo, taps, src),
-                        ($p, false, true) => few_tile::<$p, false, 2, W>(acc, a, x, geo, taps, src),
-                        ($p, true, true) => few_tile::<$p, true, 2, W>(acc, a, x, geo, taps, src),
-                    )*
-                    (w, _, _) => panic!("few_tile_any: {w} positions"),
-                }
-            };
-        }
-        const { assert!(FEW_POS == 12, "few_tile_any instantiates widths 4..=12") };
-        // SAFETY: passed on.
-        unsafe { width!(4 5 6 7 8 9 10 11 12) }
-    }
-
-    /// Adds to `acc` `P` output positions (input offsets `src`, at most `P`; slots past them
-    /// repeat the last one) × 16 output channels of each of `G` panels over the kernel taps
-    /// `taps` of input channels `geo.chans`: each tap's weight vector from the panels `a`
-    /// (`[c][kk][MR]` each, `geo.panel` apart), each position's input value broadcast from
-    /// memory (channel `ci` at `ci·cl`) and used by all `G` panels. Panel `j`'s sums are
-    /// `acc[j·P..(j + 1)·P]`. With `MASKED`, a tap updates only the slots set in its mask. Each
-    /// weight load prefetches the weights `geo.pf` values further on into L2.
-    ///
-    /// # Safety
-    /// AVX-512F; `acc` holds `G·P` vectors, `a` holds `(G − 1)·panel + c1·kk·MR` values (`c1`
-    /// the end of `geo.chans`), every tap index is below `kk`, and `x + q + ci·cl + o` is inside
-    /// the input for every `ci < c1` and every position `q` of `src` that tap offset `o` is
-    /// applied to (all of them, or with `MASKED` those of its slot mask).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn few_tile<const P: usize, const MASKED: bool, const G: usize, W: Weight>(
-        acc: &mut [__m512],
-        a: &[W],
-        x: &[f32],
-        geo: &FewGeo,
-        taps: &[FewTap],
-        src: &[usize],
-    ) {
-        let (kk, pf) = (geo.kk, geo.pf);
-        let q: [usize; P] = std::array::from_fn(|i| src[i.min(src.len() - 1)]);
-        let mut sum: [[__m512; P]; G] =
-            std::array::from_fn(|j| std::array::from_fn(|i| acc[j * P + i]));
-        for ci in geo.chans.0..geo.chans.1 {
-            // SAFETY: the caller bounds the weight and input reads.
-            unsafe {
-                let wc = a.as_ptr().add(ci * kk * MR);
-                let xc = x.as_ptr().add(ci * geo.cl);
-                for &(t, o, slots) in taps {
-                    let w: [__m512; G] = std::array::from_fn(|j| {
-                        let wp = wc.add(j * geo.panel + t * MR);
-                        _mm_prefetch::<_MM_HINT_T1>(wp.wrapping_add(pf) as *const i8);
-                        W::load16(wp)
-                    });
-                    // A tap offset may be negative; only its sum with a position is an index.
-                    let xo = xc.wrapping_offset(o);
-                    for (i, &qp) in q.iter().enumerate() {
-                        if !MASKED || slots >> i & 1 == 1 {
-                            let v = _mm512_set1_ps(*xo.wrapping_add(qp));
-                            for (sj, wj) in sum.iter_mut().zip(&w) {
-                                sj[i] = _mm512_fmadd_ps(v, *wj, sj[i]);
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        for (j, s) in sum.iter().enumerate() {
-            acc[j * P..(j + 1) * P].copy_from_slice(s);
-        }
-    }
-
-    /// One 16-channel × 16-position tile over all `kd` rows of X: row `j` of X is the 16 floats
-    /// at `x + off[j]`, and `a` is a weight panel `[kd][MR]`. With `PF`, each row prefetches the
-    /// same row of the next panel into L2 (for callers that go through the panels in order).
-    ///
-    /// # Safety
-    /// AVX-512F; `a` must hold `kd·MR` floats and `x + off[j]` 16 floats for every `j < kd`.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    pub(in crate::kernels) unsafe fn tile<const PF: bool>(
-        kd: usize,
-        a: *const f32,
-        x: *const f32,
-        off: &[u32],
-    ) -> [__m512; MR] {
-        let mut acc = [_mm512_setzero_ps(); MR];
-        for (j, &o) in off.iter().enumerate().take(kd) {
-            // SAFETY: the caller bounds x + o + 16 and a + kd·MR.
-            unsafe {
-                let xv = _mm512_loadu_ps(x.add(o as usize));
-                let w = a.add(j * MR);
-                if PF {
-                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add(kd * MR) as *const i8);
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    *acc = _mm512_fmadd_ps(_mm512_set1_ps(*w.add(r)), xv, *acc);
-                }
-            }
-        }
-        acc
-    }
-}
+#[cfg(target_arch = "x86_64")]
+pub(super) mod avx2;
 
 #[cfg(test)]
 pub(super) mod tests {
@@ -913,6 +831,14 @@ pub(super) mod tests {
     pub(in crate::kernels) fn max_rel(a: &[f32], b: &[f32]) -> f32 {
         let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
         a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
+    }
+
+    /// The instruction sets whose kernels run on this CPU.
+    fn isas() -> Vec<Isa> {
+        [Isa::Avx512, Isa::Avx2]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect()
     }
 
     /// Every position in exactly one tile; at 2x2 with a 3x3 kernel, tiles of 8 over the 4
@@ -956,7 +882,7 @@ pub(super) mod tests {
     /// channel counts that do not fill a panel, and sizes whose grid rows straddle tiles.
     #[test]
     fn direct_matches_gemm_path() {
-        if skip_without_avx512("direct_matches_gemm_path") {
+        if skip_without_direct("direct_matches_gemm_path") {
             return;
         }
         let cases = [
@@ -997,10 +923,12 @@ pub(super) mod tests {
             for (bias, relu) in [(None, false), (Some(&bias[..]), true)] {
                 let want = crate::kernels::reference::conv2d_forward_gemm(&g, &x, &wt, bias, relu);
                 let pw = PackedWeights::pack(&wt, k, c, kh, kh);
-                let got = conv_forward(&g, &x, &pw, bias, relu);
-                assert_eq!(got.len(), want.len());
-                let err = max_rel(&got, &want);
-                assert!(err < 1e-5, "case {i} {g:?}: max rel err {err}");
+                for isa in isas() {
+                    let got = conv_forward_with(isa, &g, &x, &pw, bias, relu);
+                    assert_eq!(got.len(), want.len());
+                    let err = max_rel(&got, &want);
+                    assert!(err < 1e-5, "case {i} {g:?} {isa:?}: max rel err {err}");
+                }
             }
         }
     }
@@ -1011,7 +939,7 @@ pub(super) mod tests {
     /// allowed for it). A kernel reading the wrong weights errs by order Σ|w·x|.
     #[test]
     fn half_weights_within_their_rounding() {
-        if skip_without_avx512("half_weights_within_their_rounding") {
+        if skip_without_direct("half_weights_within_their_rounding") {
             return;
         }
         let cases = [
@@ -1053,19 +981,22 @@ pub(super) mod tests {
                 None,
                 false,
             );
-            for (bias, relu) in [(None, false), (Some(&bias[..]), true)] {
-                let want = conv_forward(&g, &x, &f32w, bias, relu);
-                let got = conv_forward(&g, &x, &half, bias, relu);
+            for ((bias, relu), isa) in [(None, false), (Some(&bias[..]), true)]
+                .into_iter()
+                .flat_map(|br| isas().into_iter().map(move |isa| (br, isa)))
+            {
+                let want = conv_forward_with(isa, &g, &x, &f32w, bias, relu);
+                let got = conv_forward_with(isa, &g, &x, &half, bias, relu);
                 for (j, (a, b)) in got.iter().zip(&want).enumerate() {
                     let bound = 1.25 * (mag[j] / 2048.0 + reach[j] / (1u32 << 25) as f32);
                     assert!(
                         (a - b).abs() <= bound,
-                        "case {i} {g:?} output {j}: f16 {a} f32 {b}, bound {bound}"
+                        "case {i} {g:?} {isa:?} output {j}: f16 {a} f32 {b}, bound {bound}"
                     );
                 }
                 assert!(
                     max_rel(&got, &want) > 0.0,
-                    "case {i}: no weight was rounded"
+                    "case {i} {isa:?}: no weight was rounded"
                 );
             }
         }
