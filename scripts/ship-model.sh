@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Rebuilds the shipped model from scratch: `train all` with models/fer2013/recipe.json, then one
 # warm-restart cycle of the supervised stage per models/fer2013/recipe-cycle*.json (each starts
-# from the previous f_phi with a fresh head and a new cosine schedule), the CARD head on the last
-# cycle's frozen encoder (a cycle whose recipe has `classifier.distill` learns also from the
-# previous cycle's model, `--teacher`), the calibration on PublicTest under the shipped test-time views (flip:
+# from the previous f_phi with a fresh head and a new cosine schedule; a cycle whose recipe has
+# `classifier.distill` learns also from the previous cycle's model, `--teacher`), the mean of the
+# last two cycles' f_phi weights (`fer-cam average`) with a CARD head trained on its frozen
+# encoder, the calibration on PublicTest under the shipped test-time views (flip:
 # each face and its mirror image), and the f16 export. Everything is written
-# under RUN_DIR (base/, cycle2/, ..., calibration/, export/); nothing in the repository is
+# under RUN_DIR (base/, cycle2/, ..., soup/, calibration/, export/); nothing in the repository is
 # replaced. Compare RUN_DIR/export with models/fer2013, then copy it (and RUN_DIR/calibration/*)
 # over by hand.
 #
@@ -50,8 +51,23 @@ for cycle in "$recipes"/recipe-cycle*.json; do
   grep -q '"distill"' "$cycle" && teacher=(--teacher "$prev/card/model")
   train classifier "$dir" --config "$cycle" --init "$prev/classifier/model" "${teacher[@]}"
   train card "$dir" --config "$cycle"
+  before=$prev
   prev=$dir
 done
+# The shipped f_phi is the mean of the last two cycles' weights (a model soup: the last cycle
+# was fine-tuned from the one before, so both lie in one basin), and its CARD head is trained
+# on the mean's frozen encoder as the last cycle's was.
+if [ -n "${before:-}" ]; then
+  soup=$run/soup
+  if [ ! -e "$soup/classifier/model" ]; then
+    mkdir -p "$soup/classifier"
+    $bin average --model "$before/classifier/model" --model "$prev/classifier/model" \
+      --out "$soup/classifier/model"
+    sed 's#"run_dir": *"[^"]*"#"run_dir": "'"$soup"'"#' "$prev/config.json" > "$soup/config.json"
+  fi
+  train card "$soup" --config "$soup/config.json"
+  prev=$soup
+fi
 if [ ! -e "$run/calibration/fer2013.json" ]; then
   $bin calibrate --model "$prev/card/model" --data "$data" --split PublicTest --tta "$tta" \
     --out "$run/calibration/fer2013.json"

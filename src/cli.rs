@@ -37,6 +37,9 @@ pub enum Command {
     /// Write a model directory for shipping: f16 weights and the sampler temperatures of each
     /// calibration given.
     Export(ExportArgs),
+    /// Average the weights of models fine-tuned one from another (a model soup) into a new
+    /// model directory, to train a CARD head on and check on held-out data.
+    Average(AverageArgs),
     /// Turn a recorded run (the JSON lines of `run`) into timelines, emotion shares, gaps and
     /// latency plots on one HTML page, plus a CSV with one row per face per frame.
     Report(ReportArgs),
@@ -123,6 +126,17 @@ pub struct CalibrateArgs {
     /// No progress bar on stderr.
     #[arg(long)]
     pub quiet: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AverageArgs {
+    /// A model directory to average (at least two, of one architecture, fine-tuned one from
+    /// another: e.g. RUN/classifier/model of consecutive training cycles).
+    #[arg(long, required = true, num_args = 1)]
+    pub model: Vec<PathBuf>,
+    /// New model directory to write (never replaces an existing path).
+    #[arg(long)]
+    pub out: PathBuf,
 }
 
 #[derive(Debug, Args)]

@@ -31,6 +31,7 @@ fn main() {
         Command::Devices => run::devices(),
         Command::Calibrate(a) => ship::calibrate(a),
         Command::Export(a) => ship::export(a),
+        Command::Average(a) => ship::average(a),
         Command::Report(a) => report::report(a),
     };
     if let Err(e) = result {

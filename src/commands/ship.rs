@@ -1,10 +1,12 @@
-//! `fer-cam calibrate` and `fer-cam export`: the two steps between a trained run and a shipped
-//! model (fit the sampler's temperature, then write the model with it and with f16 weights).
+//! `fer-cam average`, `fer-cam calibrate` and `fer-cam export`: the steps between trained runs
+//! and a shipped model (average the last cycles' weights, fit the sampler's temperature, then
+//! write the model with it and with f16 weights).
 
 use anyhow::{bail, Result};
 
-use crate::cli::{CalibrateArgs, ExportArgs, StoredWeightsArg};
+use crate::cli::{AverageArgs, CalibrateArgs, ExportArgs, StoredWeightsArg};
 use fer_cam::calibrate::{calibrate as fit, reliability_svg, Samples};
+use fer_cam::model::average::average_models;
 use fer_cam::model::export::{export_model, StoredWeights};
 
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
@@ -102,5 +104,17 @@ pub fn export(a: ExportArgs) -> Result<()> {
         s.temperatures.sample,
         s.temperatures.output,
         s.tta.name()
+    ))
+}
+
+pub fn average(a: AverageArgs) -> Result<()> {
+    let srcs: Vec<&std::path::Path> = a.model.iter().map(|p| p.as_path()).collect();
+    let s = average_models(&srcs, &a.out)?;
+    super::print_stdout(&format!(
+        "wrote {}: the mean of {} models, {} tensors (f32), {:.2} MB",
+        a.out.display(),
+        s.models,
+        s.tensors,
+        s.bytes as f64 / 1e6
     ))
 }

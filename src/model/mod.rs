@@ -1,6 +1,7 @@
 //! The fer-cam network: ResNet18+CBAM encoder, supervised head f_φ, CARD noise network; and the
 //! model directory format (`config.json` + `model.safetensors`).
 
+pub mod average;
 pub mod barlow;
 pub mod card;
 pub mod cbam;
