@@ -99,15 +99,7 @@ pub fn average_models(srcs: &[&Path], out: &Path) -> Result<AverageSummary> {
         .map(|(name, t)| Ok((name, (t / n)?)))
         .collect::<Result<HashMap<_, _>>>()?;
     let tensors = mean.len();
-    let json = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    crate::fsutil::write_dir_atomically(out, |tmp| {
-        let cfg_path = tmp.join(CONFIG_FILE);
-        std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
-        let w = tmp.join(WEIGHTS_FILE);
-        candle_core::safetensors::save(&mean, &w).map_err(|e| Error::model(&w, e.to_string()))
-    })?;
-    let w = out.join(WEIGHTS_FILE);
-    let bytes = std::fs::metadata(&w).map_err(|e| Error::io(&w, e))?.len();
+    let bytes = super::write_model_tensors(out, &cfg, &mean)?;
     Ok(AverageSummary {
         models: srcs.len(),
         tensors,

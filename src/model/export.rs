@@ -8,7 +8,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
-use super::{read_config, CONFIG_FILE, WEIGHTS_FILE};
+use super::{read_config, WEIGHTS_FILE};
 use crate::config::{Calibration, Temperatures, Tta};
 use crate::error::{Error, Result};
 
@@ -93,15 +93,7 @@ pub fn export_model(
         stored.insert(name, if half { t.to_dtype(DType::F16)? } else { t });
     }
     let tensors = stored.len();
-    let json = serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    crate::fsutil::write_dir_atomically(out, |tmp| {
-        let cfg_path = tmp.join(CONFIG_FILE);
-        std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
-        let w = tmp.join(WEIGHTS_FILE);
-        candle_core::safetensors::save(&stored, &w).map_err(|e| Error::model(&w, e.to_string()))
-    })?;
-    let w = out.join(WEIGHTS_FILE);
-    let bytes = std::fs::metadata(&w).map_err(|e| Error::io(&w, e))?.len();
+    let bytes = super::write_model_tensors(out, &cfg, &stored)?;
     Ok(ExportSummary {
         tensors,
         tensors_f16,

@@ -347,6 +347,24 @@ pub fn save_model_dir(dir: &Path, cfg: &ModelConfig, vars: &VarMap) -> Result<()
     crate::fsutil::write_dir_atomically(dir, |tmp| write_model_files(tmp, cfg, vars))
 }
 
+/// Writes a new model directory `out` (atomically, [`crate::fsutil::write_dir_atomically`]) from
+/// a config and named tensors (of any dtype the loader widens); returns the weights file's size.
+pub fn write_model_tensors(
+    out: &Path,
+    cfg: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+) -> Result<u64> {
+    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    crate::fsutil::write_dir_atomically(out, |tmp| {
+        let cfg_path = tmp.join(CONFIG_FILE);
+        std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
+        let w = tmp.join(WEIGHTS_FILE);
+        candle_core::safetensors::save(tensors, &w).map_err(|e| Error::model(&w, e.to_string()))
+    })?;
+    let w = out.join(WEIGHTS_FILE);
+    Ok(std::fs::metadata(&w).map_err(|e| Error::io(&w, e))?.len())
+}
+
 /// Writes the two files of a model directory into `dir` (not atomically on its own).
 pub fn write_model_files(dir: &Path, cfg: &ModelConfig, vars: &VarMap) -> Result<()> {
     let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
