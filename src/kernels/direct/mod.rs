@@ -81,10 +81,12 @@ pub fn isa() -> Option<Isa> {
 /// with AVX-512; with AVX2, for kernels wider than 1x1 with at least 64 products per output.
 ///
 /// The AVX2 kernel stores its tiles a value at a time, which a handful of products per output
-/// does not repay: measured with `examples/conv_gflops.rs` on a 2-core Zen 3 (the shipped
-/// model's layers), the stem (1 channel, 9 products) took 1.3–2x as long as the GEMM path and
-/// its 1x1 stride-2 shortcuts up to 1.6x, while the 3x3 layers from 32 channels took 0.5–1.0x
-/// as long at batch 1, 2 and 64.
+/// does not repay: measured with `examples/conv_gflops.rs` on a 2-core AMD EPYC without AVX-512
+/// (the shipped model's layers), the stem (1 channel, 9 products) took 1.0–7x as long as the
+/// GEMM path and its 1x1 stride-2 shortcuts up to 6x at batch 1 and 2, while the 3x3 layers
+/// from 32 channels took 0.4–0.9x
+/// as long on both cores at batch 1, 2 and 64 (on one core at batch 1 the stride-2 ones were up
+/// to 1.5x slower).
 pub fn runs(g: &ConvGeom) -> bool {
     match isa() {
         Some(Isa::Avx512) => true,
