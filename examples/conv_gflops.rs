@@ -32,9 +32,9 @@ fn main() {
         ("7x7: l4 512x2 b8", 8, 512, 2, 512, 3, 1, 1),
         ("train: l4.0 3x3 s2 b64", 64, 256, 12, 512, 3, 2, 1),
         ("train: l4.0 1x1 s2 b64", 64, 256, 12, 512, 1, 2, 0),
-        // Every layer shape of the shipped model (half width, 3x3 stride-2 stem), filled in
-        // below at batch 1, 2 (a face and its mirror) and 64 (training).
     ];
+    // Every layer shape of the shipped model (half width, 3x3 stride-2 stem) at batch 1, 2 (a
+    // face and its mirror) and 64 (training).
     let half_layers = [
         ("stem s2", 1, 48, 32, 3, 2, 1),
         ("l1 32x24", 32, 24, 32, 3, 1, 1),
@@ -48,29 +48,18 @@ fn main() {
         ("l4.0 1x1 s2", 128, 6, 256, 1, 2, 0),
         ("l4 256x3", 256, 3, 256, 3, 1, 1),
     ];
-    let half_names: Vec<String> = [1, 2, 64]
-        .iter()
-        .flat_map(|b| {
-            half_layers
-                .iter()
-                .map(move |l| format!("half: {} b{b}", l.0))
-        })
-        .collect();
-    let half_cases = [1, 2, 64].iter().enumerate().flat_map(|(bi, &b)| {
-        let names = &half_names;
+    let half_cases = [1, 2, 64].into_iter().flat_map(|b| {
         half_layers
-            .iter()
-            .enumerate()
-            .map(move |(li, &(_, c, hw, k, kh, s, p))| {
-                let name = names[bi * half_layers.len() + li].as_str();
-                (name, b, c, hw, k, kh, s, p)
-            })
+            .map(|(n, c, hw, k, kh, s, p)| (format!("half: {n} b{b}"), b, c, hw, k, kh, s, p))
     });
-    let cases: Vec<_> = cases.into_iter().chain(half_cases).collect();
+    let cases = cases
+        .into_iter()
+        .map(|(n, b, c, hw, k, kh, s, p)| (n.to_string(), b, c, hw, k, kh, s, p))
+        .chain(half_cases);
     let isa = direct::isa();
     println!("direct kernel: {isa:?}");
     for (name, b, c, hw, k, kh, s, p) in cases {
-        if !selected(name) {
+        if !selected(&name) {
             continue;
         }
         let g = ConvGeom::new(b, c, hw, hw, k, kh, kh, s, p).unwrap();

@@ -67,12 +67,7 @@ pub(super) unsafe fn run_tiles(job: &Job, t0: usize, t1: usize, out: SharedOut) 
         t1 * NR_AVX2 + max_off <= job.x.len(),
         "direct conv: input slack"
     );
-    assert!(job.out_base + (job.k0 + job.rows) * plane <= out.len());
-    let store = PanelStore {
-        rows: job.rows,
-        bias: job.bias,
-        relu: job.relu,
-    };
+    assert!(job.out_base + (job.k0 + job.store.rows) * plane <= out.len());
     for t in t0..t1 {
         // SAFETY: every read is inside `job.x` (asserted: the largest offset plus the last
         // tile's end) and `job.a` (kd·MR floats).
@@ -90,7 +85,7 @@ pub(super) unsafe fn run_tiles(job: &Job, t0: usize, t1: usize, out: SharedOut) 
                 let base = job.out_base + job.k0 * plane + o + l;
                 // SAFETY: the job's rows at a valid output position (asserted above); this
                 // job alone writes them.
-                unsafe { store.put(&lanes(v), out, base, plane) };
+                unsafe { job.store.put(&lanes(v), out, base, plane) };
             }
         }
     }

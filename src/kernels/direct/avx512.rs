@@ -41,9 +41,10 @@ pub(super) unsafe fn run_tiles(job: &Job, t0: usize, t1: usize, out: SharedOut) 
     assert!(job.a.len() >= job.kd * MR && job.off.len() == job.kd);
     assert_eq!(job.lay.nr, NR, "direct conv: AVX-512 tile width");
     assert!(t1 * NR + max_off <= job.x.len(), "direct conv: input slack");
-    assert!(job.out_base + (job.k0 + job.rows) * plane <= out.len());
+    let st = &job.store;
+    assert!(job.out_base + (job.k0 + st.rows) * plane <= out.len());
     let mut bias = [0f32; MR];
-    if let Some(b) = job.bias {
+    if let Some(b) = st.bias {
         bias[..b.len()].copy_from_slice(b);
     }
     for t in t0..t1 {
@@ -52,9 +53,9 @@ pub(super) unsafe fn run_tiles(job: &Job, t0: usize, t1: usize, out: SharedOut) 
         let acc =
             unsafe { tile::<false>(job.kd, job.a.as_ptr(), job.x.as_ptr().add(t * NR), job.off) };
         let mut vals = [_mm512_setzero_ps(); MR];
-        for r in 0..job.rows {
+        for r in 0..st.rows {
             let mut v = _mm512_add_ps(acc[r], _mm512_set1_ps(bias[r]));
-            if job.relu {
+            if st.relu {
                 v = _mm512_max_ps(v, _mm512_setzero_ps());
             }
             vals[r] = v;
@@ -62,7 +63,7 @@ pub(super) unsafe fn run_tiles(job: &Job, t0: usize, t1: usize, out: SharedOut) 
         let (segs, n) = job.segments(t);
         for &(lane, len, o) in &segs[..n] {
             let mask: __mmask16 = (((1u32 << len) - 1) << lane) as u16;
-            for (r, v) in vals.iter().enumerate().take(job.rows) {
+            for (r, v) in vals.iter().enumerate().take(st.rows) {
                 let dst = job.out_base + (job.k0 + r) * plane + o;
                 // SAFETY: lanes lane..lane+len go to dst..dst+len, inside this job's rows
                 // (asserted above); masked-off lanes are not accessed.

@@ -11,9 +11,10 @@
 //!   at `q + (ky/s)·PW + kx/s` of phase `(ky mod s, kx mod s)` of channel `c`: one offset per row of X.
 //! - Weights are packed into panels of [`MR`] output channels, `[C·KH·KW][MR]` each, once per
 //!   weight tensor (the inference path caches them; training packs per call).
-//! - The micro-kernel keeps a 16-channel × 16-position tile in 16 registers and, per tap, loads one
-//!   vector of 16 positions and broadcasts 16 weights from memory: 16 FMAs per vector load.
-//!   Bias and ReLU are applied when the tile is stored.
+//! - The AVX-512 micro-kernel keeps a 16-channel × 16-position tile in 16 registers and, per tap,
+//!   loads one vector of 16 positions and broadcasts 16 weights from memory: 16 FMAs per vector
+//!   load; the AVX2 one keeps 16 channels × 6 positions, loads the weights and broadcasts the
+//!   inputs ([`avx2`]). Bias and ReLU are applied when the tile is stored.
 //!
 //! Used when the CPU has AVX-512F, or AVX2 with FMA and F16C (checked once at run time, [`isa`];
 //! on AVX2 for the layers where it pays, [`runs`]); otherwise the GEMM path in
@@ -84,9 +85,8 @@ pub fn isa() -> Option<Isa> {
 /// does not repay: measured with `examples/conv_gflops.rs` on a 2-core AMD EPYC without AVX-512
 /// (the shipped model's layers), the stem (1 channel, 9 products) took 1.0–7x as long as the
 /// GEMM path and its 1x1 stride-2 shortcuts up to 6x at batch 1 and 2, while the 3x3 layers
-/// from 32 channels took 0.4–0.9x
-/// as long on both cores at batch 1, 2 and 64 (on one core at batch 1 the stride-2 ones were up
-/// to 1.5x slower).
+/// from 32 channels took 0.4–0.9x as long on both cores at batch 1, 2 and 64 (on one core at
+/// batch 1 the stride-2 ones were up to 1.5x slower).
 pub fn runs(g: &ConvGeom) -> bool {
     match isa() {
         Some(Isa::Avx512) => true,
@@ -450,10 +450,8 @@ fn conv_forward_with(
             a: &pw.f32_panels()[p * pw.kd() * MR..(p + 1) * pw.kd() * MR],
             x: &xp[n * img_len..(n + 1) * img_len],
             off,
-            bias: bias.map(|b| &b[p * MR..((p + 1) * MR).min(g.k)]),
-            relu,
+            store: PanelStore::new(g, p, bias, relu),
             k0: p * MR,
-            rows: MR.min(g.k - p * MR),
             out_base: n * g.k * g.oh * g.ow,
         };
         // SAFETY: the instruction set is present (`isa`); the job writes only output rows
@@ -670,9 +668,7 @@ impl FewPlan {
             masked,
         });
     }
-}
 
-impl FewPlan {
     /// The few-positions kernels' bounds, checked once per item: every read of the plan is
     /// inside `x` (images `n0..` of the batch), every write inside `out`, every tap inside a
     /// panel, and panels `p0..p0 + np` (1 or 2) exist.
@@ -771,10 +767,9 @@ struct Job<'a> {
     /// One image's phase planes.
     x: &'a [f32],
     off: &'a [u32],
-    bias: Option<&'a [f32]>,
-    relu: bool,
+    /// The panel's output channels from `k0`, their bias and ReLU.
+    store: PanelStore<'a>,
     k0: usize,
-    rows: usize,
     out_base: usize,
 }
 
