@@ -9,7 +9,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{load_model_dir, read_config, CONFIG_FILE, WEIGHTS_FILE};
+use super::{expected_tensor_names, load_model_dir, read_config, CONFIG_FILE, WEIGHTS_FILE};
 use crate::error::{Error, Result};
 
 /// What [`average_models`] wrote.
@@ -39,16 +39,17 @@ pub fn average_models(srcs: &[&Path], out: &Path) -> Result<AverageSummary> {
         ));
     }
     let cfg = read_config(srcs[0])?;
+    let shapes = expected_tensor_names(&cfg)?;
     let mut sum: HashMap<String, Tensor> = HashMap::new();
-    for (i, src) in srcs.iter().enumerate() {
-        // Loading checks every tensor against the model's own config.
+    for src in srcs {
+        // Loading checks the file's tensors against the model's own config: with the same
+        // names and shapes as the first's, every model holds the same tensors.
         let loaded = load_model_dir(src, &Device::Cpu)?;
         let c = &loaded.config;
         let same = c.arch == cfg.arch
             && c.classes == cfg.classes
             && c.input.size == cfg.input.size
-            && c.encoder == cfg.encoder
-            && (c.card.hidden, c.card.timesteps) == (cfg.card.hidden, cfg.card.timesteps);
+            && expected_tensor_names(c)? == shapes;
         if !same {
             return Err(Error::model(
                 src.join(CONFIG_FILE),
@@ -62,33 +63,11 @@ pub fn average_models(srcs: &[&Path], out: &Path) -> Result<AverageSummary> {
         let bytes = std::fs::read(&path).map_err(|e| Error::io(&path, e))?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
             .map_err(|e| Error::model(&path, e.to_string()))?;
-        if i > 0 && tensors.len() != sum.len() {
-            return Err(Error::model(
-                &path,
-                "its tensors differ from the first model's",
-            ));
-        }
         for (name, t) in tensors {
             let t = t.to_dtype(DType::F32)?;
             let acc = match sum.remove(&name) {
-                None if i == 0 => t,
-                None => {
-                    return Err(Error::model(
-                        &path,
-                        format!("tensor {name} is not in the first model"),
-                    ))
-                }
-                Some(a) if a.dims() != t.dims() => {
-                    return Err(Error::model(
-                        &path,
-                        format!(
-                            "tensor {name} is {:?}, in the first model {:?}",
-                            t.dims(),
-                            a.dims()
-                        ),
-                    ))
-                }
                 Some(a) => (a + t)?,
+                None => t,
             };
             sum.insert(name, acc);
         }
