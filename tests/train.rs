@@ -194,6 +194,39 @@ fn train_all_stages_then_eval() {
     assert!(!o.status.success());
     assert!(stderr(&o).contains("odd-teacher"), "{}", stderr(&o));
 
+    // An exported model (f16 weights) starts a new cycle: `--init` and `--teacher` take it.
+    let export = tmp.path().join("export");
+    let o = fer(&[
+        "export",
+        "--model",
+        card.to_str().unwrap(),
+        "--out",
+        export.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (from_export, o) = {
+        let dir = tmp.path().join("from-export");
+        let mut a = small_run("classifier", &data, &dir);
+        for extra in [
+            "--classifier-epochs",
+            "1",
+            "--train-limit",
+            limit,
+            "--val-limit",
+            "64",
+        ] {
+            a.push(extra.into());
+        }
+        for flag in ["--init", "--teacher"] {
+            a.extend([flag.into(), export.to_str().unwrap().into()]);
+        }
+        (dir.clone(), fer(&args(&a)))
+    };
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(from_export
+        .join("classifier/model/model.safetensors")
+        .exists());
+
     // A refused restart (no --resume over checkpoints) changes nothing, config.json included.
     let config_before = std::fs::read(run.join("config.json")).unwrap();
     let mut again = small_run("classifier", &data, &run);

@@ -78,7 +78,11 @@ pub(super) fn load_vars(vm: &VarMap, path: &Path, prefixes: &[&str]) -> Result<(
                 ),
             ));
         }
-        var.set(t)?;
+        if t.dtype() == var.dtype() {
+            var.set(t)?;
+        } else {
+            var.set(&t.to_dtype(var.dtype())?)?;
+        }
     }
     Ok(())
 }
