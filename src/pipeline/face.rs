@@ -4,11 +4,14 @@
 //! own scale ([`FaceDetector::detect_near`]). For live and paced input the full-frame search runs
 //! on a thread of its own ([`FullSearch`]), so frames with tracks never wait for it: it takes the
 //! newest frame whenever it is free (every `every` frames, or every frame while nothing is
-//! tracked), and the faces it finds join the tracker on the frame its answer arrives. Files read
-//! as fast as possible search in line, so their output is the same on every run.
+//! tracked), and the faces it finds join the tracker on the frame its answer arrives. It starts
+//! a search once the frames in the pipeline have been emitted ([`InFlight`]), in the gap before
+//! the next frame, so that it does not take a core from their inference. Files read as fast as
+//! possible search in line, so their output is the same on every run.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError};
 
@@ -21,6 +24,47 @@ use crate::face::{crop_face, DetectConfig, FaceBox, FaceDetector, NearDetector, 
 /// A full-frame detection that overlaps a region search's face this much is the same face.
 const SAME_FACE_IOU: f32 = 0.3;
 
+/// Longest the full-frame search waits for the pipeline to empty before it starts anyway (when
+/// frames come back to back, it never does).
+const FULL_SEARCH_MAX_WAIT: Duration = Duration::from_millis(40);
+
+/// How many frames are between the start of their face stage and their emission (or drop).
+#[derive(Default)]
+pub(super) struct InFlight {
+    count: Mutex<usize>,
+    emptied: Condvar,
+}
+
+/// One frame's place in [`InFlight`], given back when the frame's job is dropped.
+pub(super) struct InFlightToken(Arc<InFlight>);
+
+impl InFlight {
+    fn enter(self: &Arc<Self>) -> InFlightToken {
+        if let Ok(mut n) = self.count.lock() {
+            *n += 1;
+        }
+        InFlightToken(self.clone())
+    }
+
+    /// Waits until no frame is in flight, or `max` has passed.
+    fn wait_empty(&self, max: Duration) {
+        if let Ok(n) = self.count.lock() {
+            let _ = self.emptied.wait_timeout_while(n, max, |n| *n > 0);
+        }
+    }
+}
+
+impl Drop for InFlightToken {
+    fn drop(&mut self) {
+        if let Ok(mut n) = self.0.count.lock() {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.0.emptied.notify_all();
+            }
+        }
+    }
+}
+
 pub(super) fn face_loop(
     cfg: &RunConfig,
     rx: Receiver<Frame>,
@@ -31,8 +75,9 @@ pub(super) fn face_loop(
     let mut detector = FaceDetector::new(cfg.detect.clone())?;
     let mut tracker = Tracker::new(cfg.tracker);
     let every = cfg.detect.every as usize;
+    let in_flight = Arc::new(InFlight::default());
     let mut full = if cfg.async_detect {
-        Some(FullSearch::start(cfg.detect.clone())?)
+        Some(FullSearch::start(cfg.detect.clone(), in_flight.clone())?)
     } else {
         None
     };
@@ -42,6 +87,7 @@ pub(super) fn face_loop(
             counters.dropped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
+        let token = in_flight.enter();
         let t = Instant::now();
         let queue_ms = (t - frame.captured).as_secs_f64() * 1e3;
         let (w, h) = (frame.width, frame.height);
@@ -78,6 +124,7 @@ pub(super) fn face_loop(
             detect_ms,
             crop_ms: c.elapsed().as_secs_f64() * 1e3,
             done: Instant::now(),
+            _in_flight: token,
         };
         if tx.send(job).is_err() {
             break;
@@ -99,7 +146,8 @@ fn distinct(dets: Vec<FaceBox>) -> Vec<FaceBox> {
     kept
 }
 
-/// The full-frame search on its own thread: one frame at a time, the newest it is offered.
+/// The full-frame search on its own thread: one frame at a time, the newest it is offered, each
+/// started when the pipeline has emptied (or after [`FULL_SEARCH_MAX_WAIT`]).
 struct FullSearch {
     frames: Sender<(Vec<u8>, u32, u32)>,
     found: Receiver<Vec<FaceBox>>,
@@ -107,7 +155,7 @@ struct FullSearch {
 }
 
 impl FullSearch {
-    fn start(cfg: DetectConfig) -> Result<Self> {
+    fn start(cfg: DetectConfig, in_flight: Arc<InFlight>) -> Result<Self> {
         let (frames, todo) = bounded::<(Vec<u8>, u32, u32)>(1);
         let (done, found) = bounded(1);
         // Detached: it ends when `frames` closes, after at most the search in hand.
@@ -122,6 +170,7 @@ impl FullSearch {
                 return;
             };
             for (gray, w, h) in todo {
+                in_flight.wait_empty(FULL_SEARCH_MAX_WAIT);
                 if done.send(det.detect_full(&gray, w, h)).is_err() {
                     return;
                 }
@@ -219,6 +268,32 @@ mod tests {
                 j.faces.iter().map(|(id, _)| *id).collect()
             })
             .collect()
+    }
+
+    /// While a frame is in flight the search waits its full allowance; it goes on as soon as the
+    /// last frame's token is dropped (the 10 s allowance is never reached).
+    #[test]
+    fn the_full_search_waits_for_the_frames_in_flight() {
+        let in_flight = Arc::new(InFlight::default());
+        let (a, b) = (in_flight.enter(), in_flight.enter());
+        let t = Instant::now();
+        in_flight.wait_empty(Duration::from_millis(30));
+        assert!(t.elapsed() >= Duration::from_millis(30));
+        drop(a);
+        let waiter = {
+            let in_flight = in_flight.clone();
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                in_flight.wait_empty(Duration::from_secs(10));
+                t.elapsed()
+            })
+        };
+        std::thread::sleep(Duration::from_millis(20));
+        drop(b);
+        let waited = waiter.join().unwrap();
+        assert!(waited < Duration::from_secs(5), "{waited:?}");
+        // Empty: no wait at all.
+        in_flight.wait_empty(Duration::from_secs(10));
     }
 
     #[test]

@@ -153,6 +153,8 @@ struct FaceJob {
     crop_ms: f64,
     /// When the face stage finished with it.
     done: Instant,
+    /// Marks the frame as in the pipeline until it is emitted or dropped.
+    _in_flight: face::InFlightToken,
 }
 
 /// A frame after inference.
