@@ -150,22 +150,25 @@ fn train_all_stages_then_eval() {
         let l: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
         l["loss"].as_f64().unwrap()
     };
-    let classifier_run = |name: &str, teacher: Option<&Path>| -> (PathBuf, Output) {
+    // A one-epoch classifier run into `tmp/name`, with `--teacher` and `--init` where given.
+    let classifier_run = |name: &str, teacher: Option<&Path>, init: Option<&Path>| {
         let dir = tmp.path().join(name);
         let mut a = small_run("classifier", &data, &dir);
         for extra in ["--classifier-epochs", "1", "--train-limit", limit] {
             a.push(extra.into());
         }
         a.extend(["--val-limit".into(), "64".into()]);
-        if let Some(t) = teacher {
-            a.extend(["--teacher".into(), t.to_str().unwrap().into()]);
+        for (flag, path) in [("--teacher", teacher), ("--init", init)] {
+            if let Some(p) = path {
+                a.extend([flag.into(), p.to_str().unwrap().into()]);
+            }
         }
         let o = fer(&args(&a));
         (dir, o)
     };
-    let (plain, o) = classifier_run("plain", None);
+    let (plain, o) = classifier_run("plain", None, None);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (distilled, o) = classifier_run("distilled", Some(&run.join("card/model")));
+    let (distilled, o) = classifier_run("distilled", Some(&run.join("card/model")), None);
     assert!(o.status.success(), "{}", stderr(&o));
     let (a, b) = (first_loss(&plain), first_loss(&distilled));
     assert!(
@@ -190,7 +193,7 @@ fn train_all_stages_then_eval() {
         odd.join("model.safetensors"),
     )
     .unwrap();
-    let (_, o) = classifier_run("odd", Some(&odd));
+    let (_, o) = classifier_run("odd", Some(&odd), None);
     assert!(!o.status.success());
     assert!(stderr(&o).contains("odd-teacher"), "{}", stderr(&o));
 
@@ -204,24 +207,7 @@ fn train_all_stages_then_eval() {
         export.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (from_export, o) = {
-        let dir = tmp.path().join("from-export");
-        let mut a = small_run("classifier", &data, &dir);
-        for extra in [
-            "--classifier-epochs",
-            "1",
-            "--train-limit",
-            limit,
-            "--val-limit",
-            "64",
-        ] {
-            a.push(extra.into());
-        }
-        for flag in ["--init", "--teacher"] {
-            a.extend([flag.into(), export.to_str().unwrap().into()]);
-        }
-        (dir.clone(), fer(&args(&a)))
-    };
+    let (from_export, o) = classifier_run("from-export", Some(&export), Some(&export));
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(from_export
         .join("classifier/model/model.safetensors")
