@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Rebuilds the shipped model from scratch: `train all` with models/fer2013/recipe.json, then one
-# warm-restart cycle of the supervised stage per models/fer2013/recipe-cycle*.json (each starts
-# from the previous f_phi with a fresh head and a new cosine schedule; a cycle whose recipe has
-# `classifier.distill` learns also from the previous cycle's model, `--teacher`), the mean of the
-# last two cycles' f_phi weights (`fer-cam average`) with a CARD head trained on its frozen
-# encoder, the calibration on PublicTest under the shipped test-time views (flip:
-# each face and its mirror image), and the f16 export. Everything is written
-# under RUN_DIR (base/, cycle2/, ..., soup/, calibration/, export/); nothing in the repository is
-# replaced. Compare RUN_DIR/export with models/fer2013, then copy it (and RUN_DIR/calibration/*)
-# over by hand.
+# warm-restart cycle of the supervised stage per models/fer2013/recipe-cycleN.json, in order of N
+# (each starts from the previous model's encoder with a fresh head and a new cosine schedule; a
+# cycle whose recipe has `classifier.distill` learns also from the previous model, `--teacher`).
+# From cycle SOUP_FROM (5) on, each cycle's f_phi is averaged with the model it started from
+# (`fer-cam average`, a model soup: the two lie in one basin) and the mean, with a CARD head
+# trained on its frozen encoder, is the model the next cycle starts from. Then the calibration
+# on PublicTest under the shipped test-time views (flip: each face and its mirror image) and the
+# f16 export. Everything is written under RUN_DIR (base/, cycle2/, ..., soup5/, ...,
+# calibration/, export/); nothing in the repository is replaced. Compare RUN_DIR/export with
+# models/fer2013, then copy it (and RUN_DIR/calibration/*) over by hand.
 #
 #   cargo build --release && scripts/ship-model.sh ../shared/data/fer2013/fer2013.csv.gz runs/fer2013
 #
@@ -19,9 +20,10 @@ cd "$(dirname "$0")/.."
 usage="usage: scripts/ship-model.sh FER2013_CSV RUN_DIR"
 data=${1:?$usage}
 run=${2:?$usage}
-bin=./target/release/fer-cam
+bin=${FER_CAM_BIN:-./target/release/fer-cam}  # FER_CAM_BIN=PATH: another build
 recipes=${RECIPES:-models/fer2013}  # RECIPES=DIR: another recipe set (tests use tiny ones)
 tta=${TTA:-flip}  # the test-time views the temperatures are fitted under and the model runs with
+soup_from=${SOUP_FROM:-5}  # the first cycle that is averaged with the model it started from
 
 # Runs `fer-cam train STAGE` in DIR unless DIR/done-STAGE exists; continues a begun stage.
 train() {
@@ -43,31 +45,34 @@ train() {
 mkdir -p "$run"
 train all "$run/base" --config "$recipes/recipe.json"
 prev=$run/base
-for cycle in "$recipes"/recipe-cycle*.json; do
-  [ -e "$cycle" ] || continue
+while read -r cycle; do
   name=$(basename "$cycle" .json)
-  dir=$run/${name#recipe-}
+  name=${name#recipe-}
+  dir=$run/$name
   teacher=()
   grep -q '"distill"' "$cycle" && teacher=(--teacher "$prev/card/model")
   train classifier "$dir" --config "$cycle" --init "$prev/classifier/model" "${teacher[@]}"
-  train card "$dir" --config "$cycle"
-  before=$prev
-  prev=$dir
-done
-# The shipped f_phi is the mean of the last two cycles' weights (a model soup: the last cycle
-# was fine-tuned from the one before, so both lie in one basin), and its CARD head is trained
-# on the mean's frozen encoder as the last cycle's was.
-if [ -n "${before:-}" ]; then
-  soup=$run/soup
+  n=${name#cycle}
+  case $n in
+    '' | *[!0-9]*) echo "$cycle: recipe names are recipe-cycleN.json, N a number" >&2; exit 2 ;;
+  esac
+  if [ "$n" -lt "$soup_from" ]; then
+    train card "$dir" --config "$cycle"
+    prev=$dir
+    continue
+  fi
+  # The mean of this cycle's f_phi and the model it was fine-tuned from; its CARD head is
+  # trained on the mean's frozen encoder as a cycle's is.
+  soup=$run/soup$n
   if [ ! -e "$soup/classifier/model" ]; then
     mkdir -p "$soup/classifier"
-    $bin average --model "$before/classifier/model" --model "$prev/classifier/model" \
+    $bin average --model "$prev/classifier/model" --model "$dir/classifier/model" \
       --out "$soup/classifier/model"
-    sed 's#"run_dir": *"[^"]*"#"run_dir": "'"$soup"'"#' "$prev/config.json" > "$soup/config.json"
+    sed 's#"run_dir": *"[^"]*"#"run_dir": "'"$soup"'"#' "$dir/config.json" > "$soup/config.json"
   fi
   train card "$soup" --config "$soup/config.json"
   prev=$soup
-fi
+done < <(ls "$recipes"/recipe-cycle*.json 2>/dev/null | sort -V)
 if [ ! -e "$run/calibration/fer2013.json" ]; then
   $bin calibrate --model "$prev/card/model" --data "$data" --split PublicTest --tta "$tta" \
     --out "$run/calibration/fer2013.json"
