@@ -28,8 +28,16 @@ fn ship(repo: &Path, recipes: &Path, data: &Path, run: &Path) -> std::process::O
         .unwrap()
 }
 
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
 fn config(dir: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+    json(&dir.join("config.json"))
+}
+
+fn modified(path: &Path) -> std::time::SystemTime {
+    std::fs::metadata(path).unwrap().modified().unwrap()
 }
 
 #[test]
@@ -94,25 +102,17 @@ fn ship_script_runs_every_stage_in_order_and_skips_them_when_run_again() {
     for not_done in ["cycle3/card", "cycle4/card", "soup2"] {
         assert!(!run.join(not_done).exists(), "{not_done}\n{err}");
     }
-    let calibration: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(run.join("calibration/fer2013.json")).unwrap(),
-    )
-    .unwrap();
+    let calibration = json(&run.join("calibration/fer2013.json"));
     assert_eq!(calibration["model"], path("soup4/card/model").as_str());
     fer_cam::model::load_model_dir(&run.join("export"), &candle_core::Device::Cpu).unwrap();
 
     // Again: nothing left to do, nothing rewritten.
-    let before = std::fs::metadata(run.join("export/model.safetensors"))
-        .unwrap()
-        .modified()
-        .unwrap();
+    let exported = run.join("export/model.safetensors");
+    let before = modified(&exported);
     let o = ship(repo, &recipes, &data, &run);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("train "), "a stage ran again:\n{err}");
-    let after = std::fs::metadata(run.join("export/model.safetensors"))
-        .unwrap()
-        .modified()
-        .unwrap();
+    let after = modified(&exported);
     assert_eq!(before, after);
 }

@@ -78,11 +78,8 @@ pub(super) fn load_vars(vm: &VarMap, path: &Path, prefixes: &[&str]) -> Result<(
                 ),
             ));
         }
-        if t.dtype() == var.dtype() {
-            var.set(t)?;
-        } else {
-            var.set(&t.to_dtype(var.dtype())?)?;
-        }
+        // A no-op for a tensor already in the variable's dtype.
+        var.set(&t.to_dtype(var.dtype())?)?;
     }
     Ok(())
 }
