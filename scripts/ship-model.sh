@@ -2,7 +2,10 @@
 # Rebuilds the shipped model from scratch: `train all` with models/fer2013/recipe.json, then one
 # warm-restart cycle of the supervised stage per models/fer2013/recipe-cycleN.json, in order of N
 # (each starts from the previous model's encoder with a fresh head and a new cosine schedule; a
-# cycle whose recipe has `classifier.distill` learns also from the previous model, `--teacher`).
+# cycle whose recipe has `classifier.distill` learns also from the previous model, `--teacher`;
+# the first distilled cycle's teacher is TEACHER=DIR if given, else the model the recipe set
+# names in RECIPES/teacher.rev (a git revision: the config.json and model.safetensors that
+# RECIPES held then are extracted to RUN_DIR/teacher), else the previous model).
 # From cycle SOUP_FROM (5) on, each cycle's f_phi is averaged with the model it started from
 # (`fer-cam average`, a model soup: the two lie in one basin) and the mean, with a CARD head
 # trained on its frozen encoder, is the model the next cycle starts from. Then the calibration
@@ -24,6 +27,7 @@ bin=${FER_CAM_BIN:-./target/release/fer-cam}  # FER_CAM_BIN=PATH: another build
 recipes=${RECIPES:-models/fer2013}  # RECIPES=DIR: another recipe set (tests use tiny ones)
 tta=${TTA:-flip}  # the test-time views the temperatures are fitted under and the model runs with
 soup_from=${SOUP_FROM:-5}  # the first cycle that is averaged with the model it started from
+teacher_dir=${TEACHER:-}  # TEACHER=DIR: the first distilled cycle's teacher
 
 # Runs `fer-cam train STAGE` in DIR unless DIR/done-STAGE exists; continues a begun stage.
 train() {
@@ -43,6 +47,21 @@ train() {
 }
 
 mkdir -p "$run"
+if [ -z "$teacher_dir" ] && [ -e "$recipes/teacher.rev" ]; then
+  # The earlier built-in model, from git history (it is not in the working tree any more).
+  teacher_dir=$run/teacher
+  if [ ! -e "$teacher_dir/model.safetensors" ]; then
+    rev=$(tr -d '[:space:]' < "$recipes/teacher.rev")
+    mkdir -p "$teacher_dir"
+    for f in config.json model.safetensors; do
+      git -C "$recipes" show "$rev:./$f" > "$teacher_dir/$f.part" || {
+        echo "cannot read $recipes/$f at $rev from git: set TEACHER=DIR (see MODEL_CARD.md)" >&2
+        exit 2
+      }
+      mv "$teacher_dir/$f.part" "$teacher_dir/$f"
+    done
+  fi
+fi
 train all "$run/base" --config "$recipes/recipe.json"
 prev=$run/base
 while read -r cycle; do
@@ -50,14 +69,18 @@ while read -r cycle; do
   name=${name#recipe-}
   dir=$run/$name
   teacher=()
-  grep -q '"distill"' "$cycle" && teacher=(--teacher "$prev/card/model")
+  if grep -q '"distill"' "$cycle"; then
+    teacher=(--teacher "${teacher_dir:-$prev/card/model}")
+    teacher_dir=
+  fi
   train classifier "$dir" --config "$cycle" --init "$prev/classifier/model" "${teacher[@]}"
   n=${name#cycle}
   case $n in
     '' | *[!0-9]*) echo "$cycle: recipe names are recipe-cycleN.json, N a number" >&2; exit 2 ;;
   esac
   if [ "$n" -lt "$soup_from" ]; then
-    train card "$dir" --config "$cycle"
+    # (--teacher again only so that the run's config.json keeps naming the teacher used.)
+    train card "$dir" --config "$cycle" "${teacher[@]}"
     prev=$dir
     continue
   fi

@@ -1,7 +1,9 @@
 //! `scripts/ship-model.sh`, the recipe that builds the shipped model, end to end on tiny recipes
 //! and synthetic data: `train all`, plain cycles, distilled cycles that are averaged with the
 //! model they started from (SOUP_FROM on) and that the next cycle starts from, the calibrations
-//! and the export; a second run skips every finished stage.
+//! and the export; a second run skips every finished stage. The first distilled cycle's teacher
+//! comes from TEACHER, from the git revision in the recipe set's `teacher.rev`, or else is the
+//! cycle before it.
 
 mod common;
 
@@ -15,40 +17,28 @@ fn write_recipe(path: &Path, cfg: &TrainConfig) {
     std::fs::write(path, serde_json::to_string_pretty(cfg).unwrap()).unwrap();
 }
 
-fn ship(repo: &Path, recipes: &Path, data: &Path, run: &Path) -> std::process::Output {
-    Command::new("bash")
-        .arg(repo.join("scripts/ship-model.sh"))
+fn ship(recipes: &Path, data: &Path, run: &Path, teacher: Option<&Path>) -> std::process::Output {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo.join("scripts/ship-model.sh"))
         .arg(data)
         .arg(run)
         .env("RECIPES", recipes)
         .env("SOUP_FROM", "3")
         .env("FER_CAM_BIN", common::bin())
         .env("FER_CAM_CACHE", run.join("cache"))
-        .output()
-        .unwrap()
+        .env_remove("TEACHER");
+    if let Some(t) = teacher {
+        cmd.env("TEACHER", t);
+    }
+    cmd.output().unwrap()
 }
 
-fn json(path: &Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
-}
-
-fn config(dir: &Path) -> serde_json::Value {
-    json(&dir.join("config.json"))
-}
-
-fn modified(path: &Path) -> std::time::SystemTime {
-    std::fs::metadata(path).unwrap().modified().unwrap()
-}
-
-#[test]
-fn ship_script_runs_every_stage_in_order_and_skips_them_when_run_again() {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("fer.csv");
-    common::write_fer_csv(&data, 24);
-    let recipes = tmp.path().join("recipes");
-    std::fs::create_dir_all(&recipes).unwrap();
-    let mut cfg = TrainConfig::new(data.clone(), tmp.path().join("unused"));
+/// A tiny recipe set in `recipes`: recipe.json, then recipe-cycleN.json for each N in `cycles`,
+/// distilled from cycle `distill_from` on.
+fn write_recipes(recipes: &Path, data: &Path, cycles: &[u32], distill_from: u32) {
+    std::fs::create_dir_all(recipes).unwrap();
+    let mut cfg = TrainConfig::new(data.to_path_buf(), recipes.join("unused"));
     cfg.model.encoder.stem = Stem::Conv7x7Pool;
     cfg.model.encoder.widths = [8, 16, 16, 32];
     cfg.model.encoder.blocks = [1, 1, 1, 1];
@@ -68,22 +58,87 @@ fn ship_script_runs_every_stage_in_order_and_skips_them_when_run_again() {
         *epochs = 1;
     }
     write_recipe(&recipes.join("recipe.json"), &cfg);
-    write_recipe(&recipes.join("recipe-cycle2.json"), &cfg);
-    // Distilled from cycle 3 on (the teacher path is the script's to set).
-    cfg.classifier.distill = Some(DistillConfig::new("set-by-the-script".into()));
-    for n in [3, 4] {
+    for &n in cycles {
+        // The teacher path is the script's to set.
+        cfg.classifier.distill =
+            (n >= distill_from).then(|| DistillConfig::new("set-by-the-script".into()));
         write_recipe(&recipes.join(format!("recipe-cycle{n}.json")), &cfg);
     }
+}
+
+/// A tiny untrained model (`fer-cam init`) in `dir`.
+fn init_model(dir: &Path) {
+    let o = Command::new(common::bin())
+        .args(["init", "--stem", "conv7x7_pool", "--out"])
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let o = Command::new("git")
+        .arg("-C")
+        .arg(dir)
+        .args(["-c", "user.name=t", "-c", "user.email=t@example.invalid"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).trim().to_string()
+}
+
+fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn config(dir: &Path) -> serde_json::Value {
+    json(&dir.join("config.json"))
+}
+
+fn modified(path: &Path) -> std::time::SystemTime {
+    std::fs::metadata(path).unwrap().modified().unwrap()
+}
+
+#[test]
+fn ship_script_runs_every_stage_in_order_and_skips_them_when_run_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("fer.csv");
+    common::write_fer_csv(&data, 24);
+    let recipes = tmp.path().join("recipes");
+    write_recipes(&recipes, &data, &[2, 3, 4], 3);
+    // The recipe set names its first teacher by a git revision; the files are gone from the
+    // working tree since, as the built-in model's are when a new one replaces it.
+    let teacher = tmp.path().join("teacher");
+    init_model(&teacher);
+    git(&recipes, &["init", "-q"]);
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(teacher.join(f), recipes.join(f)).unwrap();
+    }
+    git(&recipes, &["add", "config.json", "model.safetensors"]);
+    git(&recipes, &["commit", "-q", "-m", "teacher"]);
+    let rev = git(&recipes, &["rev-parse", "HEAD"]);
+    git(&recipes, &["rm", "-q", "config.json", "model.safetensors"]);
+    std::fs::write(recipes.join("teacher.rev"), format!("{rev}\n")).unwrap();
 
     let run = tmp.path().join("run");
-    let o = ship(repo, &recipes, &data, &run);
+    let o = ship(&recipes, &data, &run, None);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
     let path = |p: &str| run.join(p).to_str().unwrap().to_string();
-    // Each cycle started from the model before it and learned from it where distilled.
-    let teacher = |dir: &str| config(&run.join(dir))["classifier"]["distill"]["teacher"].clone();
-    assert_eq!(teacher("cycle3"), path("cycle2/card/model").as_str());
-    assert_eq!(teacher("cycle4"), path("soup3/card/model").as_str());
+    // Each cycle started from the model before it; the first distilled one learned from the
+    // revision's model, the next from the model before it.
+    let teacher_of = |dir: &str| config(&run.join(dir))["classifier"]["distill"]["teacher"].clone();
+    assert_eq!(teacher_of("cycle3"), path("teacher").as_str());
+    for f in ["config.json", "model.safetensors"] {
+        let extracted = std::fs::read(run.join("teacher").join(f)).unwrap();
+        assert_eq!(extracted, std::fs::read(teacher.join(f)).unwrap(), "{f}");
+    }
+    assert_eq!(teacher_of("cycle4"), path("soup3/card/model").as_str());
     assert!(config(&run.join("cycle2"))["classifier"]["distill"].is_null());
     // Cycles before SOUP_FROM got a head of their own; from it on the soups did, and the last
     // soup is what was calibrated and exported.
@@ -109,10 +164,30 @@ fn ship_script_runs_every_stage_in_order_and_skips_them_when_run_again() {
     // Again: nothing left to do, nothing rewritten.
     let exported = run.join("export/model.safetensors");
     let before = modified(&exported);
-    let o = ship(repo, &recipes, &data, &run);
+    let o = ship(&recipes, &data, &run, None);
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
     assert!(!err.contains("train "), "a stage ran again:\n{err}");
     let after = modified(&exported);
     assert_eq!(before, after);
+}
+
+#[test]
+fn ship_script_takes_the_first_teacher_from_the_environment_then_the_cycle_before() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("fer.csv");
+    common::write_fer_csv(&data, 24);
+    let recipes = tmp.path().join("recipes");
+    write_recipes(&recipes, &data, &[2, 3], 2);
+    let teacher = tmp.path().join("teacher");
+    init_model(&teacher);
+    let run = tmp.path().join("run");
+    let o = ship(&recipes, &data, &run, Some(&teacher));
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(o.status.success(), "{err}");
+    let teacher_of = |dir: &str| config(&run.join(dir))["classifier"]["distill"]["teacher"].clone();
+    assert_eq!(teacher_of("cycle2"), teacher.to_str().unwrap());
+    let prev = run.join("cycle2/card/model");
+    assert_eq!(teacher_of("cycle3"), prev.to_str().unwrap());
+    assert!(!run.join("teacher").exists());
 }

@@ -70,6 +70,36 @@ fn embedded_model_is_the_committed_one_and_calibrated() {
     assert!(header.contains("\"F16\""));
 }
 
+/// The recipe set beside the model (`scripts/ship-model.sh`'s input) builds the architecture
+/// that ships, and names its first teacher by a full git revision.
+#[test]
+fn recipes_build_the_shipped_architecture() {
+    let dir = models_dir();
+    let loaded = embedded::load(&Device::Cpu).unwrap();
+    let mut recipes = 0;
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let p = e.unwrap().path();
+        let name = p.file_name().unwrap().to_string_lossy().to_string();
+        if !(name.starts_with("recipe") && name.ends_with(".json")) {
+            continue;
+        }
+        let cfg: fer_cam::train::TrainConfig =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        cfg.validate().unwrap();
+        assert_eq!(cfg.model.encoder, loaded.config.encoder, "{name}");
+        assert_eq!(cfg.model.classes, loaded.config.classes, "{name}");
+        recipes += 1;
+    }
+    assert!(recipes >= 2, "{recipes} recipes in {}", dir.display());
+    if let Ok(rev) = std::fs::read_to_string(dir.join("teacher.rev")) {
+        let rev = rev.trim();
+        assert!(
+            rev.len() == 40 && rev.bytes().all(|b| b.is_ascii_hexdigit()),
+            "teacher.rev: {rev:?}"
+        );
+    }
+}
+
 /// `run` with no `--model` works from a directory with no `models/` beside the binary.
 #[test]
 fn run_without_model_uses_the_embedded_one() {
