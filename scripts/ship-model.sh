@@ -6,11 +6,11 @@
 # the first distilled cycle's teacher is TEACHER=DIR if given, else the model the recipe set
 # names in RECIPES/teacher.rev (a git revision: the config.json and model.safetensors that
 # RECIPES held then are extracted to RUN_DIR/teacher), else the previous model).
-# From cycle SOUP_FROM (5) on, each cycle's f_phi is averaged with the model it started from
+# From cycle SOUP_FROM (4) on, each cycle's f_phi is averaged with the model it started from
 # (`fer-cam average`, a model soup: the two lie in one basin) and the mean, with a CARD head
 # trained on its frozen encoder, is the model the next cycle starts from. Then the calibration
 # on PublicTest under the shipped test-time views (flip: each face and its mirror image) and the
-# f16 export. Everything is written under RUN_DIR (base/, cycle2/, ..., soup5/, ...,
+# f16 export. Everything is written under RUN_DIR (base/, cycle2/, ..., soup4/, ...,
 # calibration/, export/); nothing in the repository is replaced. Compare RUN_DIR/export with
 # models/fer2013, then copy it (and RUN_DIR/calibration/*) over by hand.
 #
@@ -26,7 +26,7 @@ run=${2:?$usage}
 bin=${FER_CAM_BIN:-./target/release/fer-cam}  # FER_CAM_BIN=PATH: another build
 recipes=${RECIPES:-models/fer2013}  # RECIPES=DIR: another recipe set (tests use tiny ones)
 tta=${TTA:-flip}  # the test-time views the temperatures are fitted under and the model runs with
-soup_from=${SOUP_FROM:-5}  # the first cycle that is averaged with the model it started from
+soup_from=${SOUP_FROM:-4}  # the first cycle that is averaged with the model it started from
 teacher_dir=${TEACHER:-}  # TEACHER=DIR: the first distilled cycle's teacher
 
 # Runs `fer-cam train STAGE` in DIR unless DIR/done-STAGE exists; continues a begun stage.
