@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use fer_cam::config::Stem;
@@ -66,6 +66,20 @@ fn write_recipes(recipes: &Path, data: &Path, cycles: &[u32], distill_from: u32)
     }
 }
 
+/// A temporary directory with synthetic FER2013 data (`fer.csv`) and a tiny recipe set
+/// (`recipes/`, see `write_recipes`).
+fn synthetic_data_and_recipes(
+    cycles: &[u32],
+    distill_from: u32,
+) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("fer.csv");
+    common::write_fer_csv(&data, 24);
+    let recipes = tmp.path().join("recipes");
+    write_recipes(&recipes, &data, cycles, distill_from);
+    (tmp, data, recipes)
+}
+
 /// A tiny untrained model (`fer-cam init`) in `dir`.
 fn init_model(dir: &Path) {
     let o = Command::new(common::bin())
@@ -106,11 +120,7 @@ fn modified(path: &Path) -> std::time::SystemTime {
 
 #[test]
 fn ship_script_runs_every_stage_in_order_and_skips_them_when_run_again() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("fer.csv");
-    common::write_fer_csv(&data, 24);
-    let recipes = tmp.path().join("recipes");
-    write_recipes(&recipes, &data, &[2, 3, 4], 3);
+    let (tmp, data, recipes) = synthetic_data_and_recipes(&[2, 3, 4], 3);
     // The recipe set names its first teacher by a git revision; the files are gone from the
     // working tree since, as the built-in model's are when a new one replaces it.
     let teacher = tmp.path().join("teacher");
@@ -174,11 +184,7 @@ fn ship_script_runs_every_stage_in_order_and_skips_them_when_run_again() {
 
 #[test]
 fn ship_script_takes_the_first_teacher_from_the_environment_then_the_cycle_before() {
-    let tmp = tempfile::tempdir().unwrap();
-    let data = tmp.path().join("fer.csv");
-    common::write_fer_csv(&data, 24);
-    let recipes = tmp.path().join("recipes");
-    write_recipes(&recipes, &data, &[2, 3], 2);
+    let (tmp, data, recipes) = synthetic_data_and_recipes(&[2, 3], 2);
     let teacher = tmp.path().join("teacher");
     init_model(&teacher);
     let run = tmp.path().join("run");
