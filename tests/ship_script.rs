@@ -114,6 +114,11 @@ fn config(dir: &Path) -> serde_json::Value {
     json(&dir.join("config.json"))
 }
 
+/// The teacher a run's `dir` recorded in its config (`classifier.distill.teacher`).
+fn teacher_of(run: &Path, dir: &str) -> serde_json::Value {
+    config(&run.join(dir))["classifier"]["distill"]["teacher"].clone()
+}
+
 fn modified(path: &Path) -> std::time::SystemTime {
     std::fs::metadata(path).unwrap().modified().unwrap()
 }
@@ -142,13 +147,15 @@ fn ship_script_runs_every_stage_in_order_and_skips_them_when_run_again() {
     let path = |p: &str| run.join(p).to_str().unwrap().to_string();
     // Each cycle started from the model before it; the first distilled one learned from the
     // revision's model, the next from the model before it.
-    let teacher_of = |dir: &str| config(&run.join(dir))["classifier"]["distill"]["teacher"].clone();
-    assert_eq!(teacher_of("cycle3"), path("teacher").as_str());
+    assert_eq!(teacher_of(&run, "cycle3"), path("teacher").as_str());
     for f in ["config.json", "model.safetensors"] {
         let extracted = std::fs::read(run.join("teacher").join(f)).unwrap();
         assert_eq!(extracted, std::fs::read(teacher.join(f)).unwrap(), "{f}");
     }
-    assert_eq!(teacher_of("cycle4"), path("soup3/card/model").as_str());
+    assert_eq!(
+        teacher_of(&run, "cycle4"),
+        path("soup3/card/model").as_str()
+    );
     assert!(config(&run.join("cycle2"))["classifier"]["distill"].is_null());
     // Cycles before SOUP_FROM got a head of their own; from it on the soups did, and the last
     // soup is what was calibrated and exported.
@@ -191,9 +198,8 @@ fn ship_script_takes_the_first_teacher_from_the_environment_then_the_cycle_befor
     let o = ship(&recipes, &data, &run, Some(&teacher));
     let err = String::from_utf8_lossy(&o.stderr).to_string();
     assert!(o.status.success(), "{err}");
-    let teacher_of = |dir: &str| config(&run.join(dir))["classifier"]["distill"]["teacher"].clone();
-    assert_eq!(teacher_of("cycle2"), teacher.to_str().unwrap());
+    assert_eq!(teacher_of(&run, "cycle2"), teacher.to_str().unwrap());
     let prev = run.join("cycle2/card/model");
-    assert_eq!(teacher_of("cycle3"), prev.to_str().unwrap());
+    assert_eq!(teacher_of(&run, "cycle3"), prev.to_str().unwrap());
     assert!(!run.join("teacher").exists());
 }
