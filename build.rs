@@ -1,13 +1,16 @@
-//! Compiles the trained model in `models/fer2013/` into the binary when it is there (it is in
-//! every release; a checkout without it builds a fer-cam that needs `--model`).
+//! Compiles the trained models in `models/fer2013/` and `models/ferplus/` into the binary when
+//! the checkout has them (every release does; a checkout without one builds a fer-cam that
+//! lacks that built-in model).
 
 use std::path::Path;
 
 fn main() {
-    println!("cargo::rerun-if-changed=models/fer2013");
-    println!("cargo::rustc-check-cfg=cfg(fer_cam_builtin_model)");
-    let dir = Path::new("models/fer2013");
-    if dir.join("config.json").is_file() && dir.join("model.safetensors").is_file() {
-        println!("cargo::rustc-cfg=fer_cam_builtin_model");
+    for name in ["fer2013", "ferplus"] {
+        println!("cargo::rerun-if-changed=models/{name}");
+        println!("cargo::rustc-check-cfg=cfg(fer_cam_builtin_{name})");
+        let dir = Path::new("models").join(name);
+        if dir.join("config.json").is_file() && dir.join("model.safetensors").is_file() {
+            println!("cargo::rustc-cfg=fer_cam_builtin_{name}");
+        }
     }
 }

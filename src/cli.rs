@@ -57,8 +57,9 @@ pub struct ReportArgs {
 /// The model and how it classifies: shared by `run`, `eval` and `calibrate`.
 #[derive(Debug, Args)]
 pub struct ClassifierArgs {
-    /// Model directory (config.json + model.safetensors) [default: the trained FER2013 model
-    /// built into fer-cam].
+    /// A built-in model by name, `fer2013` (FER2013's seven classes) or `ferplus` (FER+'s
+    /// eight, trained on the crowd's votes), or a model directory (config.json +
+    /// model.safetensors) [default: fer2013].
     #[arg(long)]
     pub model: Option<PathBuf>,
     /// CARD samples per face [default: the model's].
@@ -187,6 +188,27 @@ pub struct RunArgs {
     /// files and stdin]. 0 = no limit.
     #[arg(long, allow_negative_numbers = true)]
     pub max_fps: Option<f64>,
+    #[command(flatten)]
+    pub face: FaceArgs,
+    /// Per-track smoothing: weight of the newest probabilities (1 = off).
+    #[arg(allow_negative_numbers = true, long, default_value_t = 1.0)]
+    pub smooth: f32,
+    /// Seconds between status lines (0: none).
+    #[arg(allow_negative_numbers = true, long, default_value_t = 5.0)]
+    pub status_every: f64,
+    /// Print a latency / fps / drops summary to stderr at exit.
+    #[arg(long)]
+    pub stats: bool,
+    /// Also write every processed frame with boxes, track ids, labels and probability bars
+    /// (dashed box: uncertain) as YUV4MPEG2: a new file, a FIFO, or `>(ffplay -i -)` for a live
+    /// preview. Never replaces an existing file. JSON on stdout is unchanged.
+    #[arg(long, value_name = "PATH")]
+    pub annotate: Option<PathBuf>,
+}
+
+/// The face stage's settings, shared by `run` and `eval --through-pipeline`.
+#[derive(Debug, Args)]
+pub struct FaceArgs {
     /// Downscale full frames to this width for detection (0: never) [default: 320 for video,
     /// 0 for stills].
     #[arg(long)]
@@ -207,20 +229,42 @@ pub struct RunArgs {
     /// Crop margin around the face box (fraction of its side, each side).
     #[arg(allow_negative_numbers = true, long, default_value_t = 0.1)]
     pub margin: f32,
-    /// Per-track smoothing: weight of the newest probabilities (1 = off).
-    #[arg(allow_negative_numbers = true, long, default_value_t = 1.0)]
-    pub smooth: f32,
-    /// Seconds between status lines (0: none).
-    #[arg(allow_negative_numbers = true, long, default_value_t = 5.0)]
-    pub status_every: f64,
-    /// Print a latency / fps / drops summary to stderr at exit.
-    #[arg(long)]
-    pub stats: bool,
-    /// Also write every processed frame with boxes, track ids, labels and probability bars
-    /// (dashed box: uncertain) as YUV4MPEG2: a new file, a FIFO, or `>(ffplay -i -)` for a live
-    /// preview. Never replaces an existing file. JSON on stdout is unchanged.
-    #[arg(long, value_name = "PATH")]
-    pub annotate: Option<PathBuf>,
+}
+
+/// How `eval --through-pipeline` renders each test image into a frame (every draw seeded by
+/// `--render-seed` and the image's index).
+#[derive(Debug, Args)]
+pub struct RenderArgs {
+    /// Seed of every render draw.
+    #[arg(long, default_value_t = 0)]
+    pub render_seed: u64,
+    /// Frame size, e.g. 640x480.
+    #[arg(long, default_value = "640x480")]
+    pub render_frame: String,
+    /// Face side in frame pixels, MIN-MAX (uniform).
+    #[arg(long, default_value = "64-256")]
+    pub render_face: String,
+    /// In-plane rotation, uniform in ±DEG.
+    #[arg(long, default_value_t = 10.0)]
+    pub render_roll: f32,
+    /// Lighting gain range LO-HI.
+    #[arg(long, default_value = "0.7-1.3")]
+    pub render_gain: String,
+    /// Lighting gamma range LO-HI.
+    #[arg(long, default_value = "0.8-1.25")]
+    pub render_gamma: String,
+    /// Share of frames downscaled (a lower-resolution webcam) and scaled back.
+    #[arg(long, default_value_t = 0.3)]
+    pub render_downscale_p: f32,
+    /// Smallest downscaling factor.
+    #[arg(long, default_value_t = 0.5)]
+    pub render_downscale_min: f32,
+    /// Largest Gaussian blur sigma (pixels).
+    #[arg(long, default_value_t = 1.0)]
+    pub render_blur: f32,
+    /// Largest sensor-noise standard deviation (gray levels).
+    #[arg(long, default_value_t = 4.0)]
+    pub render_noise: f32,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -301,6 +345,17 @@ impl TrainArgs {
     ) -> anyhow::Result<()> {
         cfg.data = self.source.data.clone();
         cfg.run_dir = self.run_dir.clone();
+        match (&self.source.labels, &cfg.labels) {
+            (Some(l), _) => {
+                cfg.labels = Some(l.clone());
+                cfg.labels_unverified = self.source.labels_unverified;
+            }
+            (None, Some(_)) => anyhow::bail!(
+                "this recipe trains on FER+ votes: pass --labels ferplus_labels.csv (the FER+ \
+                 vote file of the --data rows)"
+            ),
+            (None, None) => {}
+        }
         cfg.cache_dir = cache_dir;
         if let Some(s) = &self.stem {
             cfg.model.encoder.stem = s.parse::<Stem>()?;
@@ -355,6 +410,14 @@ pub struct DataSource {
     /// Cache directory [default: $FER_CAM_CACHE, $XDG_CACHE_HOME/fer-cam or ~/.cache/fer-cam].
     #[arg(long)]
     pub cache_dir: Option<PathBuf>,
+    /// FER+ crowd votes for the same rows (fer2013new.csv / ferplus_labels.csv): label each
+    /// image with its majority over FER+'s eight classes, leaving out rows whose majority is
+    /// "unknown", "not a face" or shared.
+    #[arg(long)]
+    pub labels: Option<PathBuf>,
+    /// Accept a --labels file whose sha256 is not FER+'s.
+    #[arg(long, requires = "labels")]
+    pub labels_unverified: bool,
 }
 
 #[derive(Debug, Args)]
@@ -406,6 +469,15 @@ pub struct EvalArgs {
     /// No progress bar on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// Render each image into a camera-like frame and score it through `run`'s own face stage
+    /// (detection, crop) as well as on its own crop: faces found, accuracy over all and over
+    /// found faces, crop framing (the --render-* and face-stage options below).
+    #[arg(long)]
+    pub through_pipeline: bool,
+    #[command(flatten)]
+    pub render: RenderArgs,
+    #[command(flatten)]
+    pub face: FaceArgs,
 }
 
 #[derive(Debug, Args)]

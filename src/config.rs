@@ -17,6 +17,25 @@ pub const FER2013_CLASSES: [&str; 7] = [
     "angry", "disgust", "fear", "happy", "sad", "surprise", "neutral",
 ];
 
+/// A class name in the form fer-cam compares names in: trimmed, lower case, and the usual
+/// synonyms of the basic emotions folded onto FER2013's names (`happiness` → `happy`, `anger` →
+/// `angry`, …), so that any model can be scored on any label set by name.
+pub fn canonical_class(name: &str) -> String {
+    let lower = name.trim().to_lowercase();
+    let folded = match lower.as_str() {
+        "anger" | "angered" => "angry",
+        "disgusted" => "disgust",
+        "fearful" | "afraid" | "scared" => "fear",
+        "happiness" | "joy" | "happy" => "happy",
+        "sadness" | "sad" => "sad",
+        "surprised" => "surprise",
+        "neutrality" => "neutral",
+        "contemptuous" => "contempt",
+        other => other,
+    };
+    folded.to_string()
+}
+
 /// The encoder's first layer. It sets both accuracy and real-time cost, so it is recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]

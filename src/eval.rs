@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::config::canonical_class;
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::infer::{Classifier, Tta};
@@ -62,27 +63,85 @@ pub struct EvalReport {
     pub confusion: Vec<Vec<usize>>,
     pub ece: f64,
     pub nll: f64,
+    /// Against the data's label distributions (a crowd's votes), when it has them: mean
+    /// cross-entropy `−Σ q·ln p`, and the ECE of the top class against its share of the votes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soft_nll: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub soft_ece: Option<f64>,
+    /// Images of the split whose class the model does not have, by class (not scored).
+    pub left_out: Vec<LeftOutClass>,
+    /// Data classes the model has no class of that name for: a prediction of such a model class
+    /// is always wrong.
+    pub model_only_classes: Vec<String>,
+    /// Rows of the split the label set itself left out (FER+: majority unknown, not a face, or
+    /// shared), set by the caller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_rows_left_out: Option<crate::data::ferplus::LeftOut>,
     pub wall_seconds: f64,
     pub images_per_second: f64,
 }
 
-/// Runs the classifier over every image of `data` (already restricted to one split).
-/// `progress(done)` is called after each batch.
+/// Images of one class left out of the scoring.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LeftOutClass {
+    pub class: String,
+    pub images: usize,
+}
+
+/// For each of the data's classes, the model's class of the same name (by
+/// [`crate::config::canonical_class`]). At least one name must be shared.
+pub fn match_classes(model: &[String], data: &[String]) -> Result<Vec<Option<usize>>> {
+    let model_names: Vec<String> = model.iter().map(|c| canonical_class(c)).collect();
+    let map: Vec<Option<usize>> = data
+        .iter()
+        .map(|d| {
+            let d = canonical_class(d);
+            model_names.iter().position(|m| *m == d)
+        })
+        .collect();
+    if map.iter().all(Option::is_none) {
+        return Err(Error::Config(format!(
+            "the model's classes [{}] share no name with the data's [{}]",
+            crate::log::escape(&model.join(", ")),
+            crate::log::escape(&data.join(", "))
+        )));
+    }
+    Ok(map)
+}
+
+/// Runs the classifier over every image of `data` (already restricted to one split), matching
+/// the model's classes to the data's by name: images of a class the model lacks are left out
+/// (and counted), and a prediction of a class the data lacks counts as wrong. Metrics are in
+/// the model's classes. `progress(done)` is called after each batch.
 pub fn evaluate(
     classifier: &mut Classifier,
     data: &Dataset,
     opts: &EvalOptions,
     mut progress: impl FnMut(usize),
 ) -> Result<EvalReport> {
+    let model_classes = classifier.config().classes.clone();
+    let to_model = match_classes(&model_classes, &data.class_names)?;
+    let left_out: Vec<LeftOutClass> = data
+        .class_counts()
+        .into_iter()
+        .zip(&data.class_names)
+        .zip(&to_model)
+        .filter(|((n, _), m)| m.is_none() && *n > 0)
+        .map(|((images, class), _)| LeftOutClass {
+            class: class.clone(),
+            images,
+        })
+        .collect();
+    let model_only_classes: Vec<String> = model_classes
+        .iter()
+        .enumerate()
+        .filter(|(m, _)| !to_model.contains(&Some(*m)))
+        .map(|(_, c)| c.clone())
+        .collect();
+    let data = &data.select(|i| to_model[data.labels[i] as usize].is_some());
     if data.is_empty() {
         return Err(Error::Msg("no images to evaluate".into()));
-    }
-    if data.class_names != classifier.config().classes {
-        return Err(Error::Config(format!(
-            "the data's classes [{}] differ from the model's [{}]",
-            data.class_names.join(", "),
-            classifier.config().classes.join(", ")
-        )));
     }
     if classifier.config().input.size != crate::data::FACE_SIZE {
         return Err(Error::Config(format!(
@@ -100,7 +159,27 @@ pub fn evaluate(
         progress((k * batch + chunk.len() / px).min(data.len()));
     }
     let wall = start.elapsed().as_secs_f64();
-    let labels: Vec<usize> = data.labels.iter().map(|&l| l as usize).collect();
+    let labels: Vec<usize> = data
+        .labels
+        .iter()
+        .filter_map(|&l| to_model[l as usize])
+        .collect();
+    // The votes in the model's classes: a data class without a model class drops out, and the
+    // rest are renormalised.
+    let targets: Option<Vec<Vec<f32>>> = (!data.soft.is_empty()).then(|| {
+        (0..data.len())
+            .map(|i| {
+                let mut q = vec![0f32; model_classes.len()];
+                for (d, &v) in data.soft_row(i).unwrap_or(&[]).iter().enumerate() {
+                    if let Some(m) = to_model[d] {
+                        q[m] += v;
+                    }
+                }
+                let total: f32 = q.iter().sum();
+                q.iter().map(|v| v / total.max(1e-12)).collect()
+            })
+            .collect()
+    });
     let pred: Vec<usize> = preds.iter().map(|p| p.card.label).collect();
     let fphi: Vec<usize> = preds
         .iter()
@@ -114,14 +193,14 @@ pub fn evaluate(
         .map(|p| p.get(metrics::argmax(p)).copied().unwrap_or(0.0))
         .collect();
     let alpha = classifier.config().card.alpha;
-    let confusion = metrics::confusion_matrix(&pred, &labels, data.class_names.len());
+    let confusion = metrics::confusion_matrix(&pred, &labels, model_classes.len());
     let sampler = classifier.sampler();
     Ok(EvalReport {
         model: String::new(),
         data: String::new(),
         split: String::new(),
         images: data.len(),
-        classes: data.class_names.clone(),
+        classes: model_classes,
         samples: classifier.samples_per_face(),
         steps: sampler.steps,
         seed: sampler.seed,
@@ -139,6 +218,13 @@ pub fn evaluate(
         confusion,
         ece: metrics::ece(&probs, &labels, opts.ece_bins),
         nll: metrics::nll(&probs, &labels),
+        soft_nll: targets.as_ref().map(|q| metrics::soft_nll(&probs, q)),
+        soft_ece: targets
+            .as_ref()
+            .map(|q| metrics::soft_ece(&probs, q, opts.ece_bins)),
+        left_out,
+        model_only_classes,
+        label_rows_left_out: None,
         wall_seconds: wall,
         images_per_second: data.len() as f64 / wall.max(1e-9),
     })
@@ -187,6 +273,33 @@ impl fmt::Display for EvalReport {
             100.0 * self.pavpu_threshold
         )?;
         writeln!(f, "ECE: {:.4}   NLL: {:.4}", self.ece, self.nll)?;
+        if let (Some(e), Some(n)) = (self.soft_ece, self.soft_nll) {
+            writeln!(f, "against the votes: ECE {e:.4}   NLL {n:.4}")?;
+        }
+        if let Some(l) = &self.label_rows_left_out {
+            writeln!(
+                f,
+                "left out by the labels: {} rows ({} unknown, {} not a face, {} without a single majority)",
+                l.total(),
+                l.unknown,
+                l.not_a_face,
+                l.tie
+            )?;
+        }
+        for l in &self.left_out {
+            writeln!(
+                f,
+                "left out: {} images of {:?}, a class the model does not have",
+                l.images, l.class
+            )?;
+        }
+        if !self.model_only_classes.is_empty() {
+            writeln!(
+                f,
+                "model classes the labels lack (always wrong when predicted): {}",
+                self.model_only_classes.join(", ")
+            )?;
+        }
         writeln!(f, "per-class recall:")?;
         let width = self
             .classes
@@ -196,7 +309,11 @@ impl fmt::Display for EvalReport {
             .unwrap_or(5)
             .max(5);
         for (c, r) in self.classes.iter().zip(&self.per_class_recall) {
-            writeln!(f, "  {c:>width$}  {:6.2}%", 100.0 * r)?;
+            if r.is_nan() {
+                writeln!(f, "  {c:>width$}       – (no images)")?;
+            } else {
+                writeln!(f, "  {c:>width$}  {:6.2}%", 100.0 * r)?;
+            }
         }
         writeln!(f, "confusion matrix (rows: true, columns: predicted):")?;
         write!(f, "  {:>width$}", "")?;
@@ -216,5 +333,34 @@ impl fmt::Display for EvalReport {
             "time: {:.1} s, {:.1} images/s",
             self.wall_seconds, self.images_per_second
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn names(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn classes_match_by_name_across_seven_and_eight() {
+        let seven = names(&crate::config::FER2013_CLASSES);
+        let eight = names(&crate::data::ferplus::FERPLUS_CLASSES);
+        // An 8-class model on 7-class labels: every label has its class; contempt is model-only.
+        let m = match_classes(&eight, &seven).unwrap();
+        assert_eq!(m, (0..7).map(Some).collect::<Vec<_>>());
+        // A 7-class model on 8-class labels: contempt rows have no class.
+        let m = match_classes(&seven, &eight).unwrap();
+        assert_eq!(m[7], None);
+        assert_eq!(m[3], Some(3));
+        // Synonyms and another order.
+        let m = match_classes(&names(&["Happiness", "anger"]), &seven).unwrap();
+        assert_eq!(m[0], Some(1));
+        assert_eq!(m[3], Some(0));
+        assert_eq!(m[2], None);
+        let e = match_classes(&names(&["cat", "dog"]), &seven).unwrap_err();
+        assert!(e.to_string().contains("share no name"), "{e}");
     }
 }

@@ -100,7 +100,12 @@ impl Classifier {
 
     /// Loads the default model compiled into this build ([`crate::model::embedded`]).
     pub fn load_embedded(device: &Device) -> Result<Self> {
-        let loaded = crate::model::embedded::load(device)?;
+        Self::load_builtin(crate::model::embedded::DEFAULT, device)
+    }
+
+    /// Loads the built-in model `name` ([`crate::model::embedded::NAMES`]).
+    pub fn load_builtin(name: &str, device: &Device) -> Result<Self> {
+        let loaded = crate::model::embedded::load(name, device)?;
         Self::new(loaded.config, loaded.model, device.clone())
     }
 

@@ -33,6 +33,7 @@ pub mod error;
 pub mod eval;
 pub mod face;
 pub mod fsutil;
+pub mod harness;
 pub mod infer;
 pub mod kernels;
 pub mod log;

@@ -294,16 +294,25 @@ pub struct ReliabilityBin {
 
 /// Top-class confidence against accuracy over `bins` equal-width bins (the last bin includes 1).
 pub fn reliability(probs: &[Vec<f32>], labels: &[usize], bins: usize) -> Vec<ReliabilityBin> {
+    reliability_by(probs, bins, |i, k| (labels.get(i) == Some(&k)) as u8 as f64)
+}
+
+/// [`reliability`] where image `i`'s top class `k` is right to the degree `hit(i, k)` in [0, 1].
+fn reliability_by(
+    probs: &[Vec<f32>],
+    bins: usize,
+    hit: impl Fn(usize, usize) -> f64,
+) -> Vec<ReliabilityBin> {
     let mut count = vec![0usize; bins];
     let mut conf_sum = vec![0f64; bins];
     let mut acc_sum = vec![0f64; bins];
-    for (p, &l) in probs.iter().zip(labels) {
+    for (i, p) in probs.iter().enumerate() {
         let k = argmax(p);
         let c = p.get(k).copied().unwrap_or(0.0) as f64;
         let bin = ((c * bins as f64) as usize).min(bins - 1);
         count[bin] += 1;
         conf_sum[bin] += c;
-        acc_sum[bin] += (k == l) as u8 as f64;
+        acc_sum[bin] += hit(i, k);
     }
     (0..bins)
         .map(|b| {
@@ -330,6 +339,45 @@ pub fn ece(probs: &[Vec<f32>], labels: &[usize], bins: usize) -> f64 {
         .filter(|b| b.count > 0)
         .map(|b| b.count as f64 * (b.accuracy - b.confidence).abs() / n)
         .sum()
+}
+
+/// ECE against label distributions (a crowd's votes): per confidence bin, the mean top-class
+/// confidence against the mean share of the votes that the top class got.
+pub fn soft_ece(probs: &[Vec<f32>], targets: &[Vec<f32>], bins: usize) -> f64 {
+    assert_eq!(probs.len(), targets.len(), "one target row per image");
+    if targets.is_empty() || bins == 0 {
+        return f64::NAN;
+    }
+    let n = targets.len() as f64;
+    reliability_by(probs, bins, |i, k| {
+        targets[i].get(k).copied().unwrap_or(0.0) as f64
+    })
+    .iter()
+    .filter(|b| b.count > 0)
+    .map(|b| b.count as f64 * (b.accuracy - b.confidence).abs() / n)
+    .sum()
+}
+
+/// Mean cross-entropy `−Σ_c q_c · ln p_c` against label distributions q (p clamped at 1e-12).
+pub fn soft_nll(probs: &[Vec<f32>], targets: &[Vec<f32>]) -> f64 {
+    assert_eq!(probs.len(), targets.len(), "one target row per image");
+    if targets.is_empty() {
+        return f64::NAN;
+    }
+    let total: f64 = probs
+        .iter()
+        .zip(targets)
+        .map(|(p, q)| {
+            q.iter()
+                .enumerate()
+                .filter(|(_, &qc)| qc > 0.0)
+                .map(|(c, &qc)| {
+                    -(qc as f64) * (p.get(c).copied().unwrap_or(0.0) as f64).max(1e-12).ln()
+                })
+                .sum::<f64>()
+        })
+        .sum();
+    total / targets.len() as f64
 }
 
 /// Mean negative log-likelihood of the true class (probabilities clamped at 1e-12).
@@ -450,6 +498,23 @@ mod tests {
         assert_eq!(r[1], 1.0);
         assert!((r[2] - 2.0 / 3.0).abs() < 1e-12);
         assert!(per_class_recall(&[vec![0, 0], vec![0, 1]])[0].is_nan());
+    }
+
+    #[test]
+    fn soft_ece_and_nll_hand_values() {
+        // Two images, two classes. Image 0: p = [0.8, 0.2], votes [0.6, 0.4]; image 1:
+        // p = [0.3, 0.7], votes [0, 1]. Two bins: 0.8 and 0.7 both land in [0.5, 1].
+        let p = vec![vec![0.8, 0.2], vec![0.3, 0.7]];
+        let q = vec![vec![0.6, 0.4], vec![0.0, 1.0]];
+        // Bin confidence (0.8 + 0.7)/2 = 0.75, bin "accuracy" (0.6 + 1.0)/2 = 0.8.
+        assert!((soft_ece(&p, &q, 2) - 0.05).abs() < 1e-6);
+        // −(0.6 ln 0.8 + 0.4 ln 0.2) and −ln 0.7, averaged.
+        let want = (-(0.6 * 0.8f64.ln() + 0.4 * 0.2f64.ln()) - 0.7f64.ln()) / 2.0;
+        assert!((soft_nll(&p, &q) - want).abs() < 1e-6);
+        // One-hot votes give the hard-label numbers.
+        let hard = vec![vec![1.0, 0.0], vec![0.0, 1.0]];
+        assert!((soft_nll(&p, &hard) - nll(&p, &[0, 1])).abs() < 1e-9);
+        assert!((soft_ece(&p, &hard, 15) - ece(&p, &[0, 1], 15)).abs() < 1e-9);
     }
 
     #[test]

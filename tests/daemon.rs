@@ -704,3 +704,68 @@ fn a_closed_stderr_does_not_stop_the_run() {
     assert!(ls.iter().any(|l| l["type"] == "warning"));
     assert_eq!(ls.last().unwrap()["type"], "summary");
 }
+
+/// A model with FER+'s eight classes: the JSON names all eight, `--annotate` and `report` draw
+/// them, contempt in its own colour.
+#[test]
+fn eight_class_models_flow_through_run_annotate_and_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = tmp.path().join("m8");
+    let classes = fer_cam::data::ferplus::FERPLUS_CLASSES.join(",");
+    let o = run(&[
+        "init",
+        "--out",
+        m.to_str().unwrap(),
+        "--stem",
+        "conv7x7_pool",
+        "--classes",
+        &classes,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // The repository's face fixture, large enough for the full-frame search.
+    let face = image::GrayImage::from_raw(128, 128, common::face_fixture_128()).unwrap();
+    let big = image::imageops::resize(&face, 256, 256, image::imageops::FilterType::Triangle);
+    let still = tmp.path().join("face.png");
+    big.save(&still).unwrap();
+    let out = tmp.path().join("a.y4m");
+    let o = run_on(&m, &still, &["--annotate", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let json = lines(&o);
+    let faces: Vec<&Value> = json
+        .iter()
+        .filter(|v| v["type"] == "frame")
+        .flat_map(|v| v["faces"].as_array().unwrap())
+        .collect();
+    assert_eq!(faces.len(), 1, "{json:?}");
+    let probs = faces[0]["probs"].as_object().unwrap();
+    assert_eq!(
+        probs.keys().map(|k| k.as_str()).collect::<Vec<_>>(),
+        fer_cam::data::ferplus::FERPLUS_CLASSES
+    );
+    let (_, _, frames) = y4m_frames(&std::fs::read(&out).unwrap());
+    assert_eq!(frames.len(), 1);
+    let jsonl = tmp.path().join("run.jsonl");
+    std::fs::write(&jsonl, &o.stdout).unwrap();
+    let rep = tmp.path().join("report");
+    let r = run(&[
+        "report",
+        jsonl.to_str().unwrap(),
+        "--out",
+        rep.to_str().unwrap(),
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let page = std::fs::read_to_string(rep.join("index.html")).unwrap();
+    assert!(
+        page.contains("contempt"),
+        "the report names the eighth class"
+    );
+    let contempt = fer_cam::palette::class_rgb("contempt", 7);
+    for (i, c) in fer_cam::config::FER2013_CLASSES.iter().enumerate() {
+        assert_ne!(fer_cam::palette::class_rgb(c, i), contempt, "{c}");
+    }
+    // Named by a synonym, a class keeps its colour.
+    assert_eq!(
+        fer_cam::palette::class_rgb("Happiness", 3),
+        fer_cam::palette::class_rgb("happy", 3)
+    );
+}

@@ -397,3 +397,158 @@ fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     assert!(load_all(&run.join("classifier/checkpoint/model.safetensors")) == good);
     fer_cam::model::load_model_dir(&run.join("classifier/model"), &Device::Cpu).unwrap();
 }
+
+/// FER+ votes for `common::write_fer_csv`'s rows: one row left out as not a face and one as a
+/// tie per split, the rest with a clear majority that cycles through the eight classes.
+fn synthetic_votes(dir: &Path, per_split: usize) -> PathBuf {
+    let path = dir.join("votes.csv");
+    let mut text = String::from(
+        "Usage,Image name,neutral,happiness,surprise,sadness,anger,disgust,fear,contempt,unknown,NF\n",
+    );
+    for usage in ["Training", "PublicTest", "PrivateTest"] {
+        for i in 0..per_split {
+            // Columns in the file's order: neutral .. contempt, unknown, NF.
+            let mut v = [0u32; 10];
+            match i {
+                0 => v[9] = 10,
+                1 => {
+                    v[0] = 5;
+                    v[1] = 5;
+                }
+                _ => {
+                    v[i % 8] = 7;
+                    v[(i + 3) % 8] = 3;
+                }
+            }
+            let cells: Vec<String> = v.iter().map(|x| x.to_string()).collect();
+            text += &format!("{usage},f{i}.png,{}\n", cells.join(","));
+        }
+    }
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn crowd_votes_train_all_three_stages_and_score_by_class_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path(), 24);
+    let votes = synthetic_votes(tmp.path(), 24);
+    // A recipe that learns from the votes mixed with FER2013's label, CARD with vote y0.
+    let mut cfg = fer_cam::train::TrainConfig::new(data.clone(), tmp.path().join("unused"));
+    cfg.model.classes = fer_cam::data::ferplus::FERPLUS_CLASSES
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    cfg.labels = Some(votes.clone());
+    cfg.classifier.targets = fer_cam::train::Targets::Votes;
+    cfg.classifier.single_label_weight = 0.3;
+    cfg.card.y0 = fer_cam::train::CardY0::Votes;
+    let recipe = tmp.path().join("recipe.json");
+    std::fs::write(&recipe, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let run = tmp.path().join("run");
+    let mut a = small_run("all", &data, &run);
+    a.extend(
+        [
+            "--config",
+            recipe.to_str().unwrap(),
+            "--ssl-epochs",
+            "1",
+            "--classifier-epochs",
+            "1",
+            "--card-epochs",
+            "1",
+        ]
+        .map(String::from),
+    );
+    // Without --labels the recipe says what it needs.
+    let o = fer(&args(&a));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("pass --labels"), "{}", stderr(&o));
+    // The synthetic votes are not FER+'s file: refused unless told.
+    a.extend(["--labels", votes.to_str().unwrap()].map(String::from));
+    let o = fer(&args(&a));
+    assert!(!o.status.success());
+    assert!(stderr(&o).contains("--labels-unverified"), "{}", stderr(&o));
+    a.push("--labels-unverified".into());
+    let o = fer(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(
+            "PublicTest: left out 2 rows (0 unknown, 1 not a face, 1 without a single majority)"
+        ),
+        "{}",
+        stderr(&o)
+    );
+    let model = run.join("card/model");
+    let eval = |extra: &[&str]| {
+        let json = tmp.path().join("e.json");
+        let _ = std::fs::remove_file(&json);
+        let mut e = vec![
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--no-cache",
+            "--quiet",
+            "--split",
+            "PublicTest",
+            "--json",
+            json.to_str().unwrap(),
+        ];
+        e.extend_from_slice(extra);
+        let o = fer(&e);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        v
+    };
+    // On the votes: 22 rows with a majority, scored against the crowd too.
+    let v = eval(&["--labels", votes.to_str().unwrap(), "--labels-unverified"]);
+    assert_eq!(v["images"], 22);
+    assert_eq!(v["label_rows_left_out"]["not_a_face"], 1);
+    assert!(v["soft_nll"].as_f64().unwrap() > 0.0);
+    assert!(v["soft_ece"].as_f64().is_some());
+    assert_eq!(v["classes"].as_array().unwrap().len(), 8);
+    // On FER2013's seven labels: all 24 rows scored, contempt a class the labels lack.
+    let v = eval(&[]);
+    assert_eq!(v["images"], 24);
+    assert_eq!(v["model_only_classes"], serde_json::json!(["contempt"]));
+    assert!(v.get("soft_nll").is_none());
+    // A seven-class model on the votes: the three contempt rows (7, 15, 23) are left out.
+    let seven = tmp.path().join("seven");
+    let o = fer(&[
+        "init",
+        "--out",
+        seven.to_str().unwrap(),
+        "--stem",
+        "conv7x7_pool",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let json = tmp.path().join("s.json");
+    let o = fer(&[
+        "eval",
+        "--model",
+        seven.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--labels",
+        votes.to_str().unwrap(),
+        "--labels-unverified",
+        "--no-cache",
+        "--quiet",
+        "--split",
+        "PublicTest",
+        "--json",
+        json.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).contains("left out: 3 images of \"contempt\""));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    assert_eq!(v["images"], 19);
+    assert_eq!(
+        v["left_out"],
+        serde_json::json!([{"class": "contempt", "images": 3}])
+    );
+}

@@ -63,12 +63,16 @@ pub fn load_options(src: &DataSource) -> LoadOptions {
     }
 }
 
-/// How reports name the model: its directory, or the built-in one.
+/// How reports name the model: its directory, or `builtin:NAME`.
 pub fn model_name(model: Option<&Path>) -> String {
-    model.map_or_else(
-        || fer_cam::model::embedded::NAME.to_string(),
-        |p| p.display().to_string(),
-    )
+    use fer_cam::model::embedded;
+    match model {
+        None => embedded::display_name(embedded::DEFAULT),
+        Some(p) => match embedded::named(p) {
+            Some(name) => embedded::display_name(&name),
+            None => p.display().to_string(),
+        },
+    }
 }
 
 /// Loads a model (a directory, or the built-in one) onto the named device with the sampler
@@ -76,7 +80,10 @@ pub fn model_name(model: Option<&Path>) -> String {
 pub fn load_classifier(a: &cli::ClassifierArgs) -> Result<Classifier> {
     let dev = device(&a.device)?;
     let mut clf = match &a.model {
-        Some(dir) => Classifier::load(dir, &dev)?,
+        Some(arg) => match fer_cam::model::embedded::named(arg) {
+            Some(name) => Classifier::load_builtin(&name, &dev)?,
+            None => Classifier::load(arg, &dev)?,
+        },
         None => Classifier::load_embedded(&dev)?,
     };
     clf.set_weight_format(match a.weights {
@@ -104,6 +111,12 @@ pub fn load_classifier(a: &cli::ClassifierArgs) -> Result<Classifier> {
 }
 
 pub fn load_data(src: &DataSource) -> Result<Dataset> {
+    Ok(load_labelled(src)?.0)
+}
+
+/// The data set with `--labels` applied, and the rows the labels left out per split (empty
+/// without `--labels`).
+pub fn load_labelled(src: &DataSource) -> Result<(Dataset, Vec<dataset::ferplus::LeftOut>)> {
     let opts = load_options(src);
     let (ds, info) = dataset::load(&src.data, &opts)?;
     for w in &info.warnings {
@@ -116,7 +129,22 @@ pub fn load_data(src: &DataSource) -> Result<Dataset> {
         info.seconds,
         if info.from_cache { "cache" } else { "parsed" }
     );
-    Ok(ds)
+    let Some(labels) = &src.labels else {
+        return Ok((ds, Vec::new()));
+    };
+    let votes = dataset::ferplus::read_votes(labels, !src.labels_unverified)?;
+    let (ds, left) = dataset::ferplus::apply(&ds, &votes)?;
+    for l in &left {
+        fer_cam::log!(
+            "FER+ labels {}: {} left out ({} unknown, {} not a face, {} without a single majority)",
+            l.split,
+            l.total(),
+            l.unknown,
+            l.not_a_face,
+            l.tie
+        );
+    }
+    Ok((ds, left))
 }
 
 pub fn print_stdout(text: &str) -> Result<()> {
@@ -143,14 +171,20 @@ pub fn progress_bar(quiet: bool, len: usize, msg: String) -> Result<ProgressBar>
     Ok(bar)
 }
 
-/// The labelled images of one split, or of its first `limit`.
-pub fn load_split(src: &DataSource, split: &str, limit: Option<usize>) -> Result<Dataset> {
-    let all = load_data(src)?;
-    let mut data = all.select_split(split)?;
+/// The labelled images of one split, or of its first `limit`, and what `--labels` left out of
+/// that split.
+pub fn load_split(
+    src: &DataSource,
+    split: &str,
+    limit: Option<usize>,
+) -> Result<(Dataset, Option<dataset::ferplus::LeftOut>)> {
+    let (all, left) = load_labelled(src)?;
+    let s = all.split_index(split)?;
+    let mut data = all.select(|i| all.splits[i] == s);
     if let Some(n) = limit {
         data = data.select(|i| i < n);
     }
-    Ok(data)
+    Ok((data, left.into_iter().nth(s as usize)))
 }
 
 /// Refuses an output path that is one of the command's inputs (the same file, by device and

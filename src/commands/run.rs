@@ -5,7 +5,8 @@ use anyhow::{bail, Context, Result};
 use super::load_classifier;
 #[cfg(feature = "camera")]
 use super::print_stdout;
-use crate::cli::RunArgs;
+use crate::cli::{FaceArgs, RunArgs};
+use fer_cam::face::DetectConfig;
 
 #[cfg(not(feature = "camera"))]
 fn no_camera_support() -> anyhow::Error {
@@ -28,7 +29,7 @@ pub fn devices() -> Result<()> {
 }
 
 /// `640x480` → (640, 480).
-fn parse_resolution(s: &str) -> Result<(u32, u32)> {
+pub fn parse_resolution(s: &str) -> Result<(u32, u32)> {
     let (w, h) = s.split_once(['x', 'X']).ok_or_else(|| {
         anyhow::anyhow!("--resolution {s:?} (expected WIDTHxHEIGHT, e.g. 640x480)")
     })?;
@@ -39,9 +40,22 @@ fn parse_resolution(s: &str) -> Result<(u32, u32)> {
     Ok((w, h))
 }
 
+/// The face stage's detection settings for video or for stills (unrelated pictures: a full
+/// search of each, at full size).
+pub fn detect_config(a: &FaceArgs, video: bool) -> Result<DetectConfig> {
+    Ok(DetectConfig {
+        detect_width: a.detect_width.unwrap_or(if video { 320 } else { 0 }),
+        every: if video { a.detect_every } else { 1 },
+        min_face: a.min_face,
+        score_threshold: a.det_threshold,
+        near: a.detector.parse()?,
+        ..Default::default()
+    })
+}
+
 pub fn run_daemon(a: RunArgs) -> Result<()> {
     use fer_cam::capture::Input;
-    use fer_cam::face::{DetectConfig, TrackerConfig};
+    use fer_cam::face::TrackerConfig;
     use fer_cam::pipeline::RunConfig;
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::sync::Arc;
@@ -64,17 +78,9 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
     let input = Input::select(&a.input, camera)?;
     let (video, live) = (input.is_video(), input.is_live());
     let cfg = RunConfig {
-        detect: DetectConfig {
-            detect_width: a.detect_width.unwrap_or(if video { 320 } else { 0 }),
-            // Stills are unrelated pictures: detect on every one.
-            every: if video { a.detect_every } else { 1 },
-            min_face: a.min_face,
-            score_threshold: a.det_threshold,
-            near: a.detector.parse()?,
-            ..Default::default()
-        },
+        detect: detect_config(&a.face, video)?,
         tracker: TrackerConfig::default(),
-        margin: a.margin,
+        margin: a.face.margin,
         smooth: a.smooth,
         max_fps: a
             .max_fps

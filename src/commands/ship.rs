@@ -31,7 +31,7 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
         super::check_not_an_input(p, &a.classifier, &a.source.data)?;
     }
     let mut clf = super::load_classifier(&a.classifier)?;
-    let data = super::load_split(&a.source, &a.split, None)?;
+    let (data, _) = super::load_split(&a.source, &a.split, None)?;
     if data.class_names != clf.config().classes {
         bail!(
             "the data's classes [{}] differ from the model's [{}]",

@@ -204,6 +204,7 @@ pub fn read(path: &Path, fingerprint: u64) -> Result<Option<Dataset>> {
             pixels,
             labels,
             splits,
+            ..Default::default()
         };
         ds.check()?;
         Ok(ds)

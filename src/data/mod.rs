@@ -4,6 +4,7 @@
 pub mod augment;
 mod cache;
 mod fer_csv;
+pub mod ferplus;
 mod folder;
 
 use std::path::{Path, PathBuf};
@@ -28,6 +29,12 @@ pub struct Dataset {
     pub labels: Vec<u8>,
     /// Index into `split_names` per image.
     pub splits: Vec<u8>,
+    /// Label distributions (`len · classes`, each row summing to 1) where the data has them (a
+    /// crowd's votes, as FER+); empty otherwise. `labels` then holds each row's majority.
+    pub soft: Vec<f32>,
+    /// A second, single annotator's label per image (FER2013's own label under FER+ votes),
+    /// indexing `class_names`; empty when there is none.
+    pub single_labels: Vec<u8>,
 }
 
 /// Split-name aliases: the Kaggle CSV names and the usual folder names mean the same split.
@@ -90,12 +97,26 @@ impl Dataset {
             split_names: self.split_names.clone(),
             ..Default::default()
         };
+        let c = self.class_names.len();
         for i in (0..self.len()).filter(|&i| keep(i)) {
             out.pixels.extend_from_slice(self.image(i));
             out.labels.push(self.labels[i]);
             out.splits.push(self.splits[i]);
+            if let Some(row) = self.soft_row(i) {
+                out.soft.extend_from_slice(row);
+            }
+            if let Some(&l) = self.single_labels.get(i) {
+                out.single_labels.push(l);
+            }
         }
+        debug_assert!(out.soft.is_empty() || out.soft.len() == out.len() * c);
         out
+    }
+
+    /// The label distribution of image `i`, when the data has distributions.
+    pub fn soft_row(&self, i: usize) -> Option<&[f32]> {
+        let c = self.class_names.len();
+        self.soft.get(i * c..(i + 1) * c)
     }
 
     /// Images per class.
@@ -123,7 +144,11 @@ impl Dataset {
     /// Internal consistency (used on cache reads).
     fn check(&self) -> std::result::Result<(), String> {
         let n = self.labels.len();
-        if self.splits.len() != n || self.pixels.len() != n * FACE_PIXELS {
+        if self.splits.len() != n
+            || self.pixels.len() != n * FACE_PIXELS
+            || !(self.soft.is_empty() || self.soft.len() == n * self.class_names.len())
+            || !(self.single_labels.is_empty() || self.single_labels.len() == n)
+        {
             return Err("inconsistent array lengths".into());
         }
         if self
@@ -248,6 +273,7 @@ mod tests {
             pixels: vec![0; 2 * FACE_PIXELS],
             labels: vec![0, 1],
             splits: vec![0, 1],
+            ..Default::default()
         };
         assert_eq!(ds.split_index("train").unwrap(), 0);
         assert_eq!(ds.split_index("test").unwrap(), 1);

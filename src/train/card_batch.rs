@@ -1,5 +1,5 @@
 //! One CARD training batch (Han et al. 2022, Algorithm 1 for classification): one-hot labels
-//! y_0, a timestep t per row, noise ε, and the forward draw
+//! (or vote distributions) y_0, a timestep t per row, noise ε, and the forward draw
 //! `y_t = √ᾱ_t·y_0 + (1 − √ᾱ_t)·f_φ(x) + √(1 − ᾱ_t)·ε`; ε_θ is trained to predict ε from y_t.
 
 use candle_core::{Device, Result, Tensor};
@@ -11,7 +11,7 @@ use crate::model::diffusion::{q_sample, Schedule};
 /// The targets of one batch.
 #[derive(Debug)]
 pub struct CardBatch {
-    /// One-hot labels `(b, C)`.
+    /// Label vectors `(b, C)`.
     pub y0: Tensor,
     /// The noised labels `(b, C)` ε_θ sees.
     pub y_t: Tensor,
@@ -22,23 +22,19 @@ pub struct CardBatch {
 }
 
 impl CardBatch {
-    /// Draws a batch for `labels` (class indices, one per row) with f_φ's probabilities `f`
-    /// `(b, C)`. From `rng`, in this order: b timesteps, then b·C standard normals (the order
-    /// that makes a resumed run bit-exact).
+    /// Draws a batch for the label vectors `y0` (`b · C` flat: one-hot labels, or vote
+    /// distributions) with f_φ's probabilities `f` `(b, C)`. From `rng`, in this order: b
+    /// timesteps, then b·C standard normals (the order that makes a resumed run bit-exact).
     pub fn draw<R: Rng>(
-        labels: &[u32],
+        y0: Vec<f32>,
         f: &Tensor,
         schedule: &Schedule,
         rng: &mut R,
         dev: &Device,
     ) -> Result<Self> {
         let (b, classes) = f.dims2()?;
-        if labels.len() != b {
-            candle_core::bail!("{} labels for {b} rows", labels.len());
-        }
-        let mut y0 = vec![0f32; b * classes];
-        for (r, &l) in labels.iter().enumerate() {
-            y0[r * classes + l as usize] = 1.0;
+        if y0.len() != b * classes {
+            candle_core::bail!("{} label values for {b} rows of {classes}", y0.len());
         }
         let y0 = Tensor::from_vec(y0, (b, classes), dev)?;
         let ts: Vec<u32> = (0..b)
@@ -71,7 +67,12 @@ impl CardBatch {
 mod tests {
     use super::*;
     use crate::model::diffusion::predict_y0;
+    use crate::train::targets::smoothed_targets;
     use rand::SeedableRng;
+
+    fn onehot(labels: &[u32]) -> Vec<f32> {
+        smoothed_targets(labels, 3, 0.0)
+    }
 
     #[test]
     fn targets_follow_the_forward_process_and_invert_with_the_true_noise() -> Result<()> {
@@ -82,7 +83,7 @@ mod tests {
             &dev,
         )?;
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let batch = CardBatch::draw(&[1, 0, 2], &f, &s, &mut rng, &dev)?;
+        let batch = CardBatch::draw(onehot(&[1, 0, 2]), &f, &s, &mut rng, &dev)?;
         let y0 = batch.y0.to_vec2::<f32>()?;
         assert_eq!(
             y0,
@@ -123,9 +124,9 @@ mod tests {
         assert!((zero - mean_sq).abs() < 1e-6);
         // The same generator state draws the same batch.
         let mut rng2 = rand::rngs::StdRng::seed_from_u64(7);
-        let again = CardBatch::draw(&[1, 0, 2], &f, &s, &mut rng2, &dev)?;
+        let again = CardBatch::draw(onehot(&[1, 0, 2]), &f, &s, &mut rng2, &dev)?;
         assert_eq!(again.y_t.to_vec2::<f32>()?, y_t);
-        assert!(CardBatch::draw(&[1, 0], &f, &s, &mut rng2, &dev).is_err());
+        assert!(CardBatch::draw(onehot(&[1, 0]), &f, &s, &mut rng2, &dev).is_err());
         Ok(())
     }
 }

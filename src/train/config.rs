@@ -41,6 +41,17 @@ pub struct ClassifierConfig {
     #[serde(flatten)]
     pub opt: StageConfig,
     pub label_smoothing: f64,
+    /// What f_φ learns from: the label, the votes' distribution, or a label drawn from it.
+    #[serde(default)]
+    pub targets: Targets,
+    /// With `targets: votes`, the share of the target given to the single annotator's label
+    /// (FER2013's own label under FER+ votes), in [0, 1].
+    #[serde(default)]
+    pub single_label_weight: f64,
+    /// A model directory whose encoder starts this stage instead of the SSL stage's (which
+    /// `train all` then skips): a fine-tune of a trained model on other labels.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init: Option<PathBuf>,
     /// Learn also from a trained model's probabilities (knowledge distillation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillConfig>,
@@ -72,6 +83,33 @@ impl DistillConfig {
     }
 }
 
+/// f_φ's training targets. With single-label data all three are the (smoothed) one-hot label.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Targets {
+    /// The label (the majority under crowd votes), one-hot, smoothed.
+    #[default]
+    Label,
+    /// The distribution of the votes (cross-entropy against it), mixed with the single
+    /// annotator's label by `single_label_weight`, smoothed.
+    Votes,
+    /// Each epoch, one label drawn per image from the votes' distribution (Barsoum et al.'s
+    /// "probabilistic label drawing"), one-hot, smoothed.
+    Draw,
+}
+
+/// CARD's y_0 during training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CardY0 {
+    /// The one-hot label (the CARD reference).
+    #[default]
+    OneHot,
+    /// The classifier's vote target without smoothing (the votes' distribution mixed with the
+    /// single label); the one-hot label on single-label data.
+    Votes,
+}
+
 /// CARD ε_θ settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -82,6 +120,9 @@ pub struct CardTrainConfig {
     pub weight_decay: f64,
     /// Samples per image when scoring PublicTest after each epoch.
     pub val_samples: usize,
+    /// The label vector y_0 the forward process starts from.
+    #[serde(default)]
+    pub y0: CardY0,
 }
 
 /// Everything a training run needs; saved beside every checkpoint.
@@ -100,6 +141,12 @@ pub struct TrainConfig {
     pub val_limit: Option<usize>,
     /// Dataset cache directory (`None`: no cache).
     pub cache_dir: Option<PathBuf>,
+    /// FER+ vote file (same rows as `data`): train on FER+'s eight classes and the crowd's votes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<PathBuf>,
+    /// Accept a vote file whose checksum is not FER+'s.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub labels_unverified: bool,
 }
 
 impl TrainConfig {
@@ -133,6 +180,9 @@ impl TrainConfig {
                     augment: Augment::supervised(),
                 },
                 label_smoothing: 0.1,
+                targets: Targets::Label,
+                single_label_weight: 0.0,
+                init: None,
                 distill: None,
             },
             card: CardTrainConfig {
@@ -141,10 +191,13 @@ impl TrainConfig {
                 lr: 1e-3,
                 weight_decay: 0.0,
                 val_samples: 16,
+                y0: CardY0::OneHot,
             },
             train_limit: None,
             val_limit: None,
             cache_dir: None,
+            labels: None,
+            labels_unverified: false,
         }
     }
 
@@ -185,6 +238,12 @@ impl TrainConfig {
             return bad(format!(
                 "classifier.label_smoothing {} (allowed 0..1)",
                 self.classifier.label_smoothing
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.classifier.single_label_weight) {
+            return bad(format!(
+                "classifier.single_label_weight {} (allowed 0..=1)",
+                self.classifier.single_label_weight
             ));
         }
         if let Some(d) = &self.classifier.distill {

@@ -14,7 +14,7 @@ use super::checkpoint::checkpoint_dir;
 use super::checkpoint::StageRun;
 use super::loader::{self, EpochPlan};
 use super::optim::warmup_cosine;
-use super::{log_metrics, mix_seed, plots, Monitor, Progress, Stage};
+use super::{log_metrics, mix_seed, plots, CardY0, Monitor, Progress, Stage};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::model::diffusion::Schedule;
@@ -100,11 +100,33 @@ pub(super) struct CardSource<'a> {
     feats: &'a Tensor,
     f: &'a Tensor,
     data: &'a Dataset,
+    y0: Y0Rows,
     schedule: &'a Schedule,
     batch_size: usize,
     seed: u64,
     dev: &'a Device,
     epoch: Option<(StdRng, Vec<u32>, usize)>,
+}
+
+/// How a row's CARD label vector y_0 is made.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Y0Rows {
+    pub kind: CardY0,
+    /// The single label's share of a vote target.
+    pub single_weight: f64,
+}
+
+impl Y0Rows {
+    fn row(&self, data: &Dataset, r: usize) -> Vec<f32> {
+        match self.kind {
+            CardY0::OneHot => super::targets::smoothed_targets(
+                &[data.labels[r] as u32],
+                data.class_names.len(),
+                0.0,
+            ),
+            CardY0::Votes => super::targets::vote_target(data, r, self.single_weight),
+        }
+    }
 }
 
 impl<'a> CardSource<'a> {
@@ -113,6 +135,7 @@ impl<'a> CardSource<'a> {
         feats: &'a Tensor,
         f: &'a Tensor,
         data: &'a Dataset,
+        y0: Y0Rows,
         schedule: &'a Schedule,
         batch_size: usize,
         seed: u64,
@@ -122,6 +145,7 @@ impl<'a> CardSource<'a> {
             feats,
             f,
             data,
+            y0,
             schedule,
             batch_size,
             seed,
@@ -157,11 +181,11 @@ impl BatchSource for CardSource<'_> {
         let ids = Tensor::from_slice(idx, idx.len(), self.dev)?;
         let feats = self.feats.index_select(&ids, 0)?;
         let f = self.f.index_select(&ids, 0)?;
-        let labels: Vec<u32> = idx
+        let y0: Vec<f32> = idx
             .iter()
-            .map(|&i| self.data.labels[i as usize] as u32)
+            .flat_map(|&i| self.y0.row(self.data, i as usize))
             .collect();
-        let batch = CardBatch::draw(&labels, &f, self.schedule, rng, self.dev)?;
+        let batch = CardBatch::draw(y0, &f, self.schedule, rng, self.dev)?;
         Ok(CardRows { feats, f, batch })
     }
 

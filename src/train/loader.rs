@@ -7,7 +7,7 @@ use std::thread::JoinHandle;
 
 use crossbeam_channel::{bounded, Receiver};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 use crate::data::augment::Augment;
 use crate::data::{Dataset, FACE_PIXELS};
@@ -40,6 +40,8 @@ pub struct EpochPlan {
     pub seed: u64,
     pub mean: f32,
     pub std: f32,
+    /// Label each image with a class drawn from its vote distribution (where the data has one).
+    pub draw_labels: bool,
 }
 
 impl EpochPlan {
@@ -67,7 +69,11 @@ impl EpochPlan {
                         .map(|&p| (p as f32 / 255.0 - self.mean) / self.std),
                 );
             }
-            labels.push(self.data.labels[i] as u32);
+            labels.push(if self.draw_labels {
+                super::targets::draw_label(&self.data, i, rng.random::<f32>())
+            } else {
+                self.data.labels[i] as u32
+            });
         }
         Batch {
             views,
@@ -109,6 +115,7 @@ mod tests {
                 .collect(),
             labels: (0..n).map(|i| (i % 2) as u8).collect(),
             splits: vec![0; n],
+            ..Default::default()
         })
     }
 
@@ -122,6 +129,7 @@ mod tests {
             seed: 7,
             mean: 0.0,
             std: 1.0,
+            draw_labels: false,
         };
         assert_eq!(plan.batches(), 3);
         let collect = |p: EpochPlan| -> Vec<(Vec<f32>, Vec<u32>)> {
@@ -149,6 +157,7 @@ mod tests {
             seed: 1,
             mean: 0.0,
             std: 1.0,
+            draw_labels: false,
         };
         assert_eq!(p.batches(), 2);
     }

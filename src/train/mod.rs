@@ -14,6 +14,7 @@ mod loader;
 pub mod optim;
 pub mod plots;
 mod stages;
+mod targets;
 mod teacher;
 
 use std::io::Write;
@@ -29,7 +30,8 @@ use crate::fsutil::write_file_atomically;
 use checkpoint::checkpoint_dir;
 pub use checkpoint::{model_dir, stage_dir};
 pub use config::{
-    CardTrainConfig, ClassifierConfig, DistillConfig, SslConfig, StageConfig, TrainConfig,
+    CardTrainConfig, CardY0, ClassifierConfig, DistillConfig, SslConfig, StageConfig, Targets,
+    TrainConfig,
 };
 pub use loader::mix_seed;
 pub use stages::{smoothed_cross_entropy, train_card, train_classifier, train_ssl};
@@ -104,7 +106,28 @@ impl TrainData {
         let opts = LoadOptions {
             cache_dir: cfg.cache_dir.clone(),
         };
-        let (all, _) = data::load(&cfg.data, &opts)?;
+        let (mut all, _) = data::load(&cfg.data, &opts)?;
+        if let Some(path) = &cfg.labels {
+            let votes = data::ferplus::read_votes(path, !cfg.labels_unverified)?;
+            let (fp, left) = data::ferplus::apply(&all, &votes)?;
+            for l in &left {
+                crate::log!(
+                    "FER+ {}: left out {} rows ({} unknown, {} not a face, {} without a single majority)",
+                    l.split,
+                    l.total(),
+                    l.unknown,
+                    l.not_a_face,
+                    l.tie
+                );
+            }
+            all = fp;
+        }
+        let needs_votes = cfg.classifier.targets != Targets::Label || cfg.card.y0 != CardY0::OneHot;
+        if needs_votes && all.soft.is_empty() {
+            return Err(Error::Config(
+                "the recipe learns from votes (classifier.targets or card.y0), and the data has none: pass --labels VOTES.csv".into(),
+            ));
+        }
         if all.class_names != cfg.model.classes {
             return Err(Error::Config(format!(
                 "the data's classes [{}] differ from the model config's [{}]",
@@ -277,13 +300,18 @@ pub fn run(
     let mut out = Vec::new();
     let ssl_model = model_dir(&cfg.run_dir, Stage::Ssl);
     let cls_model = model_dir(&cfg.run_dir, Stage::Classifier);
-    if selection == StageSelection::Ssl || (selection == StageSelection::All && !from_scratch) {
+    let recipe_init = cfg.classifier.init.as_deref();
+    if selection == StageSelection::Ssl
+        || (selection == StageSelection::All && !from_scratch && recipe_init.is_none())
+    {
         out.push(train_ssl(cfg, &data, dev, resume, monitor)?);
     }
     if matches!(selection, StageSelection::Classifier | StageSelection::All) {
         let start = if from_scratch {
             None
         } else if let Some(i) = init.filter(|_| selection == StageSelection::Classifier) {
+            Some(i.to_path_buf())
+        } else if let Some(i) = recipe_init {
             Some(i.to_path_buf())
         } else {
             ssl_model.exists().then_some(ssl_model.clone())

@@ -10,10 +10,13 @@ use candle_core::{DType, Device, ModuleT, Tensor, D};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::checkpoint::{load_vars, vars_with_prefix, StageRun};
-use super::epochs::{run_epochs, CardRows, CardSource, LoaderSource, LrSchedule, Throughput};
+use super::epochs::{
+    run_epochs, CardRows, CardSource, LoaderSource, LrSchedule, Throughput, Y0Rows,
+};
 use super::loader::{self, EpochPlan};
-use super::teacher::{smoothed_targets, Teacher};
-use super::{mix_seed, Monitor, Stage, StageConfig, StageSummary, TrainConfig, TrainData};
+use super::targets::{class_targets, smoothed_targets};
+use super::teacher::Teacher;
+use super::{mix_seed, Monitor, Stage, StageConfig, StageSummary, Targets, TrainConfig, TrainData};
 use crate::config::ModelConfig;
 use crate::data::{Dataset, FACE_PIXELS};
 use crate::error::{Error, Result};
@@ -100,6 +103,7 @@ fn epoch_plan(
         seed: mix_seed(&[cfg.seed, stage.id(), epoch as u64]),
         mean: cfg.model.input.mean,
         std: cfg.model.input.std,
+        draw_labels: false,
     }
 }
 
@@ -218,15 +222,26 @@ pub fn train_classifier(
         Some(d) => Some(Teacher::compute(d, &data.train, &cfg.model, dev)?),
         None => None,
     };
-    let eps = cfg.classifier.label_smoothing;
-    let mut source =
-        LoaderSource::new(|epoch| epoch_plan(cfg, Stage::Classifier, &data.train, o, 1, epoch));
+    let cls = &cfg.classifier;
+    let mut source = LoaderSource::new(|epoch| {
+        let mut plan = epoch_plan(cfg, Stage::Classifier, &data.train, o, 1, epoch);
+        plan.draw_labels = cls.targets == Targets::Draw;
+        plan
+    });
     let mut step = |b: &loader::Batch| -> Result<Tensor> {
         let xs = batch_tensor(&b.views[0], b.len(), dev)?;
         let logits = model.head_logits(&model.features(&xs, true)?)?;
+        let own = class_targets(
+            cls.targets,
+            &data.train,
+            &b.rows,
+            &b.labels,
+            cls.label_smoothing,
+            cls.single_label_weight,
+        );
         let targets = match &teacher {
-            Some(t) => t.targets(&b.rows, &b.labels, eps),
-            None => smoothed_targets(&b.labels, cfg.model.num_classes(), eps),
+            Some(t) => t.mix(&b.rows, own),
+            None => own,
         };
         soft_cross_entropy(&logits, targets)
     };
@@ -287,6 +302,10 @@ pub fn train_card(
         &train_feats,
         &train_f,
         &data.train,
+        Y0Rows {
+            kind: c.y0,
+            single_weight: cfg.classifier.single_label_weight,
+        },
         &schedule,
         c.batch_size,
         cfg.seed,
@@ -351,6 +370,32 @@ mod tests {
     use super::*;
     use crate::data::Dataset;
 
+    #[test]
+    fn soft_cross_entropy_hand_values() {
+        // Row 0: logits [0, ln 3] → p = [0.25, 0.75], votes [0.5, 0.5]:
+        //   −(0.5 ln 0.25 + 0.5 ln 0.75) = 0.836988.
+        // Row 1: logits [0, 0] → p = [0.5, 0.5], one-hot [1, 0]: ln 2 = 0.693147.
+        let logits = Tensor::new(&[[0f32, 3f32.ln()], [0.0, 0.0]], &Device::Cpu).unwrap();
+        let loss = soft_cross_entropy(&logits, vec![0.5, 0.5, 1.0, 0.0])
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let want = (0.836_988_1 + std::f32::consts::LN_2) / 2.0;
+        assert!((loss - want).abs() < 1e-5, "{loss} vs {want}");
+        // Through class_targets: FER+-style votes with smoothing 0 give the same targets.
+        let data = Dataset {
+            class_names: vec!["a".into(), "b".into()],
+            split_names: vec!["Training".into()],
+            pixels: vec![0; 2 * FACE_PIXELS],
+            labels: vec![0, 0],
+            splits: vec![0, 0],
+            soft: vec![0.5, 0.5, 1.0, 0.0],
+            single_labels: Vec::new(),
+        };
+        let t = class_targets(Targets::Votes, &data, &[0, 1], &[0, 0], 0.0, 0.0);
+        assert_eq!(t, vec![0.5, 0.5, 1.0, 0.0]);
+    }
+
     /// Features cached for the CARD stage must not hold the forward graph (it kept every
     /// activation of the training set alive: 24 GB on FER2013).
     #[test]
@@ -368,6 +413,7 @@ mod tests {
             pixels: vec![100; 3 * FACE_PIXELS],
             labels: vec![0, 1, 2],
             splits: vec![0; 3],
+            ..Default::default()
         };
         let (f, p) = features_and_fphi(&model, &data, &cfg.model, &dev).unwrap();
         assert_eq!(f.dims(), &[3, 16]);

@@ -56,10 +56,11 @@ impl Teacher {
         })
     }
 
-    /// Soft targets `(rows, C)` flat: `(1 − w) · smoothed one-hot + w · teacher`.
-    pub fn targets(&self, rows: &[usize], labels: &[u32], eps: f64) -> Vec<f32> {
+    /// Soft targets `(rows, C)` flat: `(1 − w) · base + w · teacher`, where `base` holds the
+    /// rows' own targets.
+    pub fn mix(&self, rows: &[usize], base: Vec<f32>) -> Vec<f32> {
         let c = self.classes;
-        let mut t = smoothed_targets(labels, c, eps);
+        let mut t = base;
         for (i, &r) in rows.iter().enumerate() {
             let teacher = &self.probs[r * c..(r + 1) * c];
             for (t, &p) in t[i * c..(i + 1) * c].iter_mut().zip(teacher) {
@@ -70,20 +71,14 @@ impl Teacher {
     }
 }
 
-/// Label-smoothed one-hot targets `(labels, C)` flat: `eps/C + (1 − eps) · onehot`.
-pub fn smoothed_targets(labels: &[u32], c: usize, eps: f64) -> Vec<f32> {
-    let mut t = vec![(eps / c as f64) as f32; labels.len() * c];
-    for (i, &l) in labels.iter().enumerate() {
-        if (l as usize) < c {
-            t[i * c + l as usize] += (1.0 - eps) as f32;
-        }
-    }
-    t
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::train::targets::smoothed_targets;
+
+    fn targets(t: &Teacher, rows: &[usize], labels: &[u32], eps: f64) -> Vec<f32> {
+        t.mix(rows, smoothed_targets(labels, t.classes, eps))
+    }
 
     fn teacher(weight: f64) -> Teacher {
         // Three images, two classes.
@@ -103,28 +98,20 @@ mod tests {
         // Rows 2 and 0 of the data, labels 1 and 1, smoothing 0.2: smoothed [0.1, 0.9].
         let (rows, labels) = ([2, 0], [1, 1]);
         assert!(close(
-            &teacher(0.0).targets(&rows, &labels, 0.2),
+            &targets(&teacher(0.0), &rows, &labels, 0.2),
             &[0.1, 0.9, 0.1, 0.9]
         ));
         assert!(close(
-            &teacher(1.0).targets(&rows, &labels, 0.2),
+            &targets(&teacher(1.0), &rows, &labels, 0.2),
             &[0.5, 0.5, 0.9, 0.1]
         ));
         // 0.25 · teacher + 0.75 · smoothed.
         assert!(close(
-            &teacher(0.25).targets(&rows, &labels, 0.2),
+            &targets(&teacher(0.25), &rows, &labels, 0.2),
             &[0.2, 0.8, 0.3, 0.7]
         ));
-        for t in teacher(0.4).targets(&[1, 2, 0], &[0, 1, 0], 0.1).chunks(2) {
+        for t in targets(&teacher(0.4), &[1, 2, 0], &[0, 1, 0], 0.1).chunks(2) {
             assert!((t[0] + t[1] - 1.0).abs() < 1e-6);
         }
-    }
-
-    #[test]
-    fn smoothed_targets_ignore_out_of_range_labels() {
-        assert!(close(
-            &smoothed_targets(&[0, 5], 2, 0.0),
-            &[1.0, 0.0, 0.0, 0.0]
-        ));
     }
 }
