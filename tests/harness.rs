@@ -4,7 +4,7 @@
 mod common;
 
 /// Where the face is in the 128x128 fixture: x, y, side.
-const FACE_IN_FIXTURE: (u32, u32, u32) = (24, 20, 80);
+const FACE_IN_FIXTURE: (u32, u32, u32) = (35, 35, 55);
 
 use std::io::Write;
 use std::path::Path;
@@ -73,6 +73,8 @@ fn the_harness_is_deterministic_for_a_seed_and_finds_real_faces() {
     // A plain frontal face of 64-256 px: rustface finds most of them, and the crops sit on them.
     let found = a["found"].as_u64().unwrap();
     assert!(found >= 9, "{a}");
+    let scale = a["crop"]["scale"]["mean"].as_f64().unwrap();
+    assert!((0.8..1.25).contains(&scale), "{a}");
     assert!(a["crop"]["iou"]["mean"].as_f64().unwrap() > 0.5, "{a}");
     // Another seed draws other frames.
     let c = through_pipeline(&csv, &tmp.path().join("c.json"), &["--render-seed", "5"]);

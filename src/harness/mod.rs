@@ -100,6 +100,11 @@ pub struct HarnessReport {
     /// over all of them and over those the pipeline found.
     pub eval_accuracy: f64,
     pub eval_accuracy_found: f64,
+    /// The model on a crop of each rendered frame at the true face square (a perfect detector
+    /// and box→crop mapping), over all faces and over those the pipeline found: what the
+    /// render's conditions cost, apart from the face stage.
+    pub true_square_accuracy: f64,
+    pub true_square_accuracy_found: f64,
     /// Over the faces found.
     pub pavpu_ttest: f64,
     pub ece: f64,
@@ -285,6 +290,9 @@ pub fn run(
     let (mut direct_found, mut all_pred) = (Vec::new(), Vec::with_capacity(n));
     let (mut ious, mut scales, mut dxs, mut dys) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut false_detections = 0;
+    let mut true_square = Vec::with_capacity(n);
+    let mut square_crops = Vec::new();
+    let mut found_rows = Vec::new();
     let mut found_per_class = vec![0usize; c];
     let mut bins: Vec<SizeBin> = SIZE_BINS
         .iter()
@@ -298,8 +306,25 @@ pub fn run(
         })
         .collect();
     for (i, dets) in frames.iter().enumerate() {
-        let p = render::placement(render_cfg, i);
+        let (frame, p) = render::render(render_cfg, i, kept.image(i))?;
         let truth = p.square();
+        square_crops.extend(crate::face::crop_face(
+            frame.as_raw(),
+            frame.width(),
+            frame.height(),
+            &truth,
+            0.0,
+            crate::data::FACE_SIZE as u32,
+        ));
+        if square_crops.len() >= 64 * crate::data::FACE_PIXELS || i + 1 == n {
+            true_square.extend(
+                eval_clf
+                    .predict(&square_crops)?
+                    .into_iter()
+                    .map(|p| p.card.label),
+            );
+            square_crops.clear();
+        }
         let best = dets
             .iter()
             .map(|d| (crop_box(&d.bbox, margin).iou(&truth), d))
@@ -324,6 +349,7 @@ pub fn run(
                 found_p.push(d.p_value);
                 direct_found.push(direct[i]);
                 found_per_class[labels[i]] += 1;
+                found_rows.push(i);
                 all_pred.push(d.label);
                 bin.found += 1;
                 bin.accuracy_found += (d.label == labels[i]) as u8 as f64;
@@ -369,6 +395,14 @@ pub fn run(
         accuracy_found: metrics::accuracy(&found_pred, &found_labels),
         eval_accuracy: metrics::accuracy(&direct, &labels),
         eval_accuracy_found: metrics::accuracy(&direct_found, &found_labels),
+        true_square_accuracy: metrics::accuracy(&true_square, &labels),
+        true_square_accuracy_found: metrics::accuracy(
+            &found_rows
+                .iter()
+                .map(|&i| true_square[i])
+                .collect::<Vec<_>>(),
+            &found_labels,
+        ),
         pavpu_ttest: metrics::pavpu_ttest(&accurate, &found_p, eval_clf.config().card.alpha),
         ece: metrics::ece(&found_probs, &found_labels, 15),
         nll: metrics::nll(&found_probs, &found_labels),
@@ -440,6 +474,12 @@ impl std::fmt::Display for HarnessReport {
             "eval on the same images:    {} (all), {} (the faces found)",
             pct(self.eval_accuracy),
             pct(self.eval_accuracy_found)
+        )?;
+        writeln!(
+            f,
+            "crop at the true square:    {} (all), {} (the faces found)",
+            pct(self.true_square_accuracy),
+            pct(self.true_square_accuracy_found)
         )?;
         writeln!(
             f,

@@ -31,6 +31,11 @@ mod capture;
 mod face;
 mod infer;
 
+/// The crop margin `run` uses by default. Chosen with `eval --through-pipeline` on PublicTest
+/// (built-in fer2013 model, default renders, seed 0): accuracy over the faces found 60.98% at
+/// 0.1 (crops 1.09 times the true square), 64.05% at 0.05 (1.00), 64.94% at 0.02 (0.95).
+pub const DEFAULT_MARGIN: f32 = 0.02;
+
 /// Settings of one `fer-cam run`, validated before any thread starts.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -64,7 +69,7 @@ impl Default for RunConfig {
         Self {
             detect: DetectConfig::default(),
             tracker: TrackerConfig::default(),
-            margin: 0.1,
+            margin: DEFAULT_MARGIN,
             smooth: 1.0,
             max_fps: 0.0,
             realtime: false,
