@@ -18,10 +18,8 @@ use crate::error::{Error, Result};
 use crate::infer::Classifier;
 use crate::metrics::{self, ReliabilityBin};
 
-/// Smallest and largest per-sample temperature τ searched.
-pub const TAU_RANGE: (f64, f64) = (1e-3, 1e3);
-/// Smallest and largest output temperature T searched.
-pub const OUTPUT_RANGE: (f64, f64) = (0.05, 20.0);
+/// Smallest and largest temperatures searched: those a model may carry.
+pub use crate::config::{OUTPUT_RANGE, TAU_RANGE};
 
 /// ŷ_0 samples of a labelled set: `n` images × `samples` × `classes`, flat.
 #[derive(Debug, Clone)]

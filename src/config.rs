@@ -233,12 +233,17 @@ pub struct Temperatures {
     pub output: f64,
 }
 
+/// The per-sample temperatures τ a model may carry: what `calibrate` searches. Far below, the
+/// sampler's probabilities overflow into NaN (τ = 5e-324); far above, every class looks alike.
+pub const TAU_RANGE: (f64, f64) = (1e-3, 1e3);
+/// The output temperatures T a model may carry (`calibrate`'s search range).
+pub const OUTPUT_RANGE: (f64, f64) = (0.05, 20.0);
+
 impl Temperatures {
-    /// Both finite and positive.
+    /// τ within [`TAU_RANGE`] and T within [`OUTPUT_RANGE`] (so neither is NaN or infinite).
     pub fn is_valid(&self) -> bool {
-        [self.sample, self.output]
-            .iter()
-            .all(|t| t.is_finite() && *t > 0.0)
+        (TAU_RANGE.0..=TAU_RANGE.1).contains(&self.sample)
+            && (OUTPUT_RANGE.0..=OUTPUT_RANGE.1).contains(&self.output)
     }
 }
 
@@ -382,18 +387,17 @@ impl ModelConfig {
             },
         )?;
         validate_sampler(c.samples, c.steps, c.timesteps)?;
-        check(c.temperature.is_finite() && c.temperature > 0.0, || {
-            format!("card.temperature {} (must be > 0)", c.temperature)
+        check(c.temperatures().is_valid(), || {
+            format!(
+                "card.temperature {} and card.output_temperature {} (allowed {}..={} and {}..={})",
+                c.temperature,
+                c.output_temperature,
+                TAU_RANGE.0,
+                TAU_RANGE.1,
+                OUTPUT_RANGE.0,
+                OUTPUT_RANGE.1
+            )
         })?;
-        check(
-            c.output_temperature.is_finite() && c.output_temperature > 0.0,
-            || {
-                format!(
-                    "card.output_temperature {} (must be > 0)",
-                    c.output_temperature
-                )
-            },
-        )?;
         // The default views' temperatures have one place: `temperature` / `output_temperature`.
         check(!c.calibrated.contains_key(&self.input.tta), || {
             format!(
@@ -405,10 +409,12 @@ impl ModelConfig {
         for (tta, t) in &c.calibrated {
             check(t.is_valid(), || {
                 format!(
-                    "card.calibrated.{}: temperatures {} and {} (must be > 0)",
+                    "card.calibrated.{}: temperatures {} and {} (allowed {:?} and {:?})",
                     tta.name(),
                     t.sample,
-                    t.output
+                    t.output,
+                    TAU_RANGE,
+                    OUTPUT_RANGE
                 )
             })?;
         }
@@ -473,6 +479,27 @@ pub fn validate_sampler(samples: usize, steps: usize, timesteps: usize) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temperatures_that_would_make_nan_answers_are_refused() {
+        let mut cfg = ModelConfig::default();
+        cfg.validate().unwrap();
+        for (tau, t) in [
+            (5e-324, 1.0),
+            (1.0, 1e300),
+            (f64::NAN, 1.0),
+            (1e-4, 1.0),
+            (1.0, 0.0),
+        ] {
+            cfg.card.temperature = tau;
+            cfg.card.output_temperature = t;
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains("card.temperature"), "{tau} {t}: {e}");
+        }
+        cfg.card.temperature = 0.142;
+        cfg.card.output_temperature = 1.51;
+        cfg.validate().unwrap();
+    }
 
     #[test]
     fn default_config_is_valid_and_round_trips() {

@@ -135,6 +135,8 @@ fn bad_input_gives_one_line_errors_and_exit_1() {
     // A path of this test's own, so the case does not depend on what /tmp holds.
     let fresh = tmp.path().join("fresh-model");
     let fresh = fresh.to_str().unwrap();
+    let cal = tmp.path().join("cal.json");
+    let cal = cal.to_str().unwrap();
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (
             vec![
@@ -148,6 +150,21 @@ fn bad_input_gives_one_line_errors_and_exit_1() {
                 "--no-cache",
             ],
             "steps 11",
+        ),
+        (
+            vec![
+                "calibrate",
+                "--model",
+                m,
+                "--data",
+                d,
+                "--bins",
+                "18446744073709551615",
+                "--out",
+                cal,
+                "--no-cache",
+            ],
+            "--bins 1..=1000",
         ),
         (
             vec![

@@ -35,6 +35,29 @@ fn read_line_limited<R: BufRead>(r: &mut R, limit: usize) -> std::io::Result<Opt
     Ok(Some(line))
 }
 
+/// Slowest and fastest frame rates accepted (a rate outside them is a broken header, and would
+/// make `--realtime` wait for years or not at all).
+pub const FPS_RANGE: (f64, f64) = (0.01, 1000.0);
+
+/// A y4m `F` value, `NUM:DEN` in whole numbers (DEN defaults to 1), within [`FPS_RANGE`].
+fn frame_rate(val: &str) -> std::result::Result<f64, String> {
+    let (n, d) = val.split_once(':').unwrap_or((val, "1"));
+    let (Ok(n), Ok(d)) = (n.parse::<u64>(), d.parse::<u64>()) else {
+        return Err(format!(
+            "bad frame rate {:?} (expected F<num>:<den> in whole numbers)",
+            crate::log::escape(val)
+        ));
+    };
+    let fps = n as f64 / d as f64;
+    if d == 0 || !(FPS_RANGE.0..=FPS_RANGE.1).contains(&fps) {
+        return Err(format!(
+            "frame rate {n}:{d} outside {}..{} fps",
+            FPS_RANGE.0, FPS_RANGE.1
+        ));
+    }
+    Ok(fps)
+}
+
 impl<R: Read> Y4mSource<R> {
     /// Reads and checks the stream header.
     pub fn new(inner: R, name: impl Into<String>) -> Result<Self> {
@@ -68,14 +91,7 @@ impl<R: Read> Y4mSource<R> {
                         .parse()
                         .map_err(|_| bad(format!("bad height {val:?}")))?
                 }
-                'F' => {
-                    let (n, d) = val.split_once(':').unwrap_or((val, "1"));
-                    if let (Ok(n), Ok(d)) = (n.parse::<f64>(), d.parse::<f64>()) {
-                        if n > 0.0 && d > 0.0 {
-                            fps = Some(n / d);
-                        }
-                    }
-                }
+                'F' => fps = Some(frame_rate(val).map_err(bad)?),
                 'C' => colorspace = val.to_string(),
                 _ => {}
             }
@@ -232,6 +248,30 @@ mod tests {
         };
         assert_eq!((f.seq, f.gray[0]), (1, 1));
         assert!(matches!(s.next_event().unwrap(), SourceEvent::End));
+    }
+
+    #[test]
+    fn frame_rates_outside_the_sane_range_are_header_errors() {
+        assert_eq!(frame_rate("30000:1001"), Ok(30000.0 / 1001.0));
+        assert_eq!(frame_rate("25"), Ok(25.0));
+        for bad in [
+            "1:inf",
+            "1e-20:1",
+            "1:1e300",
+            "1:4294967295",
+            "0:1",
+            "5:0",
+            "x",
+            "-1:1",
+        ] {
+            assert!(frame_rate(bad).is_err(), "{bad}");
+            let head = format!("YUV4MPEG2 W4 H2 F{bad} Ip C420jpeg\n");
+            let e = Y4mSource::new(head.as_bytes(), "t.y4m")
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(e.contains("frame rate"), "{bad}: {e}");
+        }
     }
 
     #[test]

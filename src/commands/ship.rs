@@ -9,9 +9,13 @@ use fer_cam::calibrate::{calibrate as fit, reliability_svg, Samples};
 use fer_cam::model::average::average_models;
 use fer_cam::model::export::{export_model, StoredWeights};
 
+/// Most reliability bins `calibrate` draws and writes (a diagram of more bins than faces says
+/// nothing, and each bin is a row of the JSON).
+pub const MAX_BINS: usize = 1000;
+
 pub fn calibrate(a: CalibrateArgs) -> Result<()> {
-    if a.batch_size == 0 || a.bins == 0 {
-        bail!("--batch-size and --bins must be at least 1");
+    if a.batch_size == 0 || !(1..=MAX_BINS).contains(&a.bins) {
+        bail!("--batch-size must be at least 1 and --bins 1..={MAX_BINS}");
     }
     if a.out.extension().is_none_or(|e| e != "json") {
         bail!("--out {} (must end in .json)", a.out.display());

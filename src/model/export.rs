@@ -59,8 +59,11 @@ pub fn export_model(
             let t = c.temperatures;
             if !t.is_valid() {
                 return Err(Error::Config(format!(
-                    "temperatures τ {} and T {} (both must be > 0)",
-                    t.sample, t.output
+                    "temperatures τ {} and T {} (allowed {:?} and {:?})",
+                    t.sample,
+                    t.output,
+                    crate::config::TAU_RANGE,
+                    crate::config::OUTPUT_RANGE
                 )));
             }
             if calibrations[..i].iter().any(|e| e.tta == c.tta) {

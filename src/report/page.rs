@@ -86,7 +86,18 @@ pub fn write_report(rec: &Recording, input: &str, dir: &Path) -> Result<Vec<Path
     Ok(written)
 }
 
-/// One row per face per frame.
+/// A text cell a spreadsheet will not run as a formula: one that starts with `=`, `+`, `-`, `@`,
+/// a tab or a carriage return gets a leading `'` (OWASP's advice on CSV injection).
+fn csv_text(cell: &str) -> String {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{cell}")
+    } else {
+        cell.to_string()
+    }
+}
+
+/// One row per face per frame. Numbers are written as numbers; the labels and class names, which
+/// come from the input, go through [`csv_text`].
 fn faces_csv(rec: &Recording) -> Result<Vec<u8>> {
     let fail = |e: csv::Error| Error::Msg(format!("writing faces.csv: {e}"));
     let mut w = csv::Writer::from_writer(Vec::new());
@@ -106,7 +117,7 @@ fn faces_csv(rec: &Recording) -> Result<Vec<u8>> {
     ]
     .map(String::from)
     .to_vec();
-    header.extend(rec.classes.iter().map(|c| format!("p_{c}")));
+    header.extend(rec.classes.iter().map(|c| csv_text(&format!("p_{c}"))));
     w.write_record(&header).map_err(fail)?;
     for fr in &rec.frames {
         for f in &fr.faces {
@@ -117,7 +128,7 @@ fn faces_csv(rec: &Recording) -> Result<Vec<u8>> {
             ];
             row.extend(f.bbox.iter().map(|v| v.to_string()));
             row.push(opt(Some(f.det_score)));
-            row.push(f.label.clone());
+            row.push(csv_text(&f.label));
             row.push(f.certain.to_string());
             row.push(opt(f.p_value));
             row.push(opt(Some(f.entropy)));
@@ -297,6 +308,16 @@ mod tests {
         let html = std::fs::read_to_string(dir.join("index.html")).unwrap();
         assert!(html.contains("<svg") && html.contains("1 malformed lines"));
         assert_eq!(esc("a<b&\"c>"), "a&lt;b&amp;&quot;c&gt;");
+        for (cell, want) in [
+            ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
+            ("+cmd|' /C calc'!A0", "'+cmd|' /C calc'!A0"),
+            ("@SUM(A1)", "'@SUM(A1)"),
+            ("-1", "'-1"),
+            ("\tx", "'\tx"),
+            ("happy", "happy"),
+        ] {
+            assert_eq!(csv_text(cell), want);
+        }
         // A second report into the same directory is refused and changes nothing.
         assert!(write_report(&rec, "run.jsonl", &dir).is_err());
         assert_eq!(std::fs::read_to_string(dir.join("faces.csv")).unwrap(), csv);
