@@ -277,14 +277,7 @@ impl fmt::Display for EvalReport {
             writeln!(f, "against the votes: ECE {e:.4}   NLL {n:.4}")?;
         }
         if let Some(l) = &self.label_rows_left_out {
-            writeln!(
-                f,
-                "left out by the labels: {} rows ({} unknown, {} not a face, {} without a single majority)",
-                l.total(),
-                l.unknown,
-                l.not_a_face,
-                l.tie
-            )?;
+            writeln!(f, "by the labels: {l}")?;
         }
         for l in &self.left_out {
             writeln!(

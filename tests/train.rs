@@ -474,19 +474,20 @@ fn crowd_votes_train_all_three_stages_and_score_by_class_name() {
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(
         stderr(&o).contains(
-            "PublicTest: left out 2 rows (0 unknown, 1 not a face, 1 without a single majority)"
+            "FER+ labels PublicTest: 2 rows left out (0 unknown, 1 not a face, 1 without a single majority)"
         ),
         "{}",
         stderr(&o)
     );
     let model = run.join("card/model");
-    let eval = |extra: &[&str]| {
+    // `eval --model M --split PublicTest EXTRA...`: its stdout and JSON report.
+    let eval = |m: &Path, extra: &[&str]| {
         let json = tmp.path().join("e.json");
         let _ = std::fs::remove_file(&json);
         let mut e = vec![
             "eval",
             "--model",
-            model.to_str().unwrap(),
+            m.to_str().unwrap(),
             "--data",
             data.to_str().unwrap(),
             "--no-cache",
@@ -501,17 +502,18 @@ fn crowd_votes_train_all_three_stages_and_score_by_class_name() {
         assert!(o.status.success(), "{}", stderr(&o));
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-        v
+        (String::from_utf8_lossy(&o.stdout).to_string(), v)
     };
+    let with_votes = ["--labels", votes.to_str().unwrap(), "--labels-unverified"];
     // On the votes: 22 rows with a majority, scored against the crowd too.
-    let v = eval(&["--labels", votes.to_str().unwrap(), "--labels-unverified"]);
+    let (_, v) = eval(&model, &with_votes);
     assert_eq!(v["images"], 22);
     assert_eq!(v["label_rows_left_out"]["not_a_face"], 1);
     assert!(v["soft_nll"].as_f64().unwrap() > 0.0);
     assert!(v["soft_ece"].as_f64().is_some());
     assert_eq!(v["classes"].as_array().unwrap().len(), 8);
     // On FER2013's seven labels: all 24 rows scored, contempt a class the labels lack.
-    let v = eval(&[]);
+    let (_, v) = eval(&model, &[]);
     assert_eq!(v["images"], 24);
     assert_eq!(v["model_only_classes"], serde_json::json!(["contempt"]));
     assert!(v.get("soft_nll").is_none());
@@ -525,27 +527,11 @@ fn crowd_votes_train_all_three_stages_and_score_by_class_name() {
         "conv7x7_pool",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let json = tmp.path().join("s.json");
-    let o = fer(&[
-        "eval",
-        "--model",
-        seven.to_str().unwrap(),
-        "--data",
-        data.to_str().unwrap(),
-        "--labels",
-        votes.to_str().unwrap(),
-        "--labels-unverified",
-        "--no-cache",
-        "--quiet",
-        "--split",
-        "PublicTest",
-        "--json",
-        json.to_str().unwrap(),
-    ]);
-    assert!(o.status.success(), "{}", stderr(&o));
-    assert!(String::from_utf8_lossy(&o.stdout).contains("left out: 3 images of \"contempt\""));
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let (stdout, v) = eval(&seven, &with_votes);
+    assert!(
+        stdout.contains("left out: 3 images of \"contempt\""),
+        "{stdout}"
+    );
     assert_eq!(v["images"], 19);
     assert_eq!(
         v["left_out"],

@@ -135,14 +135,7 @@ pub fn load_labelled(src: &DataSource) -> Result<(Dataset, Vec<dataset::ferplus:
     let votes = dataset::ferplus::read_votes(labels, !src.labels_unverified)?;
     let (ds, left) = dataset::ferplus::apply(&ds, &votes)?;
     for l in &left {
-        fer_cam::log!(
-            "FER+ labels {}: {} left out ({} unknown, {} not a face, {} without a single majority)",
-            l.split,
-            l.total(),
-            l.unknown,
-            l.not_a_face,
-            l.tie
-        );
+        fer_cam::log!("FER+ labels {}: {l}", l.split);
     }
     Ok((ds, left))
 }

@@ -198,6 +198,19 @@ impl LeftOut {
     }
 }
 
+impl std::fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} rows left out ({} unknown, {} not a face, {} without a single majority)",
+            self.total(),
+            self.unknown,
+            self.not_a_face,
+            self.tie
+        )
+    }
+}
+
 /// The FER+ version of `ds` (a FER2013 dataset in the original row order): see the module docs.
 pub fn apply(ds: &Dataset, votes: &[VoteRow]) -> Result<(Dataset, Vec<LeftOut>)> {
     if votes.len() != ds.len() {

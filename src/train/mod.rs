@@ -111,14 +111,7 @@ impl TrainData {
             let votes = data::ferplus::read_votes(path, !cfg.labels_unverified)?;
             let (fp, left) = data::ferplus::apply(&all, &votes)?;
             for l in &left {
-                crate::log!(
-                    "FER+ {}: left out {} rows ({} unknown, {} not a face, {} without a single majority)",
-                    l.split,
-                    l.total(),
-                    l.unknown,
-                    l.not_a_face,
-                    l.tie
-                );
+                crate::log!("FER+ labels {}: {l}", l.split);
             }
             all = fp;
         }
