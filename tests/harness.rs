@@ -45,15 +45,9 @@ fn through_pipeline(csv: &Path, json: &Path, extra: &[&str]) -> serde_json::Valu
         .args(extra)
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stdout = common::stdout_of_success(out);
     assert!(stdout.contains("faces found:"), "{stdout}");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(json).unwrap()).unwrap();
+    let mut v = common::read_json(json);
     // Timing differs between runs; nothing else may.
     for k in ["wall_seconds", "faces_per_second"] {
         v.as_object_mut().unwrap().remove(k);

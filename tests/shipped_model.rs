@@ -115,11 +115,8 @@ fn built_in_models_are_chosen_by_name() {
             .args(["run", "--model", name, "--input", img.to_str().unwrap()])
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stdout = common::stdout_of_success(out);
+        assert!(stdout.contains("\"type\":\"summary\""), "{name}");
     }
     let out = Command::new(common::bin())
         .current_dir(tmp.path())
@@ -183,12 +180,7 @@ fn run_without_model_uses_the_embedded_one() {
         .args(["run", "--input", img.to_str().unwrap()])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8(out.stdout).unwrap();
+    let stdout = common::stdout_of_success(out);
     assert!(stdout.lines().any(|l| l.contains("\"type\":\"summary\"")));
 }
 
@@ -224,14 +216,8 @@ fn embedded_models_score_above_their_floors_on_public_test() {
         if name == "ferplus" {
             cmd.args(["--labels", votes.to_str().unwrap()]);
         }
-        let out = cmd.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let r: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+        common::stdout_of_success(cmd.output().unwrap());
+        let r = common::read_json(&json);
         assert_eq!(r["images"], 500);
         assert_eq!(r["model"], embedded::display_name(name));
         let floor = FLOORS_FIRST_500.iter().find(|(n, _)| *n == name).unwrap().1;

@@ -498,11 +498,8 @@ fn crowd_votes_train_all_three_stages_and_score_by_class_name() {
             json.to_str().unwrap(),
         ];
         e.extend_from_slice(extra);
-        let o = fer(&e);
-        assert!(o.status.success(), "{}", stderr(&o));
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
-        (String::from_utf8_lossy(&o.stdout).to_string(), v)
+        let stdout = common::stdout_of_success(fer(&e));
+        (stdout, common::read_json(&json))
     };
     let with_votes = ["--labels", votes.to_str().unwrap(), "--labels-unverified"];
     // On the votes: 22 rows with a majority, scored against the crowd too.

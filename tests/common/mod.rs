@@ -73,3 +73,18 @@ pub fn write_fer_csv(path: &Path, per_split: usize) {
 pub fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_fer-cam")
 }
+
+/// Asserts that a finished command succeeded (showing its stderr if not) and returns its stdout.
+pub fn stdout_of_success(out: std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A JSON file, parsed.
+pub fn read_json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
