@@ -548,6 +548,22 @@ fn annotate_writes_every_frame_and_never_replaces_a_file() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("never replaces"));
     assert_eq!(std::fs::read(&out).unwrap(), before);
     assert_eq!(timeless(&args(false)), timeless(&args(false)));
+    // Video never goes into the JSON stream, and `-` is no file name: both refused up front,
+    // with nothing on stdout and no file named `-` made.
+    let c = clip.to_str().unwrap();
+    for target in ["-", "/dev/stdout"] {
+        let o = Command::new(common::bin())
+            .current_dir(tmp.path())
+            .args(["run", "--model", m.to_str().unwrap(), "--input", c])
+            .args(["--annotate", target])
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{target}");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("JSON lines"), "{target}: {err}");
+        assert!(o.stdout.is_empty(), "{target}");
+    }
+    assert!(!tmp.path().join("-").exists());
 }
 
 #[test]

@@ -35,6 +35,19 @@ const FINISH_GRACE: Duration = Duration::from_secs(5);
 /// Checked before the run starts: the path is either new (annotation creates it, never replacing
 /// a file) or an existing pipe, FIFO or character device; its folder exists.
 pub fn check_path(path: &Path) -> Result<()> {
+    if path.as_os_str() == "-" {
+        return Err(Error::file(
+            path,
+            "stdout carries the JSON lines, and `-` is not taken as a file name: give a new \
+             file, a FIFO, or >(ffplay -i -)",
+        ));
+    }
+    if is_stdout(path) {
+        return Err(Error::file(
+            path,
+            "is this process's standard output, which carries the JSON lines",
+        ));
+    }
     match std::fs::metadata(path) {
         Ok(m) if m.is_file() => Err(Error::file(
             path,
@@ -54,6 +67,22 @@ pub fn check_path(path: &Path) -> Result<()> {
             }
         }
     }
+}
+
+/// Whether `path` is the file, pipe or terminal this process's stdout writes to (same device
+/// and inode), as `/dev/stdout` or `/proc/self/fd/1` are.
+fn is_stdout(path: &Path) -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Ok(target) = std::fs::metadata(path) else {
+        return false;
+    };
+    let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .is_ok_and(|out| out.dev() == target.dev() && out.ino() == target.ino())
 }
 
 /// What annotation did in a run.
