@@ -371,14 +371,14 @@ pub fn run(
         .zip(&found_labels)
         .map(|(p, l)| p == l)
         .collect();
-    let confusion = metrics::confusion_matrix(&all_pred, &labels, c);
-    let class_counts = {
-        let mut k = vec![0usize; c];
-        for &l in &labels {
-            k[l] += 1;
-        }
-        k
-    };
+    // Recall over all faces: a missed face (`usize::MAX`) stays in its class's row as a miss
+    // (`metrics::confusion_matrix` would drop it, giving recall over the faces found).
+    let mut class_counts = vec![0usize; c];
+    let mut hits = vec![0usize; c];
+    for (&p, &l) in all_pred.iter().zip(&labels) {
+        class_counts[l] += 1;
+        hits[l] += usize::from(p == l);
+    }
     let found = found_pred.len();
     Ok(HarnessReport {
         model: String::new(),
@@ -406,7 +406,17 @@ pub fn run(
         pavpu_ttest: metrics::pavpu_ttest(&accurate, &found_p, eval_clf.config().card.alpha),
         ece: metrics::ece(&found_probs, &found_labels, 15),
         nll: metrics::nll(&found_probs, &found_labels),
-        per_class_recall: metrics::per_class_recall(&confusion),
+        per_class_recall: hits
+            .iter()
+            .zip(&class_counts)
+            .map(|(&h, &t)| {
+                if t == 0 {
+                    f64::NAN
+                } else {
+                    h as f64 / t as f64
+                }
+            })
+            .collect(),
         per_class_found: found_per_class
             .iter()
             .zip(&class_counts)
