@@ -110,6 +110,49 @@ pub fn match_classes(model: &[String], data: &[String]) -> Result<Vec<Option<usi
     Ok(map)
 }
 
+/// A split restricted to the images whose class the model has, and their labels in the model's
+/// classes.
+pub struct InModelClasses {
+    pub data: Dataset,
+    pub labels: Vec<usize>,
+    /// For each of the data's classes, the model's class of that name ([`match_classes`]).
+    pub to_model: Vec<Option<usize>>,
+}
+
+impl InModelClasses {
+    pub fn new(model_classes: &[String], data: &Dataset) -> Result<Self> {
+        let to_model = match_classes(model_classes, &data.class_names)?;
+        let data = data.select(|i| to_model[data.labels[i] as usize].is_some());
+        let labels = data
+            .labels
+            .iter()
+            .filter_map(|&l| to_model[l as usize])
+            .collect();
+        Ok(Self {
+            data,
+            labels,
+            to_model,
+        })
+    }
+}
+
+/// The CARD vote of every image in `pixels` (48x48 crops, row-major), `batch` at a time;
+/// `progress(done)` after each batch.
+pub fn vote_labels(
+    classifier: &mut Classifier,
+    pixels: &[u8],
+    batch: usize,
+    mut progress: impl FnMut(usize),
+) -> Result<Vec<usize>> {
+    let px = crate::data::FACE_PIXELS;
+    let mut out = Vec::with_capacity(pixels.len() / px);
+    for chunk in pixels.chunks(batch.max(1) * px) {
+        out.extend(classifier.predict(chunk)?.into_iter().map(|p| p.card.label));
+        progress(out.len());
+    }
+    Ok(out)
+}
+
 /// Runs the classifier over every image of `data` (already restricted to one split), matching
 /// the model's classes to the data's by name: images of a class the model lacks are left out
 /// (and counted), and a prediction of a class the data lacks counts as wrong. Metrics are in
@@ -121,12 +164,13 @@ pub fn evaluate(
     mut progress: impl FnMut(usize),
 ) -> Result<EvalReport> {
     let model_classes = classifier.config().classes.clone();
-    let to_model = match_classes(&model_classes, &data.class_names)?;
+    let scored = InModelClasses::new(&model_classes, data)?;
+    let to_model = &scored.to_model;
     let left_out: Vec<LeftOutClass> = data
         .class_counts()
         .into_iter()
         .zip(&data.class_names)
-        .zip(&to_model)
+        .zip(to_model)
         .filter(|((n, _), m)| m.is_none() && *n > 0)
         .map(|((images, class), _)| LeftOutClass {
             class: class.clone(),
@@ -139,7 +183,7 @@ pub fn evaluate(
         .filter(|(m, _)| !to_model.contains(&Some(*m)))
         .map(|(_, c)| c.clone())
         .collect();
-    let data = &data.select(|i| to_model[data.labels[i] as usize].is_some());
+    let (data, labels) = (&scored.data, scored.labels);
     if data.is_empty() {
         return Err(Error::Msg("no images to evaluate".into()));
     }
@@ -159,11 +203,6 @@ pub fn evaluate(
         progress((k * batch + chunk.len() / px).min(data.len()));
     }
     let wall = start.elapsed().as_secs_f64();
-    let labels: Vec<usize> = data
-        .labels
-        .iter()
-        .filter_map(|&l| to_model[l as usize])
-        .collect();
     // The votes in the model's classes: a data class without a model class drops out, and the
     // rest are renormalised.
     let targets: Option<Vec<Vec<f32>>> = (!data.soft.is_empty()).then(|| {

@@ -16,7 +16,7 @@ use serde::Serialize;
 use crate::capture::{Frame, FrameSource, SourceEvent};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
-use crate::eval::match_classes;
+use crate::eval::{vote_labels, InModelClasses};
 use crate::face::{crop_square, FaceBox};
 use crate::infer::Classifier;
 use crate::metrics;
@@ -25,6 +25,9 @@ pub use render::{Placement, RenderConfig};
 
 /// A face counts as found when a detection's crop square overlaps the true square this much.
 pub const FOUND_IOU: f32 = 0.3;
+
+/// Crops per forward pass of the model on the images' own crops and the true squares.
+const BATCH: usize = 64;
 
 /// Face-size bins of the report, in frame pixels (lower bounds).
 const SIZE_BINS: [u32; 6] = [0, 64, 96, 128, 192, 256];
@@ -219,6 +222,10 @@ fn parse_frames(out: &[u8], classes: &[String], n: usize) -> Result<Vec<Vec<Dete
     Ok(frames)
 }
 
+/// The detection taken as a rendered face: its crop box's IoU with the true square, the crop
+/// box, and the detection.
+type Match<'a> = (f32, FaceBox, &'a Detection);
+
 /// The square a crop of `b` takes, as a box.
 fn crop_box(b: &FaceBox, margin: f32) -> FaceBox {
     let (x0, y0, n) = crop_square(b, margin);
@@ -244,23 +251,16 @@ pub fn run(
 ) -> Result<HarnessReport> {
     render_cfg.validate()?;
     let classes = pipeline_clf.config().classes.clone();
-    let to_model = match_classes(&classes, &data.class_names)?;
-    let kept = data.select(|i| to_model[data.labels[i] as usize].is_some());
+    let InModelClasses {
+        data: kept, labels, ..
+    } = InModelClasses::new(&classes, data)?;
     if kept.is_empty() {
         return Err(Error::Msg("no images to render".into()));
     }
-    let labels: Vec<usize> = kept
-        .labels
-        .iter()
-        .filter_map(|&l| to_model[l as usize])
-        .collect();
     let n = kept.len();
     let start = Instant::now();
     // The model on the images' own crops, as `fer-cam eval` scores it.
-    let mut direct = Vec::with_capacity(n);
-    for chunk in kept.pixels.chunks(64 * crate::data::FACE_PIXELS) {
-        direct.extend(eval_clf.predict(chunk)?.into_iter().map(|p| p.card.label));
-    }
+    let direct = vote_labels(eval_clf, &kept.pixels, BATCH, |_| {})?;
     let kept = Arc::new(kept);
     let source = RenderedSource {
         faces: kept.clone(),
@@ -285,26 +285,10 @@ pub fn run(
     let frames = parse_frames(&out, &classes, n)?;
     let margin = run_cfg.margin;
     let c = classes.len();
-    let (mut found_pred, mut found_labels, mut found_probs, mut found_p) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut direct_found, mut all_pred) = (Vec::new(), Vec::with_capacity(n));
-    let (mut ious, mut scales, mut dxs, mut dys) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Per face: its placement, and the detection taken as it (with its crop box), if any.
+    let mut square_crops = Vec::with_capacity(n * crate::data::FACE_PIXELS);
+    let mut matched: Vec<(Placement, Option<Match>)> = Vec::with_capacity(n);
     let mut false_detections = 0;
-    let mut true_square = Vec::with_capacity(n);
-    let mut square_crops = Vec::new();
-    let mut found_rows = Vec::new();
-    let mut found_per_class = vec![0usize; c];
-    let mut bins: Vec<SizeBin> = SIZE_BINS
-        .iter()
-        .enumerate()
-        .map(|(k, &lo)| SizeBin {
-            lo,
-            hi: SIZE_BINS.get(k + 1).copied(),
-            faces: 0,
-            found: 0,
-            accuracy_found: 0.0,
-        })
-        .collect();
     for (i, dets) in frames.iter().enumerate() {
         let (frame, p) = render::render(render_cfg, i, kept.image(i))?;
         let truth = p.square();
@@ -316,49 +300,60 @@ pub fn run(
             0.0,
             crate::data::FACE_SIZE as u32,
         ));
-        if square_crops.len() >= 64 * crate::data::FACE_PIXELS || i + 1 == n {
-            true_square.extend(
-                eval_clf
-                    .predict(&square_crops)?
-                    .into_iter()
-                    .map(|p| p.card.label),
-            );
-            square_crops.clear();
-        }
         let best = dets
             .iter()
-            .map(|d| (crop_box(&d.bbox, margin).iou(&truth), d))
-            .max_by(|a, b| a.0.total_cmp(&b.0));
+            .map(|d| {
+                let cb = crop_box(&d.bbox, margin);
+                (cb.iou(&truth), cb, d)
+            })
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .filter(|(iou, _, _)| *iou >= FOUND_IOU);
+        false_detections += dets.len() - usize::from(best.is_some());
+        matched.push((p, best));
+    }
+    let true_square = vote_labels(eval_clf, &square_crops, BATCH, |_| {})?;
+    // The faces found: row, predicted label, the detection.
+    let found_rows: Vec<usize> = (0..n).filter(|&i| matched[i].1.is_some()).collect();
+    let found_det = |i: usize| matched[i].1.expect("a found face").2;
+    let found_pred: Vec<usize> = found_rows.iter().map(|&i| found_det(i).label).collect();
+    let found_labels: Vec<usize> = found_rows.iter().map(|&i| labels[i]).collect();
+    let on_found = |v: &[usize]| found_rows.iter().map(|&i| v[i]).collect::<Vec<_>>();
+    // A missed face is wrong whatever the model would have said.
+    let all_pred: Vec<usize> = matched
+        .iter()
+        .map(|(_, m)| m.map_or(usize::MAX, |(_, _, d)| d.label))
+        .collect();
+    let (mut ious, mut scales, mut dxs, mut dys) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for (p, m) in &matched {
+        if let Some((iou, cb, _)) = m {
+            let side = p.side;
+            ious.push(*iou as f64);
+            scales.push((cb.w / side) as f64);
+            dxs.push(((cb.x + cb.w / 2.0 - p.cx) / side) as f64);
+            dys.push(((cb.y + cb.h / 2.0 - p.cy) / side) as f64);
+        }
+    }
+    let mut bins: Vec<SizeBin> = SIZE_BINS
+        .iter()
+        .enumerate()
+        .map(|(k, &lo)| SizeBin {
+            lo,
+            hi: SIZE_BINS.get(k + 1).copied(),
+            faces: 0,
+            found: 0,
+            accuracy_found: 0.0,
+        })
+        .collect();
+    for (i, (p, m)) in matched.iter().enumerate() {
         let bin = bins
             .iter_mut()
             .rev()
             .find(|b| p.side >= b.lo as f32)
             .expect("the first bin starts at 0");
         bin.faces += 1;
-        match best.filter(|(iou, _)| *iou >= FOUND_IOU) {
-            Some((iou, d)) => {
-                false_detections += dets.len() - 1;
-                let cb = crop_box(&d.bbox, margin);
-                ious.push(iou as f64);
-                scales.push((cb.w / truth.w) as f64);
-                dxs.push(((cb.x + cb.w / 2.0 - p.cx) / truth.w) as f64);
-                dys.push(((cb.y + cb.h / 2.0 - p.cy) / truth.w) as f64);
-                found_pred.push(d.label);
-                found_labels.push(labels[i]);
-                found_probs.push(d.probs.clone());
-                found_p.push(d.p_value);
-                direct_found.push(direct[i]);
-                found_per_class[labels[i]] += 1;
-                found_rows.push(i);
-                all_pred.push(d.label);
-                bin.found += 1;
-                bin.accuracy_found += (d.label == labels[i]) as u8 as f64;
-            }
-            None => {
-                false_detections += dets.len();
-                // A missed face is wrong whatever the model would have said.
-                all_pred.push(usize::MAX);
-            }
+        if let Some((_, _, d)) = m {
+            bin.found += 1;
+            bin.accuracy_found += f64::from(u8::from(d.label == labels[i]));
         }
     }
     for b in &mut bins {
@@ -371,13 +366,21 @@ pub fn run(
         .zip(&found_labels)
         .map(|(p, l)| p == l)
         .collect();
+    let found_probs: Vec<Vec<f32>> = found_rows
+        .iter()
+        .map(|&i| found_det(i).probs.clone())
+        .collect();
+    let found_p: Vec<f64> = found_rows.iter().map(|&i| found_det(i).p_value).collect();
     // Recall over all faces: a missed face (`usize::MAX`) stays in its class's row as a miss
     // (`metrics::confusion_matrix` would drop it, giving recall over the faces found).
-    let mut class_counts = vec![0usize; c];
-    let mut hits = vec![0usize; c];
+    let (mut class_counts, mut hits, mut found_per_class) =
+        (vec![0usize; c], vec![0; c], vec![0; c]);
     for (&p, &l) in all_pred.iter().zip(&labels) {
         class_counts[l] += 1;
         hits[l] += usize::from(p == l);
+    }
+    for &l in &found_labels {
+        found_per_class[l] += 1;
     }
     let found = found_pred.len();
     Ok(HarnessReport {
@@ -394,15 +397,9 @@ pub fn run(
         accuracy_all: metrics::accuracy(&all_pred, &labels),
         accuracy_found: metrics::accuracy(&found_pred, &found_labels),
         eval_accuracy: metrics::accuracy(&direct, &labels),
-        eval_accuracy_found: metrics::accuracy(&direct_found, &found_labels),
+        eval_accuracy_found: metrics::accuracy(&on_found(&direct), &found_labels),
         true_square_accuracy: metrics::accuracy(&true_square, &labels),
-        true_square_accuracy_found: metrics::accuracy(
-            &found_rows
-                .iter()
-                .map(|&i| true_square[i])
-                .collect::<Vec<_>>(),
-            &found_labels,
-        ),
+        true_square_accuracy_found: metrics::accuracy(&on_found(&true_square), &found_labels),
         pavpu_ttest: metrics::pavpu_ttest(&accurate, &found_p, eval_clf.config().card.alpha),
         ece: metrics::ece(&found_probs, &found_labels, 15),
         nll: metrics::nll(&found_probs, &found_labels),
