@@ -132,12 +132,11 @@ pub fn load_labelled(src: &DataSource) -> Result<(Dataset, Vec<dataset::ferplus:
     let Some(labels) = &src.labels else {
         return Ok((ds, Vec::new()));
     };
-    let votes = dataset::ferplus::read_votes(labels, !src.labels_unverified)?;
-    let (ds, left) = dataset::ferplus::apply(&ds, &votes)?;
-    for l in &left {
-        fer_cam::log!("FER+ labels {}: {l}", l.split);
-    }
-    Ok((ds, left))
+    Ok(dataset::ferplus::relabel(
+        &ds,
+        labels,
+        !src.labels_unverified,
+    )?)
 }
 
 pub fn print_stdout(text: &str) -> Result<()> {

@@ -211,6 +211,17 @@ impl std::fmt::Display for LeftOut {
     }
 }
 
+/// Reads the vote file at `path` (checked against [`FERPLUS_SHA256`] when `verify`), applies it
+/// to `ds`, and says on stderr what each split left out.
+pub fn relabel(ds: &Dataset, path: &Path, verify: bool) -> Result<(Dataset, Vec<LeftOut>)> {
+    let votes = read_votes(path, verify)?;
+    let (out, left) = apply(ds, &votes)?;
+    for l in &left {
+        crate::log!("FER+ labels {}: {l}", l.split);
+    }
+    Ok((out, left))
+}
+
 /// The FER+ version of `ds` (a FER2013 dataset in the original row order): see the module docs.
 pub fn apply(ds: &Dataset, votes: &[VoteRow]) -> Result<(Dataset, Vec<LeftOut>)> {
     if votes.len() != ds.len() {

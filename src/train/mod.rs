@@ -108,12 +108,7 @@ impl TrainData {
         };
         let (mut all, _) = data::load(&cfg.data, &opts)?;
         if let Some(path) = &cfg.labels {
-            let votes = data::ferplus::read_votes(path, !cfg.labels_unverified)?;
-            let (fp, left) = data::ferplus::apply(&all, &votes)?;
-            for l in &left {
-                crate::log!("FER+ labels {}: {l}", l.split);
-            }
-            all = fp;
+            all = data::ferplus::relabel(&all, path, !cfg.labels_unverified)?.0;
         }
         let needs_votes = cfg.classifier.targets != Targets::Label || cfg.card.y0 != CardY0::OneHot;
         if needs_votes && all.soft.is_empty() {

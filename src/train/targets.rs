@@ -22,17 +22,16 @@ pub fn vote_target(data: &Dataset, r: usize, single_weight: f64) -> Vec<f32> {
     let Some(votes) = data.soft_row(r) else {
         return smoothed_targets(&[data.labels[r] as u32], c, 0.0);
     };
+    // Without a single label the votes take the whole target.
+    let Some(&single) = data.single_labels.get(r) else {
+        return votes.to_vec();
+    };
     let mut t: Vec<f32> = votes
         .iter()
         .map(|&v| ((1.0 - single_weight) * v as f64) as f32)
         .collect();
-    if let Some(&s) = data.single_labels.get(r) {
-        if let Some(x) = t.get_mut(s as usize) {
-            *x += single_weight as f32;
-        }
-    } else {
-        // No single label: the votes take the whole target.
-        t = votes.to_vec();
+    if let Some(x) = t.get_mut(single as usize) {
+        *x += single_weight as f32;
     }
     t
 }
