@@ -169,9 +169,18 @@ pub enum StoredWeightsArg {
 pub struct RunArgs {
     #[command(flatten)]
     pub classifier: ClassifierArgs,
-    /// Input: a .y4m file, `-` for YUV4MPEG2 on stdin, or image files / directories (sorted).
+    /// Input: a video file (mp4, webm, mkv, mov, ...; decoded by ffmpeg), a .y4m file, `-` for
+    /// YUV4MPEG2 on stdin, or image files / directories (sorted). Every frame is processed.
     #[arg(long, num_args = 1.., conflicts_with = "camera")]
     pub input: Vec<PathBuf>,
+    /// Treat `--input -` or a pipe as a live feed, like a camera: when the pipeline is busy the
+    /// stalest frame is dropped (counted and reported) instead of making the writer wait.
+    #[arg(long)]
+    pub live: bool,
+    /// The stills are frames of one scene (e.g. extracted video frames): track ids and
+    /// `--smooth` carry from one to the next. By default each still stands alone.
+    #[arg(long)]
+    pub sequence: bool,
     /// Camera index (needs a build with the `camera` feature).
     #[arg(long)]
     pub camera: Option<u32>,

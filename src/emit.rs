@@ -3,9 +3,15 @@
 //! Every line has `"v": 1`, a `"type"`, a wall-clock `"ts"` (RFC 3339, UTC, milliseconds) and
 //! `"mono_ms"` (monotonic milliseconds since the run started). Types:
 //!
+//! - `start`: the first line, before any frame — what produced the file: `version`
+//!   (fer-cam's), `model` `{name, sha256}` (of the weights file), `classes`, `views`, `samples`,
+//!   `steps`, `seed`, `smooth`, `detector` (its settings), `source`, `source_fps` (`null` when
+//!   the source has no rate: stills), `live` (stale frames are dropped when busy) and
+//!   `stills` (each still is a scene of its own: ids and smoothing do not cross them).
 //! - `frame`: one per processed frame —
-//!   `source`, `frame` (the source's frame number, from 0), `size` `[w, h]`, optional `file`
-//!   (stills), `faces` (below), `latency_ms` `{capture_to_emit, queue, detect, crop, infer,
+//!   `source`, `frame` (the source's frame number, from 0), `pts_s` (media time: seconds into
+//!   the recording, from the frame number and the video's rate or the camera's clock; `null`
+//!   for stills), `size` `[w, h]`, optional `file` (stills), `faces` (below), `latency_ms` `{capture_to_emit, queue, detect, crop, infer,
 //!   emit}`, and `dropped` (frames dropped so far because the pipeline was busy).
 //!   Each face: `id` (track id, stable across frames, never reused), `box` `[x, y, w, h]` in
 //!   source pixels, `det_score` (rustface's score from a full-frame search, BlazeFace's
@@ -18,7 +24,8 @@
 //!   over by `--max-fps`), `faces`.
 //! - `warning`: a recoverable problem — `message`, and `count` (warnings so far).
 //! - `summary`: at the end of the run (also after a fatal input error, which then goes to stderr
-//!   with exit status 1) — totals (`dropped` for a busy pipeline, `skipped` for `--max-fps`) and
+//!   with exit status 1) — totals (`dropped` for a busy pipeline, `skipped` for `--max-fps`),
+//!   `source_fps`, `media_s` (media time covered: the last frame's `pts_s` plus one frame) and
 //!   latency percentiles.
 
 use std::io::Write;
@@ -84,13 +91,54 @@ pub struct Latency {
     pub emit: f64,
 }
 
+/// What produced a run's output, written on its `start` line.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Provenance {
+    /// fer-cam's version.
+    pub version: String,
+    pub model: crate::infer::ModelOrigin,
+    pub classes: Vec<String>,
+    /// Test-time views per face (`none`, `flip`, `ten-crop`).
+    pub views: crate::config::Tta,
+    pub samples: usize,
+    pub steps: usize,
+    pub seed: u64,
+    pub smooth: f32,
+    pub detector: DetectorSettings,
+}
+
+/// The face stage's settings on the `start` line.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DetectorSettings {
+    /// Full-frame search.
+    pub full: String,
+    /// Search around known faces.
+    pub near: String,
+    /// Frames are downscaled to this width for the full search (0: never).
+    pub detect_width: u32,
+    pub detect_every: u32,
+    pub min_face: u32,
+    pub threshold: f64,
+    /// Crop margin around the box (fraction of its side, each side).
+    pub margin: f32,
+}
+
 /// The body of each message type.
 #[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 pub enum Body {
+    Start {
+        #[serde(flatten)]
+        run: Box<Provenance>,
+        source: String,
+        source_fps: Option<f64>,
+        live: bool,
+        stills: bool,
+    },
     Frame {
         source: String,
         frame: u64,
+        pts_s: Option<f64>,
         size: [u32; 2],
         #[serde(skip_serializing_if = "Option::is_none")]
         file: Option<String>,
@@ -120,6 +168,8 @@ pub enum Body {
         warnings: u64,
         seconds: f64,
         fps: f64,
+        source_fps: Option<f64>,
+        media_s: Option<f64>,
         latency_ms: Percentiles,
     },
 }
@@ -221,6 +271,7 @@ mod tests {
         let body = Body::Frame {
             source: "file:x.y4m".into(),
             frame: 3,
+            pts_s: Some(0.125),
             size: [320, 180],
             file: None,
             faces: vec![FaceOut {
@@ -257,6 +308,41 @@ mod tests {
         let probs = text.find("\"happy\":0.9").unwrap();
         assert!(probs < text.find("\"sad\":0.1").unwrap());
         assert!(v.get("file").is_none());
+        assert_eq!(v["pts_s"], 0.125);
+    }
+
+    #[test]
+    fn start_line_carries_the_provenance_flat() {
+        let body = Body::Start {
+            run: Box::new(Provenance {
+                version: "1.2.3".into(),
+                model: crate::infer::ModelOrigin {
+                    name: "builtin:fer2013".into(),
+                    sha256: "ab".into(),
+                },
+                classes: vec!["happy".into()],
+                views: crate::config::Tta::Flip,
+                samples: 32,
+                steps: 10,
+                seed: 7,
+                smooth: 1.0,
+                detector: DetectorSettings::default(),
+            }),
+            source: "stdin".into(),
+            source_fps: None,
+            live: false,
+            stills: true,
+        };
+        let mut buf = Vec::new();
+        Emitter::new(&mut buf, Instant::now()).emit(&body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(v["type"], "start");
+        assert_eq!(v["version"], "1.2.3");
+        assert_eq!(v["model"]["name"], "builtin:fer2013");
+        assert_eq!(v["views"], "flip");
+        assert_eq!(v["source_fps"], serde_json::Value::Null);
+        assert_eq!(v["detector"]["full"], "");
+        assert_eq!(v["stills"], true);
     }
 
     #[test]

@@ -89,13 +89,32 @@ pub struct Classifier {
     /// classified, so results do not depend on how faces were batched.
     next_face: u64,
     tta: Tta,
+    origin: ModelOrigin,
+}
+
+/// Which model a classifier runs, for the provenance of its outputs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ModelOrigin {
+    /// `builtin:NAME` or the model directory.
+    pub name: String,
+    /// Hex sha256 of the weights file (empty for a model built in memory).
+    pub sha256: String,
 }
 
 impl Classifier {
     /// Loads a model directory onto `device` with its default sampler settings.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let loaded = load_model_dir(dir, device)?;
-        Self::new(loaded.config, loaded.model, device.clone())
+        Self::from_loaded(loaded, device)
+    }
+
+    fn from_loaded(loaded: crate::model::LoadedModel, device: &Device) -> Result<Self> {
+        let mut c = Self::new(loaded.config, loaded.model, device.clone())?;
+        c.origin = ModelOrigin {
+            name: loaded.dir.display().to_string(),
+            sha256: loaded.weights_sha256,
+        };
+        Ok(c)
     }
 
     /// Loads the default model compiled into this build ([`crate::model::embedded`]).
@@ -106,7 +125,7 @@ impl Classifier {
     /// Loads the built-in model `name` ([`crate::model::embedded::NAMES`]).
     pub fn load_builtin(name: &str, device: &Device) -> Result<Self> {
         let loaded = crate::model::embedded::load(name, device)?;
-        Self::new(loaded.config, loaded.model, device.clone())
+        Self::from_loaded(loaded, device)
     }
 
     /// Wraps an already built model (on the CPU, with the fused sampler).
@@ -124,6 +143,7 @@ impl Classifier {
             fused: None,
             next_face: 0,
             tta: Tta::None,
+            origin: ModelOrigin::default(),
         };
         // The model's own views, checked like any other choice.
         c.set_tta(c.config.input.tta)?;
@@ -197,6 +217,11 @@ impl Classifier {
 
     pub fn sampler(&self) -> SamplerConfig {
         self.sampler
+    }
+
+    /// Which model this is (name and weights hash).
+    pub fn origin(&self) -> &ModelOrigin {
+        &self.origin
     }
 
     pub fn config(&self) -> &ModelConfig {

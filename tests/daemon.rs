@@ -80,6 +80,7 @@ fn check_schema(v: &Value, classes: usize) {
     match v["type"].as_str().unwrap() {
         "frame" => {
             assert!(v["frame"].is_u64() && v["dropped"].is_u64() && v["source"].is_string());
+            assert!(v["pts_s"].as_f64().is_some_and(|t| t >= 0.0) || v["pts_s"].is_null());
             assert_eq!(v["size"].as_array().unwrap().len(), 2);
             let lat = &v["latency_ms"];
             for k in [
@@ -113,6 +114,19 @@ fn check_schema(v: &Value, classes: usize) {
                 assert!((sum - 1.0).abs() < 1e-3, "{sum}");
                 assert_eq!(f["votes"].as_object().unwrap().len(), classes);
             }
+        }
+        "start" => {
+            // What produced the file.
+            assert!(v["version"].is_string() && v["source"].is_string());
+            assert_eq!(v["model"]["sha256"].as_str().unwrap().len(), 64);
+            assert!(v["model"]["name"].is_string());
+            assert_eq!(v["classes"].as_array().unwrap().len(), classes);
+            for k in ["samples", "steps", "seed"] {
+                assert!(v[k].is_u64(), "{k}");
+            }
+            assert!(v["views"].is_string() && v["detector"]["full"].is_string());
+            assert!(v["live"].is_boolean() && v["stills"].is_boolean());
+            assert!(v["source_fps"].is_number() || v["source_fps"].is_null());
         }
         "status" | "warning" | "summary" => {}
         other => panic!("unknown type {other}"),
@@ -148,6 +162,14 @@ fn y4m_clip_streams_valid_lines_with_one_stable_face() {
         .map(|f| f["frame"].as_u64().unwrap())
         .collect();
     assert!(nums.windows(2).all(|w| w[1] > w[0]), "{nums:?}");
+    // Media time: the frame number over the clip's 2 fps.
+    for f in &frames {
+        let want = f["frame"].as_f64().unwrap() / 2.0;
+        assert!((f["pts_s"].as_f64().unwrap() - want).abs() < 1e-9, "{f}");
+    }
+    assert_eq!(ls[0]["type"], "start");
+    assert_eq!(ls[0]["source_fps"], 2.0);
+    assert_eq!(ls.last().unwrap()["media_s"], 20.0);
     let with_face = frames
         .iter()
         .filter(|f| !f["faces"].as_array().unwrap().is_empty())
@@ -286,7 +308,8 @@ fn truncated_and_garbage_streams_fail_cleanly() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("--detect-every 0"));
     let o = run(&["run", "--model", m.to_str().unwrap(), "--input", "talk.mp4"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("yuv4mpegpipe"));
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("talk.mp4"));
     // The input's kind comes from its bytes: a stream named .dat is read as the stream it is,
     // raw .yuv (no header) is refused, and a lone file that is not a picture is an error.
     let dat = tmp.path().join("clip.dat");
@@ -364,10 +387,13 @@ fn closed_stdout_ends_the_run_with_success() {
         clip.to_str().unwrap(),
     ]);
     let mut first = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut first)
-        .unwrap();
+    let mut reader = BufReader::new(child.stdout.take().unwrap());
+    reader.read_line(&mut first).unwrap();
+    assert!(first.contains("\"type\":\"start\""), "{first}");
+    first.clear();
+    reader.read_line(&mut first).unwrap();
     assert!(first.contains("\"type\":\"frame\""), "{first}");
+    drop(reader);
     // The reader is gone now (dropped with the BufReader).
     let start = Instant::now();
     let status = child.wait().unwrap();
@@ -387,14 +413,16 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// Feeds `frames` VGA frames on stdin faster than the daemon classifies them, while reading its
-/// stdout slowly. Returns (peak RSS in KiB, frames emitted, frames dropped).
-fn slow_reader_run(m: &Path, frames: usize) -> (u64, u64, u64) {
+/// stdout slowly; `--live` when `live`. Returns (peak RSS in KiB, frames emitted, frames
+/// dropped).
+fn slow_reader_run(m: &Path, frames: usize, live: bool) -> (u64, u64, u64) {
     let mut child = spawn(&[
         "run",
         "--model",
         m.to_str().unwrap(),
         "--input",
         "-",
+        if live { "--live" } else { "--stats" },
         "--samples",
         "2",
         "--status-every",
@@ -449,13 +477,28 @@ fn slow_reader_run(m: &Path, frames: usize) -> (u64, u64, u64) {
 }
 
 #[test]
+fn stdin_is_lossless_by_default_however_fast_the_writer() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    // The writer hands over 400 VGA frames at once, much faster than they are classified: it
+    // must wait (back-pressure), and every frame must come out, with memory as flat as --live.
+    let (small, _, _) = slow_reader_run(&m, 40, false);
+    let (peak, done, dropped) = slow_reader_run(&m, 400, false);
+    assert_eq!((done, dropped), (400, 0));
+    assert!(
+        peak < small + 50_000,
+        "peak RSS {peak} KiB with 400 frames against {small} KiB with 40"
+    );
+}
+
+#[test]
 fn slow_reader_keeps_memory_flat_and_counts_drops() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model(tmp.path());
     // 400 VGA frames are 184 MB of luma and chroma: a daemon that queued the frames it cannot
     // keep up with, instead of dropping them, would peak over 150 MB above the same run with 40.
-    let (small, _, _) = slow_reader_run(&m, 40);
-    let (peak, done, dropped) = slow_reader_run(&m, 400);
+    let (small, _, _) = slow_reader_run(&m, 40, true);
+    let (peak, done, dropped) = slow_reader_run(&m, 400, true);
     eprintln!("slow reader: peak RSS {peak} KiB (40 frames: {small} KiB), {done} emitted, {dropped} dropped");
     assert!(
         dropped > 0,
@@ -783,5 +826,146 @@ fn eight_class_models_flow_through_run_annotate_and_report() {
     assert_eq!(
         fer_cam::palette::class_rgb("Happiness", 3),
         fer_cam::palette::class_rgb("happy", 3)
+    );
+}
+
+/// A folder of the repository's face (256x256) saved twice, as two unrelated photos, beside a
+/// note and a clip that are not stills.
+fn two_photos_of_one_face(tmp: &Path) -> PathBuf {
+    let dir = tmp.join("photos");
+    std::fs::create_dir_all(&dir).unwrap();
+    let face = image::GrayImage::from_raw(128, 128, common::face_fixture_128()).unwrap();
+    let big = image::imageops::resize(&face, 256, 256, image::imageops::FilterType::Triangle);
+    big.save(dir.join("a.png")).unwrap();
+    big.save(dir.join("b.png")).unwrap();
+    std::fs::write(dir.join("notes.txt"), b"not a picture").unwrap();
+    std::fs::write(dir.join("talk.mp4"), b"not read here").unwrap();
+    dir
+}
+
+/// The face ids of each frame line.
+fn ids_per_frame(ls: &[Value]) -> Vec<Vec<u64>> {
+    ls.iter()
+        .filter(|l| l["type"] == "frame")
+        .map(|f| {
+            f["faces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x["id"].as_u64().unwrap())
+                .collect()
+        })
+        .collect()
+}
+
+#[test]
+fn stills_are_independent_unless_a_sequence() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let dir = two_photos_of_one_face(tmp.path());
+    // Smoothing asked for: it must not blend one photo's face into the other's.
+    let o = run_on(&m, &dir, &["--samples", "4", "--smooth", "0.3"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ls = lines(&o);
+    ls.iter().for_each(|l| check_schema(l, 7));
+    assert_eq!(ls[0]["type"], "start");
+    assert_eq!(ls[0]["stills"], true);
+    let ids = ids_per_frame(&ls);
+    assert_eq!(ids.len(), 2);
+    assert!(ids.iter().all(|f| !f.is_empty()), "{ids:?}");
+    assert!(
+        ids[0].iter().all(|i| !ids[1].contains(i)),
+        "an id crossed photos: {ids:?}"
+    );
+    let frames: Vec<&Value> = ls.iter().filter(|l| l["type"] == "frame").collect();
+    assert!(frames.iter().all(|f| f["pts_s"].is_null()));
+    // The second photo's answer is its own: the same as without smoothing (the sampler's
+    // noise depends only on the order faces are classified in).
+    let plain = lines(&run_on(&m, &dir, &["--samples", "4"]));
+    let second = |ls: &[Value]| {
+        ls.iter().filter(|l| l["type"] == "frame").nth(1).unwrap()["faces"][0]["probs"].clone()
+    };
+    assert_eq!(second(&ls), second(&plain));
+    // The files that are not stills are said, once, with a hint for the video.
+    let warn: Vec<&Value> = ls.iter().filter(|l| l["type"] == "warning").collect();
+    assert_eq!(warn.len(), 1, "{warn:?}");
+    let msg = warn[0]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("skipped 2") && msg.contains("notes.txt") && msg.contains("--input FILE"),
+        "{msg}"
+    );
+    // --sequence: the stills are frames of one scene, so the face keeps its id.
+    let o = run_on(&m, &dir, &["--samples", "4", "--sequence"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ls = lines(&o);
+    assert_eq!(ls[0]["stills"], false);
+    let ids = ids_per_frame(&ls);
+    assert_eq!(ids[0], ids[1], "{ids:?}");
+}
+
+/// Whether ffmpeg can be run here; says SKIPPED (or fails where CI requires it) when not.
+fn ffmpeg_or_skip(test: &str) -> bool {
+    let ok = Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(
+            std::env::var_os("FER_CAM_REQUIRE_FFMPEG").is_none(),
+            "{test}: ffmpeg is required here (FER_CAM_REQUIRE_FFMPEG) but not on PATH"
+        );
+        common::skip_loudly(test, Path::new("ffmpeg on PATH"));
+    }
+    ok
+}
+
+#[test]
+fn a_video_file_gives_every_frame_with_media_time() {
+    if !ffmpeg_or_skip("a_video_file_gives_every_frame_with_media_time") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let y4m = tmp.path().join("clip.y4m");
+    std::fs::write(&y4m, synthetic_y4m(30)).unwrap();
+    let mp4 = tmp.path().join("clip.mp4");
+    let enc = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&y4m)
+        .args(["-c:v", "mpeg4", "-q:v", "2"])
+        .arg(&mp4)
+        .output()
+        .unwrap();
+    assert!(
+        enc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enc.stderr)
+    );
+    let o = run_on(&m, &mp4, &["--samples", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ls = lines(&o);
+    ls.iter().for_each(|l| check_schema(l, 7));
+    assert_eq!(ls[0]["type"], "start");
+    assert_eq!(ls[0]["source_fps"], 25.0);
+    let frames: Vec<&Value> = ls.iter().filter(|l| l["type"] == "frame").collect();
+    assert_eq!(frames.len(), 30);
+    for (i, f) in frames.iter().enumerate() {
+        assert_eq!(f["frame"], i as u64);
+        assert!((f["pts_s"].as_f64().unwrap() - i as f64 / 25.0).abs() < 1e-3);
+    }
+    let s = ls.last().unwrap();
+    assert_eq!(
+        (s["dropped"].as_u64(), s["media_s"].as_f64()),
+        (Some(0), Some(1.2))
+    );
+    // A file ffmpeg cannot read is one error line naming it, after the summary.
+    let bad = tmp.path().join("broken.mp4");
+    std::fs::write(&bad, b"\0\0\0\x18ftypmp42 but nothing else").unwrap();
+    let o = run_on(&m, &bad, &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("broken.mp4") && err.contains("ffmpeg"),
+        "{err}"
     );
 }

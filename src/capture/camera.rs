@@ -20,6 +20,8 @@ pub struct CameraSource {
     index: u32,
     seq: u64,
     keep_color: bool,
+    /// When the stream opened: media time counts from here.
+    opened: Instant,
 }
 
 fn busy_hint(msg: &str) -> String {
@@ -48,6 +50,7 @@ impl CameraSource {
             index,
             seq: 0,
             keep_color: false,
+            opened: Instant::now(),
         })
     }
 }
@@ -131,6 +134,7 @@ impl FrameSource for CameraSource {
             gray,
             label: None,
             chroma,
+            pts: Some(self.opened.elapsed().as_secs_f64()),
         }))
     }
 

@@ -17,6 +17,8 @@ pub struct ImageSource {
     decoded: usize,
     /// A frame held back while its warning goes out first.
     pending: Option<Frame>,
+    /// Files in the directories that are not images, said once before the first frame.
+    skipped: Vec<PathBuf>,
 }
 
 fn is_image(p: &Path) -> bool {
@@ -29,15 +31,18 @@ impl ImageSource {
     /// From paths; a directory contributes its image files sorted by name.
     pub fn new(paths: &[PathBuf]) -> Result<Self> {
         let mut files = Vec::new();
+        let mut skipped = Vec::new();
         for p in paths {
             if p.is_dir() {
-                let mut v: Vec<PathBuf> = std::fs::read_dir(p)
+                let (mut v, mut other): (Vec<PathBuf>, Vec<PathBuf>) = std::fs::read_dir(p)
                     .map_err(|e| Error::io(p, e))?
                     .filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|f| f.is_file() && is_image(f) && !crate::decode::is_hidden(f))
-                    .collect();
+                    .filter(|f| f.is_file() && !crate::decode::is_hidden(f))
+                    .partition(|f| is_image(f));
                 v.sort();
+                other.sort();
                 files.extend(v);
+                skipped.extend(other);
             } else if p.is_file() {
                 files.push(p.clone());
             } else {
@@ -45,7 +50,14 @@ impl ImageSource {
             }
         }
         if files.is_empty() {
-            return Err(Error::Config("no image files to read".into()));
+            return Err(Error::Config(format!(
+                "no image files to read ({})",
+                if skipped.is_empty() {
+                    "the folder is empty".to_string()
+                } else {
+                    skipped_message(&skipped)
+                }
+            )));
         }
         let name = match paths {
             [one] => format!("file:{}", one.display()),
@@ -58,14 +70,49 @@ impl ImageSource {
             keep_color: false,
             decoded: 0,
             pending: None,
+            skipped,
         })
     }
+}
+
+/// "skipped N files that are not images (.png, ...): a, b, ..." with a hint for video.
+fn skipped_message(skipped: &[PathBuf]) -> String {
+    let shown: Vec<String> = skipped
+        .iter()
+        .take(5)
+        .map(|p| crate::log::escape(&p.display().to_string()))
+        .collect();
+    let more = skipped.len().saturating_sub(shown.len());
+    let video = skipped.iter().any(|p| {
+        super::ffmpeg::has_video_extension(p) || p.extension().is_some_and(|e| e == "y4m")
+    });
+    format!(
+        "skipped {} file(s) that are not images ({}): {}{}{}",
+        skipped.len(),
+        EXTENSIONS.map(|e| format!(".{e}")).join(", "),
+        shown.join(", "),
+        if more > 0 {
+            format!(" and {more} more")
+        } else {
+            String::new()
+        },
+        if video {
+            "; a video is read on its own: --input FILE"
+        } else {
+            ""
+        }
+    )
 }
 
 impl FrameSource for ImageSource {
     fn next_event(&mut self) -> Result<SourceEvent> {
         if let Some(frame) = self.pending.take() {
             return Ok(SourceEvent::Frame(frame));
+        }
+        if !self.skipped.is_empty() {
+            let message = skipped_message(&self.skipped);
+            self.skipped.clear();
+            return Ok(SourceEvent::Warning(message));
         }
         let Some(path) = self.files.get(self.next).cloned() else {
             if self.decoded == 0 {
@@ -96,6 +143,7 @@ impl FrameSource for ImageSource {
                     gray: g.into_raw(),
                     label: Some(path.display().to_string()),
                     chroma: chroma.flatten(),
+                    pts: None,
                 };
                 if crate::decode::jpeg_is_truncated(&path).unwrap_or(false) {
                     self.pending = Some(frame);

@@ -1,6 +1,7 @@
 //! What `--input` names, decided from what it holds rather than what it is called: a y4m
-//! stream is recognised by its magic bytes whatever its extension, pipes and devices are live
-//! streams, and formats fer-cam does not read are refused with the command that converts them.
+//! stream or a video container is recognised by its first bytes whatever its extension, pipes
+//! and devices are streams (read losslessly unless `--live`), and raw video without a header is
+//! refused with the command that converts it.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,8 @@ pub enum InputKind {
     Stream,
     /// A regular file that is (or is named as) YUV4MPEG2.
     Y4mFile,
+    /// Compressed video (mp4, webm, mkv, mov, ...), decoded by ffmpeg.
+    Video,
     /// Stills: an image file or a directory of them.
     Images,
 }
@@ -27,28 +30,12 @@ fn extension(p: &Path) -> String {
         .to_ascii_lowercase()
 }
 
-/// Refuses compressed video by name, before anything is opened.
-pub fn refuse_compressed(p: &Path) -> Result<()> {
-    if ["mp4", "mkv", "avi", "mov", "webm"].contains(&extension(p).as_str()) {
-        return Err(Error::file(
-            p,
-            format!(
-                "compressed video is not decoded here; pipe it through ffmpeg: \
-                 ffmpeg -i {} -f yuv4mpegpipe - | fer-cam run --input -",
-                p.display()
-            ),
-        ));
-    }
-    Ok(())
-}
-
 impl InputKind {
     /// Detects the kind of a single input path (several paths are always stills).
     pub fn detect(p: &Path) -> Result<Self> {
         if p.as_os_str() == "-" {
             return Ok(InputKind::Stdin);
         }
-        refuse_compressed(p)?;
         let meta = std::fs::metadata(p).map_err(|e| Error::io(p, e))?;
         if meta.is_dir() {
             return Ok(InputKind::Images);
@@ -56,13 +43,23 @@ impl InputKind {
         if !meta.is_file() {
             return Ok(InputKind::Stream);
         }
-        let mut magic = [0u8; 9];
-        let n = std::fs::File::open(p)
-            .and_then(|mut f| f.read(&mut magic))
-            .map_err(|e| Error::io(p, e))?;
-        let ext = extension(p);
-        if &magic[..n] == b"YUV4MPEG2" || ext == "y4m" {
+        let mut magic = [0u8; 192];
+        let mut n = 0;
+        let mut f = std::fs::File::open(p).map_err(|e| Error::io(p, e))?;
+        while n < magic.len() {
+            match f.read(&mut magic[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(Error::io(p, e)),
+            }
+        }
+        let (magic, ext) = (&magic[..n], extension(p));
+        if magic.starts_with(b"YUV4MPEG2") || ext == "y4m" {
             return Ok(InputKind::Y4mFile);
+        }
+        if super::ffmpeg::looks_like_video(magic) || super::ffmpeg::has_video_extension(p) {
+            return Ok(InputKind::Video);
         }
         if ["yuv", "raw", "nv12", "rgb"].contains(&ext.as_str()) {
             return Err(Error::file(
@@ -92,52 +89,78 @@ pub enum Input {
         height: u32,
         fps: u32,
     },
-    Stdin,
-    /// A live YUV4MPEG2 stream (a pipe or device) or a y4m file.
+    /// YUV4MPEG2 on stdin; `live` drops the stalest frame when the pipeline is busy.
+    Stdin {
+        live: bool,
+    },
+    /// A YUV4MPEG2 stream (a pipe or device) or a y4m file.
     Y4m {
         path: PathBuf,
         live: bool,
     },
+    /// Compressed video, decoded by ffmpeg.
+    Video(PathBuf),
     Images(Vec<PathBuf>),
 }
 
 impl Input {
-    /// Chooses the input from `--input` paths (one y4m stream or file, `-`, or stills) or a
-    /// camera (`camera` wins; cameras need the `camera` feature, checked when opened). Every
-    /// path naming compressed video is refused before anything is opened.
-    pub fn select(paths: &[PathBuf], camera: Option<Input>) -> Result<Self> {
+    /// Chooses the input from `--input` paths (one y4m stream or file, one video file, `-`, or
+    /// stills) or a camera (`camera` wins; cameras need the `camera` feature, checked when
+    /// opened). Streams are read losslessly unless `live` (then the stalest queued frame is
+    /// dropped when the pipeline is busy, as for a camera); `live` names a stream, not a file.
+    pub fn select(paths: &[PathBuf], camera: Option<Input>, live: bool) -> Result<Self> {
         if let Some(cam) = camera {
             return Ok(cam);
         }
-        for p in paths {
-            refuse_compressed(p)?;
-        }
-        Ok(match paths {
-            [] => return Err(Error::Config(
-                "give --input FILE.y4m, --input - (YUV4MPEG2 on stdin), image files, or --camera N"
+        let input =
+            match paths {
+                [] => return Err(Error::Config(
+                    "give --input FILE (a video, .y4m or image), --input - (YUV4MPEG2 on stdin), \
+                 a folder of images, or --camera N"
+                        .into(),
+                )),
+                [one] => match InputKind::detect(one)? {
+                    InputKind::Stdin => Input::Stdin { live },
+                    InputKind::Stream => Input::Y4m {
+                        path: one.clone(),
+                        live,
+                    },
+                    InputKind::Y4mFile => Input::Y4m {
+                        path: one.clone(),
+                        live: false,
+                    },
+                    InputKind::Video => Input::Video(one.clone()),
+                    InputKind::Images => Input::Images(paths.to_vec()),
+                },
+                _ => {
+                    if let Some(v) = paths
+                        .iter()
+                        .find(|p| super::ffmpeg::has_video_extension(p) || extension(p) == "y4m")
+                    {
+                        return Err(Error::file(
+                            v,
+                            "video is read one file per run; several --input paths are stills",
+                        ));
+                    }
+                    Input::Images(paths.to_vec())
+                }
+            };
+        if live && !input.is_live() {
+            return Err(Error::Config(
+                "--live is for a stream (--input - or a pipe) that runs in real time; a file \
+                 is read whole (use --realtime to pace it at its frame rate)"
                     .into(),
-            )),
-            [one] => match InputKind::detect(one)? {
-                InputKind::Stdin => Input::Stdin,
-                InputKind::Stream => Input::Y4m {
-                    path: one.clone(),
-                    live: true,
-                },
-                InputKind::Y4mFile => Input::Y4m {
-                    path: one.clone(),
-                    live: false,
-                },
-                InputKind::Images => Input::Images(paths.to_vec()),
-            },
-            _ => Input::Images(paths.to_vec()),
-        })
+            ));
+        }
+        Ok(input)
     }
 
-    /// Frames arrive in real time (a camera, stdin, a pipe): stale ones are dropped.
+    /// Frames arrive in real time and stale ones are dropped: a camera, or a stream read
+    /// with `--live`.
     pub fn is_live(&self) -> bool {
         matches!(
             self,
-            Input::Camera { .. } | Input::Stdin | Input::Y4m { live: true, .. }
+            Input::Camera { .. } | Input::Stdin { live: true } | Input::Y4m { live: true, .. }
         )
     }
 
@@ -165,7 +188,12 @@ impl Input {
                 let reopen = move || -> Result<Box<dyn FrameSource>> {
                     Ok(Box::new(CameraSource::open(index, width, height, fps)?))
                 };
-                let first = CameraSource::open(index, width, height, fps)?;
+                let first = CameraSource::open(index, width, height, fps).map_err(|e| {
+                    Error::Msg(format!(
+                        "{e} (list the cameras with `fer-cam devices`, or read a recording \
+                         with --input FILE)"
+                    ))
+                })?;
                 let src = Reconnecting::new(format!("camera:{index}"), reopen, Backoff::default())
                     .with_source(Box::new(first))
                     .with_cancel(cancelled);
@@ -176,7 +204,8 @@ impl Input {
                 let _ = cancelled;
                 Err(Error::Config(NO_CAMERA_SUPPORT.into()))
             }
-            Input::Stdin => Ok(Box::new(super::Y4mSource::new(std::io::stdin(), "stdin")?)),
+            Input::Stdin { .. } => Ok(Box::new(super::Y4mSource::new(std::io::stdin(), "stdin")?)),
+            Input::Video(path) => Ok(Box::new(super::ffmpeg::FfmpegSource::open(path)?)),
             Input::Y4m { path, .. } => {
                 let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
                 Ok(Box::new(super::Y4mSource::new(
@@ -214,10 +243,14 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("raw video has no header"));
-        let e = InputKind::detect(Path::new("talk.mp4"))
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("yuv4mpegpipe"), "{e}");
+        // Video by name, or by content whatever the name.
+        let mp4 = dir.path().join("talk.mp4");
+        std::fs::write(&mp4, b"anything").unwrap();
+        assert_eq!(InputKind::detect(&mp4).unwrap(), InputKind::Video);
+        let disguised = dir.path().join("talk.bin");
+        std::fs::write(&disguised, b"\0\0\0\x18ftypmp42rest").unwrap();
+        assert_eq!(InputKind::detect(&disguised).unwrap(), InputKind::Video);
+        assert!(InputKind::detect(Path::new("missing.mp4")).is_err());
     }
 
     #[test]
@@ -227,7 +260,9 @@ mod tests {
         std::fs::write(&y4m, b"YUV4MPEG2 W2 H2\n").unwrap();
         let png = dir.path().join("a.png");
         std::fs::write(&png, b"x").unwrap();
-        let file = Input::select(std::slice::from_ref(&y4m), None).unwrap();
+        let mp4 = dir.path().join("talk.webm");
+        std::fs::write(&mp4, b"x").unwrap();
+        let file = Input::select(std::slice::from_ref(&y4m), None, false).unwrap();
         assert_eq!(
             file,
             Input::Y4m {
@@ -236,13 +271,25 @@ mod tests {
             }
         );
         assert!(file.is_video() && !file.is_live());
-        let pipe = Input::select(&[PathBuf::from("/dev/null")], None).unwrap();
-        assert!(pipe.is_video() && pipe.is_live());
-        let stdin = Input::select(&[PathBuf::from("-")], None).unwrap();
-        assert_eq!(stdin, Input::Stdin);
-        assert!(stdin.is_live());
-        let stills = Input::select(&[png.clone(), y4m.clone()], None).unwrap();
-        assert_eq!(stills, Input::Images(vec![png.clone(), y4m.clone()]));
+        // Streams are lossless unless --live.
+        let pipe = Input::select(&[PathBuf::from("/dev/null")], None, false).unwrap();
+        assert!(pipe.is_video() && !pipe.is_live());
+        let pipe = Input::select(&[PathBuf::from("/dev/null")], None, true).unwrap();
+        assert!(pipe.is_live());
+        let stdin = Input::select(&[PathBuf::from("-")], None, false).unwrap();
+        assert_eq!(stdin, Input::Stdin { live: false });
+        assert!(!stdin.is_live());
+        assert!(Input::select(&[PathBuf::from("-")], None, true)
+            .unwrap()
+            .is_live());
+        // --live names a stream, not a file.
+        let e = Input::select(std::slice::from_ref(&y4m), None, true).unwrap_err();
+        assert!(e.to_string().contains("--realtime"), "{e}");
+        let video = Input::select(std::slice::from_ref(&mp4), None, false).unwrap();
+        assert_eq!(video, Input::Video(mp4.clone()));
+        assert!(video.is_video() && !video.is_live());
+        let stills = Input::select(&[png.clone(), png.clone()], None, false).unwrap();
+        assert_eq!(stills, Input::Images(vec![png.clone(), png.clone()]));
         assert!(!stills.is_video() && !stills.is_live());
         let cam = Input::Camera {
             index: 0,
@@ -250,11 +297,11 @@ mod tests {
             height: 480,
             fps: 30,
         };
-        assert_eq!(Input::select(&[], Some(cam.clone())).unwrap(), cam);
+        assert_eq!(Input::select(&[], Some(cam.clone()), false).unwrap(), cam);
         assert!(cam.is_live() && cam.is_video());
-        assert!(Input::select(&[], None).is_err());
-        // Compressed video is refused wherever it stands in the list.
-        let e = Input::select(&[png, PathBuf::from("talk.mp4")], None).unwrap_err();
-        assert!(e.to_string().contains("yuv4mpegpipe"), "{e}");
+        assert!(Input::select(&[], None, false).is_err());
+        // A video among stills is refused, wherever it stands.
+        let e = Input::select(&[png, mp4], None, false).unwrap_err();
+        assert!(e.to_string().contains("one file per run"), "{e}");
     }
 }

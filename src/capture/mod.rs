@@ -1,11 +1,12 @@
-//! Frame sources behind one trait: YUV4MPEG2 streams (files or stdin), still images (files or a
-//! sorted directory), and the reconnect logic used for cameras. Frames carry a sequence number
+//! Frame sources behind one trait: YUV4MPEG2 streams (files or stdin), compressed video (through
+//! ffmpeg), still images (files or a sorted directory), and the reconnect logic used for cameras. Frames carry a sequence number
 //! and capture timestamps from here to the emitter.
 
 #[cfg(feature = "camera")]
 pub mod camera;
 pub mod clip;
 pub mod color;
+pub mod ffmpeg;
 mod images;
 mod kind;
 mod reconnect;
@@ -15,7 +16,7 @@ use std::time::{Instant, SystemTime};
 
 pub use color::Chroma;
 pub use images::ImageSource;
-pub use kind::{refuse_compressed, Input, InputKind, NO_CAMERA_SUPPORT};
+pub use kind::{Input, InputKind, NO_CAMERA_SUPPORT};
 pub use reconnect::{Backoff, Reconnecting};
 pub use y4m::Y4mSource;
 
@@ -37,6 +38,9 @@ pub struct Frame {
     /// The frame's colour at 4:2:0, only when asked for ([`FrameSource::keep_color`]) and the
     /// source has colour.
     pub chroma: Option<Chroma>,
+    /// Media time in seconds: the frame's place in the recording (frame number over a video's
+    /// rate, or time since a camera opened); `None` for stills.
+    pub pts: Option<f64>,
 }
 
 /// What a source produced.

@@ -183,6 +183,7 @@ mod tests {
                 gray: vec![0],
                 label: None,
                 chroma: None,
+                pts: None,
             }))
         }
         fn name(&self) -> String {

@@ -199,6 +199,7 @@ impl<R: Read> FrameSource for Y4mSource<R> {
             gray,
             label: None,
             chroma,
+            pts: self.fps.map(|f| n as f64 / f),
         }))
     }
 

@@ -75,10 +75,34 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
         height: cam_h,
         fps: a.fps,
     });
-    let input = Input::select(&a.input, camera)?;
+    let input = Input::select(&a.input, camera, a.live)?;
     let (video, live) = (input.is_video(), input.is_live());
+    if a.sequence && video {
+        bail!("--sequence is for stills (a video's frames are a sequence already)");
+    }
+    let detect = detect_config(&a.face, video || a.sequence)?;
+    let sampler = clf.sampler();
+    let provenance = fer_cam::emit::Provenance {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        model: clf.origin().clone(),
+        classes: clf.config().classes.clone(),
+        views: clf.tta(),
+        samples: clf.samples_per_face(),
+        steps: sampler.steps,
+        seed: sampler.seed,
+        smooth: a.smooth,
+        detector: fer_cam::emit::DetectorSettings {
+            full: "rustface".into(),
+            near: a.face.detector.clone(),
+            detect_width: detect.detect_width,
+            detect_every: detect.every,
+            min_face: detect.min_face,
+            threshold: detect.score_threshold,
+            margin: a.face.margin,
+        },
+    };
     let cfg = RunConfig {
-        detect: detect_config(&a.face, video)?,
+        detect,
         tracker: TrackerConfig::default(),
         margin: a.face.margin,
         smooth: a.smooth,
@@ -90,6 +114,8 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
         status_every: a.status_every,
         annotate: a.annotate.clone(),
         async_detect: video && (live || a.realtime),
+        stills: !video && !a.sequence,
+        provenance,
         ..Default::default()
     };
     cfg.validate()?;
@@ -111,6 +137,26 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
                 .as_ref()
                 .map(|e| format!("; stopped early: {e}"))
                 .unwrap_or_default()
+        );
+    }
+    // Frames the run did not process are said whether or not --stats was asked for.
+    if stats.dropped > 0 || stats.skipped > 0 {
+        let seen = stats.frames + stats.dropped + stats.skipped;
+        let mut parts = Vec::new();
+        if stats.dropped > 0 {
+            parts.push(format!(
+                "{} dropped because the pipeline was busy (a live source: the stalest frame \
+                 goes when a new one arrives)",
+                stats.dropped
+            ));
+        }
+        if stats.skipped > 0 {
+            parts.push(format!("{} skipped by --max-fps", stats.skipped));
+        }
+        fer_cam::log!(
+            "{} of {seen} frames were not processed: {}",
+            stats.dropped + stats.skipped,
+            parts.join("; ")
         );
     }
     if a.stats {

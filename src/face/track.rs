@@ -48,6 +48,11 @@ impl Tracker {
         }
     }
 
+    /// Ends every track (a cut to an unrelated picture); ids are still never reused.
+    pub fn forget(&mut self) {
+        self.tracks.clear();
+    }
+
     /// Live tracks' boxes (id, box), for searching near them between full detections.
     pub fn live(&self) -> Vec<(u64, FaceBox)> {
         self.tracks.iter().map(|t| (t.id, t.bbox)).collect()

@@ -147,6 +147,7 @@ impl FrameSource for RenderedSource {
             gray: img.into_raw(),
             label: Some(format!("render-{i}")),
             chroma: None,
+            pts: None,
         }))
     }
 

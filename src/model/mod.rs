@@ -149,6 +149,8 @@ pub struct LoadedModel {
     pub config: ModelConfig,
     pub model: FerModel,
     pub dir: PathBuf,
+    /// Hex sha256 of the weights file's bytes: which model produced an output.
+    pub weights_sha256: String,
 }
 
 fn first_line(e: impl std::fmt::Display) -> String {
@@ -182,6 +184,7 @@ pub fn load_model_dir(dir: &Path, device: &Device) -> Result<LoadedModel> {
         config,
         model,
         dir: dir.to_path_buf(),
+        weights_sha256: crate::data::ferplus::sha256_hex(&bytes),
     })
 }
 
@@ -203,6 +206,7 @@ pub fn load_model_bytes(
         config,
         model,
         dir: origin.to_path_buf(),
+        weights_sha256: crate::data::ferplus::sha256_hex(weights),
     })
 }
 

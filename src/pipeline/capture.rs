@@ -142,6 +142,7 @@ mod tests {
                 gray: vec![0; 16],
                 label: None,
                 chroma: None,
+                pts: None,
             }))
         }
 

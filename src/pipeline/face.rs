@@ -109,6 +109,10 @@ pub(super) fn face_loop(
                 dets
             }
         };
+        if cfg.stills {
+            // A new scene: its faces are new faces.
+            tracker.forget();
+        }
         let faces = tracker.update(&distinct(dets));
         let detect_ms = t.elapsed().as_secs_f64() * 1e3;
         let c = Instant::now();
@@ -253,6 +257,7 @@ mod tests {
                 gray: gray.to_vec(),
                 label: None,
                 chroma: None,
+                pts: None,
             };
             ftx.send(frame).unwrap();
             if async_detect {

@@ -62,6 +62,11 @@ pub struct RunConfig {
     /// Run the full-frame face search on its own thread (live or paced video), so frames with
     /// tracks do not wait for it; otherwise it runs in line and a file's output is repeatable.
     pub async_detect: bool,
+    /// Each frame is a scene of its own (unrelated stills): no track, id or smoothing carries
+    /// from one frame to the next.
+    pub stills: bool,
+    /// What produced the output, for the `start` line.
+    pub provenance: crate::emit::Provenance,
 }
 
 impl Default for RunConfig {
@@ -79,6 +84,8 @@ impl Default for RunConfig {
             max_batch: 32,
             annotate: None,
             async_detect: false,
+            stills: false,
+            provenance: crate::emit::Provenance::default(),
         }
     }
 }
@@ -203,6 +210,7 @@ fn frame_body(r: Result_, source: &str, dropped: u64) -> (Body, f64) {
     let body = Body::Frame {
         source: source.to_string(),
         frame: r.job.frame.seq,
+        pts_s: r.job.frame.pts.map(|t| (t * 1e3).round() / 1e3),
         size: [r.job.frame.width, r.job.frame.height],
         file: r.job.frame.label,
         faces: r.out,
@@ -240,21 +248,38 @@ fn process_cpu_seconds() -> Option<f64> {
     Some((utime + stime) / 100.0)
 }
 
-/// Handles a capture event on the emitter thread.
+/// What the emitter thread knows of the source.
+#[derive(Default)]
+struct SourceInfo {
+    name: Option<String>,
+    fps: Option<f64>,
+    /// The latest media time emitted.
+    last_pts: Option<f64>,
+}
+
+/// Handles a capture event on the emitter thread: the source's opening writes the `start` line.
 fn on_event<W: Write>(
     ev: Event,
     emitter: &mut Emitter<W>,
     stats: &mut RunStats,
-    source: &mut Option<String>,
+    source: &mut SourceInfo,
     annotator: &mut Option<Annotator>,
-    max_fps: f64,
+    cfg: &RunConfig,
 ) -> std::io::Result<()> {
     match ev {
         Event::Source(name, fps) => {
             if let Some(a) = annotator.as_mut() {
-                a.set_rate(annotated_rate(fps, max_fps));
+                a.set_rate(annotated_rate(fps, cfg.max_fps));
             }
-            *source = Some(name);
+            emitter.emit(&Body::Start {
+                run: Box::new(cfg.provenance.clone()),
+                source: name.clone(),
+                source_fps: fps,
+                live: cfg.live,
+                stills: cfg.stills,
+            })?;
+            source.name = Some(name);
+            source.fps = fps;
         }
         Event::Warning(message) => {
             stats.warnings += 1;
@@ -318,7 +343,7 @@ pub fn run<W: Write>(
         })?
     };
 
-    let mut source: Option<String> = None;
+    let mut source = SourceInfo::default();
     let mut emitter = Emitter::new(out, start);
     let mut stats = RunStats::default();
     let mut latencies = Vec::new();
@@ -345,18 +370,21 @@ pub fn run<W: Write>(
                 recv(res_rx) -> msg => {
                     let Ok(mut r) = msg else { break };
                     // The source's name was sent before its first frame: take it first.
-                    while source.is_none() {
+                    while source.name.is_none() {
                         match ev_rx.try_recv() {
-                            Ok(ev) => on_event(ev, &mut emitter, &mut stats, &mut source, &mut annotator, cfg.max_fps)?,
+                            Ok(ev) => on_event(ev, &mut emitter, &mut stats, &mut source, &mut annotator, cfg)?,
                             Err(_) => break,
                         }
+                    }
+                    if let Some(t) = r.job.frame.pts {
+                        source.last_pts = Some(source.last_pts.map_or(t, |l: f64| l.max(t)));
                     }
                     if let Some(a) = annotator.as_mut() {
                         let f = &mut r.job.frame;
                         let luma = std::mem::take(&mut f.gray);
                         a.push(f.width, f.height, luma, f.chroma.take(), &r.out, &cancel);
                     }
-                    let name = source.as_deref().unwrap_or("unknown");
+                    let name = source.name.as_deref().unwrap_or("unknown");
                     let (body, lat) =
                         frame_body(r, name, counters.dropped.load(Ordering::Relaxed));
                     latencies.push(lat);
@@ -370,7 +398,7 @@ pub fn run<W: Write>(
                     emitter.emit(&body)?;
                 },
                 recv(events) -> ev => match ev {
-                    Ok(ev) => on_event(ev, &mut emitter, &mut stats, &mut source, &mut annotator, cfg.max_fps)?,
+                    Ok(ev) => on_event(ev, &mut emitter, &mut stats, &mut source, &mut annotator, cfg)?,
                     // Capture has finished: stop polling its event queue.
                     Err(_) => events = crossbeam_channel::never(),
                 },
@@ -432,8 +460,13 @@ pub fn run<W: Write>(
         return Ok(stats);
     }
     // The summary comes before any error, so a damaged input still gets its totals.
+    let media_s = match (source.last_pts, source.fps) {
+        (Some(t), Some(f)) => Some(round2(t + 1.0 / f)),
+        (Some(t), None) => Some(round2(t)),
+        _ => None,
+    };
     let summary = Body::Summary {
-        source: source.unwrap_or_else(|| "unavailable".into()),
+        source: source.name.unwrap_or_else(|| "unavailable".into()),
         frames: stats.frames,
         faces: stats.faces,
         dropped: stats.dropped,
@@ -441,6 +474,8 @@ pub fn run<W: Write>(
         warnings: stats.warnings,
         seconds: round2(stats.seconds),
         fps: round1(stats.frames as f64 / stats.seconds.max(1e-9)),
+        source_fps: source.fps,
+        media_s,
         latency_ms: stats.latency,
     };
     if let Err(e) = emitter.emit(&summary) {

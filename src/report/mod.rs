@@ -61,6 +61,8 @@ pub struct Recording {
     pub malformed: u64,
     /// The run's own `summary` line, when it got that far.
     pub summary: Option<Value>,
+    /// The run's `start` line: what produced it (version, model, settings, source).
+    pub start: Option<Value>,
 }
 
 fn num(v: &Value, k: &str) -> Option<f64> {
@@ -128,6 +130,10 @@ impl Recording {
                 Some("frame") => rec.add_frame(&v),
                 Some("summary") => {
                     rec.summary = Some(v);
+                    true
+                }
+                Some("start") => {
+                    rec.start.get_or_insert(v);
                     true
                 }
                 Some("warning") => {
