@@ -57,8 +57,8 @@ fn main() {
     }
 }
 
-/// Help and version go to stdout (exit 0); a usage error is one `error:` line on stderr with
-/// exit status 1, like every other error (clap's own style is several lines and exit 2).
+/// Help and version go to stdout (exit 0); a usage error goes to stderr with exit status 1,
+/// like every other error (clap's own exit status is 2), without clap's usage block.
 fn usage_error(e: clap::Error) -> ! {
     use clap::error::ErrorKind;
     if matches!(
@@ -70,19 +70,53 @@ fn usage_error(e: clap::Error) -> ! {
         let _ = e.print();
         std::process::exit(if e.use_stderr() { 1 } else { 0 });
     }
-    let text = e.render().to_string();
-    let mut line = String::new();
+    fer_cam::log!("{}", usage_message(&e.render().to_string()));
+    std::process::exit(1);
+}
+
+/// clap's rendered usage error, shortened: the `error:` line with what it lists (missing
+/// arguments, allowed values) on the same line, each `tip:` on a line of its own, and where to
+/// read more (`fer-cam SUBCOMMAND --help`).
+fn usage_message(text: &str) -> String {
+    let mut first = String::new();
+    let mut tips = Vec::new();
+    let mut command = "fer-cam".to_string();
+    let mut in_error = false;
     for l in text.lines().map(str::trim) {
-        // The message and any list of allowed values; not the usage block or the tip.
-        if l.starts_with("error:") || l.starts_with("[possible values") {
-            if !line.is_empty() {
-                line.push(' ');
+        if let Some(rest) = l.strip_prefix("error:") {
+            first.push_str(rest.trim());
+            in_error = true;
+        } else if let Some(usage) = l.strip_prefix("Usage:") {
+            // `fer-cam train all [OPTIONS] --data <DATA>` → `fer-cam train all`.
+            let words: Vec<&str> = usage
+                .split_whitespace()
+                .take_while(|w| !w.starts_with(['[', '-', '<']))
+                .collect();
+            if !words.is_empty() {
+                command = words.join(" ");
             }
-            line.push_str(l.trim_start_matches("error:").trim());
+            in_error = false;
+        } else if l.starts_with("tip:") {
+            tips.push(l.to_string());
+        } else if l.starts_with("For more information") {
+            in_error = false;
+        } else if in_error && !l.is_empty() {
+            // A listed item (a missing argument) or the allowed values.
+            let sep = if first.ends_with(':') || l.starts_with('[') {
+                " "
+            } else {
+                ", "
+            };
+            first.push_str(sep);
+            first.push_str(l);
         }
     }
-    fer_cam::log!("error: {line} (see --help)");
-    std::process::exit(1);
+    let mut out = format!("error: {first} (see {command} --help)");
+    for t in tips {
+        out.push_str("\n  ");
+        out.push_str(&t);
+    }
+    out
 }
 
 /// candle sizes every CPU matmul by the physical core count, which it re-reads from
@@ -101,4 +135,29 @@ fn fix_thread_counts() {
         "RAYON_NUM_THREADS",
         num_cpus::get_physical().max(1).to_string(),
     );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::usage_message;
+
+    #[test]
+    fn usage_errors_name_what_is_missing_and_keep_the_tips() {
+        let missing = "error: the following required arguments were not provided:\n  \
+             --data <DATA>\n  --run-dir <RUN_DIR>\n\nUsage: fer-cam train all --data <DATA> \
+             --run-dir <RUN_DIR>\n\nFor more information, try '--help'.\n";
+        assert_eq!(
+            usage_message(missing),
+            "error: the following required arguments were not provided: --data <DATA>, \
+             --run-dir <RUN_DIR> (see fer-cam train all --help)"
+        );
+        let typo = "error: unexpected argument '--inptu' found\n\n  tip: a similar argument \
+             exists: '--input'\n\nUsage: fer-cam run --input <INPUT>...\n\nFor more \
+             information, try '--help'.\n";
+        assert_eq!(
+            usage_message(typo),
+            "error: unexpected argument '--inptu' found (see fer-cam run --help)\n  \
+             tip: a similar argument exists: '--input'"
+        );
+    }
 }

@@ -5,14 +5,17 @@
 /// folded), a palette by position for other names.
 pub fn class_rgb(name: &str, index: usize) -> (u8, u8, u8) {
     match crate::config::canonical_class(name).as_str() {
-        "angry" => (220, 40, 40),
-        "disgust" => (110, 170, 40),
-        "fear" => (150, 70, 210),
-        "happy" => (250, 205, 30),
-        "sad" => (40, 110, 230),
-        "surprise" => (250, 130, 20),
-        "neutral" => (150, 150, 150),
-        "contempt" => (20, 160, 150),
+        // Okabe and Ito's palette for colour-blind readers: angry and disgust differ in hue
+        // and lightness for every common form of colour blindness, and neutral (near-black)
+        // is unlike the report's light grey "uncertain" band.
+        "angry" => (213, 94, 0),
+        "disgust" => (0, 158, 115),
+        "fear" => (204, 121, 167),
+        "happy" => (230, 159, 0),
+        "sad" => (0, 114, 178),
+        "surprise" => (86, 180, 233),
+        "neutral" => (40, 40, 40),
+        "contempt" => (240, 228, 66),
         _ => [
             (0, 170, 170),
             (200, 60, 150),

@@ -325,6 +325,19 @@ fn usage_errors_are_one_line_with_exit_1() {
         assert_eq!(e.trim().lines().count(), 1, "{args:?}: {e}");
         assert!(e.starts_with("error: "), "{e}");
     }
+    // Missing arguments are named, and clap's tips kept on a line of their own.
+    let e = stderr(&run(&["report", "x.jsonl"]));
+    assert!(
+        e.contains("--out <OUT>") && e.contains("fer-cam report --help"),
+        "{e}"
+    );
+    let e = stderr(&run(&["run", "--inptu", "x"]));
+    assert!(
+        e.lines()
+            .nth(1)
+            .is_some_and(|l| l.contains("tip:") && l.contains("'--input'")),
+        "{e}"
+    );
     // Allowed values are named; a negative number reaches validation as a number.
     assert!(stderr(&run(&["run", "--tta", "bogus"])).contains("ten-crop"));
     let e = stderr(&run(&["eval", "--data", "x.csv", "--threshold", "-1"]));

@@ -45,9 +45,22 @@ pub struct FrameRec {
     pub frame: u64,
     /// Seconds since the run started (`mono_ms`).
     pub time_s: f64,
+    /// Media time (`pts_s`): seconds into the recording; `None` for stills and older files.
+    pub pts_s: Option<f64>,
+    /// The still's file name, for stills.
+    pub file: Option<String>,
+    /// Frames dropped so far (a busy pipeline on a live source).
+    pub dropped: u64,
     pub faces: Vec<FaceRec>,
-    /// capture→emit, detect, infer (ms).
-    pub latency_ms: [f64; 3],
+    /// capture→emit, detect, infer, queue (ms).
+    pub latency_ms: [f64; 4],
+}
+
+impl FrameRec {
+    /// Media time when the run has it, else run time.
+    pub fn when_s(&self) -> f64 {
+        self.pts_s.unwrap_or(self.time_s)
+    }
 }
 
 /// A parsed recording.
@@ -160,6 +173,7 @@ impl Recording {
                 num(lat, "capture_to_emit")?,
                 num(lat, "detect")?,
                 num(lat, "infer")?,
+                num(lat, "queue").unwrap_or(0.0),
             ];
             let mut faces = Vec::new();
             for f in v.get("faces")?.as_array()? {
@@ -171,6 +185,9 @@ impl Recording {
             Some(FrameRec {
                 frame,
                 time_s,
+                pts_s: num(v, "pts_s"),
+                file: v.get("file").and_then(Value::as_str).map(str::to_string),
+                dropped: v.get("dropped").and_then(Value::as_u64).unwrap_or(0),
                 faces,
                 latency_ms,
             })
@@ -227,8 +244,8 @@ impl Recording {
                     track: f.track,
                     first_frame: fr.frame,
                     last_frame: fr.frame,
-                    first_s: fr.time_s,
-                    last_s: fr.time_s,
+                    first_s: fr.when_s(),
+                    last_s: fr.when_s(),
                     share: vec![0.0; self.classes.len()],
                     mean_probs: vec![0.0; self.classes.len()],
                     ..Default::default()
@@ -239,7 +256,7 @@ impl Recording {
                 }
                 t.frames += 1;
                 t.last_frame = fr.frame;
-                t.last_s = fr.time_s;
+                t.last_s = fr.when_s();
                 if let Some(i) = self.classes.iter().position(|c| *c == f.label) {
                     t.share[i] += 1.0;
                 }
@@ -278,9 +295,47 @@ impl Recording {
         out
     }
 
-    /// Percentiles of capture→emit, detect and infer latency.
-    pub fn latency(&self) -> [LatencyStats; 3] {
-        [0, 1, 2].map(|k| {
+    /// Each frame a photo of its own: the run said so, or (a file without a `start` line) every
+    /// frame names a file and none has media time.
+    pub fn stills(&self) -> bool {
+        match self.start.as_ref().and_then(|s| s.get("stills")?.as_bool()) {
+            Some(s) => s,
+            None => {
+                !self.frames.is_empty()
+                    && self
+                        .frames
+                        .iter()
+                        .all(|f| f.file.is_some() && f.pts_s.is_none())
+            }
+        }
+    }
+
+    /// Whether the media time of the frames is known.
+    pub fn has_media_time(&self) -> bool {
+        !self.frames.is_empty() && self.frames.iter().all(|f| f.pts_s.is_some())
+    }
+
+    /// Frames the run did not process: (dropped because busy, skipped by `--max-fps`), from its
+    /// summary, or the last frame's count when it has none.
+    pub fn unprocessed(&self) -> (u64, u64) {
+        let from = |k: &str| self.summary.as_ref()?.get(k)?.as_u64();
+        (
+            from("dropped").unwrap_or_else(|| self.frames.last().map_or(0, |f| f.dropped)),
+            from("skipped").unwrap_or(0),
+        )
+    }
+
+    /// The run read its source live (stale frames dropped when busy); unknown: false.
+    pub fn live(&self) -> bool {
+        self.start
+            .as_ref()
+            .and_then(|s| s.get("live")?.as_bool())
+            .unwrap_or(false)
+    }
+
+    /// Percentiles of capture→emit, detect, infer and queue latency.
+    pub fn latency(&self) -> [LatencyStats; 4] {
+        [0, 1, 2, 3].map(|k| {
             let v: Vec<f64> = self.frames.iter().map(|f| f.latency_ms[k]).collect();
             LatencyStats::of(&v)
         })

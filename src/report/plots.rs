@@ -20,7 +20,7 @@ fn color(name: &str, i: usize) -> RGBColor {
 }
 
 /// Width of the class key drawn right of a chart.
-const KEY_WIDTH: u32 = 110;
+const KEY_WIDTH: u32 = 120;
 
 /// Splits off the right strip of `root` and draws the class key there (a colour patch and the
 /// name per class), so the key never covers data.
@@ -32,7 +32,7 @@ fn with_key<'a>(
     let (w, _) = root.dim_in_pixel();
     let (plot, key) = root.split_horizontally(w.saturating_sub(KEY_WIDTH));
     for (i, name) in classes.iter().enumerate() {
-        let y = 40 + 18 * i as i32;
+        let y = 40 + 20 * i as i32;
         key.draw(&Rectangle::new(
             [(4, y - 5), (18, y + 5)],
             color(name, i).filled(),
@@ -41,39 +41,84 @@ fn with_key<'a>(
         key.draw(&Text::new(
             name.clone(),
             (24, y - 7),
-            ("sans-serif", 13).into_font(),
+            ("sans-serif", 17).into_font(),
         ))
         .map_err(|e| fail(what, e))?;
     }
     Ok(plot)
 }
 
-/// A track's samples: (frame, probabilities, certain), in frame order.
-pub type TrackSeries = Vec<(u64, Vec<f64>, bool)>;
+/// One sample of a track: its frame, where it sits on the time axis, its probabilities and
+/// whether its label was certain.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub frame: u64,
+    pub x: f64,
+    pub probs: Vec<f64>,
+    pub certain: bool,
+}
 
-/// The samples of one track from the frames.
-pub fn track_series(frames: &[FrameRec], track: u64) -> TrackSeries {
+/// A track's samples in frame order.
+pub type TrackSeries = Vec<Sample>;
+
+/// The samples of one track from the frames, placed at `x(frame)` (media seconds, or the frame
+/// number when the run has no media time).
+pub fn track_series(frames: &[FrameRec], track: u64, x: impl Fn(&FrameRec) -> f64) -> TrackSeries {
     frames
         .iter()
         .flat_map(|f| {
+            let at = x(f);
             f.faces
                 .iter()
-                .filter(move |x| x.track == track)
-                .map(move |x| (f.frame, x.probs.clone(), x.certain))
+                .filter(move |face| face.track == track)
+                .map(move |face| Sample {
+                    frame: f.frame,
+                    x: at,
+                    probs: face.probs.clone(),
+                    certain: face.certain,
+                })
         })
         .collect()
 }
 
+/// The SVG that plotters drew, made to scale with the page: a `viewBox` of its drawn size and
+/// a width of 100% (the height follows), so it fits a phone's screen.
+pub fn responsive(svg: String) -> String {
+    let Some(end) = svg.find('>') else {
+        return svg;
+    };
+    let head = &svg[..end];
+    let attr = |name: &str| -> Option<String> {
+        let at = head.find(&format!(" {name}=\""))? + name.len() + 3;
+        let len = head[at..].find('"')?;
+        Some(head[at..at + len].to_string())
+    };
+    let (Some(w), Some(h)) = (attr("width"), attr("height")) else {
+        return svg;
+    };
+    let mut out = head
+        .replacen(&format!(" width=\"{w}\""), " width=\"100%\"", 1)
+        .replacen(&format!(" height=\"{h}\""), "", 1);
+    if !out.contains("viewBox") {
+        out.push_str(&format!(" viewBox=\"0 0 {w} {h}\""));
+    }
+    out.push_str(" preserveAspectRatio=\"xMinYMin meet\"");
+    out + &svg[end..]
+}
+
 /// Splits a series where the track was missing for much longer than its usual frame step, so
 /// lines do not bridge detection gaps.
-fn segments(series: &TrackSeries) -> Vec<&[(u64, Vec<f64>, bool)]> {
-    let mut steps: Vec<u64> = series.windows(2).map(|w| w[1].0 - w[0].0).collect();
+fn segments(series: &TrackSeries) -> Vec<&[Sample]> {
+    let mut steps: Vec<u64> = series
+        .windows(2)
+        .map(|w| w[1].frame.saturating_sub(w[0].frame))
+        .collect();
     steps.sort_unstable();
     let usual = steps.get(steps.len() / 2).copied().unwrap_or(1).max(1);
     let mut out = Vec::new();
     let mut start = 0;
     for i in 1..series.len() {
-        if series[i].0 - series[i - 1].0 > 5 * usual {
+        if series[i].frame.saturating_sub(series[i - 1].frame) > 5 * usual {
             out.push(&series[start..i]);
             start = i;
         }
@@ -84,38 +129,51 @@ fn segments(series: &TrackSeries) -> Vec<&[(u64, Vec<f64>, bool)]> {
     out
 }
 
-/// Bucket means of a segment's probabilities: at most `MAX_POINTS` (frame, probs) points.
-fn thin(seg: &[(u64, Vec<f64>, bool)]) -> Vec<(f64, Vec<f64>)> {
+/// Bucket means of a segment's probabilities: at most `MAX_POINTS` (x, probs) points.
+fn thin(seg: &[Sample]) -> Vec<(f64, Vec<f64>)> {
     let per = seg.len().div_ceil(MAX_POINTS).max(1);
     seg.chunks(per)
         .map(|c| {
             let n = c.len() as f64;
-            let frame = c.iter().map(|x| x.0 as f64).sum::<f64>() / n;
-            let mut p = vec![0.0; c[0].1.len()];
-            for x in c {
-                for (a, b) in p.iter_mut().zip(&x.1) {
+            let x = c.iter().map(|s| s.x).sum::<f64>() / n;
+            let mut p = vec![0.0; c[0].probs.len()];
+            for s in c {
+                for (a, b) in p.iter_mut().zip(&s.probs) {
                     *a += b / n;
                 }
             }
-            (frame, p)
+            (x, p)
         })
         .collect()
 }
 
-/// Probabilities over time of one track, one line per class, uncertain stretches shaded.
-pub fn timeline(track: u64, series: &TrackSeries, classes: &[String]) -> Result<String> {
+/// Probabilities over time of one track, one line per class, uncertain stretches shaded;
+/// `x_desc` names the time axis (media seconds or frames).
+pub fn timeline(
+    track: u64,
+    series: &TrackSeries,
+    classes: &[String],
+    x_desc: &str,
+) -> Result<String> {
     let what = "timeline";
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, (760, 300)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| fail(what, e))?;
         let plot = with_key(&root, classes, what)?;
-        let x0 = series.first().map_or(0, |s| s.0) as f64;
-        let x1 = (series.last().map_or(1, |s| s.0) as f64).max(x0 + 1.0);
+        let x0 = series.first().map_or(0.0, |s| s.x);
+        // The last sample's band reaches one frame step past it.
+        let step = series
+            .windows(2)
+            .map(|w| w[1].x - w[0].x)
+            .filter(|d| *d > 0.0)
+            .fold(f64::INFINITY, f64::min);
+        let step = if step.is_finite() { step } else { 1.0 };
+        let x1 = (series.last().map_or(1.0, |s| s.x) + step).max(x0 + step);
         let mut chart = ChartBuilder::on(&plot)
             .caption(
                 format!("track #{track}: class probabilities (grey: uncertain)"),
-                ("sans-serif", 16),
+                ("sans-serif", 20),
             )
             .margin(8)
             .x_label_area_size(32)
@@ -124,9 +182,17 @@ pub fn timeline(track: u64, series: &TrackSeries, classes: &[String]) -> Result<
             .map_err(|e| fail(what, e))?;
         chart
             .configure_mesh()
-            .x_desc("frame")
+            .x_desc(x_desc)
             .y_desc("probability")
-            .x_label_formatter(&|x| format!("{x:.0}"))
+            .label_style(("sans-serif", 16))
+            .axis_desc_style(("sans-serif", 17))
+            .x_label_formatter(&|x| {
+                if (x - x.round()).abs() < 1e-9 {
+                    format!("{x:.0}")
+                } else {
+                    format!("{x:.1}")
+                }
+            })
             .light_line_style(WHITE)
             .draw()
             .map_err(|e| fail(what, e))?;
@@ -136,14 +202,13 @@ pub fn timeline(track: u64, series: &TrackSeries, classes: &[String]) -> Result<
             .draw_series(
                 series
                     .windows(2)
-                    .filter(|w| !w[0].2)
-                    .map(|w| Rectangle::new([(w[0].0 as f64, 0.0), (w[1].0 as f64, 1.0)], shade)),
+                    .filter(|w| !w[0].certain)
+                    .map(|w| Rectangle::new([(w[0].x, 0.0), (w[1].x, 1.0)], shade)),
             )
             .map_err(|e| fail(what, e))?;
-        if series.last().is_some_and(|s| !s.2) {
-            let f = series[series.len() - 1].0 as f64;
+        if let Some(last) = series.last().filter(|s| !s.certain) {
             chart
-                .draw_series([Rectangle::new([(f, 0.0), (f + 1.0, 1.0)], shade)])
+                .draw_series([Rectangle::new([(last.x, 0.0), (last.x + step, 1.0)], shade)])
                 .map_err(|e| fail(what, e))?;
         }
         let segs: Vec<Vec<(f64, Vec<f64>)>> = segments(series).into_iter().map(thin).collect();
@@ -177,7 +242,7 @@ pub fn shares(tracks: &[&TrackStats], classes: &[String]) -> Result<String> {
         let mut chart = ChartBuilder::on(&plot)
             .caption(
                 "share of each track's frames per emotion",
-                ("sans-serif", 16),
+                ("sans-serif", 20),
             )
             .margin(8)
             .x_label_area_size(32)
@@ -189,6 +254,8 @@ pub fn shares(tracks: &[&TrackStats], classes: &[String]) -> Result<String> {
             .disable_y_mesh()
             .disable_y_axis()
             .x_desc("share of frames")
+            .label_style(("sans-serif", 16))
+            .axis_desc_style(("sans-serif", 17))
             .x_label_formatter(&|x| format!("{:.0}%", 100.0 * x))
             .draw()
             .map_err(|e| fail(what, e))?;
@@ -205,7 +272,7 @@ pub fn shares(tracks: &[&TrackStats], classes: &[String]) -> Result<String> {
             chart.draw_series(bars).map_err(|e| fail(what, e))?;
         }
         // Each bar is named inside its left end.
-        let label = ("sans-serif", 13).into_font().color(&BLACK);
+        let label = ("sans-serif", 16).into_font().color(&BLACK);
         chart
             .draw_series(tracks.iter().enumerate().map(|(row, t)| {
                 let y = (rows - 1 - row) as f64 + 0.5;
@@ -235,7 +302,7 @@ pub fn latency(values: &[f64], p50: f64, p95: f64) -> Result<String> {
         let mut chart = ChartBuilder::on(&root)
             .caption(
                 format!("capture→emit latency per frame (p50 {p50:.1} ms, p95 {p95:.1} ms)"),
-                ("sans-serif", 16),
+                ("sans-serif", 20),
             )
             .margin(8)
             .x_label_area_size(32)
@@ -246,6 +313,8 @@ pub fn latency(values: &[f64], p50: f64, p95: f64) -> Result<String> {
             .configure_mesh()
             .x_desc("ms")
             .y_desc("frames")
+            .label_style(("sans-serif", 16))
+            .axis_desc_style(("sans-serif", 17))
             .y_label_formatter(&|y| format!("{y:.0}"))
             .draw()
             .map_err(|e| fail(what, e))?;
@@ -281,13 +350,21 @@ mod tests {
 
     #[test]
     fn gaps_split_lines_and_long_tracks_are_thinned() {
+        let sample = |f: u64, p: Vec<f64>, certain: bool| Sample {
+            frame: f,
+            x: f as f64 / 25.0,
+            probs: p,
+            certain,
+        };
         let s: TrackSeries = [0u64, 1, 2, 3, 40, 41]
             .iter()
-            .map(|&f| (f, vec![0.5, 0.5], true))
+            .map(|&f| sample(f, vec![0.5, 0.5], true))
             .collect();
         let segs = segments(&s);
         assert_eq!(segs.iter().map(|x| x.len()).collect::<Vec<_>>(), vec![4, 2]);
-        let long: TrackSeries = (0..10_000).map(|f| (f, vec![1.0, 0.0], false)).collect();
+        let long: TrackSeries = (0..10_000)
+            .map(|f| sample(f, vec![1.0, 0.0], false))
+            .collect();
         let t = thin(&long);
         assert!(t.len() <= MAX_POINTS && t.len() > MAX_POINTS / 2);
         assert!((t[0].1[0] - 1.0).abs() < 1e-12 && t[0].1[1] == 0.0);
@@ -296,9 +373,27 @@ mod tests {
     #[test]
     fn plots_are_svg_with_their_titles() {
         let classes = vec!["happy".to_string(), "sad".to_string()];
-        let s: TrackSeries = (0..5).map(|f| (f, vec![0.7, 0.3], f % 2 == 0)).collect();
-        let svg = timeline(3, &s, &classes).unwrap();
+        let s: TrackSeries = (0..5)
+            .map(|f| Sample {
+                frame: f,
+                x: f as f64 * 0.5,
+                probs: vec![0.7, 0.3],
+                certain: f % 2 == 0,
+            })
+            .collect();
+        let svg = timeline(3, &s, &classes, "media time (s)").unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("track #3") && svg.contains("happy"));
+        assert!(svg.contains("media time (s)"));
+        // Scaled to the page: 100% wide, with the drawn size as its viewBox.
+        let r = responsive(svg);
+        assert!(
+            r.starts_with("<svg") && r.contains("width=\"100%\""),
+            "{}",
+            &r[..200]
+        );
+        assert!(
+            r.contains("viewBox=\"0 0 760 300\"") && !r[..r.find('>').unwrap()].contains("height=")
+        );
         let t = TrackStats {
             track: 3,
             share: vec![0.25, 0.75],
