@@ -210,7 +210,8 @@ pub struct RunArgs {
     pub stats: bool,
     /// Also write every processed frame with boxes, track ids, labels and probability bars
     /// (dashed box: uncertain) as YUV4MPEG2: a new file, a FIFO, or `>(ffplay -i -)` for a live
-    /// preview. Never replaces an existing file. JSON on stdout is unchanged.
+    /// preview. For stills, a folder (`DIR/`) gets one PNG per photo at its own size. Never
+    /// replaces an existing file. JSON on stdout is unchanged.
     #[arg(long, value_name = "PATH")]
     pub annotate: Option<PathBuf>,
 }

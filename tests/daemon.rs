@@ -894,6 +894,23 @@ fn stills_are_independent_unless_a_sequence() {
         msg.contains("skipped 2") && msg.contains("notes.txt") && msg.contains("--input FILE"),
         "{msg}"
     );
+    // --annotate DIR/: one PNG per photo, at the photo's size.
+    let ann = tmp.path().join("annotated");
+    let o = run_on(
+        &m,
+        &dir,
+        &[
+            "--samples",
+            "2",
+            "--annotate",
+            &format!("{}/", ann.display()),
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    for name in ["000000-a.png", "000001-b.png"] {
+        let img = image::open(ann.join(name)).unwrap();
+        assert_eq!((img.width(), img.height()), (256, 256));
+    }
     // --sequence: the stills are frames of one scene, so the face keeps its id.
     let o = run_on(&m, &dir, &["--samples", "4", "--sequence"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));

@@ -3,7 +3,7 @@
 
 use font8x8::legacy::BASIC_LEGACY;
 
-use crate::capture::color::{plane_size, rgb_to_yuv, Chroma};
+use crate::capture::color::{plane_size, rgb_to_yuv, yuv_to_rgb, Chroma};
 use crate::emit::FaceOut;
 
 /// A colour as BT.601 full-range Y, U, V.
@@ -168,31 +168,57 @@ impl Canvas {
         width
     }
 
-    /// One face: its box (solid when certain, dashed when not) in the label's class colour, a
-    /// caption `#id label pp%` (with `?` when uncertain), and a bar of its class probabilities.
+    /// The faces of a frame: each box and bar first, then the captions, placed so that no two
+    /// overlap (a group photo's neighbours push each other's captions down).
+    pub fn faces(&mut self, faces: &[FaceOut]) {
+        for f in faces {
+            self.face(f);
+        }
+        let s = self.text_scale() as i64;
+        for (f, r) in faces.iter().zip(self.caption_boxes(faces)) {
+            self.text(r[0] + s, r[1] + s, &caption(f), s as usize, WHITE, BLACK);
+        }
+    }
+
+    /// Where each face's caption goes, as `[x0, y0, x1, y1]` of its background: above the box
+    /// when there is room, else just inside its top edge; then down, one caption at a time,
+    /// until it is clear of the captions already placed (or the frame's bottom is reached).
+    fn caption_boxes(&self, faces: &[FaceOut]) -> Vec<[i64; 4]> {
+        let s = self.text_scale() as i64;
+        let t = self.line_width();
+        let max_y = (self.height as i64 - 10 * s).max(0);
+        let mut placed: Vec<[i64; 4]> = Vec::new();
+        for f in faces {
+            let [x, y, _, _] = f.bbox.map(|v| v as i64);
+            let w = 8 * s * caption(f).chars().count() as i64 + 2 * s;
+            let mut top = if y - 10 * s >= 0 { y - 10 * s } else { y + t };
+            for _ in 0..=faces.len() {
+                let r = [x, top, x + w, top + 10 * s];
+                match placed.iter().find(|p| overlaps(p, &r)) {
+                    Some(p) if p[3] <= max_y => top = p[3],
+                    _ => break,
+                }
+            }
+            placed.push([x, top, x + w, top + 10 * s]);
+        }
+        placed
+    }
+
+    /// Box outlines' thickness for this frame size.
+    fn line_width(&self) -> i64 {
+        (self.height.min(self.width) as i64 / 180).max(1) + 1
+    }
+
+    /// One face without its caption: its box (solid when certain, dashed when not) in the
+    /// label's class colour and a bar of its class probabilities.
     pub fn face(&mut self, f: &FaceOut) {
         let s = self.text_scale() as i64;
         let names = &f.probs.names;
         let top = names.iter().position(|n| *n == f.label).unwrap_or(0);
         let color = class_color(&f.label, top);
         let [x, y, w, h] = f.bbox.map(|v| v as i64);
-        let t = (self.height.min(self.width) as i64 / 180).max(1) + 1;
+        let t = self.line_width();
         self.outline(x, y, x + w, y + h, t, color, !f.certain);
-        let p = f.probs.values.get(top).copied().unwrap_or(0.0);
-        let caption = format!(
-            "#{} {}{} {:.0}%",
-            f.id,
-            f.label,
-            if f.certain { "" } else { "?" },
-            100.0 * p
-        );
-        // Above the box when there is room, else just inside its top edge.
-        let ty = if y - 10 * s >= 0 {
-            y - 9 * s
-        } else {
-            y + t + s
-        };
-        self.text(x + s, ty, &caption, s as usize, WHITE, BLACK);
         // The probability bar under the box: one segment per class, in class colours.
         let bar_h = 5 * s;
         let by = if y + h + bar_h + 2 * s <= self.height as i64 {
@@ -209,6 +235,23 @@ impl Canvas {
             let x1 = x + (left.min(1.0) * bar_w as f64).round() as i64;
             self.fill(x0, by, x1, by + bar_h, class_color(name, i));
         }
+    }
+
+    /// The frame as 8-bit RGB, row-major (chroma upsampled by repetition).
+    pub fn to_rgb(&self) -> Vec<u8> {
+        let cw = plane_size(self.width, self.height).0;
+        let mut out = Vec::with_capacity(self.width * self.height * 3);
+        for row in 0..self.height {
+            for col in 0..self.width {
+                let c = (row / 2) * cw + col / 2;
+                out.extend(yuv_to_rgb(
+                    self.y[row * self.width + col],
+                    self.chroma.u[c],
+                    self.chroma.v[c],
+                ));
+            }
+        }
+        out
     }
 
     /// The class-colour key along the bottom edge, wrapping to more rows on narrow frames.
@@ -238,6 +281,29 @@ impl Canvas {
             x += entry(n);
         }
     }
+}
+
+/// `#id label pp%`, with `?` after an uncertain label.
+fn caption(f: &FaceOut) -> String {
+    let top = f
+        .probs
+        .names
+        .iter()
+        .position(|n| *n == f.label)
+        .unwrap_or(0);
+    let p = f.probs.values.get(top).copied().unwrap_or(0.0);
+    format!(
+        "#{} {}{} {:.0}%",
+        f.id,
+        f.label,
+        if f.certain { "" } else { "?" },
+        100.0 * p
+    )
+}
+
+/// Whether two `[x0, y0, x1, y1]` rectangles share any pixel.
+fn overlaps(a: &[i64; 4], b: &[i64; 4]) -> bool {
+    a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3]
 }
 
 #[cfg(test)]
@@ -325,6 +391,46 @@ mod tests {
         assert_eq!(
             (solid.y[95 * 100 + 95], solid.chroma.u[49 * 50 + 49]),
             (100, 128)
+        );
+    }
+
+    #[test]
+    fn captions_of_neighbouring_faces_do_not_overlap() {
+        let names = Arc::new(vec!["happy".to_string(), "surprise".to_string()]);
+        let face = |id: u64, x: i32, y: i32| FaceOut {
+            id,
+            bbox: [x, y, 30, 30],
+            det_score: 5.0,
+            label: "surprise".into(),
+            probs: ClassMap {
+                names: names.clone(),
+                values: vec![0.1, 0.9],
+            },
+            votes: ClassMap {
+                names: names.clone(),
+                values: vec![0.0, 1.0],
+            },
+            certain: false,
+            p_value: None,
+            entropy: 0.3,
+        };
+        // A row of close faces (a group photo): each caption is wider than the gap.
+        let faces: Vec<FaceOut> = (0..5)
+            .map(|i| face(i + 1, 40 + 35 * i as i32, 60))
+            .collect();
+        let mut c = canvas(320, 240);
+        let boxes = c.caption_boxes(&faces);
+        for (i, a) in boxes.iter().enumerate() {
+            for b in &boxes[i + 1..] {
+                assert!(!overlaps(a, b), "{a:?} {b:?}");
+            }
+        }
+        // The first keeps its place above its box; the drawing uses these places.
+        assert_eq!(boxes[0][3], 60);
+        c.faces(&faces);
+        assert_eq!(
+            c.y[(boxes[4][1] as usize + 1) * 320 + boxes[4][0] as usize + 1],
+            16
         );
     }
 }

@@ -9,7 +9,8 @@
 //! one message; the JSON lines go on.
 //!
 //! YUV4MPEG2 needs one frame size: the first frame sets it, and later frames of another size
-//! (stills) are scaled to fit inside it.
+//! (stills) are scaled to fit inside it. For stills, a folder (`--annotate DIR/`) gets one PNG
+//! per photo at the photo's own size instead.
 
 pub mod draw;
 
@@ -31,6 +32,44 @@ use draw::Canvas;
 const QUEUE: usize = 4;
 /// How long the end of a run waits for the writer to flush what is queued.
 const FINISH_GRACE: Duration = Duration::from_secs(5);
+
+/// Where annotation goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// One YUV4MPEG2 stream: a new file, or a pipe / FIFO / device.
+    Stream(PathBuf),
+    /// One PNG per still, in this folder (created when missing; nothing in it is replaced).
+    Folder(PathBuf),
+}
+
+/// Decides the target before the run starts: a folder (an existing directory or a path ending
+/// in `/`) for stills, else a stream ([`check_path`]).
+pub fn target(path: &Path, stills: bool) -> Result<Target> {
+    let folder = path.is_dir() || path.as_os_str().as_encoded_bytes().ends_with(b"/");
+    if !folder {
+        check_path(path)?;
+        return Ok(Target::Stream(path.to_path_buf()));
+    }
+    if !stills {
+        return Err(Error::file(
+            path,
+            "is a folder: a folder gets one PNG per still; for video give a new .y4m file, a \
+             FIFO, or >(ffplay -i -)",
+        ));
+    }
+    if !path.is_dir() {
+        let parent = path
+            .components()
+            .as_path()
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        if !parent.is_dir() {
+            return Err(Error::file(path, "its parent folder does not exist"));
+        }
+    }
+    Ok(Target::Folder(path.to_path_buf()))
+}
 
 /// Checked before the run starts: the path is either new (annotation creates it, never replacing
 /// a file) or an existing pipe, FIFO or character device; its folder exists.
@@ -95,12 +134,21 @@ pub struct AnnotateStats {
     pub error: Option<String>,
 }
 
+/// A processed frame's picture, handed to the writer.
+pub struct Picture {
+    pub width: u32,
+    pub height: u32,
+    pub luma: Vec<u8>,
+    pub chroma: Option<Chroma>,
+    /// Its number in the source.
+    pub seq: u64,
+    /// The still's file, for naming its PNG.
+    pub file: Option<String>,
+}
+
 /// A processed frame for the writer.
 struct Job {
-    width: usize,
-    height: usize,
-    luma: Vec<u8>,
-    chroma: Option<Chroma>,
+    picture: Picture,
     faces: Vec<FaceOut>,
     /// The output's frame rate (used by the stream header).
     fps: f64,
@@ -120,15 +168,16 @@ pub struct Annotator {
 impl Annotator {
     /// Starts the writer; `classes` label the legend. The file is created (or the FIFO opened)
     /// by the writer thread, so a FIFO without a reader blocks only that thread.
-    pub fn start(path: &Path, classes: Vec<String>, blocking: bool) -> Result<Self> {
-        check_path(path)?;
+    pub fn start(target: Target, classes: Vec<String>, blocking: bool) -> Result<Self> {
         let (tx, rx) = bounded::<Job>(QUEUE);
         let (done_tx, done) = bounded(1);
-        let path = path.to_path_buf();
         let handle = std::thread::Builder::new()
             .name("fer-annotate".into())
             .spawn(move || {
-                let _ = done_tx.send(write_all(&path, &classes, rx));
+                let _ = done_tx.send(match &target {
+                    Target::Stream(path) => write_all(path, &classes, rx),
+                    Target::Folder(dir) => write_pngs(dir, &classes, rx),
+                });
             })
             .map_err(|e| Error::Msg(format!("cannot start the annotation thread: {e}")))?;
         Ok(Self {
@@ -148,24 +197,13 @@ impl Annotator {
 
     /// Queues one processed frame (its planes are moved in). Drops it when the writer is behind
     /// on live input, or has stopped.
-    pub fn push(
-        &mut self,
-        width: u32,
-        height: u32,
-        luma: Vec<u8>,
-        chroma: Option<Chroma>,
-        faces: &[FaceOut],
-        cancel: &AtomicBool,
-    ) {
+    pub fn push(&mut self, picture: Picture, faces: &[FaceOut], cancel: &AtomicBool) {
         let Some(tx) = &self.tx else {
             self.dropped += 1;
             return;
         };
         let mut job = Job {
-            width: width as usize,
-            height: height as usize,
-            luma,
-            chroma,
+            picture,
             faces: faces.to_vec(),
             fps: self.fps,
         };
@@ -253,16 +291,12 @@ fn write_all(path: &Path, classes: &[String], rx: Receiver<Job>) -> Result<u64> 
     let mut written = 0u64;
     let fail = |e: std::io::Error| Error::io(path, e);
     for job in rx.iter() {
-        let mut canvas = Canvas::new(job.width, job.height, job.luma, job.chroma);
-        if canvas.y.len() != job.width * job.height {
+        let Some(canvas) = drawn(job.picture, &job.faces) else {
             continue;
-        }
-        for f in &job.faces {
-            canvas.face(f);
-        }
+        };
         let (w, h) = match &out {
             Some((_, w, h)) => (*w, *h),
-            None => (job.width, job.height),
+            None => (canvas.width, canvas.height),
         };
         let mut canvas = canvas.fit(w, h);
         canvas.legend(classes);
@@ -288,6 +322,65 @@ fn write_all(path: &Path, classes: &[String], rx: Receiver<Job>) -> Result<u64> 
     }
     if let Some((mut o, _, _)) = out {
         o.flush().map_err(fail)?;
+    }
+    Ok(written)
+}
+
+/// The picture with its faces drawn on it; `None` for planes of the wrong size.
+fn drawn(p: Picture, faces: &[FaceOut]) -> Option<Canvas> {
+    let (w, h) = (p.width as usize, p.height as usize);
+    if p.luma.len() != w * h {
+        return None;
+    }
+    let mut canvas = Canvas::new(w, h, p.luma, p.chroma);
+    canvas.faces(faces);
+    Some(canvas)
+}
+
+/// The folder writer: one PNG per still, `NNNNNN-NAME.png` (the still's number and file stem),
+/// each a new file; returns the PNGs written.
+fn write_pngs(dir: &Path, classes: &[String], rx: Receiver<Job>) -> Result<u64> {
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    let mut written = 0u64;
+    for job in rx.iter() {
+        let seq = job.picture.seq;
+        let stem = job
+            .picture
+            .file
+            .as_deref()
+            .and_then(|f| Path::new(f).file_stem())
+            .map(|s| s.to_string_lossy().to_string())
+            .unwrap_or_else(|| "frame".into());
+        // A name that is safe on any file system: letters, digits, '-', '_' and '.'.
+        let stem: String = stem
+            .chars()
+            .map(|c| {
+                if c.is_alphanumeric() || "-_.".contains(c) {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .take(100)
+            .collect();
+        let Some(mut canvas) = drawn(job.picture, &job.faces) else {
+            continue;
+        };
+        canvas.legend(classes);
+        let path = dir.join(format!("{seq:06}-{stem}.png"));
+        let img =
+            image::RgbImage::from_raw(canvas.width as u32, canvas.height as u32, canvas.to_rgb())
+                .ok_or_else(|| Error::file(&path, "picture of the wrong size"))?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| Error::io(&path, e))?;
+        let mut w = BufWriter::new(file);
+        img.write_to(&mut w, image::ImageFormat::Png)
+            .map_err(|e| Error::file(&path, e.to_string()))?;
+        w.flush().map_err(|e| Error::io(&path, e))?;
+        written += 1;
     }
     Ok(written)
 }
@@ -323,11 +416,12 @@ mod tests {
     fn writes_one_frame_per_push_at_the_first_frame_size() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out.y4m");
-        let mut a = Annotator::start(&path, vec!["happy".into()], true).unwrap();
+        let mut a =
+            Annotator::start(target(&path, false).unwrap(), vec!["happy".into()], true).unwrap();
         a.set_rate(2.0);
         let cancel = AtomicBool::new(false);
-        a.push(8, 4, vec![50; 32], None, &[], &cancel);
-        a.push(4, 4, vec![60; 16], None, &[], &cancel); // another size: fitted into 8x4
+        a.push(picture(8, 4, 50, 0), &[], &cancel);
+        a.push(picture(4, 4, 60, 1), &[], &cancel); // another size: fitted into 8x4
         let stats = a.finish();
         assert_eq!((stats.written, stats.dropped, stats.error), (2, 0, None));
         let bytes = std::fs::read(&path).unwrap();
@@ -336,6 +430,45 @@ mod tests {
         let frame = 6 + 32 + 2 * 4 * 2;
         assert_eq!(bytes.len(), header.len() + 2 * frame);
         // A new run never replaces the file it wrote.
-        assert!(Annotator::start(&path, vec![], true).is_err());
+        assert!(target(&path, false).is_err());
+    }
+
+    fn picture(width: u32, height: u32, gray: u8, seq: u64) -> Picture {
+        Picture {
+            width,
+            height,
+            luma: vec![gray; (width * height) as usize],
+            chroma: None,
+            seq,
+            file: Some(format!("photos/p {seq}.jpg")),
+        }
+    }
+
+    #[test]
+    fn a_folder_gets_one_png_per_still_at_its_own_size() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("out");
+        // A folder is for stills only; it may not exist yet (named with a trailing '/').
+        let slash = PathBuf::from(format!("{}/", dir.display()));
+        assert!(target(&slash, false).is_err());
+        let t = target(&slash, true).unwrap();
+        assert_eq!(t, Target::Folder(slash.clone()));
+        let mut a = Annotator::start(t, vec!["happy".into()], true).unwrap();
+        let cancel = AtomicBool::new(false);
+        a.push(picture(64, 40, 50, 0), &[], &cancel);
+        a.push(picture(30, 90, 60, 1), &[], &cancel);
+        let stats = a.finish();
+        assert_eq!((stats.written, stats.error), (2, None));
+        for (name, size) in [("000000-p_0.png", (64, 40)), ("000001-p_1.png", (30, 90))] {
+            let img = image::open(dir.join(name)).unwrap();
+            assert_eq!((img.width(), img.height()), size, "{name}");
+        }
+        // A second run into the same folder does not replace what the first wrote.
+        let mut a = Annotator::start(target(&dir, true).unwrap(), vec![], true).unwrap();
+        a.push(picture(64, 40, 70, 0), &[], &cancel);
+        let stats = a.finish();
+        assert_eq!(stats.written, 0);
+        assert!(stats.error.unwrap().contains("000000-p_0.png"));
+        assert_eq!(image::open(dir.join("000000-p_0.png")).unwrap().width(), 64);
     }
 }

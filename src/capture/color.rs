@@ -19,6 +19,17 @@ pub fn rgb_to_yuv(r: u8, g: u8, b: u8) -> [u8; 3] {
     ]
 }
 
+/// RGB of a BT.601 full-range Y, U, V (the inverse of [`rgb_to_yuv`]).
+pub fn yuv_to_rgb(y: u8, u: u8, v: u8) -> [u8; 3] {
+    let (y, u, v) = (y as f32, u as f32 - 128.0, v as f32 - 128.0);
+    let q = |x: f32| x.round().clamp(0.0, 255.0) as u8;
+    [
+        q(y + 1.402 * v),
+        q(y - 0.344_136 * u - 0.714_136 * v),
+        q(y + 1.772 * u),
+    ]
+}
+
 /// Size of one 4:2:0 chroma plane of a `w`×`h` frame.
 pub fn plane_size(w: usize, h: usize) -> (usize, usize) {
     (w.div_ceil(2), h.div_ceil(2))
@@ -162,5 +173,22 @@ mod tests {
         let c = Chroma::from_nv12(&[0, 0, 0, 0, 7, 9], 2, 2).unwrap();
         assert_eq!((c.u, c.v), (vec![7], vec![9]));
         assert!(Chroma::from_nv12(&[0; 5], 2, 2).is_none());
+    }
+
+    #[test]
+    fn yuv_and_rgb_round_trip() {
+        for rgb in [
+            [0u8, 0, 0],
+            [255, 255, 255],
+            [213, 94, 0],
+            [0, 114, 178],
+            [30, 200, 90],
+        ] {
+            let [y, u, v] = rgb_to_yuv(rgb[0], rgb[1], rgb[2]);
+            let back = yuv_to_rgb(y, u, v);
+            for (a, b) in rgb.iter().zip(back) {
+                assert!((*a as i32 - b as i32).abs() <= 2, "{rgb:?} -> {back:?}");
+            }
+        }
     }
 }

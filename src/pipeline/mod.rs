@@ -57,7 +57,8 @@ pub struct RunConfig {
     pub queue: usize,
     /// Most faces classified in one batch.
     pub max_batch: usize,
-    /// Also write every processed frame, annotated, as YUV4MPEG2 here (a new file or a FIFO).
+    /// Also write every processed frame, annotated, as YUV4MPEG2 here (a new file or a FIFO), or
+    /// for stills one PNG each into a folder.
     pub annotate: Option<PathBuf>,
     /// Run the full-frame face search on its own thread (live or paced video), so frames with
     /// tracks do not wait for it; otherwise it runs in line and a file's output is repeatable.
@@ -122,7 +123,7 @@ impl RunConfig {
             ));
         }
         if let Some(p) = &self.annotate {
-            crate::annotate::check_path(p)?;
+            crate::annotate::target(p, self.stills)?;
         }
         if !(0.0..=1.0).contains(&self.tracker.iou_threshold) {
             return bad(format!(
@@ -316,7 +317,7 @@ pub fn run<W: Write>(
     // Started before the stages, so a path that cannot be written fails before any frame.
     let mut annotator = match &cfg.annotate {
         Some(p) => Some(Annotator::start(
-            p,
+            crate::annotate::target(p, cfg.stills)?,
             classifier.config().classes.clone(),
             !(cfg.live || cfg.realtime),
         )?),
@@ -381,8 +382,15 @@ pub fn run<W: Write>(
                     }
                     if let Some(a) = annotator.as_mut() {
                         let f = &mut r.job.frame;
-                        let luma = std::mem::take(&mut f.gray);
-                        a.push(f.width, f.height, luma, f.chroma.take(), &r.out, &cancel);
+                        let picture = crate::annotate::Picture {
+                            width: f.width,
+                            height: f.height,
+                            luma: std::mem::take(&mut f.gray),
+                            chroma: f.chroma.take(),
+                            seq: f.seq,
+                            file: f.label.clone(),
+                        };
+                        a.push(picture, &r.out, &cancel);
                     }
                     let name = source.name.as_deref().unwrap_or("unknown");
                     let (body, lat) =
