@@ -5,7 +5,7 @@
 #
 #   scripts/gpu-check.sh [BIN_DIR]
 #
-# BIN_DIR holds binaries built with `--features cuda` (see README, "GPU"): fer-cam, gpu_bench,
+# BIN_DIR holds binaries built with `--features cuda` (see docs/kernels.md, "GPU"): fer-cam, gpu_bench,
 # upscale_y4m and the test binary of tests/cuda.rs named cuda-tests. Without BIN_DIR they are
 # built here with cargo (this needs the CUDA toolkit; `source scripts/cuda-env.sh` gives one).
 # Environment:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Compiles fer-cam's CUDA kernels (src/cuda/kernels.cu) with NVRTC, as the binary does at run
-time, for the GPU generations the README names, and checks that every kernel is in the PTX.
+time, for the GPU generations docs/kernels.md names, and checks that every kernel is in the PTX.
 
 NVRTC needs no GPU and no driver, so CI runs this where it cannot run the GPU tests: it catches
 source that nvcc would take but NVRTC does not (no <math.h>, no host headers). The options are

@@ -312,6 +312,21 @@ fn untrained_model_on_real_private_test_is_near_chance() {
 }
 
 #[test]
+fn a_camera_that_cannot_open_points_to_devices_and_input() {
+    if Path::new("/dev/video0").exists() {
+        eprintln!("a camera is present: this test needs a machine without one");
+        return;
+    }
+    let o = run(&["run", "--camera", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr(&o);
+    assert!(
+        (e.contains("fer-cam devices") && e.contains("--input")) || e.contains("camera support"),
+        "{e}"
+    );
+}
+
+#[test]
 fn usage_errors_are_one_line_with_exit_1() {
     for args in [
         &["run", "--tta", "bogus"][..],

@@ -986,3 +986,80 @@ fn a_video_file_gives_every_frame_with_media_time() {
         "{err}"
     );
 }
+
+/// Frames in a video file, by ffprobe's count of decoded frames.
+fn decoded_frames(clip: &Path) -> u64 {
+    let o = Command::new("ffprobe")
+        .args([
+            "-v",
+            "error",
+            "-count_frames",
+            "-select_streams",
+            "v:0",
+            "-show_entries",
+            "stream=nb_read_frames",
+            "-of",
+            "csv=p=0",
+        ])
+        .arg(clip)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+}
+
+#[test]
+fn shared_clips_give_every_frame_with_a_face_by_file_and_by_pipe() {
+    let Some(media) = shared_media("shared_clips_give_every_frame_with_a_face_by_file_and_by_pipe")
+    else {
+        return;
+    };
+    if !ffmpeg_or_skip("shared_clips_give_every_frame_with_a_face_by_file_and_by_pipe") {
+        return;
+    }
+    let check = |name: &str, ls: &[Value], want: u64| {
+        let frames: Vec<&Value> = ls.iter().filter(|l| l["type"] == "frame").collect();
+        assert_eq!(frames.len() as u64, want, "{name}: frames");
+        // Every frame shows a face; none may come out empty because of pacing.
+        let empty = frames
+            .iter()
+            .filter(|f| f["faces"].as_array().unwrap().is_empty())
+            .count();
+        assert_eq!(empty, 0, "{name}: {empty} frames without a face");
+        assert!(frames.iter().all(|f| f["pts_s"].is_number()), "{name}");
+        assert_eq!(ls.last().unwrap()["dropped"], 0, "{name}");
+    };
+    for clip in [
+        "man_neutral_to_smile_pyfeat.mp4",
+        "woman_expressions_pexels_3063838.mp4",
+        "two_faces_side_by_side.mp4",
+    ] {
+        let path = media.join(clip);
+        let want = decoded_frames(&path);
+        let o = run(&[
+            "run",
+            "--input",
+            path.to_str().unwrap(),
+            "--status-every",
+            "0",
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        check(clip, &lines(&o), want);
+    }
+    // README's pipe recipe: ffmpeg writes faster than fer-cam reads, and nothing is lost.
+    let clip = media.join("man_neutral_to_smile_pyfeat.mp4");
+    let mut ff = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&clip)
+        .args(["-f", "yuv4mpegpipe", "-"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let o = Command::new(common::bin())
+        .args(["run", "--input", "-", "--status-every", "0"])
+        .stdin(ff.stdout.take().unwrap())
+        .output()
+        .unwrap();
+    assert!(ff.wait().unwrap().success());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    check("pipe", &lines(&o), decoded_frames(&clip));
+}

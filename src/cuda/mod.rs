@@ -133,7 +133,7 @@ pub(crate) fn with_f32_view<R>(
 
 #[cfg(test)]
 mod tests {
-    /// NVRTC needs no GPU: the kernels must compile for the generations we name in the README.
+    /// NVRTC needs no GPU: the kernels must compile for the generations docs/kernels.md names.
     #[test]
     fn kernels_compile_with_nvrtc() {
         for cc in [(9, 0), (8, 0), (8, 6), (8, 9)] {

@@ -41,7 +41,7 @@ pub enum NearDetector {
     /// rustface on the region, scaled so the face is about 64 px.
     Rustface,
     /// MediaPipe BlazeFace (short range) on the region resampled to 128x128: the default, by
-    /// measurement on the shared clips (README, "Face detectors").
+    /// measurement on the shared clips (docs/pipeline.md, "Face detectors").
     #[default]
     BlazeFace,
 }
