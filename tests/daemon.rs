@@ -459,6 +459,13 @@ fn slow_reader_run(m: &Path, frames: usize, live: bool) -> (u64, u64, u64) {
         }
     }
     writer.join().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     let status = child.wait().unwrap();
     let peak = monitor.join().unwrap();
     assert!(status.success());
@@ -467,6 +474,13 @@ fn slow_reader_run(m: &Path, frames: usize, live: bool) -> (u64, u64, u64) {
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
     let summary = ls.last().unwrap();
+    // Drops are said on stderr at exit, with or without --stats.
+    let dropped = summary["dropped"].as_u64().unwrap();
+    assert_eq!(
+        err.contains(&format!("{dropped} dropped because the pipeline was busy")),
+        dropped > 0,
+        "{err}"
+    );
     assert_eq!(summary["type"], "summary");
     let (done, dropped) = (
         summary["frames"].as_u64().unwrap(),
