@@ -225,7 +225,7 @@ pub fn calibrate(samples: &Samples, before: Temperatures, bins: usize) -> Calibr
 
 /// Draws the reliability diagram (accuracy against confidence per bin, before and after, with
 /// the diagonal of perfect calibration) as SVG.
-pub fn reliability_svg(report: &CalibrationReport, path: &Path) -> Result<()> {
+pub fn reliability_svg(report: &CalibrationReport, path: &Path, replace: bool) -> Result<()> {
     let fail = |e: String| Error::file(path, format!("cannot draw the reliability diagram: {e}"));
     // Drawn into memory and written atomically (a stream or a link is written as such).
     let mut svg = String::new();
@@ -295,7 +295,11 @@ pub fn reliability_svg(report: &CalibrationReport, path: &Path) -> Result<()> {
             .map_err(|e| fail(e.to_string()))?;
         root.present().map_err(|e| fail(e.to_string()))?;
     }
-    crate::fsutil::write_file_atomically(path, svg.as_bytes())
+    if replace {
+        crate::fsutil::write_file_atomically(path, svg.as_bytes())
+    } else {
+        crate::fsutil::create_file_atomically(path, svg.as_bytes())
+    }
 }
 
 impl CalibrationReport {
@@ -485,7 +489,7 @@ mod tests {
         r.split = "PublicTest".into();
         let dir = tempfile::tempdir().unwrap();
         let svg = dir.path().join("r.svg");
-        reliability_svg(&r, &svg).unwrap();
+        reliability_svg(&r, &svg, false).unwrap();
         assert!(std::fs::read_to_string(&svg).unwrap().contains("<svg"));
         let json = dir.path().join("r.json");
         std::fs::write(&json, serde_json::to_string(&r).unwrap()).unwrap();

@@ -199,6 +199,10 @@ pub struct RunArgs {
     pub max_fps: Option<f64>,
     #[command(flatten)]
     pub face: FaceArgs,
+    /// Most faces classified per frame: the largest are kept, the others counted in the
+    /// summary and said on stderr.
+    #[arg(long, default_value_t = fer_cam::pipeline::DEFAULT_MAX_FACES)]
+    pub max_faces: usize,
     /// Per-track smoothing: weight of the newest probabilities (1 = off).
     #[arg(allow_negative_numbers = true, long, default_value_t = 1.0)]
     pub smooth: f32,

@@ -24,7 +24,8 @@
 //!   over by `--max-fps`), `faces`.
 //! - `warning`: a recoverable problem — `message`, and `count` (warnings so far).
 //! - `summary`: at the end of the run (also after a fatal input error, which then goes to stderr
-//!   with exit status 1) — totals (`dropped` for a busy pipeline, `skipped` for `--max-fps`),
+//!   with exit status 1) — totals (`dropped` for a busy pipeline, `skipped` for `--max-fps`,
+//!   `faces_left_out` for faces beyond `--max-faces`),
 //!   `source_fps`, `media_s` (media time covered: the last frame's `pts_s` plus one frame) and
 //!   latency percentiles.
 
@@ -166,6 +167,8 @@ pub enum Body {
         dropped: u64,
         skipped: u64,
         warnings: u64,
+        /// Faces beyond `--max-faces` in their frames, not classified.
+        faces_left_out: u64,
         seconds: f64,
         fps: f64,
         source_fps: Option<f64>,

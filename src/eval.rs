@@ -203,6 +203,21 @@ pub fn evaluate(
         progress((k * batch + chunk.len() / px).min(data.len()));
     }
     let wall = start.elapsed().as_secs_f64();
+    // A NaN is never scored as an answer (its argmax would count as the first class).
+    let broken = preds
+        .iter()
+        .filter(|p| {
+            !(p.card.probs.iter().all(|x| x.is_finite())
+                && p.fphi_probs.iter().all(|x| x.is_finite()))
+        })
+        .count();
+    if broken > 0 {
+        return Err(Error::Msg(format!(
+            "the model gave non-finite probabilities for {broken} of {} images (damaged weights \
+             or temperatures?); nothing is scored",
+            preds.len()
+        )));
+    }
     // The votes in the model's classes: a data class without a model class drops out, and the
     // rest are renormalised.
     let targets: Option<Vec<Vec<f32>>> = (!data.soft.is_empty()).then(|| {

@@ -52,7 +52,9 @@ fn main() {
                 line.push_str(&cause);
             }
         }
-        fer_cam::log!("error: {}", line.replace('\n', " "));
+        // Names from files and the command line may hold newlines or ESC sequences: escaped,
+        // so an error stays one line and cannot drive the terminal.
+        fer_cam::log!("error: {}", fer_cam::log::escape(&line));
         std::process::exit(1);
     }
 }

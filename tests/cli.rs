@@ -437,3 +437,89 @@ fn an_output_that_is_an_input_is_refused() {
     assert!(stderr(&o).contains("also an input"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&csv).unwrap(), before);
 }
+
+#[test]
+fn a_write_killed_at_any_step_is_repaired_by_the_next() {
+    // `FER_CAM_CRASH_AT=STEP` aborts the process (no cleanup, like a kill) when a directory
+    // write reaches STEP; the next write of the same directory must succeed and leave nothing
+    // beside it, and a reader in between must find a complete model (the old or the new).
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    init_fast_model(&model);
+    let init = |crash: Option<&str>| {
+        let mut c = Command::new(common::bin());
+        c.args([
+            "init",
+            "--out",
+            model.to_str().unwrap(),
+            "--stem",
+            "conv7x7_pool",
+            "--force",
+        ]);
+        if let Some(step) = crash {
+            c.env("FER_CAM_CRASH_AT", step);
+        }
+        c.output().unwrap()
+    };
+    for step in [
+        "dir:locked",
+        "dir:tmp-made",
+        "dir:filled",
+        "dir:synced",
+        "dir:old-moved",
+        "dir:new-in",
+        "dir:done",
+    ] {
+        let o = init(Some(step));
+        assert!(
+            !o.status.success(),
+            "{step}: the crash point was not reached"
+        );
+        let o = init(None);
+        assert!(o.status.success(), "{step}: {}", stderr(&o));
+        let mut names: Vec<String> = std::fs::read_dir(tmp.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["m"], "{step}: leftovers");
+        let mut inside: Vec<String> = std::fs::read_dir(&model)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        inside.sort();
+        assert_eq!(inside, ["config.json", "model.safetensors"], "{step}");
+    }
+}
+
+#[test]
+fn two_writers_of_one_new_output_never_both_succeed() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("m");
+    init_fast_model(&model);
+    for round in 0..6 {
+        let out = tmp.path().join(format!("export-{round}"));
+        let spawn = || {
+            Command::new(common::bin())
+                .args(["export", "--model", model.to_str().unwrap(), "--out"])
+                .arg(&out)
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn(), spawn());
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        let wins = [&a, &b].iter().filter(|o| o.status.success()).count();
+        assert_eq!(wins, 1, "round {round}: {} / {}", stderr(&a), stderr(&b));
+        let loser = if a.status.success() { &b } else { &a };
+        let e = stderr(loser);
+        assert!(
+            e.contains("already exists") || e.contains("being written by another fer-cam"),
+            "{e}"
+        );
+        assert!(out.join("model.safetensors").is_file());
+    }
+    // Nothing but the outputs and the model is left.
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 7);
+}

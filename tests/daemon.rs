@@ -249,6 +249,28 @@ fn group_stills_have_several_faces() {
         .filter(|f| f["faces"].as_array().unwrap().len() >= 2)
         .count();
     assert!(multi >= 4, "only {multi} stills with 2+ faces");
+    // --max-faces keeps the largest faces of each photo and says how many it left out.
+    let all: u64 = frames
+        .iter()
+        .map(|f| f["faces"].as_array().unwrap().len() as u64)
+        .sum();
+    let o = run_on(&m, &stills, &["--samples", "4", "--max-faces", "2"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let capped = lines(&o);
+    let kept: u64 = capped
+        .iter()
+        .filter(|l| l["type"] == "frame")
+        .map(|f| {
+            let n = f["faces"].as_array().unwrap().len() as u64;
+            assert!(n <= 2);
+            n
+        })
+        .sum();
+    let left = capped.last().unwrap()["faces_left_out"].as_u64().unwrap();
+    assert_eq!(kept + left, all);
+    assert!(left > 0);
+    assert!(String::from_utf8_lossy(&o.stderr)
+        .contains(&format!("{left} face(s) beyond --max-faces 2")));
 }
 
 fn synthetic_y4m(frames: usize) -> Vec<u8> {
@@ -1076,4 +1098,76 @@ fn shared_clips_give_every_frame_with_a_face_by_file_and_by_pipe() {
     assert!(ff.wait().unwrap().success());
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     check("pipe", &lines(&o), decoded_frames(&clip));
+}
+
+#[test]
+fn a_model_that_overflows_gives_no_answer_not_a_nan() {
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    // Finite weights, each multiplied by 1e30: the activations overflow to inf and NaN.
+    let w = m.join("model.safetensors");
+    let tensors = candle_core::safetensors::load(&w, &candle_core::Device::Cpu).unwrap();
+    let scaled: std::collections::HashMap<String, candle_core::Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| {
+            let t = if k.contains("conv") || k.contains("weight") {
+                (t * 1e30).unwrap()
+            } else {
+                t
+            };
+            (k, t)
+        })
+        .collect();
+    std::fs::remove_file(&w).unwrap();
+    candle_core::safetensors::save(&scaled, &w).unwrap();
+    let dir = two_photos_of_one_face(tmp.path());
+    let o = run_on(&m, &dir, &["--samples", "4"]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("non-finite"), "{err}");
+    let ls = lines(&o);
+    for l in &ls {
+        check_schema(l, 7);
+    }
+    let warnings: Vec<&Value> = ls
+        .iter()
+        .filter(|l| l["type"] == "warning" && l["message"].as_str().unwrap().contains("non-finite"))
+        .collect();
+    assert_eq!(warnings.len(), 2, "{ls:?}");
+    // No face line carries a label without probabilities.
+    assert!(ls
+        .iter()
+        .filter(|l| l["type"] == "frame")
+        .all(|f| f["faces"].as_array().unwrap().is_empty()));
+}
+
+#[test]
+fn an_annotation_output_that_fails_fails_the_run_and_counts_what_it_wrote() {
+    if !Path::new("/dev/full").exists() {
+        common::skip_loudly(
+            "an_annotation_output_that_fails_fails_the_run_and_counts_what_it_wrote",
+            Path::new("/dev/full"),
+        );
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let m = model(tmp.path());
+    let clip = tmp.path().join("clip.y4m");
+    std::fs::write(&clip, synthetic_y4m(5)).unwrap();
+    // /dev/full takes the open and fails every write ("no space left").
+    let o = run_on(&m, &clip, &["--samples", "2", "--annotate", "/dev/full"]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("annotate: 0 frames written") && err.contains("stopped early"),
+        "{err}"
+    );
+    // The JSON lines are whole all the same.
+    let ls = lines(&o);
+    assert_eq!(ls.iter().filter(|l| l["type"] == "frame").count(), 5);
 }

@@ -230,6 +230,28 @@ fn image_folder_layout() {
     let empty = dir.path().join("empty");
     std::fs::create_dir_all(&empty).unwrap();
     assert!(load_err(&empty).contains("no images found"));
+    std::fs::remove_file(root.join("train/angry/broken.png")).unwrap();
+    // A .bmp class is read; a class of only files fer-cam cannot read is an error, not a
+    // class that vanishes.
+    put("train", "sad", "e.bmp", gray.clone().into());
+    let (ds, _) = load(&root, &no_cache()).unwrap();
+    assert!(ds.class_names.contains(&"sad".to_string()));
+    std::fs::create_dir_all(root.join("train/fear")).unwrap();
+    std::fs::write(root.join("train/fear/f.webp"), b"RIFF....WEBP").unwrap();
+    let e = load_err(&root);
+    assert!(
+        e.contains("fear") && e.contains("no image fer-cam reads"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(root.join("train/fear")).unwrap();
+    // Class folders whose names are not UTF-8 text would merge: refused, named.
+    use std::os::unix::ffi::OsStrExt;
+    for raw in [&b"sad\xff"[..], &b"sad\xfe"[..]] {
+        let d = root.join("train").join(std::ffi::OsStr::from_bytes(raw));
+        std::fs::create_dir_all(&d).unwrap();
+        gray.save(d.join("g.png")).unwrap();
+    }
+    assert!(load_err(&root).contains("not printable UTF-8"));
 }
 
 /// The real FER2013 file: official split and class counts, and the cache's cold/warm loads.

@@ -157,7 +157,8 @@ struct Job {
 /// The writer thread and its queue.
 pub struct Annotator {
     tx: Option<Sender<Job>>,
-    done: Receiver<Result<u64>>,
+    /// Frames (or PNGs) written, and the error that stopped the writer, if one did.
+    done: Receiver<(u64, Option<Error>)>,
     handle: Option<JoinHandle<()>>,
     /// Wait for the writer instead of dropping (file input, not paced).
     blocking: bool,
@@ -174,10 +175,12 @@ impl Annotator {
         let handle = std::thread::Builder::new()
             .name("fer-annotate".into())
             .spawn(move || {
-                let _ = done_tx.send(match &target {
-                    Target::Stream(path) => write_all(path, &classes, rx),
-                    Target::Folder(dir) => write_pngs(dir, &classes, rx),
-                });
+                let mut written = 0u64;
+                let result = match &target {
+                    Target::Stream(path) => write_all(path, &classes, rx, &mut written),
+                    Target::Folder(dir) => write_pngs(dir, &classes, rx, &mut written),
+                };
+                let _ = done_tx.send((written, result.err()));
             })
             .map_err(|e| Error::Msg(format!("cannot start the annotation thread: {e}")))?;
         Ok(Self {
@@ -243,8 +246,10 @@ impl Annotator {
             ..Default::default()
         };
         match self.done.recv_timeout(FINISH_GRACE) {
-            Ok(Ok(written)) => stats.written = written,
-            Ok(Err(e)) => stats.error = Some(e.to_string()),
+            Ok((written, error)) => {
+                stats.written = written;
+                stats.error = error.map(|e| e.to_string());
+            }
             Err(_) => {
                 stats.error = Some(format!(
                     "the annotation output did not take the last frames within {} s (no reader?)",
@@ -285,10 +290,9 @@ fn rate_tag(fps: f64) -> String {
     }
 }
 
-/// The writer thread: draws each frame and writes it; returns the frames written.
-fn write_all(path: &Path, classes: &[String], rx: Receiver<Job>) -> Result<u64> {
+/// The writer thread: draws each frame and writes it, counting into `written`.
+fn write_all(path: &Path, classes: &[String], rx: Receiver<Job>, written: &mut u64) -> Result<()> {
     let mut out: Option<(BufWriter<std::fs::File>, usize, usize)> = None;
-    let mut written = 0u64;
     let fail = |e: std::io::Error| Error::io(path, e);
     for job in rx.iter() {
         let Some(canvas) = drawn(job.picture, &job.faces) else {
@@ -318,12 +322,12 @@ fn write_all(path: &Path, classes: &[String], rx: Receiver<Job>) -> Result<u64> 
         o.write_all(&canvas.chroma.u).map_err(fail)?;
         o.write_all(&canvas.chroma.v).map_err(fail)?;
         o.flush().map_err(fail)?;
-        written += 1;
+        *written += 1;
     }
     if let Some((mut o, _, _)) = out {
         o.flush().map_err(fail)?;
     }
-    Ok(written)
+    Ok(())
 }
 
 /// The picture with its faces drawn on it; `None` for planes of the wrong size.
@@ -338,10 +342,9 @@ fn drawn(p: Picture, faces: &[FaceOut]) -> Option<Canvas> {
 }
 
 /// The folder writer: one PNG per still, `NNNNNN-NAME.png` (the still's number and file stem),
-/// each a new file; returns the PNGs written.
-fn write_pngs(dir: &Path, classes: &[String], rx: Receiver<Job>) -> Result<u64> {
+/// each a new file, counted into `written`.
+fn write_pngs(dir: &Path, classes: &[String], rx: Receiver<Job>, written: &mut u64) -> Result<()> {
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut written = 0u64;
     for job in rx.iter() {
         let seq = job.picture.seq;
         let stem = job
@@ -380,9 +383,9 @@ fn write_pngs(dir: &Path, classes: &[String], rx: Receiver<Job>) -> Result<u64> 
         img.write_to(&mut w, image::ImageFormat::Png)
             .map_err(|e| Error::file(&path, e.to_string()))?;
         w.flush().map_err(|e| Error::io(&path, e))?;
-        written += 1;
+        *written += 1;
     }
-    Ok(written)
+    Ok(())
 }
 
 #[cfg(test)]

@@ -5,8 +5,7 @@
 use anyhow::{bail, Context, Result};
 
 use super::{
-    check_not_an_input, load_classifier, load_split, model_name, print_stdout, progress_bar,
-    write_json,
+    check_output, load_classifier, load_split, model_name, print_stdout, progress_bar, write_json,
 };
 use crate::cli::{EvalArgs, RenderArgs};
 use fer_cam::eval::{evaluate, EvalOptions};
@@ -15,7 +14,7 @@ use fer_cam::pipeline::RunConfig;
 
 pub fn eval(a: EvalArgs) -> Result<()> {
     if let Some(path) = &a.json {
-        check_not_an_input(path, &a.classifier, &a.source.data)?;
+        check_output(path, &a.classifier, &a.source.data)?;
     }
     let mut clf = load_classifier(&a.classifier)?;
     if a.batch_size == 0 {
@@ -47,7 +46,7 @@ pub fn eval(a: EvalArgs) -> Result<()> {
     report.split = a.split.clone();
     report.label_rows_left_out = label_rows_left_out;
     if let Some(path) = &a.json {
-        write_json(path, &report)?;
+        write_json(path, &report, true)?;
     }
     print_stdout(&report.to_string())
 }
@@ -126,7 +125,7 @@ fn through_pipeline(
     report.data = data_name;
     report.split = a.split.clone();
     if let Some(path) = &a.json {
-        write_json(path, &report)?;
+        write_json(path, &report, true)?;
     }
     print_stdout(&report.to_string())
 }

@@ -179,10 +179,12 @@ pub fn load_split(
     Ok((data, left.into_iter().nth(s as usize)))
 }
 
-/// Refuses an output path that is one of the command's inputs (the same file, by device and
-/// inode, whatever the spelling): `eval --json data.csv` would replace the data set.
-pub fn check_not_an_input(out: &Path, a: &cli::ClassifierArgs, data: &Path) -> Result<()> {
+/// Checks an output path before the work: it can be written (a read-only or missing folder
+/// fails now, not after the work), and it is not one of the command's inputs (the same file, by
+/// device and inode, whatever the spelling): `eval --json data.csv` would replace the data set.
+pub fn check_output(out: &Path, a: &cli::ClassifierArgs, data: &Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
+    fer_cam::fsutil::check_writable(out)?;
     let Ok(o) = std::fs::metadata(out) else {
         return Ok(());
     };
@@ -202,9 +204,15 @@ pub fn check_not_an_input(out: &Path, a: &cli::ClassifierArgs, data: &Path) -> R
     Ok(())
 }
 
-/// Writes `value` as pretty JSON to `path` (atomically: a reader sees the old or the new file).
-pub fn write_json(path: &Path, value: &impl serde::Serialize) -> Result<()> {
+/// Writes `value` as pretty JSON to `path` (atomically: a reader sees the old or the new file);
+/// unless `replace`, a file that exists (also one written meanwhile) is left alone and the write
+/// fails.
+pub fn write_json(path: &Path, value: &impl serde::Serialize, replace: bool) -> Result<()> {
     let text = serde_json::to_string_pretty(value)? + "\n";
-    fer_cam::fsutil::write_file_atomically(path, text.as_bytes())?;
+    if replace {
+        fer_cam::fsutil::write_file_atomically(path, text.as_bytes())?;
+    } else {
+        fer_cam::fsutil::create_file_atomically(path, text.as_bytes())?;
+    }
     Ok(())
 }

@@ -115,6 +115,7 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
         annotate: a.annotate.clone(),
         async_detect: video && (live || a.realtime),
         stills: !video && !a.sequence,
+        max_faces: a.max_faces,
         provenance,
         ..Default::default()
     };
@@ -127,7 +128,9 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
     }
     let stdout = std::io::stdout().lock();
     let stats = fer_cam::pipeline::run(&cfg, open, clf, stdout, cancel)?;
+    let mut annotate_failed = None;
     if let (Some(path), Some(an)) = (&a.annotate, &stats.annotate) {
+        annotate_failed = an.error.clone();
         fer_cam::log!(
             "annotate: {} frames written to {}, {} dropped{}",
             an.written,
@@ -157,6 +160,24 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
             "{} of {seen} frames were not processed: {}",
             stats.dropped + stats.skipped,
             parts.join("; ")
+        );
+    }
+    if stats.faces_left_out > 0 {
+        fer_cam::log!(
+            "{} face(s) beyond --max-faces {} were left out of their frames (the largest were \
+             kept)",
+            stats.faces_left_out,
+            a.max_faces
+        );
+    }
+    if let Some(e) = annotate_failed {
+        bail!("--annotate stopped early: {e}");
+    }
+    if stats.failed_faces > 0 {
+        bail!(
+            "the model gave non-finite probabilities for {} face(s), reported as warnings and \
+             left out of the frames (is the model damaged?)",
+            stats.failed_faces
         );
     }
     if a.stats {

@@ -31,8 +31,12 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
             }
         }
     }
+    // Its folder is made (as the write would) so that the check below can try it.
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
     for p in [&a.out, &svg] {
-        super::check_not_an_input(p, &a.classifier, &a.source.data)?;
+        super::check_output(p, &a.classifier, &a.source.data)?;
     }
     let mut clf = super::load_classifier(&a.classifier)?;
     let (data, _) = super::load_split(&a.source, &a.split, None)?;
@@ -55,11 +59,8 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
     report.steps = clf.sampler().steps;
     report.seed = a.classifier.seed;
     report.tta = clf.tta();
-    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    super::write_json(&a.out, &report)?;
-    reliability_svg(&report, &svg)?;
+    super::write_json(&a.out, &report, a.force)?;
+    reliability_svg(&report, &svg, a.force)?;
     super::print_stdout(&format!(
         "{} [{}], {} images, {} samples x {} steps, test-time views {}\n\
          temperature (per sample) {:.4} -> {:.4}\n\

@@ -1,4 +1,4 @@
-//! Image-folder datasets: `<root>/<split>/<class>/*.png|jpg|jpeg`. Class names are the sorted
+//! Image-folder datasets: `<root>/<split>/<class>/*.png|jpg|jpeg|bmp|pgm|ppm`. Class names are the sorted
 //! union of class folders over all splits; images that are not 48x48 gray are converted and
 //! resized (AffectNet-style folders ship larger colour crops).
 
@@ -9,7 +9,7 @@ use image::imageops::FilterType;
 use super::{cache::Fnv, Dataset, FACE_PIXELS, FACE_SIZE};
 use crate::error::{Error, Result};
 
-const EXTENSIONS: [&str; 3] = ["png", "jpg", "jpeg"];
+const EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "pgm", "ppm"];
 
 /// A folder's entries in name order, without hidden ones (`.git`, `._x.png`).
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -30,10 +30,17 @@ fn is_image(p: &Path) -> bool {
         .is_some_and(|e| EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
 }
 
-fn name_of(p: &Path) -> String {
-    p.file_name()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default()
+/// A split or class folder's name, which becomes a class or split name: UTF-8 without control
+/// characters (two names differing only in undecodable bytes would otherwise merge).
+fn name_of(p: &Path) -> Result<String> {
+    let name = p.file_name().unwrap_or_default();
+    match name.to_str() {
+        Some(n) if !n.chars().any(char::is_control) => Ok(n.to_string()),
+        _ => Err(Error::file(
+            p,
+            "folder name is not printable UTF-8 text; rename it (it names a class or split)",
+        )),
+    }
 }
 
 /// (split, class, file) for every image, sorted; errors if the layout has no images.
@@ -44,11 +51,26 @@ fn list(root: &Path) -> Result<Vec<(String, String, PathBuf)>> {
             .into_iter()
             .filter(|p| p.is_dir())
         {
-            for file in sorted_entries(&class_dir)?
+            let files: Vec<PathBuf> = sorted_entries(&class_dir)?
                 .into_iter()
-                .filter(|p| p.is_file() && is_image(p))
-            {
-                out.push((name_of(&split_dir), name_of(&class_dir), file));
+                .filter(|p| p.is_file())
+                .collect();
+            let images: Vec<PathBuf> = files.iter().filter(|p| is_image(p)).cloned().collect();
+            if images.is_empty() && !files.is_empty() {
+                // Its class would vanish without a word.
+                return Err(Error::file(
+                    &class_dir,
+                    format!(
+                        "holds {} file(s) but no image fer-cam reads ({}); convert them or \
+                         move the folder out",
+                        files.len(),
+                        EXTENSIONS.map(|e| format!(".{e}")).join(", ")
+                    ),
+                ));
+            }
+            let (split, class) = (name_of(&split_dir)?, name_of(&class_dir)?);
+            for file in images {
+                out.push((split.clone(), class.clone(), file));
             }
         }
     }

@@ -351,15 +351,16 @@ pub fn save_model_dir(dir: &Path, cfg: &ModelConfig, vars: &VarMap) -> Result<()
     crate::fsutil::write_dir_atomically(dir, |tmp| write_model_files(tmp, cfg, vars))
 }
 
-/// Writes a new model directory `out` (atomically, [`crate::fsutil::write_dir_atomically`]) from
-/// a config and named tensors (of any dtype the loader widens); returns the weights file's size.
+/// Writes a new model directory `out` (atomically, [`crate::fsutil::create_dir_atomically`]:
+/// never over an existing path, also one made meanwhile by another writer) from a config and
+/// named tensors (of any dtype the loader widens); returns the weights file's size.
 pub fn write_model_tensors(
     out: &Path,
     cfg: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<u64> {
     let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    crate::fsutil::write_dir_atomically(out, |tmp| {
+    crate::fsutil::create_dir_atomically(out, |tmp| {
         let cfg_path = tmp.join(CONFIG_FILE);
         std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
         let w = tmp.join(WEIGHTS_FILE);

@@ -27,6 +27,8 @@ pub(super) struct Counters {
     pub dropped: AtomicU64,
     /// Frames passed over by `--max-fps`.
     pub skipped: AtomicU64,
+    /// Faces found beyond `--max-faces` in a frame, left out of it.
+    pub faces_left_out: AtomicU64,
 }
 
 pub(super) fn capture_loop(
@@ -42,9 +44,8 @@ pub(super) fn capture_loop(
     src.keep_color(cfg.annotate.is_some());
     let _ = events.send(Event::Source(src.name(), src.fps()));
     let pace = if cfg.realtime { src.fps() } else { None };
-    let min_gap = (cfg.max_fps > 0.0).then(|| Duration::from_secs_f64(1.0 / cfg.max_fps));
+    let mut thin = Thinner::new(cfg.max_fps);
     let t0 = Instant::now();
-    let mut last_accepted: Option<Instant> = None;
     while !cancel.load(Ordering::SeqCst) {
         let frame = match src.next_event()? {
             SourceEvent::End => break,
@@ -64,13 +65,12 @@ pub(super) fn capture_loop(
                 thread::sleep(wait.min(Duration::from_millis(50)));
             }
         }
-        if let (Some(gap), Some(last)) = (min_gap, last_accepted) {
-            if last.elapsed() < gap {
-                counters.skipped.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
+        // Media time where the source has it, so a file is thinned the same on every run.
+        let at = frame.pts.unwrap_or_else(|| t0.elapsed().as_secs_f64());
+        if !thin.keep(at) {
+            counters.skipped.fetch_add(1, Ordering::Relaxed);
+            continue;
         }
-        last_accepted = Some(Instant::now());
         let mut frame = frame;
         // Stamp the capture time when the frame enters the pipeline (after pacing).
         frame.captured = Instant::now();
@@ -109,6 +109,40 @@ pub(super) fn capture_loop(
         }
     }
     Ok(())
+}
+
+/// `--max-fps`: keeps frames on a grid of `1/max_fps` seconds of the source's time, so a 30 fps
+/// source capped at 10 keeps every third frame (not every fourth, as "at least a gap since the
+/// last one" does when frames arrive a hair early).
+struct Thinner {
+    gap: Option<f64>,
+    next: Option<f64>,
+}
+
+impl Thinner {
+    fn new(max_fps: f64) -> Self {
+        Self {
+            gap: (max_fps > 0.0).then(|| 1.0 / max_fps),
+            next: None,
+        }
+    }
+
+    /// Whether the frame at `t` seconds is kept.
+    fn keep(&mut self, t: f64) -> bool {
+        let Some(gap) = self.gap else {
+            return true;
+        };
+        // A tenth of the gap of slack absorbs a camera's timing jitter.
+        if self.next.is_some_and(|due| t < due - 0.1 * gap) {
+            return false;
+        }
+        // The next slot follows the grid; after a pause (or a jump back), it restarts here.
+        self.next = Some(match self.next {
+            Some(due) if (t - due).abs() < gap => due + gap,
+            _ => t + gap,
+        });
+        true
+    }
 }
 
 #[cfg(test)]
@@ -227,6 +261,22 @@ mod tests {
         assert_eq!(queued, [0]);
         assert_eq!(counters.skipped.load(Ordering::Relaxed), 9);
         assert_eq!(counters.dropped.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn max_fps_keeps_frames_on_a_grid_of_media_time() {
+        // 30 fps capped at 10: every third frame, also with a little jitter.
+        let mut t = Thinner::new(10.0);
+        let kept: Vec<usize> = (0..30)
+            .filter(|&i| t.keep(i as f64 / 30.0 + if i % 2 == 0 { 0.002 } else { -0.002 }))
+            .collect();
+        assert_eq!(kept, (0..30).step_by(3).collect::<Vec<_>>());
+        // 25 fps capped at 10: 10 of 25 frames a second.
+        let mut t = Thinner::new(10.0);
+        assert_eq!((0..250).filter(|&i| t.keep(i as f64 / 25.0)).count(), 100);
+        // No cap: everything.
+        let mut t = Thinner::new(0.0);
+        assert!((0..5).all(|i| t.keep(i as f64)));
     }
 
     #[test]

@@ -113,7 +113,16 @@ pub(super) fn face_loop(
             // A new scene: its faces are new faces.
             tracker.forget();
         }
-        let faces = tracker.update(&distinct(dets));
+        let mut dets = distinct(dets);
+        if dets.len() > cfg.max_faces {
+            // The largest faces are kept (the nearest people); the rest are counted and said.
+            dets.sort_by(|a, b| (b.w * b.h).total_cmp(&(a.w * a.h)));
+            counters
+                .faces_left_out
+                .fetch_add((dets.len() - cfg.max_faces) as u64, Ordering::Relaxed);
+            dets.truncate(cfg.max_faces);
+        }
+        let faces = tracker.update(&dets);
         let detect_ms = t.elapsed().as_secs_f64() * 1e3;
         let c = Instant::now();
         let mut crops = Vec::with_capacity(faces.len() * 48 * 48);

@@ -8,7 +8,7 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use super::capture::Counters;
-use super::{FaceJob, Result_, RunConfig};
+use super::{Classified, FaceJob, RunConfig};
 use crate::emit::{ClassMap, FaceOut};
 use crate::error::{Error, Result};
 use crate::face::Smoother;
@@ -18,7 +18,7 @@ pub(super) fn infer_loop(
     cfg: &RunConfig,
     mut clf: Classifier,
     rx: Receiver<FaceJob>,
-    tx: Sender<Result_>,
+    tx: Sender<Classified>,
     cancel: &AtomicBool,
     counters: &Counters,
 ) -> Result<()> {
@@ -68,8 +68,15 @@ pub(super) fn infer_loop(
         let mut preds = preds.into_iter();
         for (job, wait_ms) in jobs.into_iter().zip(waits) {
             let mut out = Vec::with_capacity(job.faces.len());
+            let mut failed = Vec::new();
             for (id, b) in &job.faces {
                 let Some(p) = preds.next() else { break };
+                // A NaN is never an answer: the face is reported as failed instead.
+                let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
+                if !finite(&p.card.probs) || !finite(&p.card.votes) || !finite(&p.fphi_probs) {
+                    failed.push(*id);
+                    continue;
+                }
                 let probs = smoother.smooth(*id, job.frame.seq, &p.card.probs);
                 let label = if cfg.smooth < 1.0 {
                     crate::metrics::argmax(&probs)
@@ -99,9 +106,10 @@ pub(super) fn infer_loop(
                     entropy: (p.card.entropy as f64 * 1e4).round() / 1e4,
                 });
             }
-            let r = Result_ {
+            let r = Classified {
                 job,
                 out,
+                failed,
                 wait_ms,
                 infer_ms,
                 done,

@@ -36,6 +36,10 @@ mod infer;
 /// 0.1 (crops 1.09 times the true square), 64.05% at 0.05 (1.00), 64.94% at 0.02 (0.95).
 pub const DEFAULT_MARGIN: f32 = 0.02;
 
+/// Faces classified per frame unless `--max-faces` says otherwise: a class photo fits, and a
+/// frame of noise that "finds" thousands of faces cannot stall the run.
+pub const DEFAULT_MAX_FACES: usize = 64;
+
 /// Settings of one `fer-cam run`, validated before any thread starts.
 #[derive(Debug, Clone)]
 pub struct RunConfig {
@@ -57,6 +61,9 @@ pub struct RunConfig {
     pub queue: usize,
     /// Most faces classified in one batch.
     pub max_batch: usize,
+    /// Most faces classified per frame (the largest); the rest are counted in
+    /// [`RunStats::faces_left_out`].
+    pub max_faces: usize,
     /// Also write every processed frame, annotated, as YUV4MPEG2 here (a new file or a FIFO), or
     /// for stills one PNG each into a folder.
     pub annotate: Option<PathBuf>,
@@ -83,6 +90,7 @@ impl Default for RunConfig {
             status_every: 5.0,
             queue: 2,
             max_batch: 32,
+            max_faces: DEFAULT_MAX_FACES,
             annotate: None,
             async_detect: false,
             stills: false,
@@ -116,6 +124,9 @@ impl RunConfig {
                 self.status_every
             ));
         }
+        if !(1..=1000).contains(&self.max_faces) {
+            return bad(format!("--max-faces {} (allowed 1..=1000)", self.max_faces));
+        }
         if !(1..=64).contains(&self.queue) || !(1..=1024).contains(&self.max_batch) {
             return bad(format!(
                 "queue {} (1..=64) / max batch {} (1..=1024)",
@@ -142,6 +153,10 @@ pub struct RunStats {
     pub faces: u64,
     pub dropped: u64,
     pub warnings: u64,
+    /// Faces the model gave no finite answer for (each also a `warning` line).
+    pub failed_faces: u64,
+    /// Faces beyond `--max-faces` in their frame, not classified.
+    pub faces_left_out: u64,
     pub seconds: f64,
     pub latency: Percentiles,
     /// The median of each part of the frames' latency.
@@ -171,9 +186,11 @@ struct FaceJob {
 }
 
 /// A frame after inference.
-struct Result_ {
+struct Classified {
     job: FaceJob,
     out: Vec<FaceOut>,
+    /// Track ids of faces whose answer was not finite (left out of `out`).
+    failed: Vec<u64>,
     /// From the face stage to inference taking the batch.
     wait_ms: f64,
     infer_ms: f64,
@@ -204,7 +221,7 @@ fn round2(v: f64) -> f64 {
 }
 
 /// The `frame` line of a classified frame, and its capture-to-emit latency in ms.
-fn frame_body(r: Result_, source: &str, dropped: u64) -> (Body, f64) {
+fn frame_body(r: Classified, source: &str, dropped: u64) -> (Body, f64) {
     // One clock reading for the total and its last part, so the parts never add up to more.
     let now = Instant::now();
     let lat = (now - r.job.frame.captured).as_secs_f64() * 1e3;
@@ -284,7 +301,7 @@ fn on_event<W: Write>(
         }
         Event::Warning(message) => {
             stats.warnings += 1;
-            crate::log!("warning: {message}");
+            crate::log!("warning: {}", crate::log::escape(&message));
             emitter.emit(&Body::Warning {
                 message,
                 count: stats.warnings,
@@ -312,7 +329,7 @@ pub fn run<W: Write>(
     let counters = Arc::new(Counters::default());
     let (frame_tx, frame_rx) = bounded::<Frame>(cfg.queue);
     let (job_tx, job_rx) = bounded::<FaceJob>(4);
-    let (res_tx, res_rx) = bounded::<Result_>(8);
+    let (res_tx, res_rx) = bounded::<Classified>(8);
     let (ev_tx, ev_rx) = bounded::<Event>(256);
     // Started before the stages, so a path that cannot be written fails before any frame.
     let mut annotator = match &cfg.annotate {
@@ -392,6 +409,17 @@ pub fn run<W: Write>(
                         };
                         a.push(picture, &r.out, &cancel);
                     }
+                    if !r.failed.is_empty() {
+                        stats.failed_faces += r.failed.len() as u64;
+                        on_event(
+                            Event::Warning(format!(
+                                "frame {}: no answer for face(s) {:?}: the model gave non-finite \
+                                 probabilities (damaged weights or temperatures?)",
+                                r.job.frame.seq, r.failed
+                            )),
+                            &mut emitter, &mut stats, &mut source, &mut annotator, cfg,
+                        )?;
+                    }
                     let name = source.name.as_deref().unwrap_or("unknown");
                     let (body, lat) =
                         frame_body(r, name, counters.dropped.load(Ordering::Relaxed));
@@ -461,6 +489,7 @@ pub fn run<W: Write>(
     stats.annotate = annotator.map(Annotator::finish);
     stats.dropped = counters.dropped.load(Ordering::Relaxed);
     stats.skipped = counters.skipped.load(Ordering::Relaxed);
+    stats.faces_left_out = counters.faces_left_out.load(Ordering::Relaxed);
     stats.seconds = start.elapsed().as_secs_f64();
     stats.latency = Percentiles::from_samples(&latencies);
     stats.latency_parts = Latency::medians(&parts);
@@ -480,6 +509,7 @@ pub fn run<W: Write>(
         dropped: stats.dropped,
         skipped: stats.skipped,
         warnings: stats.warnings,
+        faces_left_out: stats.faces_left_out,
         seconds: round2(stats.seconds),
         fps: round1(stats.frames as f64 / stats.seconds.max(1e-9)),
         source_fps: source.fps,

@@ -76,6 +76,13 @@ pub struct Recording {
     pub summary: Option<Value>,
     /// The run's `start` line: what produced it (version, model, settings, source).
     pub start: Option<Value>,
+    /// Runs in the file (more than one when runs were appended to one file): each later run's
+    /// track numbers continue after the highest of the runs before it, so no track spans two.
+    pub runs: u64,
+    /// Added to the track ids of the current run.
+    track_offset: u64,
+    /// The highest track number so far (after the offset).
+    max_track: u64,
 }
 
 fn num(v: &Value, k: &str) -> Option<f64> {
@@ -91,13 +98,21 @@ fn next_line<R: BufRead>(r: &mut R) -> std::io::Result<Option<std::result::Resul
         return Ok(None);
     }
     if line.len() > MAX_LINE && !line.ends_with(b"\n") {
-        // Skip the rest of the over-long line.
+        // Skip the rest of the over-long line, but not for ever (`/dev/zero` has no newline).
         let mut sink = Vec::new();
+        let mut skipped = 0u64;
         loop {
             sink.clear();
             let m = std::io::Read::take(&mut *r, MAX_LINE as u64).read_until(b'\n', &mut sink)?;
+            skipped += m as u64;
             if m == 0 || sink.ends_with(b"\n") {
                 break;
+            }
+            if skipped > MAX_JUNK_BYTES {
+                return Err(std::io::Error::other(format!(
+                    "a line longer than {} MiB; is it a run's output?",
+                    MAX_JUNK_BYTES >> 20
+                )));
             }
         }
         return Ok(Some(Err(())));
@@ -105,15 +120,54 @@ fn next_line<R: BufRead>(r: &mut R) -> std::io::Result<Option<std::result::Resul
     Ok(Some(Ok(line)))
 }
 
+/// Bytes of lines that are not fer-cam's read in a row before the input is judged not to be a
+/// run's output (`report /dev/zero` would otherwise read for ever).
+const MAX_JUNK_BYTES: u64 = 64 << 20;
+
 impl Recording {
-    /// Parses a run's JSON lines.
+    /// Parses a run's JSON lines: plain or gzip-compressed UTF-8 (a byte-order mark is skipped).
+    /// UTF-16, input with no fer-cam line, or 64 MiB of other lines in a row is an error.
     pub fn read<R: BufRead>(mut r: R, name: &str) -> Result<Self> {
+        let head = r
+            .fill_buf()
+            .map_err(|e| Error::file(name, e.to_string()))?
+            .to_vec();
+        if head.starts_with(&[0x1f, 0x8b]) {
+            let gz = std::io::BufReader::new(flate2::bufread::MultiGzDecoder::new(r));
+            return Self::read_lines(Box::new(gz), name);
+        }
+        if head.starts_with(&[0xff, 0xfe]) || head.starts_with(&[0xfe, 0xff]) {
+            return Err(Error::file(
+                name,
+                "is UTF-16 text; fer-cam writes (and reads) UTF-8 (convert it: iconv -f UTF-16 \
+                 -t UTF-8)",
+            ));
+        }
+        if head.starts_with(&[0xef, 0xbb, 0xbf]) {
+            r.consume(3);
+        }
+        Self::read_lines(Box::new(r), name)
+    }
+
+    fn read_lines(mut r: Box<dyn BufRead + '_>, name: &str) -> Result<Self> {
         let mut rec = Recording::default();
         let mut line_no = 0u64;
+        let (mut junk, mut valid) = (0u64, 0u64);
         while let Some(line) = next_line(&mut r).map_err(|e| Error::file(name, e.to_string()))? {
             line_no += 1;
+            if junk > MAX_JUNK_BYTES {
+                return Err(Error::file(
+                    name,
+                    format!(
+                        "{} MiB in a row that are not fer-cam lines (before line {line_no}); is \
+                         it a run's output?",
+                        junk >> 20
+                    ),
+                ));
+            }
             let Ok(line) = line else {
                 rec.malformed += 1;
+                junk += MAX_LINE as u64;
                 continue;
             };
             let text = String::from_utf8_lossy(&line);
@@ -122,6 +176,7 @@ impl Recording {
             }
             let Ok(v) = serde_json::from_str::<Value>(&text) else {
                 rec.malformed += 1;
+                junk += line.len() as u64;
                 continue;
             };
             match v.get("v").and_then(Value::as_u64) {
@@ -136,6 +191,7 @@ impl Recording {
                 }
                 None => {
                     rec.malformed += 1;
+                    junk += line.len() as u64;
                     continue;
                 }
             }
@@ -146,7 +202,13 @@ impl Recording {
                     true
                 }
                 Some("start") => {
-                    rec.start.get_or_insert(v);
+                    rec.runs += 1;
+                    if rec.start.is_none() {
+                        rec.start = Some(v);
+                    } else {
+                        // Another run appended to the file: its tracks are other people.
+                        rec.track_offset = rec.max_track;
+                    }
                     true
                 }
                 Some("warning") => {
@@ -156,9 +218,25 @@ impl Recording {
                 Some("status") => true,
                 _ => false,
             };
-            if !ok {
+            if ok {
+                (junk, valid) = (0, valid + 1);
+            } else {
                 rec.malformed += 1;
+                junk += line.len() as u64;
             }
+        }
+        if valid == 0 {
+            return Err(Error::file(
+                name,
+                if rec.malformed == 0 {
+                    "is empty: no fer-cam lines to report on".to_string()
+                } else {
+                    format!(
+                        "holds no fer-cam lines ({} malformed); is it a run's output?",
+                        rec.malformed
+                    )
+                },
+            ));
         }
         Ok(rec)
     }
@@ -223,8 +301,10 @@ impl Recording {
         for (o, x) in bbox.iter_mut().zip(b) {
             *o = x.as_i64()?;
         }
+        let track = f.get("id")?.as_u64()?.checked_add(self.track_offset)?;
+        self.max_track = self.max_track.max(track);
         Some(FaceRec {
-            track: f.get("id")?.as_u64()?,
+            track,
             bbox,
             det_score: num(f, "det_score").unwrap_or(f64::NAN),
             label: f.get("label")?.as_str()?.to_string(),
@@ -439,6 +519,23 @@ mod tests {
     }
 
     #[test]
+    fn runs_appended_to_one_file_do_not_share_tracks() {
+        let start = "{\"v\":1,\"type\":\"start\",\"stills\":false}".to_string();
+        let lines = [
+            start.clone(),
+            frame_line(0, &[(1, "happy", true), (2, "sad", true)]),
+            start,
+            frame_line(0, &[(1, "sad", true)]),
+            frame_line(1, &[(1, "sad", true)]),
+        ];
+        let rec = Recording::read(lines.join("\n").as_bytes(), "r").unwrap();
+        assert_eq!(rec.runs, 2);
+        let t = rec.tracks();
+        assert_eq!(t.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
+        assert_eq!((t[&1].frames, t[&3].frames), (1, 2));
+    }
+
+    #[test]
     fn another_schema_version_is_an_error() {
         let e = Recording::read(&b"{\"v\":2,\"type\":\"frame\"}\n"[..], "r.jsonl")
             .unwrap_err()
@@ -447,6 +544,34 @@ mod tests {
             e.contains("schema version 2") && e.lines().count() == 1,
             "{e}"
         );
+    }
+
+    #[test]
+    fn gzip_boms_utf16_and_inputs_without_a_run_line() {
+        use std::io::Write;
+        let run = frame_line(0, &[(1, "happy", true)]) + "\n";
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(run.as_bytes()).unwrap();
+        let rec = Recording::read(&gz.finish().unwrap()[..], "r.jsonl.gz").unwrap();
+        assert_eq!(rec.frames.len(), 1);
+        let bom = [&[0xef, 0xbb, 0xbf][..], run.as_bytes()].concat();
+        let rec = Recording::read(&bom[..], "r").unwrap();
+        assert_eq!((rec.frames.len(), rec.malformed), (1, 0));
+        let utf16: Vec<u8> = [0xff, 0xfe]
+            .into_iter()
+            .chain(run.encode_utf16().flat_map(|u| u.to_le_bytes()))
+            .collect();
+        let e = Recording::read(&utf16[..], "r").unwrap_err().to_string();
+        assert!(e.contains("UTF-16"), "{e}");
+        for (input, want) in [(&b""[..], "is empty"), (&b"a\nb\n"[..], "no fer-cam lines")] {
+            let e = Recording::read(input, "r").unwrap_err().to_string();
+            assert!(e.contains(want), "{e}");
+        }
+        // An endless stream with no newline (`report /dev/zero`) ends with an error.
+        let zero =
+            std::io::BufReader::new(std::io::Read::take(std::io::repeat(0), MAX_JUNK_BYTES * 2));
+        let e = Recording::read(zero, "/dev/zero").unwrap_err().to_string();
+        assert!(e.contains("MiB"), "{e}");
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Writes a report directory: `index.html` (self-contained: plots inlined), the same plots as
-//! `.svg` files, `faces.csv` (one row per face per frame) and `summary.json`.
+//! `.svg` files, `faces.csv` (one row per face per frame) and `summary.json`. The directory is
+//! written whole ([`crate::fsutil::write_dir_atomically`]): a failed write leaves nothing.
 
 use std::fmt::Write as _;
 use std::io::Write;
@@ -30,17 +31,11 @@ pub fn write_report(rec: &Recording, input: &str, dir: &Path) -> Result<Vec<Path
             ));
         }
     }
-    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let mut written = Vec::new();
+    // Everything is built in memory and the directory appears whole (a full disk leaves no
+    // half report in the way of the retry).
+    let mut files: Vec<(String, Vec<u8>)> = Vec::new();
     let mut put = |name: &str, bytes: &[u8]| -> Result<()> {
-        let p = dir.join(name);
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&p)
-            .map_err(|e| Error::io(&p, e))?;
-        f.write_all(bytes).map_err(|e| Error::io(&p, e))?;
-        written.push(p);
+        files.push((name.to_string(), bytes.to_vec()));
         Ok(())
     };
 
@@ -104,7 +99,23 @@ pub fn write_report(rec: &Recording, input: &str, dir: &Path) -> Result<Vec<Path
     put("summary.json", text.as_bytes())?;
     let html = page(rec, input, &by_size, &share_svg, &latency_svg, &timelines);
     put("index.html", html.as_bytes())?;
-    Ok(written)
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+    }
+    crate::fsutil::write_dir_atomically(dir, |tmp| {
+        for (name, bytes) in &files {
+            let p = tmp.join(name);
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&p)
+                .map_err(|e| Error::file(dir.join(name), e.to_string()))?;
+            f.write_all(bytes)
+                .map_err(|e| Error::file(dir.join(name), e.to_string()))?;
+        }
+        Ok(())
+    })?;
+    Ok(files.iter().map(|(name, _)| dir.join(name)).collect())
 }
 
 /// A text cell a spreadsheet will not run as a formula: one that starts with `=`, `+`, `-`, `@`,
@@ -174,7 +185,8 @@ fn opt(v: Option<f64>) -> String {
 }
 
 fn esc(s: &str) -> String {
-    s.replace('&', "&amp;")
+    super::plots::printable(s)
+        .replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
         .replace('"', "&quot;")
@@ -271,6 +283,15 @@ fn page(
         count(rec.malformed as usize, "malformed line"),
         count(rec.warnings as usize, "warning")
     );
+    if rec.runs > 1 {
+        let _ = write!(
+            h,
+            "<p class=\"warn\">This file holds {} runs appended one after another; each later \
+             run's track numbers continue after the run before it, and “Produced by” describes \
+             the first.</p>",
+            rec.runs
+        );
+    }
     let (dropped, skipped) = rec.unprocessed();
     if dropped + skipped > 0 {
         let seen = rec.frames.len() as u64 + dropped + skipped;

@@ -19,6 +19,14 @@ fn color(name: &str, i: usize) -> RGBColor {
     RGBColor(r, g, b)
 }
 
+/// Text as SVG may hold it: XML 1.0 forbids control characters (a class name read from a
+/// damaged or hostile run file may have them), so each becomes `?`; plotters escapes `<`, `&`.
+pub fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
 /// Width of the class key drawn right of a chart.
 const KEY_WIDTH: u32 = 120;
 
@@ -39,7 +47,7 @@ fn with_key<'a>(
         ))
         .map_err(|e| fail(what, e))?;
         key.draw(&Text::new(
-            name.clone(),
+            printable(name),
             (24, y - 7),
             ("sans-serif", 17).into_font(),
         ))
@@ -403,6 +411,11 @@ mod tests {
         assert!(latency(&[1.0, 2.0, 30.0], 2.0, 30.0)
             .unwrap()
             .contains("p95"));
+        // Class names with control characters or markup still give well-formed SVG.
+        let odd = vec!["a\u{1}b".to_string(), "<x&y>".to_string()];
+        let svg = timeline(1, &s, &odd, "frame").unwrap();
+        assert!(!svg.chars().any(|c| c.is_control() && c != '\n'));
+        assert!(svg.contains("a?b") && svg.contains("&lt;x&amp;y&gt;"));
         // An empty run still draws (no frames at all).
         assert!(latency(&[], 0.0, 0.0).is_ok());
     }

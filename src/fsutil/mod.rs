@@ -1,0 +1,77 @@
+//! Safe file input and output: reads that refuse what would block or never end, and writes that
+//! a crash or a second writer cannot leave half done or silently overwrite.
+//!
+//! - [`write_file_atomically`] / [`create_file_atomically`]: a file via a fresh temp file and a
+//!   rename; a replaced file keeps its mode and owner.
+//! - [`write_dir_atomically`] / [`create_dir_atomically`]: a directory built beside its place and
+//!   swapped in by renames, under a writer lock ([`lock`]) taken before any byte is written, so
+//!   a write killed at any step is recognised and repaired by the next one, and two writers of
+//!   one output never both succeed.
+
+mod dir;
+mod file;
+mod lock;
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+pub use dir::{create_dir_atomically, recover_dir, write_dir_atomically};
+pub use file::{check_writable, create_file_atomically, write_file_atomically};
+
+/// The metadata of `path`, which must be a regular file (not a FIFO, device or directory).
+pub fn regular_file(path: &Path) -> Result<std::fs::Metadata> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::file(path, "is not a regular file"));
+    }
+    Ok(meta)
+}
+
+/// Reads a whole regular file of at most `cap` bytes. Anything else — a FIFO (which would block),
+/// a device such as /dev/zero (which never ends), a directory, a larger file — is refused with
+/// an error naming the path, before any large allocation.
+pub fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let meta = regular_file(path)?;
+    if meta.len() > cap {
+        return Err(Error::file(
+            path,
+            format!("is {} bytes; at most {cap} are read", meta.len()),
+        ));
+    }
+    let f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    f.take(cap + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|e| Error::io(path, e))?;
+    if bytes.len() as u64 > cap {
+        return Err(Error::file(
+            path,
+            format!("grew past {cap} bytes while read"),
+        ));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_regular_files_within_the_cap_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("a");
+        std::fs::write(&f, b"12345").unwrap();
+        assert_eq!(read_regular(&f, 5).unwrap(), b"12345");
+        assert!(read_regular(&f, 4)
+            .unwrap_err()
+            .to_string()
+            .contains("at most 4"));
+        assert!(read_regular(dir.path(), 9).is_err());
+        let e = read_regular(Path::new("/dev/zero"), 1 << 20)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+    }
+}
