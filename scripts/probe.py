@@ -140,7 +140,7 @@ cfg = open(f"{model}/config.json").read()
 weights = open(f"{model}/model.safetensors", "rb").read()
 os.mkfifo("in/fifo.y4m")
 R = ["run", "--model", model]
-E = ["eval", "--model", model, "--samples", "4", "--steps", "2", "--quiet"]
+E = ["eval", "--model", model, "--samples", "4", "--steps", "4", "--quiet"]
 
 # ---- run: inputs ----
 case("run y4m", R + ["--input", "in/clip.y4m"], want=0)
@@ -350,6 +350,74 @@ case("init over a file", ["init", "--out", "in/ok.csv", "--force"], want=1)
 case("report garbage", ["report", "--out", "out/r1", "in/ok.csv"], want=None, outputs=["out"])
 case("report into non-empty dir", ["report", "--out", "in/stills", "in/ok.csv"], want=1)
 case("report empty stdin", ["report", "--out", "out/r2"], stdin=b"", want=None, outputs=["out"])
+
+# ---- round two: crash windows, concurrent writers, injection, NaN answers, bounds ----
+for steps in ("1", "2", "3"):
+    case(f"run --steps {steps} (too few to be right)", R + ["--input", "in/clip.y4m", "--steps",
+                                                          steps], want=1)
+case("run --max-faces 0", R + ["--input", "in/clip.y4m", "--max-faces", "0"], want=1)
+case("run --live on a file", R + ["--input", "in/clip.y4m", "--live"], want=1)
+case("run --sequence on video", R + ["--input", "in/clip.y4m", "--sequence"], want=1)
+open("in/fake.mp4", "wb").write(b"\0\0\0\x18ftypmp42" + bytes(200))
+case("run an undecodable mp4", R + ["--input", "in/fake.mp4"], want=1)
+case("run two video inputs", R + ["--input", "in/clip.y4m", "in/clip.y4m"], want=1)
+case("init --classes with a newline", ["init", "--out", "out/nl", "--classes",
+                                       "a\nerror: forged,b"], want=1, outputs=["out"])
+case("init --classes with ESC", ["init", "--out", "out/esc", "--classes", "\x1b[2Jx,b"], want=1,
+     outputs=["out"])
+bad_cfg = cfg.replace('"angry"', '"an\\u001bgry"')
+os.makedirs("in/esc-model", exist_ok=True)
+open("in/esc-model/config.json", "w").write(bad_cfg)
+open("in/esc-model/model.safetensors", "wb").write(weights)
+case("model with a control character in a class", ["run", "--model", "in/esc-model", "--input",
+                                                   "in/clip.y4m"], want=1)
+run_lines = subprocess.run([BIN] + R + ["--input", "in/clip.y4m", "--samples", "2"],
+                           capture_output=True, env=ENV).stdout
+gzip.open("in/run.jsonl.gz", "wb").write(run_lines)
+case("report gzip", ["report", "--out", "out/rg", "in/run.jsonl.gz"], want=0, outputs=["out"])
+open("in/run-utf16.jsonl", "wb").write(b"\xff\xfe" + run_lines.decode().encode("utf-16-le"))
+case("report UTF-16", ["report", "--out", "out/ru", "in/run-utf16.jsonl"], want=1,
+     outputs=["out"])
+open("in/run-bom.jsonl", "wb").write(b"\xef\xbb\xbf" + run_lines)
+case("report with a BOM", ["report", "--out", "out/rb", "in/run-bom.jsonl"], want=0,
+     outputs=["out"])
+open("in/two-runs.jsonl", "wb").write(run_lines + run_lines)
+case("report appended runs", ["report", "--out", "out/r2r", "in/two-runs.jsonl"], want=0,
+     outputs=["out"])
+case("report /dev/zero", ["report", "--out", "out/rz", "/dev/zero"], want=1, timeout=120,
+     outputs=["out"])
+os.makedirs("in/ro", exist_ok=True)
+os.chmod("in/ro", 0o555)
+# (root writes into a read-only folder: then the write is expected)
+case("eval --json into a read-only folder", E + ["--data", "in/ok.csv", "--json",
+                                                 "in/ro/e.json"],
+     want=None if os.geteuid() == 0 else 1, outputs=["in/ro"] if os.geteuid() == 0 else ())
+if os.path.exists("/dev/full"):
+    case("run --annotate /dev/full", R + ["--input", "in/clip.y4m", "--annotate", "/dev/full"],
+         want=1)
+for step in ("dir:locked", "dir:tmp-made", "dir:filled", "dir:synced", "dir:old-moved",
+             "dir:new-in", "dir:done"):
+    subprocess.run([BIN, "init", "--out", "out/crash", "--stem", "conv7x7_pool", "--force"],
+                   capture_output=True, env=ENV)
+    subprocess.run([BIN, "init", "--out", "out/crash", "--stem", "conv7x7_pool", "--force"],
+                   capture_output=True, env=dict(ENV, FER_CAM_CRASH_AT=step))
+    case(f"write after a kill at {step}", ["init", "--out", "out/crash", "--stem",
+                                           "conv7x7_pool", "--force"], want=0, outputs=["out"])
+    left = sorted(n for n in os.listdir("out") if n.startswith(".crash"))
+    report(f"no leftovers after a kill at {step}", not left, str(left))
+for i in range(4):
+    procs = [subprocess.Popen([BIN, "export", "--model", model, "--out", f"out/twin{i}"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
+             for _ in range(2)]
+    codes = sorted(p.wait() for p in procs)
+    report(f"two exports to one new output ({i})", codes == [0, 1], str(codes))
+open("in/secret.json", "w").write("{}")
+os.chmod("in/secret.json", 0o600)
+case("eval --json keeps a replaced file's mode", E + ["--data", "in/ok.csv", "--json",
+                                                      "in/secret.json"], want=0,
+     outputs=["in/secret.json"])
+report("replaced file mode kept", os.stat("in/secret.json").st_mode & 0o777 == 0o600,
+       oct(os.stat("in/secret.json").st_mode & 0o777))
 
 # ---- signals ----
 signal_case("SIGTERM: silent stdin", R + ["--input", "-"], stdin_pipe=True)
