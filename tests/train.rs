@@ -239,6 +239,23 @@ fn train_all_stages_then_eval() {
         stderr(&o)
     );
     drop(lock);
+    // --resume on other data would mix two trainings: refused, naming both.
+    std::fs::create_dir_all(tmp.path().join("other")).unwrap();
+    let other = synthetic(&tmp.path().join("other"), 4);
+    let mut resume = small_run("classifier", &other, &run);
+    resume.push("--resume".into());
+    let o = fer(&args(&resume));
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("was started with data") && stderr(&o).contains("other"),
+        "{}",
+        stderr(&o)
+    );
+    // Zero epochs would ship an untrained stage: refused.
+    let mut zero = small_run("classifier", &data, &tmp.path().join("zero"));
+    zero.extend(["--classifier-epochs".into(), "0".into()]);
+    let o = fer(&args(&zero));
+    assert!(stderr(&o).contains("classifier.epochs 0"), "{}", stderr(&o));
     // A user's own directory is not a run directory: nothing in it is written or replaced.
     for (name, file) in [("config.json", "{\"mine\": 1}"), ("notes.txt", "keep")] {
         let mine = tmp.path().join(format!("mine-{name}"));

@@ -75,6 +75,20 @@ impl ImageSource {
     }
 }
 
+/// A still's name for the `file` field: its path as text, with bytes that are not UTF-8 written
+/// as `\xNN`, so two names that differ only there stay different.
+fn path_label(p: &Path) -> String {
+    use std::os::unix::ffi::OsStrExt;
+    let mut out = String::new();
+    for chunk in p.as_os_str().as_bytes().utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
 /// "skipped N files that are not images (.png, ...): a, b, ..." with a hint for video.
 fn skipped_message(skipped: &[PathBuf]) -> String {
     let shown: Vec<String> = skipped
@@ -141,7 +155,7 @@ impl FrameSource for ImageSource {
                     width: g.width(),
                     height: g.height(),
                     gray: g.into_raw(),
-                    label: Some(path.display().to_string()),
+                    label: Some(path_label(&path)),
                     chroma: chroma.flatten(),
                     pts: None,
                 };
@@ -181,6 +195,16 @@ mod tests {
                 SourceEvent::End => return out,
             }
         }
+    }
+
+    #[test]
+    fn names_that_differ_only_in_bytes_that_are_not_utf8_stay_apart() {
+        use std::os::unix::ffi::OsStrExt;
+        let a = Path::new(std::ffi::OsStr::from_bytes(b"photo\xff.png"));
+        let b = Path::new(std::ffi::OsStr::from_bytes(b"photo\xfe.png"));
+        assert_eq!(path_label(a), "photo\\xff.png");
+        assert_ne!(path_label(a), path_label(b));
+        assert_eq!(path_label(Path::new("été.png")), "été.png");
     }
 
     #[test]

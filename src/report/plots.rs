@@ -155,6 +155,26 @@ fn thin(seg: &[Sample]) -> Vec<(f64, Vec<f64>)> {
         .collect()
 }
 
+/// The uncertain stretches of a track as `(from, to)` on the time axis: each uncertain sample
+/// reaches to the next sample (the last one by `step`), touching stretches are one band, and
+/// bands closer than a 1/[`MAX_POINTS`] of the axis (`span`) merge, so a long track draws at
+/// most about `MAX_POINTS` rectangles however its certainty flickers.
+fn uncertain_bands(series: &TrackSeries, step: f64, span: f64) -> Vec<(f64, f64)> {
+    let join = span / MAX_POINTS as f64;
+    let mut bands: Vec<(f64, f64)> = Vec::new();
+    for (i, s) in series.iter().enumerate() {
+        if s.certain {
+            continue;
+        }
+        let end = series.get(i + 1).map_or(s.x + step, |n| n.x);
+        match bands.last_mut() {
+            Some(last) if s.x - last.1 <= join => last.1 = last.1.max(end),
+            _ => bands.push((s.x, end)),
+        }
+    }
+    bands
+}
+
 /// Probabilities over time of one track, one line per class, uncertain stretches shaded;
 /// `x_desc` names the time axis (media seconds or frames).
 pub fn timeline(
@@ -208,17 +228,11 @@ pub fn timeline(
         let shade = RGBColor(215, 215, 215).filled();
         chart
             .draw_series(
-                series
-                    .windows(2)
-                    .filter(|w| !w[0].certain)
-                    .map(|w| Rectangle::new([(w[0].x, 0.0), (w[1].x, 1.0)], shade)),
+                uncertain_bands(series, step, x1 - x0)
+                    .into_iter()
+                    .map(|(a, b)| Rectangle::new([(a, 0.0), (b, 1.0)], shade)),
             )
             .map_err(|e| fail(what, e))?;
-        if let Some(last) = series.last().filter(|s| !s.certain) {
-            chart
-                .draw_series([Rectangle::new([(last.x, 0.0), (last.x + step, 1.0)], shade)])
-                .map_err(|e| fail(what, e))?;
-        }
         let segs: Vec<Vec<(f64, Vec<f64>)>> = segments(series).into_iter().map(thin).collect();
         for (ci, name) in classes.iter().enumerate() {
             let c = color(name, ci);
@@ -376,6 +390,27 @@ mod tests {
         let t = thin(&long);
         assert!(t.len() <= MAX_POINTS && t.len() > MAX_POINTS / 2);
         assert!((t[0].1[0] - 1.0).abs() < 1e-12 && t[0].1[1] == 0.0);
+    }
+
+    #[test]
+    fn uncertain_bands_merge_and_stay_few() {
+        let sample = |f: u64, certain: bool| Sample {
+            frame: f,
+            x: f as f64,
+            probs: vec![0.5, 0.5],
+            certain,
+        };
+        let s: TrackSeries = [(0, false), (1, false), (2, true), (3, false)]
+            .into_iter()
+            .map(|(f, c)| sample(f, c))
+            .collect();
+        assert_eq!(uncertain_bands(&s, 1.0, 4.0), vec![(0.0, 2.0), (3.0, 4.0)]);
+        // 100,000 frames flickering between certain and not: bounded.
+        let flicker: TrackSeries = (0..100_000).map(|f| sample(f, f % 2 == 0)).collect();
+        let bands = uncertain_bands(&flicker, 1.0, 100_000.0);
+        assert!(bands.len() <= MAX_POINTS + 1, "{}", bands.len());
+        let svg = timeline(1, &flicker, &["a".into(), "b".into()], "frame").unwrap();
+        assert!(svg.matches("<rect").count() < 3 * MAX_POINTS);
     }
 
     #[test]

@@ -215,6 +215,10 @@ impl TrainConfig {
             if !(o.lr > 0.0 && o.lr.is_finite()) {
                 return bad(format!("{name}.lr {} (must be > 0)", o.lr));
             }
+            if o.epochs == 0 {
+                // Zero epochs would ship the untrained network as a trained stage.
+                return bad(format!("{name}.epochs 0 (at least 1)"));
+            }
             if o.weight_decay.is_nan()
                 || o.weight_decay < 0.0
                 || o.warmup_epochs.is_nan()
@@ -255,10 +259,14 @@ impl TrainConfig {
             }
         }
         let c = &self.card;
-        if c.batch_size < 2 || !(c.lr > 0.0 && c.lr.is_finite()) || c.val_samples == 0 {
+        if c.batch_size < 2
+            || !(c.lr > 0.0 && c.lr.is_finite())
+            || c.val_samples == 0
+            || c.epochs == 0
+        {
             return bad(format!(
-                "card: batch_size {} (>= 2), lr {} (> 0), val_samples {} (>= 1)",
-                c.batch_size, c.lr, c.val_samples
+                "card: batch_size {} (>= 2), lr {} (> 0), val_samples {} (>= 1), epochs {} (>= 1)",
+                c.batch_size, c.lr, c.val_samples, c.epochs
             ));
         }
         Ok(())
@@ -268,6 +276,29 @@ impl TrainConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_epochs_are_refused_rather_than_shipping_an_untrained_stage() {
+        let base = TrainConfig::new("d.csv".into(), "run".into());
+        base.validate().unwrap();
+        let mut c = base.clone();
+        c.classifier.opt.epochs = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("classifier.epochs 0"));
+        let mut c = base.clone();
+        c.ssl.opt.epochs = 0;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("ssl.epochs 0"));
+        let mut c = base;
+        c.card.epochs = 0;
+        assert!(c.validate().unwrap_err().to_string().contains("epochs 0"));
+    }
 
     #[test]
     fn distillation_is_optional_and_its_weight_is_checked() {

@@ -264,6 +264,44 @@ fn check_run_dir(run_dir: &Path, selection: StageSelection, resume: bool) -> Res
     Ok(())
 }
 
+/// `--resume` continues only on the data (and labels) the run started on, as its `config.json`
+/// records them: other data would silently mix two trainings.
+fn check_same_data(cfg: &TrainConfig) -> Result<()> {
+    let path = cfg.run_dir.join("config.json");
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return Ok(());
+    };
+    let Ok(before) = serde_json::from_str::<serde_json::Value>(&text) else {
+        return Ok(());
+    };
+    let same = |was: Option<&str>, now: Option<&Path>| -> bool {
+        match (was, now) {
+            (None, None) => true,
+            (Some(a), Some(b)) => {
+                let (a, b) = (Path::new(a), b);
+                a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+            }
+            _ => false,
+        }
+    };
+    for (key, now) in [
+        ("data", Some(cfg.data.as_path())),
+        ("labels", cfg.labels.as_deref()),
+    ] {
+        let was = before.get(key).and_then(|v| v.as_str());
+        if !same(was, now) {
+            return Err(Error::Config(format!(
+                "--resume: {} was started with {key} {}, not {}; resume it with the same {key}, \
+                 or start a new --run-dir",
+                cfg.run_dir.display(),
+                was.unwrap_or("(none)"),
+                now.map_or("(none)".into(), |p| p.display().to_string())
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Runs the selected stage(s). `init` overrides where `classifier` (an SSL model) and `card` (a
 /// classifier model) start from; by default they use the previous stage's output in the run
 /// directory, and `classifier` starts from scratch when there is none (the "no SSL" ablation
@@ -282,6 +320,9 @@ pub fn run(
     std::fs::create_dir_all(&cfg.run_dir).map_err(|e| Error::io(&cfg.run_dir, e))?;
     let _lock = lock_run_dir(&cfg.run_dir)?;
     check_run_dir(&cfg.run_dir, selection, resume)?;
+    if resume {
+        check_same_data(cfg)?;
+    }
     let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
     write_file_atomically(&cfg.run_dir.join("config.json"), json.as_bytes())?;
     let data = TrainData::load(cfg)?;
