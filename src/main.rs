@@ -126,10 +126,21 @@ fn usage_message(text: &str) -> String {
 /// Decide both counts once, before any thread starts: rayon's pool keeps its default (logical
 /// CPUs) and candle gets the physical count it would have computed.
 fn fix_thread_counts() {
-    if std::env::var_os("RAYON_NUM_THREADS").is_some() {
-        return;
-    }
     let logical = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if let Some(v) = std::env::var_os("RAYON_NUM_THREADS") {
+        // A count of the user's is kept when it is sane; 100000 threads on 2 cores would make
+        // every pool hand-off crawl.
+        let n = v.to_str().and_then(|s| s.trim().parse::<usize>().ok());
+        if n.is_some_and(|n| (1..=(8 * logical).max(64)).contains(&n)) {
+            return;
+        }
+        fer_cam::log!(
+            "warning: RAYON_NUM_THREADS={} ignored (a count from 1 to {}); using {logical}",
+            fer_cam::log::escape(&v.to_string_lossy()),
+            (8 * logical).max(64)
+        );
+        std::env::remove_var("RAYON_NUM_THREADS");
+    }
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(logical)
         .build_global();

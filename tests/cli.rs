@@ -523,3 +523,26 @@ fn two_writers_of_one_new_output_never_both_succeed() {
     // Nothing but the outputs and the model is left.
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 7);
 }
+
+#[test]
+fn an_absurd_rayon_thread_count_is_ignored_with_a_warning() {
+    for bad in ["100000", "lots", "0"] {
+        let o = Command::new(common::bin())
+            .args(["init", "--help"])
+            .env("RAYON_NUM_THREADS", bad)
+            .output()
+            .unwrap();
+        assert!(o.status.success());
+        assert!(
+            stderr(&o).contains(&format!("RAYON_NUM_THREADS={bad} ignored")),
+            "{bad}: {}",
+            stderr(&o)
+        );
+    }
+    let o = Command::new(common::bin())
+        .args(["init", "--help"])
+        .env("RAYON_NUM_THREADS", "2")
+        .output()
+        .unwrap();
+    assert!(!stderr(&o).contains("ignored"));
+}

@@ -170,11 +170,12 @@ impl<'a> Reader<'a> {
 /// Reads a cache file. `Ok(None)`: absent or stale (a different source fingerprint or version).
 /// `Err`: present but corrupt.
 pub fn read(path: &Path, fingerprint: u64) -> Result<Option<Dataset>> {
-    let buf = match std::fs::read(path) {
-        Ok(b) => b,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(path, e)),
-    };
+    if path.symlink_metadata().is_err() {
+        return Ok(None);
+    }
+    // A regular file only: a FIFO in its place would block the load for ever, a device never
+    // end. (Its size bounds the read: FER2013's cache is about 85 MB.)
+    let buf = crate::fsutil::read_regular(path, 8 << 30)?;
     let bad = |msg: String| Error::file(path, format!("corrupt cache ({msg})"));
     if buf.len() < 24 || &buf[..8] != MAGIC {
         return Err(bad("bad magic".into()));
@@ -215,6 +216,21 @@ pub fn read(path: &Path, fingerprint: u64) -> Result<Option<Dataset>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fifo_or_device_in_the_caches_place_is_refused_not_waited_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("cache.bin");
+        assert!(std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success());
+        let e = read(&fifo, 1).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
+        assert!(read(std::path::Path::new("/dev/zero"), 1).is_err());
+        assert!(read(&dir.path().join("absent.bin"), 1).unwrap().is_none());
+    }
 
     #[test]
     fn empty_variables_count_as_unset() {
