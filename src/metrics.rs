@@ -221,6 +221,12 @@ pub fn entropy(p: &[f32]) -> f32 {
 
 /// Fraction of `pred == label`.
 pub fn accuracy(pred: &[usize], labels: &[usize]) -> f64 {
+    // A shorter list would silently score only its prefix.
+    assert_eq!(
+        pred.len(),
+        labels.len(),
+        "accuracy: predictions and labels differ in length"
+    );
     if labels.is_empty() {
         return f64::NAN;
     }
@@ -230,6 +236,7 @@ pub fn accuracy(pred: &[usize], labels: &[usize]) -> f64 {
 
 /// `m[true][pred]` counts.
 pub fn confusion_matrix(pred: &[usize], labels: &[usize], classes: usize) -> Vec<Vec<usize>> {
+    assert_eq!(pred.len(), labels.len(), "confusion matrix: lengths differ");
     let mut m = vec![vec![0usize; classes]; classes];
     for (&p, &l) in pred.iter().zip(labels) {
         if p < classes && l < classes {
@@ -257,6 +264,7 @@ pub fn per_class_recall(confusion: &[Vec<usize>]) -> Vec<f64> {
 
 /// PAvPU from per-image accuracy and certainty flags.
 pub fn pavpu(accurate: &[bool], certain: &[bool]) -> f64 {
+    assert_eq!(accurate.len(), certain.len(), "PAvPU: lengths differ");
     if accurate.is_empty() {
         return f64::NAN;
     }
@@ -484,6 +492,18 @@ mod tests {
         // certain: T F T F → (acc∧cert)=1, (inacc∧uncert)=1 → 2/4.
         assert_eq!(pavpu_ttest(&accurate, &p, 0.05), 0.5);
         assert_eq!(pavpu_threshold(&accurate, &[0.9, 0.4, 0.3, 0.2], 0.5), 0.75);
+    }
+
+    #[test]
+    #[should_panic(expected = "differ in length")]
+    fn accuracy_of_unequal_lists_is_a_bug_not_a_prefix_score() {
+        accuracy(&[1, 2], &[1, 2, 3]);
+    }
+
+    #[test]
+    #[should_panic(expected = "lengths differ")]
+    fn pavpu_of_unequal_lists_is_a_bug_not_a_prefix_score() {
+        pavpu(&[true], &[true, false]);
     }
 
     #[test]

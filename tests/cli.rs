@@ -275,6 +275,10 @@ fn closed_stdout_is_not_an_error() {
 
 /// A freshly initialised model over real PrivateTest images runs to completion at chance level.
 #[test]
+#[cfg_attr(
+    fer_cam_no_shared,
+    ignore = "needs ../shared (FER2013 and the shared media) beside the repository"
+)]
 fn untrained_model_on_real_private_test_is_near_chance() {
     let Some(shared) = common::shared_dir() else {
         common::skip_loudly(

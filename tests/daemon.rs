@@ -144,6 +144,10 @@ fn shared_media(test: &str) -> Option<PathBuf> {
 }
 
 #[test]
+#[cfg_attr(
+    fer_cam_no_shared,
+    ignore = "needs ../shared (FER2013 and the shared media) beside the repository"
+)]
 fn y4m_clip_streams_valid_lines_with_one_stable_face() {
     let Some(media) = shared_media("y4m_clip_streams_valid_lines_with_one_stable_face") else {
         return;
@@ -217,6 +221,10 @@ fn y4m_clip_streams_valid_lines_with_one_stable_face() {
 }
 
 #[test]
+#[cfg_attr(
+    fer_cam_no_shared,
+    ignore = "needs ../shared (FER2013 and the shared media) beside the repository"
+)]
 fn group_stills_have_several_faces() {
     let Some(media) = shared_media("group_stills_have_several_faces") else {
         return;
@@ -237,18 +245,18 @@ fn group_stills_have_several_faces() {
             .map(|f| f["faces"].as_array().unwrap().len())
             .unwrap()
     };
-    assert!(
-        count("group5_pyfeat_multi_face.jpg") >= 3,
-        "{}",
-        count("group5_pyfeat_multi_face.jpg")
-    );
-    assert!(count("dlib_2008_002506.jpg") >= 2);
-    assert!(count("single_face_pyfeat.jpg") >= 1);
-    let multi = frames
-        .iter()
-        .filter(|f| f["faces"].as_array().unwrap().len() >= 2)
-        .count();
-    assert!(multi >= 4, "only {multi} stills with 2+ faces");
+    // Exact counts, as measured (rustface on the whole photo is deterministic): a face lost or
+    // a false one found is a change to look at, not noise.
+    for (name, want) in [
+        ("dlib_2007_007763.jpg", 6),
+        ("dlib_2008_002470.jpg", 6),
+        ("dlib_2008_002506.jpg", 3),
+        ("dlib_2008_007676.jpg", 7),
+        ("group5_pyfeat_multi_face.jpg", 5),
+        ("single_face_pyfeat.jpg", 1),
+    ] {
+        assert_eq!(count(name), want, "{name}");
+    }
     // --max-faces keeps the largest faces of each photo and says how many it left out.
     let all: u64 = frames
         .iter()
@@ -646,6 +654,10 @@ fn annotate_writes_every_frame_and_never_replaces_a_file() {
 }
 
 #[test]
+#[cfg_attr(
+    fer_cam_no_shared,
+    ignore = "needs ../shared (FER2013 and the shared media) beside the repository"
+)]
 fn annotated_clip_marks_the_face_and_keeps_the_json() {
     let Some(media) = shared_media("annotated_clip_marks_the_face_and_keeps_the_json") else {
         return;
@@ -967,7 +979,7 @@ fn ffmpeg_or_skip(test: &str) -> bool {
             std::env::var_os("FER_CAM_REQUIRE_FFMPEG").is_none(),
             "{test}: ffmpeg is required here (FER_CAM_REQUIRE_FFMPEG) but not on PATH"
         );
-        common::skip_loudly(test, Path::new("ffmpeg on PATH"));
+        common::skip_without(test, "ffmpeg on PATH");
     }
     ok
 }
@@ -1044,6 +1056,10 @@ fn decoded_frames(clip: &Path) -> u64 {
 }
 
 #[test]
+#[cfg_attr(
+    fer_cam_no_shared,
+    ignore = "needs ../shared (FER2013 and the shared media) beside the repository"
+)]
 fn shared_clips_give_every_frame_with_a_face_by_file_and_by_pipe() {
     let Some(media) = shared_media("shared_clips_give_every_frame_with_a_face_by_file_and_by_pipe")
     else {
@@ -1149,9 +1165,9 @@ fn a_model_that_overflows_gives_no_answer_not_a_nan() {
 #[test]
 fn an_annotation_output_that_fails_fails_the_run_and_counts_what_it_wrote() {
     if !Path::new("/dev/full").exists() {
-        common::skip_loudly(
+        common::skip_without(
             "an_annotation_output_that_fails_fails_the_run_and_counts_what_it_wrote",
-            Path::new("/dev/full"),
+            "/dev/full",
         );
         return;
     }

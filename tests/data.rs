@@ -256,6 +256,10 @@ fn image_folder_layout() {
 
 /// The real FER2013 file: official split and class counts, and the cache's cold/warm loads.
 #[test]
+#[cfg_attr(
+    fer_cam_no_shared,
+    ignore = "needs ../shared (FER2013 and the shared media) beside the repository"
+)]
 fn fer2013_from_shared_has_official_counts() {
     let Some(shared) = common::shared_dir() else {
         common::skip_loudly(

@@ -106,10 +106,7 @@ fn the_javascript_reader_reads_a_run() {
                 std::env::var_os("FER_CAM_REQUIRE_NODE").is_none(),
                 "node is required here (FER_CAM_REQUIRE_NODE) but not on PATH"
             );
-            common::skip_loudly(
-                "the_javascript_reader_reads_a_run",
-                Path::new("node on PATH"),
-            )
+            common::skip_without("the_javascript_reader_reads_a_run", "node on PATH")
         }
     }
 }

@@ -185,6 +185,10 @@ fn run_without_model_uses_the_embedded_one() {
 }
 
 #[test]
+#[cfg_attr(
+    fer_cam_no_shared,
+    ignore = "needs ../shared (FER2013 and the shared media) beside the repository"
+)]
 fn embedded_models_score_above_their_floors_on_public_test() {
     let Some(shared) = common::shared_dir() else {
         common::skip_loudly(

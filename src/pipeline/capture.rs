@@ -76,18 +76,21 @@ pub(super) fn capture_loop(
         frame.captured = Instant::now();
         frame.wall = SystemTime::now();
         if cfg.live || cfg.realtime {
-            match tx.try_send(frame) {
-                Ok(()) => {}
-                Err(TrySendError::Full(f)) => {
-                    // Drop the stalest queued frame, then queue this one.
-                    if stale.try_recv().is_ok() {
-                        counters.dropped.fetch_add(1, Ordering::Relaxed);
+            // Queue this frame, dropping the stalest queued ones while the queue is full: the
+            // newest frame always goes in. Each turn either drops one (the queue shrinks) or
+            // finds it emptied by the face stage, so this ends.
+            let mut pending = frame;
+            loop {
+                match tx.try_send(pending) {
+                    Ok(()) => break,
+                    Err(TrySendError::Full(f)) => {
+                        if stale.try_recv().is_ok() {
+                            counters.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        pending = f;
                     }
-                    if let Err(TrySendError::Full(_)) = tx.try_send(f) {
-                        counters.dropped.fetch_add(1, Ordering::Relaxed);
-                    }
+                    Err(TrySendError::Disconnected(_)) => return Ok(()),
                 }
-                Err(TrySendError::Disconnected(_)) => break,
             }
         } else {
             // Files wait for the face stage, but never past cancellation: this thread also

@@ -31,8 +31,20 @@ pub fn face_fixture_128() -> Vec<u8> {
     px
 }
 
-/// Says loudly that a test could not run its real-data part.
+/// Says loudly that a test could not run its part that needs a program or device this machine
+/// lacks (`node`, `/dev/full`); the caller decides whether that is allowed.
+pub fn skip_without(test: &str, what: &str) {
+    eprintln!("\n!!! SKIPPED {test}: {what} not found on this machine\n");
+}
+
+/// Says loudly that a test could not run its real-data part; under `FER_CAM_REQUIRE_DATA=1`
+/// (CI, which has `../shared`) a missing file fails the test instead.
 pub fn skip_loudly(test: &str, what: &Path) {
+    assert!(
+        std::env::var_os("FER_CAM_REQUIRE_DATA").is_none(),
+        "{test}: {} is required here (FER_CAM_REQUIRE_DATA) but missing",
+        what.display()
+    );
     eprintln!(
         "\n!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!\n\
          !!! SKIPPED {test}: {} not found (needs ../shared beside the repo)\n\
