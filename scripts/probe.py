@@ -419,6 +419,26 @@ case("eval --json keeps a replaced file's mode", E + ["--data", "in/ok.csv", "--
 report("replaced file mode kept", os.stat("in/secret.json").st_mode & 0o777 == 0o600,
        oct(os.stat("in/secret.json").st_mode & 0o777))
 
+p = subprocess.run([BIN, "init", "--out", "out/ray", "--stem", "conv7x7_pool"],
+                   capture_output=True, env=dict(ENV, RAYON_NUM_THREADS="100000"), timeout=60)
+report("absurd RAYON_NUM_THREADS is ignored with a warning",
+       p.returncode == 0 and b"ignored" in p.stderr, p.stderr.decode(errors="replace")[-200:])
+case("train --classifier-epochs 0", ["train", "classifier", "--data", "in/ok.csv", "--run-dir",
+                                     "out/zero", "--classifier-epochs", "0"], want=1,
+     outputs=["out"])
+for label, name in (("non-UTF-8", b"sad\xff"), ("ESC", b"sad\x1b[2J")):
+    root = f"in/folder-{label}".encode()
+    os.makedirs(root + b"/train/" + name, exist_ok=True)
+    png((root + b"/train/" + name + b"/a.png").decode(errors="surrogateescape"), 48, 48)
+    case(f"folder data with a {label} class name", ["data", "--data", root.decode(), "--no-cache"],
+         want=1)
+os.makedirs("in/folder-webp/train/fear", exist_ok=True)
+os.makedirs("in/folder-webp/train/happy", exist_ok=True)
+png("in/folder-webp/train/happy/a.png", 48, 48)
+open("in/folder-webp/train/fear/a.webp", "wb").write(b"RIFF\0\0\0\0WEBPVP8 ")
+case("folder data with a webp-only class", ["data", "--data", "in/folder-webp", "--no-cache"],
+     want=1)
+
 # ---- signals ----
 signal_case("SIGTERM: silent stdin", R + ["--input", "-"], stdin_pipe=True)
 signal_case("SIGTERM: FIFO with no writer", R + ["--input", "in/fifo.y4m"])
