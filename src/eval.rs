@@ -204,13 +204,7 @@ pub fn evaluate(
     }
     let wall = start.elapsed().as_secs_f64();
     // A NaN is never scored as an answer (its argmax would count as the first class).
-    let broken = preds
-        .iter()
-        .filter(|p| {
-            !(p.card.probs.iter().all(|x| x.is_finite())
-                && p.fphi_probs.iter().all(|x| x.is_finite()))
-        })
-        .count();
+    let broken = preds.iter().filter(|p| !p.is_finite()).count();
     if broken > 0 {
         return Err(Error::Msg(format!(
             "the model gave non-finite probabilities for {broken} of {} images (damaged weights \

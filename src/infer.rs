@@ -31,6 +31,16 @@ pub struct FacePrediction {
     pub fphi_probs: Vec<f32>,
 }
 
+impl FacePrediction {
+    /// Whether every probability and vote share is finite: a NaN is never an answer (damaged
+    /// weights or temperatures make them, and an argmax would read one as the first class).
+    pub fn is_finite(&self) -> bool {
+        [&self.card.probs, &self.card.votes, &self.fphi_probs]
+            .iter()
+            .all(|v| v.iter().all(|x| x.is_finite()))
+    }
+}
+
 /// Sampler settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplerConfig {

@@ -57,16 +57,8 @@ pub fn target(path: &Path, stills: bool) -> Result<Target> {
              FIFO, or >(ffplay -i -)",
         ));
     }
-    if !path.is_dir() {
-        let parent = path
-            .components()
-            .as_path()
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        if !parent.is_dir() {
-            return Err(Error::file(path, "its parent folder does not exist"));
-        }
+    if !path.is_dir() && !crate::fsutil::parent_dir(path).is_dir() {
+        return Err(Error::file(path, "its parent folder does not exist"));
     }
     Ok(Target::Folder(path.to_path_buf()))
 }
@@ -94,17 +86,8 @@ pub fn check_path(path: &Path) -> Result<()> {
         )),
         Ok(m) if m.is_dir() => Err(Error::file(path, "is a directory")),
         Ok(_) => Ok(()),
-        Err(_) => {
-            let parent = match path.parent() {
-                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-                _ => PathBuf::from("."),
-            };
-            if parent.is_dir() {
-                Ok(())
-            } else {
-                Err(Error::file(path, "its folder does not exist"))
-            }
-        }
+        Err(_) if crate::fsutil::parent_dir(path).is_dir() => Ok(()),
+        Err(_) => Err(Error::file(path, "its folder does not exist")),
     }
 }
 

@@ -5,7 +5,7 @@
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStderr, ChildStdout, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -55,10 +55,60 @@ pub struct FfmpegSource {
     path: PathBuf,
     child: Child,
     frames: Y4mSource<ChildStdout>,
-    /// The last lines ffmpeg wrote to stderr, for the error when it fails.
-    stderr: Arc<Mutex<String>>,
-    stderr_thread: Option<JoinHandle<()>>,
+    stderr: StderrTail,
     ended: bool,
+}
+
+/// The last few KB ffmpeg writes to stderr, read on a thread of its own (so a talkative ffmpeg
+/// never blocks on a full pipe), for the error when it fails.
+struct StderrTail {
+    text: Arc<Mutex<String>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl StderrTail {
+    fn read(err: Option<ChildStderr>) -> Self {
+        let text = Arc::new(Mutex::new(String::new()));
+        let thread = err.map(|mut err| {
+            let keep = text.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = err.read(&mut buf) {
+                    if let Ok(mut s) = keep.lock() {
+                        s.push_str(&String::from_utf8_lossy(&buf[..n]));
+                        // Keep the tail only: a broken file can make ffmpeg talk a lot.
+                        if s.len() > 8192 {
+                            let cut = s.len() - 4096;
+                            let cut = (cut..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(0);
+                            s.drain(..cut);
+                        }
+                    }
+                }
+            })
+        });
+        Self { text, thread }
+    }
+
+    /// The last line ffmpeg wrote, once it has exited (empty when it said nothing).
+    fn last_line(&mut self) -> String {
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.text.lock().map(|s| last_line(&s)).unwrap_or_default()
+    }
+}
+
+/// The error for a stream that broke: ffmpeg (stopped here) in its own words when it has any
+/// (an unreadable file), else the stream's.
+fn broken(path: &Path, child: &mut Child, stderr: &mut StderrTail, stream_error: Error) -> Error {
+    let _ = child.kill();
+    let _ = child.wait();
+    let said = stderr.last_line();
+    if said.is_empty() {
+        stream_error
+    } else {
+        Error::file(path, format!("ffmpeg cannot decode it: {said}"))
+    }
 }
 
 impl FfmpegSource {
@@ -91,24 +141,7 @@ impl FfmpegSource {
                     Error::file(path, format!("cannot start ffmpeg: {e}"))
                 }
             })?;
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let stderr_thread = child.stderr.take().map(|mut err| {
-            let keep = stderr.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 4096];
-                while let Ok(n @ 1..) = err.read(&mut buf) {
-                    if let Ok(mut s) = keep.lock() {
-                        s.push_str(&String::from_utf8_lossy(&buf[..n]));
-                        // Keep the tail only: a broken file can make ffmpeg talk a lot.
-                        if s.len() > 8192 {
-                            let cut = s.len() - 4096;
-                            let cut = (cut..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(0);
-                            s.drain(..cut);
-                        }
-                    }
-                }
-            })
-        });
+        let mut stderr = StderrTail::read(child.stderr.take());
         let stdout = child
             .stdout
             .take()
@@ -116,38 +149,15 @@ impl FfmpegSource {
         let name = format!("file:{}", path.display());
         let frames = match Y4mSource::new(stdout, name) {
             Ok(f) => f,
-            Err(e) => return Err(Self::failed(path, child, stderr, stderr_thread, e)),
+            Err(e) => return Err(broken(path, &mut child, &mut stderr, e)),
         };
         Ok(Self {
             path: path.to_path_buf(),
             child,
             frames,
             stderr,
-            stderr_thread,
             ended: false,
         })
-    }
-
-    /// The error for a stream that broke: ffmpeg's own words when it has any (an unreadable
-    /// file), else the stream's.
-    fn failed(
-        path: &Path,
-        mut child: Child,
-        stderr: Arc<Mutex<String>>,
-        thread: Option<JoinHandle<()>>,
-        stream_error: Error,
-    ) -> Error {
-        let _ = child.kill();
-        let _ = child.wait();
-        if let Some(t) = thread {
-            let _ = t.join();
-        }
-        let said = stderr.lock().map(|s| last_line(&s)).unwrap_or_default();
-        if said.is_empty() {
-            stream_error
-        } else {
-            Error::file(path, format!("ffmpeg cannot decode it: {said}"))
-        }
     }
 
     /// Waits for ffmpeg after the stream ended; its failure is the run's error.
@@ -157,17 +167,10 @@ impl FfmpegSource {
             .child
             .wait()
             .map_err(|e| Error::file(&self.path, format!("waiting for ffmpeg: {e}")))?;
-        if let Some(t) = self.stderr_thread.take() {
-            let _ = t.join();
-        }
+        let said = self.stderr.last_line();
         if status.success() {
             return Ok(());
         }
-        let said = self
-            .stderr
-            .lock()
-            .map(|s| last_line(&s))
-            .unwrap_or_default();
         Err(Error::file(
             &self.path,
             format!(
@@ -207,11 +210,8 @@ impl FrameSource for FfmpegSource {
             Ok(ev) => Ok(ev),
             Err(e) => {
                 // A stream cut short: say why ffmpeg stopped, if it did.
-                let _ = self.child.kill();
-                match self.finish() {
-                    Err(ff) if !self.stderr.lock().map(|s| s.is_empty()).unwrap_or(true) => Err(ff),
-                    _ => Err(e),
-                }
+                self.ended = true;
+                Err(broken(&self.path, &mut self.child, &mut self.stderr, e))
             }
         }
     }

@@ -5,7 +5,6 @@
 //! and a trailing u64 FNV-1a checksum of everything before it. A file whose fingerprint does not
 //! match the source is stale and rebuilt; one that fails its checks is reported and rebuilt.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use super::{Dataset, FACE_PIXELS};
@@ -100,7 +99,7 @@ fn put_names(buf: &mut Vec<u8>, names: &[String]) {
     }
 }
 
-/// Writes the cache atomically (temp file + rename).
+/// Writes the cache atomically ([`crate::fsutil::write_file_atomically`]).
 pub fn write(path: &Path, fingerprint: u64, ds: &Dataset) -> Result<()> {
     let mut buf = Vec::with_capacity(ds.pixels.len() + 2 * ds.len() + 1024);
     buf.extend_from_slice(MAGIC);
@@ -115,18 +114,10 @@ pub fn write(path: &Path, fingerprint: u64, ds: &Dataset) -> Result<()> {
     let mut h = Fnv::new();
     h.write(&buf);
     buf.extend_from_slice(&h.finish().to_le_bytes());
-    let dir = path.parent().unwrap_or(Path::new("."));
+    let dir = crate::fsutil::parent_dir(path);
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
-    let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| f.write_all(&buf).and_then(|_| f.sync_all()))
-        .map_err(|e| Error::io(&tmp, e))
-        .and_then(|_| std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e)));
-    if written.is_err() {
-        // A full disk must not leave a dataset-sized temp file per run.
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    // Temp file + fsync + rename; a failed write (a full disk) removes its temp file.
+    crate::fsutil::write_file_atomically(path, &buf)
 }
 
 struct Reader<'a> {
@@ -221,11 +212,7 @@ mod tests {
     fn a_fifo_or_device_in_the_caches_place_is_refused_not_waited_on() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("cache.bin");
-        assert!(std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success());
+        crate::fsutil::make_fifo(&fifo);
         let e = read(&fifo, 1).unwrap_err().to_string();
         assert!(e.contains("not a regular file"), "{e}");
         assert!(read(std::path::Path::new("/dev/zero"), 1).is_err());

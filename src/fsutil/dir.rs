@@ -37,18 +37,11 @@ enum Existing {
 
 /// The parent, temp and previous-version paths beside `dir`.
 fn sidecars(dir: &Path) -> Result<(PathBuf, PathBuf, PathBuf)> {
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::file(dir, "directory needs a name"))?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp"));
-    let old = parent.join(format!(".{name}.old"));
-    Ok((parent, tmp, old))
+    Ok((
+        super::parent_dir(dir).to_path_buf(),
+        super::hidden_sibling(dir, "tmp", dir)?,
+        super::hidden_sibling(dir, "old", dir)?,
+    ))
 }
 
 /// Builds a directory with `fill(tmp_dir)` and swaps it in for `dir` (the steps are in the module
@@ -93,16 +86,7 @@ fn write_dir(dir: &Path, existing: Existing, fill: impl FnOnce(&Path) -> Result<
     if result.is_err() {
         // Under the lock, with the leftovers gone, the sidecars are this write's own: put things
         // back as they were.
-        if tmp.is_dir() {
-            let _ = std::fs::remove_dir_all(&tmp);
-        }
-        if old.is_dir() {
-            if dir.symlink_metadata().is_err() {
-                let _ = std::fs::rename(&old, dir);
-            } else {
-                let _ = std::fs::remove_dir_all(&old);
-            }
-        }
+        let _ = put_back(dir, &tmp, &old);
         let _ = lock.release();
         return result;
     }
@@ -193,9 +177,21 @@ fn clean_leftovers(dir: &Path, tmp: &Path, old: &Path, stale: bool) -> Result<()
             ));
         }
     }
+    put_back(dir, tmp, old)?;
+    // An earlier version marked the directory itself before moving it aside.
+    let marker = dir.join(MARKER);
+    if marker.is_file() {
+        std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
+    }
+    Ok(())
+}
+
+/// Undoes an unfinished write whose sidecars are fer-cam's: `.NAME.old` goes back to `NAME`
+/// when that is missing (the write stopped between the renames: the previous version is the last
+/// complete one) and is removed otherwise; `.NAME.tmp` is removed.
+fn put_back(dir: &Path, tmp: &Path, old: &Path) -> Result<()> {
     if old.is_dir() {
         if dir.symlink_metadata().is_err() {
-            // Killed between the renames: the previous version is the last complete one.
             std::fs::rename(old, dir).map_err(|e| Error::io(dir, e))?;
         } else {
             std::fs::remove_dir_all(old).map_err(|e| Error::io(old, e))?;
@@ -203,11 +199,6 @@ fn clean_leftovers(dir: &Path, tmp: &Path, old: &Path, stale: bool) -> Result<()
     }
     if tmp.is_dir() {
         std::fs::remove_dir_all(tmp).map_err(|e| Error::io(tmp, e))?;
-    }
-    // An earlier version marked the directory itself before moving it aside.
-    let marker = dir.join(MARKER);
-    if marker.is_file() {
-        std::fs::remove_file(&marker).map_err(|e| Error::io(&marker, e))?;
     }
     Ok(())
 }

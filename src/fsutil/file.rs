@@ -95,17 +95,9 @@ fn write_stream(path: &Path, bytes: &[u8]) -> Result<()> {
 fn temp_beside(path: &Path, real: &Path) -> Result<(PathBuf, std::fs::File)> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let name = real
-        .file_name()
-        .ok_or_else(|| Error::file(path, "not a file name"))?
-        .to_string_lossy();
-    let dir = match real.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
     loop {
         let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tmp = dir.join(format!(".{name}.{}-{n}.tmp", std::process::id()));
+        let tmp = super::hidden_sibling(real, &format!("{}-{n}.tmp", std::process::id()), path)?;
         match std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -248,11 +240,7 @@ mod tests {
         let root = tempfile::tempdir().unwrap();
         // A FIFO keeps its node (a rename would have put a file in its place).
         let fifo = root.path().join("fifo");
-        assert!(std::process::Command::new("mkfifo")
-            .arg(&fifo)
-            .status()
-            .unwrap()
-            .success());
+        crate::fsutil::make_fifo(&fifo);
         let reader = {
             let fifo = fifo.clone();
             std::thread::spawn(move || std::fs::read(&fifo).unwrap())

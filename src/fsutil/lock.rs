@@ -18,15 +18,7 @@ static HELD: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
 
 /// The lock's path beside `target`.
 pub(super) fn lock_path(target: &Path) -> Result<PathBuf> {
-    let name = target
-        .file_name()
-        .ok_or_else(|| Error::file(target, "needs a file or directory name"))?
-        .to_string_lossy();
-    let parent = match target.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    Ok(parent.join(format!(".{name}.fer-cam-lock")))
+    super::hidden_sibling(target, "fer-cam-lock", target)
 }
 
 /// This process's identity: pid and start time (clock ticks since boot), so that a reused pid

@@ -19,6 +19,23 @@ use crate::error::{Error, Result};
 pub use dir::{create_dir_atomically, recover_dir, write_dir_atomically};
 pub use file::{check_writable, create_file_atomically, write_file_atomically};
 
+/// The folder `path` is in: its parent, or `.` for a bare name (whose parent is empty).
+pub fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// `.NAME.SUFFIX` beside `path` (a temp file, a lock, a sidecar directory); errors name `shown`.
+fn hidden_sibling(path: &Path, suffix: &str, shown: &Path) -> Result<std::path::PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::file(shown, "needs a file or directory name"))?
+        .to_string_lossy();
+    Ok(parent_dir(path).join(format!(".{name}.{suffix}")))
+}
+
 /// The metadata of `path`, which must be a regular file (not a FIFO, device or directory).
 pub fn regular_file(path: &Path) -> Result<std::fs::Metadata> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
@@ -54,9 +71,30 @@ pub fn read_regular(path: &Path, cap: u64) -> Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// Makes a FIFO at `path` (for tests of what must never block on one).
+#[cfg(test)]
+pub(crate) fn make_fifo(path: &Path) {
+    assert!(std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap()
+        .success());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn siblings_sit_in_the_same_folder_with_a_dot() {
+        assert_eq!(parent_dir(Path::new("a.json")), Path::new("."));
+        assert_eq!(parent_dir(Path::new("d/a.json")), Path::new("d"));
+        assert_eq!(
+            hidden_sibling(Path::new("d/m"), "tmp", Path::new("d/m")).unwrap(),
+            Path::new("d/.m.tmp")
+        );
+        assert!(hidden_sibling(Path::new("/"), "tmp", Path::new("/")).is_err());
+    }
 
     #[test]
     fn only_regular_files_within_the_cap_are_read() {

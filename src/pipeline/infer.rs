@@ -72,8 +72,7 @@ pub(super) fn infer_loop(
             for (id, b) in &job.faces {
                 let Some(p) = preds.next() else { break };
                 // A NaN is never an answer: the face is reported as failed instead.
-                let finite = |v: &[f32]| v.iter().all(|x| x.is_finite());
-                if !finite(&p.card.probs) || !finite(&p.card.votes) || !finite(&p.fphi_probs) {
+                if !p.is_finite() {
                     failed.push(*id);
                     continue;
                 }

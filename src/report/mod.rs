@@ -167,64 +167,19 @@ impl Recording {
                     ),
                 ));
             }
-            let Ok(line) = line else {
-                rec.malformed += 1;
-                junk += MAX_LINE as u64;
-                continue;
-            };
-            let text = String::from_utf8_lossy(&line);
-            if text.trim().is_empty() {
-                continue;
-            }
-            let Ok(v) = serde_json::from_str::<Value>(&text) else {
-                rec.malformed += 1;
-                junk += line.len() as u64;
-                continue;
-            };
-            match v.get("v").and_then(Value::as_u64) {
-                Some(1) => {}
-                Some(other) => {
-                    return Err(Error::file(
-                        name,
-                        format!(
-                            "line {line_no}: schema version {other} (this fer-cam reads version 1)"
-                        ),
-                    ))
-                }
-                None => {
-                    rec.malformed += 1;
-                    junk += line.len() as u64;
-                    continue;
-                }
-            }
-            let ok = match v.get("type").and_then(Value::as_str) {
-                Some("frame") => rec.add_frame(&v),
-                Some("summary") => {
-                    rec.summary = Some(v);
-                    true
-                }
-                Some("start") => {
-                    rec.runs += 1;
-                    if rec.start.is_none() {
-                        rec.start = Some(v);
-                    } else {
-                        // Another run appended to the file: its tracks are other people.
-                        rec.track_offset = rec.max_track;
-                    }
-                    true
-                }
-                Some("warning") => {
-                    rec.warnings += 1;
-                    true
-                }
-                Some("status") => true,
-                _ => false,
+            // An over-long line counts as the bytes read of it.
+            let (ok, len) = match line {
+                Err(()) => (false, MAX_LINE),
+                Ok(line) => match rec.take_line(&line, line_no, name)? {
+                    None => continue,
+                    Some(ok) => (ok, line.len()),
+                },
             };
             if ok {
                 (junk, valid) = (0, valid + 1);
             } else {
                 rec.malformed += 1;
-                junk += line.len() as u64;
+                junk += len as u64;
             }
         }
         if valid == 0 {
@@ -241,6 +196,54 @@ impl Recording {
             ));
         }
         Ok(rec)
+    }
+
+    /// Takes one line: `None` for a blank one, `Some(true)` for a fer-cam line of a known type,
+    /// `Some(false)` for anything else (malformed). Another schema version is an error, because
+    /// its fields may mean something else.
+    fn take_line(&mut self, line: &[u8], line_no: u64, name: &str) -> Result<Option<bool>> {
+        let text = String::from_utf8_lossy(line);
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            return Ok(Some(false));
+        };
+        match v.get("v").and_then(Value::as_u64) {
+            Some(1) => {}
+            Some(other) => {
+                return Err(Error::file(
+                    name,
+                    format!(
+                        "line {line_no}: schema version {other} (this fer-cam reads version 1)"
+                    ),
+                ))
+            }
+            None => return Ok(Some(false)),
+        }
+        Ok(Some(match v.get("type").and_then(Value::as_str) {
+            Some("frame") => self.add_frame(&v),
+            Some("summary") => {
+                self.summary = Some(v);
+                true
+            }
+            Some("start") => {
+                self.runs += 1;
+                if self.start.is_none() {
+                    self.start = Some(v);
+                } else {
+                    // Another run appended to the file: its tracks are other people.
+                    self.track_offset = self.max_track;
+                }
+                true
+            }
+            Some("warning") => {
+                self.warnings += 1;
+                true
+            }
+            Some("status") => true,
+            _ => false,
+        }))
     }
 
     /// Adds a `frame` line; false when it lacks a required field.

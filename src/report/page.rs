@@ -196,12 +196,12 @@ fn pct(x: f64) -> String {
     format!("{:.0}%", 100.0 * x)
 }
 
-/// "1 track", "2 tracks".
+/// "1 track", "2 tracks", "2 stretches".
 fn count(n: usize, what: &str) -> String {
-    if n == 1 {
-        format!("1 {what}")
-    } else {
-        format!("{n} {what}s")
+    match n {
+        1 => format!("1 {what}"),
+        _ if what.ends_with("ch") => format!("{n} {what}es"),
+        _ => format!("{n} {what}s"),
     }
 }
 
@@ -537,7 +537,7 @@ fn video_sections(
         h,
         "<h2>Detection gaps</h2><p>{} processed frames had no face, in {}",
         empty.iter().map(|s| s.2).sum::<u64>(),
-        count(empty.len(), "stretch").replace("stretchs", "stretches")
+        count(empty.len(), "stretch")
     );
     let mut longest = empty.clone();
     longest.sort_by_key(|s| std::cmp::Reverse(s.2));
@@ -639,6 +639,7 @@ mod tests {
         let html = std::fs::read_to_string(dir.join("index.html")).unwrap();
         assert!(html.contains("<svg") && html.contains("1 malformed line skipped"));
         assert!(html.contains("2 tracks") && html.contains("Not recorded"));
+        assert!(html.contains("in 0 stretches"), "{html}");
         assert_eq!(esc("a<b&\"c>"), "a&lt;b&amp;&quot;c&gt;");
         for (cell, want) in [
             ("=HYPERLINK(\"http://x\")", "'=HYPERLINK(\"http://x\")"),
