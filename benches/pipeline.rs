@@ -16,7 +16,7 @@ use candle_core::{Device, Tensor, D};
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use fer_cam::capture::clip::{remake_y4m, ClipLayout};
 use fer_cam::capture::{FrameSource, Y4mSource};
-use fer_cam::face::{crop_face, DetectConfig, FaceDetector, NearDetector};
+use fer_cam::face::{crop_face, DetectConfig, FaceDetector, FullDetector, NearDetector};
 use fer_cam::infer::Classifier;
 use fer_cam::pipeline::{run, RunConfig};
 
@@ -41,6 +41,62 @@ fn frame_640x480(media: &std::path::Path) -> Vec<u8> {
     image::imageops::resize(&img, 640, 480, image::imageops::FilterType::Triangle).into_raw()
 }
 
+/// A 1920x1080 call gallery: the single-face still shrunk to 384x216 tiles, 5x5.
+fn gallery_1080p(media: &std::path::Path) -> Vec<u8> {
+    let img = image::open(media.join("stills/single_face_pyfeat.jpg"))
+        .expect("still")
+        .into_luma8();
+    let tile = image::imageops::resize(&img, 384, 216, image::imageops::FilterType::Triangle);
+    let mut out = image::GrayImage::new(1920, 1080);
+    for i in 0..25u32 {
+        image::imageops::replace(&mut out, &tile, (i % 5 * 384) as i64, (i / 5 * 216) as i64);
+    }
+    out.into_raw()
+}
+
+/// The whole-frame search by each detector, with `run`'s video settings (detection width 320):
+/// its cost, and the faces it finds (printed, as the recall beside the time).
+fn full_search(c: &mut Criterion) {
+    let Some(media) = media() else { return };
+    let mut group = c.benchmark_group("full_search/cpu");
+    group.sample_size(10);
+    let frames = [
+        (
+            "640x480_1_face",
+            frame_640x480(&media),
+            640u32,
+            480u32,
+            1usize,
+        ),
+        (
+            "1920x1080_gallery_25",
+            gallery_1080p(&media),
+            1920,
+            1080,
+            25,
+        ),
+    ];
+    for (name, frame, w, h, faces) in &frames {
+        for full in [
+            FullDetector::Rustface,
+            FullDetector::BlazeFace,
+            FullDetector::Both,
+        ] {
+            let mut det = FaceDetector::new(DetectConfig {
+                full,
+                ..Default::default()
+            })
+            .expect("detector");
+            let found = det.detect_full(frame, *w, *h).len();
+            eprintln!("full search {name} {full:?}: {found} faces found of {faces}");
+            group.bench_function(format!("{name}/{full:?}"), |b| {
+                b.iter(|| det.detect_full(frame, *w, *h))
+            });
+        }
+    }
+    group.finish();
+}
+
 fn detect(c: &mut Criterion) {
     let Some(media) = media() else { return };
     let frame = frame_640x480(&media);
@@ -49,6 +105,7 @@ fn detect(c: &mut Criterion) {
     for width in [0u32, 320] {
         let mut det = FaceDetector::new(DetectConfig {
             detect_width: width,
+            full: FullDetector::Rustface,
             ..Default::default()
         })
         .expect("detector");
@@ -175,5 +232,5 @@ fn end_to_end(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, detect, sampler, end_to_end);
+criterion_group!(benches, detect, full_search, sampler, end_to_end);
 criterion_main!(benches);

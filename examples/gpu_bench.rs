@@ -128,6 +128,7 @@ fn main() -> Result<()> {
                 w: 90.0,
                 h: 100.0,
                 score: 1.0,
+                roll: None,
             })
             .collect();
         let t_cpu = time(iters, || {

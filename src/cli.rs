@@ -234,9 +234,13 @@ pub struct FaceArgs {
     #[arg(long, default_value_t = 20)]
     pub min_face: u32,
     /// Network that searches around known faces between full-frame searches: blazeface
-    /// (MediaPipe BlazeFace, short range) or rustface. Full frames always use rustface.
+    /// (MediaPipe BlazeFace, short range) or rustface.
     #[arg(long, default_value = "blazeface")]
     pub detector: String,
+    /// What searches whole frames: both (BlazeFace on tiles at a few scales for faces of 40
+    /// frame pixels and up, plus rustface), blazeface or rustface.
+    #[arg(long, default_value = "both")]
+    pub full_detector: String,
     /// Detector score threshold.
     #[arg(allow_negative_numbers = true, long, default_value_t = 2.0)]
     pub det_threshold: f64,

@@ -14,8 +14,11 @@
 //!   for stills), `size` `[w, h]`, optional `file` (stills), `faces` (below), `latency_ms` `{capture_to_emit, queue, detect, crop, infer,
 //!   emit}`, and `dropped` (frames dropped so far because the pipeline was busy).
 //!   Each face: `id` (track id, stable across frames, never reused), `box` `[x, y, w, h]` in
-//!   source pixels, `det_score` (rustface's score from a full-frame search, BlazeFace's
-//!   probability from a search around the track), `label` (CARD majority vote), `probs` and `votes` (objects keyed
+//!   source pixels, `det_score` (the detector's score: BlazeFace's probability, 0-1, or
+//!   rustface's score, about 2-40, for a face only rustface found), optional `roll_deg` (head roll, degrees:
+//!   the tilt of the line from the eye on the image's left to the one on its right, clockwise
+//!   in the image; present when BlazeFace found the face, which gives the eyes; the crop is
+//!   turned by the part beyond 8°), `label` (CARD majority vote), `probs` and `votes` (objects keyed
 //!   by class name, in the model's class order), `certain` (CARD's paired t-test between the two
 //!   most-voted classes, p < α), `p_value` (`null` when the test is undefined), `entropy` (nats,
 //!   of `probs`).
@@ -67,6 +70,10 @@ pub struct FaceOut {
     #[serde(rename = "box")]
     pub bbox: [i32; 4],
     pub det_score: f64,
+    /// Head roll in degrees, from the eyes BlazeFace found (absent when the face was found by
+    /// rustface alone).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub roll_deg: Option<f64>,
     pub label: String,
     pub probs: ClassMap,
     pub votes: ClassMap,
@@ -281,6 +288,7 @@ mod tests {
                 id: 1,
                 bbox: [10, 20, 30, 30],
                 det_score: 4.2,
+                roll_deg: None,
                 label: "happy".into(),
                 probs: ClassMap {
                     names: names.clone(),

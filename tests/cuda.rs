@@ -134,6 +134,7 @@ mod gpu {
             w: s,
             h: s * 1.1,
             score: 1.0,
+            roll: None,
         };
         // Shrunk, enlarged, at scale one, over every edge, and one pixel.
         let boxes = [

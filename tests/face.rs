@@ -71,6 +71,7 @@ fn follows_the_face(near: NearDetector) {
             w: track.w * zoom,
             h: track.h * zoom,
             score: 0.0,
+            roll: None,
         };
         let got = det
             .detect_near(&f, 640, 480, &track)

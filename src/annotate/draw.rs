@@ -360,6 +360,7 @@ mod tests {
             id: 3,
             bbox: [20, 20, 40, 40],
             det_score: 5.0,
+            roll_deg: None,
             label: "happy".into(),
             probs: ClassMap {
                 names: names.clone(),
@@ -401,6 +402,7 @@ mod tests {
             id,
             bbox: [x, y, 30, 30],
             det_score: 5.0,
+            roll_deg: None,
             label: "surprise".into(),
             probs: ClassMap {
                 names: names.clone(),

@@ -97,7 +97,8 @@ fn through_pipeline(
     };
     run_cfg.validate()?;
     let face_stage = format!(
-        "rustface full-frame search of every frame (detect width {}, min face {} px, threshold {}), crop margin {}",
+        "{} full-frame search of every frame (detect width {}, min face {} px, rustface threshold {}), crop margin {}",
+        a.face.full_detector,
         match run_cfg.detect.detect_width {
             0 => "full".to_string(),
             w => w.to_string(),

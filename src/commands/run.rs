@@ -49,6 +49,7 @@ pub fn detect_config(a: &FaceArgs, video: bool) -> Result<DetectConfig> {
         min_face: a.min_face,
         score_threshold: a.det_threshold,
         near: a.detector.parse()?,
+        full: a.full_detector.parse()?,
         ..Default::default()
     })
 }
@@ -92,7 +93,7 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
         seed: sampler.seed,
         smooth: a.smooth,
         detector: fer_cam::emit::DetectorSettings {
-            full: "rustface".into(),
+            full: a.face.full_detector.clone(),
             near: a.face.detector.clone(),
             detect_width: detect.detect_width,
             detect_every: detect.every,

@@ -1,5 +1,7 @@
 //! Crop → resize → normalise for a batch of face boxes of one frame, on the GPU: the twin of
-//! [`crate::face::crop_face`] for each box followed by [`crate::Classifier::preprocess`].
+//! [`crate::face::crop_face`] for each box followed by [`crate::Classifier::preprocess`], for
+//! upright crops: a box whose roll would turn its crop (see [`crate::face::crop_turn`]) is
+//! refused rather than cropped unlike the CPU (the pipeline crops on the CPU).
 
 use candle_core::cuda_backend::{cudarc, CudaStorage};
 use candle_core::op::BackpropOp;
@@ -34,6 +36,11 @@ pub fn crop_faces(
     }
     let mut squares = Vec::with_capacity(boxes.len() * 3);
     for b in boxes {
+        if crate::face::crop_turn(b.roll) != 0.0 {
+            return Err(Error::Msg(format!(
+                "GPU crops: box {b:?} needs a turned crop, which only the CPU makes"
+            )));
+        }
         let (x0, y0, n) = crop_square(b, margin);
         let fits = |v: i64| i32::try_from(v).is_ok();
         if !(fits(x0) && fits(y0) && fits(n)) {

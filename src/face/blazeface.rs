@@ -316,17 +316,21 @@ fn decode(logits: &[f32], regs: &[f32], threshold: f32) -> Vec<FaceBox> {
                 for _ in 0..per_cell {
                     let score = 1.0 / (1.0 + (-logits[i]).exp());
                     if score >= threshold {
-                        let r = &regs[i * REG..i * REG + 4];
+                        let r = &regs[i * REG..i * REG + REG];
                         let (x, y) = (
                             (cx as f32 + 0.5) * step + r[0],
                             (cy as f32 + 0.5) * step + r[1],
                         );
+                        // Key points 0 and 1 are the eyes (the subject's right, on the image's
+                        // left, first), as offsets from the anchor like the centre.
+                        let roll = (r[7] - r[5]).atan2(r[6] - r[4]);
                         boxes.push(FaceBox {
                             x: x - r[2] / 2.0,
                             y: y - r[3] / 2.0,
                             w: r[2],
                             h: r[3],
                             score: score as f64,
+                            roll: Some(roll),
                         });
                     }
                     i += 1;
@@ -349,12 +353,18 @@ fn suppress(mut boxes: Vec<FaceBox>, iou: f32) -> Vec<FaceBox> {
         let mean = |f: fn(&FaceBox) -> f32| {
             (group.iter().map(|b| f(b) as f64 * b.score).sum::<f64>() / total) as f32
         };
+        // Rolls are averaged as angles (a group's are close; the mean of their unit vectors).
+        let (sin, cos) = group.iter().fold((0.0f64, 0.0f64), |(s, c), b| {
+            let r = b.roll.unwrap_or(0.0) as f64;
+            (s + r.sin() * b.score, c + r.cos() * b.score)
+        });
         out.push(FaceBox {
             x: mean(|b| b.x),
             y: mean(|b| b.y),
             w: mean(|b| b.w),
             h: mean(|b| b.h),
             score: best.score,
+            roll: best.roll.map(|_| sin.atan2(cos) as f32),
         });
         boxes = rest;
     }
@@ -372,6 +382,7 @@ mod tests {
             w: 10.0,
             h: 10.0,
             score,
+            roll: None,
         }
     }
 

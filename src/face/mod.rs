@@ -7,8 +7,8 @@ mod crop;
 mod detect;
 mod track;
 
-pub use crop::{crop_face, crop_square};
-pub use detect::{sample_square, DetectConfig, FaceDetector, NearDetector};
+pub use crop::{crop_face, crop_square, crop_turn, ROLL_LEFT_UPRIGHT};
+pub use detect::{sample_square, tiles, DetectConfig, FaceDetector, FullDetector, NearDetector};
 pub use track::{Smoother, Tracker, TrackerConfig};
 
 /// A face box in source pixels, with the detector's score.
@@ -19,6 +19,10 @@ pub struct FaceBox {
     pub w: f32,
     pub h: f32,
     pub score: f64,
+    /// In-plane head roll in radians, when the detector gave eye positions: the angle of the
+    /// line from the eye on the image's left to the one on its right, clockwise in the image
+    /// (y down). The crop is turned by it so the eyes come out level.
+    pub roll: Option<f32>,
 }
 
 impl FaceBox {
@@ -45,6 +49,7 @@ impl FaceBox {
             w: self.w * s,
             h: self.h * s,
             score: self.score,
+            roll: self.roll,
         }
     }
 

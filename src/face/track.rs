@@ -160,6 +160,7 @@ mod tests {
             w: 40.0,
             h: 40.0,
             score: 3.0,
+            roll: None,
         }
     }
 

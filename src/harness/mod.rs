@@ -213,6 +213,7 @@ fn parse_frames(out: &[u8], classes: &[String], n: usize) -> Result<Vec<Vec<Dete
                     w: *w,
                     h: *h,
                     score: 0.0,
+                    roll: None,
                 },
                 label,
                 probs,
@@ -236,6 +237,7 @@ fn crop_box(b: &FaceBox, margin: f32) -> FaceBox {
         w: n as f32,
         h: n as f32,
         score: 0.0,
+        roll: None,
     }
 }
 

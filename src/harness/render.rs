@@ -122,6 +122,7 @@ impl Placement {
             w: self.side,
             h: self.side,
             score: 0.0,
+            roll: None,
         }
     }
 }

@@ -27,6 +27,9 @@ const SAME_FACE_IOU: f32 = 0.3;
 /// Longest the full-frame search waits for the pipeline to empty before it starts anyway (when
 /// frames come back to back, it never does).
 const FULL_SEARCH_MAX_WAIT: Duration = Duration::from_millis(40);
+/// Between the pieces of a full search (a BlazeFace tile, a second look, the rustface search),
+/// the search waits for the frames in flight again, at most this long each time.
+const PIECE_MAX_WAIT: Duration = Duration::from_millis(20);
 
 /// How many frames are between the start of their face stage and their emission (or drop).
 #[derive(Default)]
@@ -184,7 +187,9 @@ impl FullSearch {
             };
             for (gray, w, h) in todo {
                 in_flight.wait_empty(FULL_SEARCH_MAX_WAIT);
-                if done.send(det.detect_full(&gray, w, h)).is_err() {
+                let mut yield_to_frames = || in_flight.wait_empty(PIECE_MAX_WAIT);
+                let faces = det.detect_full_yielding(&gray, w, h, &mut yield_to_frames);
+                if done.send(faces).is_err() {
                     return;
                 }
             }
@@ -318,6 +323,7 @@ mod tests {
             w: 100.0,
             h: 100.0,
             score: 5.0,
+            roll: None,
         };
         // The second overlaps the first (IoU 0.82); the third is another face.
         let kept = distinct(vec![b(0.0), b(10.0), b(300.0)]);

@@ -91,6 +91,9 @@ pub(super) fn infer_loop(
                         b.h.round() as i32,
                     ],
                     det_score: (b.score * 1000.0).round() / 1000.0,
+                    roll_deg: b
+                        .roll
+                        .map(|r| (r.to_degrees() as f64 * 10.0).round() / 10.0),
                     label: names.get(label).cloned().unwrap_or_default(),
                     probs: ClassMap {
                         names: names.clone(),
