@@ -139,15 +139,7 @@ fn a_1080p_call_gallery_is_found_by_default() {
 
 /// The face square a detection's crop takes (the daemon's default margin), as a box.
 fn crop_box(b: &FaceBox) -> FaceBox {
-    let (x0, y0, n) = fer_cam::face::crop_square(b, fer_cam::pipeline::DEFAULT_MARGIN);
-    FaceBox {
-        x: x0 as f32,
-        y: y0 as f32,
-        w: n as f32,
-        h: n as f32,
-        score: 0.0,
-        roll: None,
-    }
+    fer_cam::face::crop_box(b, fer_cam::pipeline::DEFAULT_MARGIN)
 }
 
 /// The fixture's face cut to its square and shrunk to 48x48, as FER2013 stores faces.

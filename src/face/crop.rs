@@ -16,6 +16,19 @@ pub fn crop_square(b: &FaceBox, margin: f32) -> (i64, i64, i64) {
     (x0, y0, n)
 }
 
+/// The square a crop of `b` takes ([`crop_square`]), as a box (no score, no roll).
+pub fn crop_box(b: &FaceBox, margin: f32) -> FaceBox {
+    let (x0, y0, n) = crop_square(b, margin);
+    FaceBox {
+        x: x0 as f32,
+        y: y0 as f32,
+        w: n as f32,
+        h: n as f32,
+        score: 0.0,
+        roll: None,
+    }
+}
+
 /// Roll the classifier copes with unturned, in radians (8°): it was trained with random
 /// rotations of up to ±10°, and FER2013's faces carry their own small tilts. A crop is turned
 /// only by the part of the roll beyond this, so small rolls and the eye positions' noise leave

@@ -406,21 +406,30 @@ fn blaze_in_square(
     let s = side / n as f32;
     net.detect(&img, threshold)
         .unwrap_or_default()
-        .into_iter()
+        .iter()
         .map(|b| {
-            let (bx, by) = b.centre();
-            let side = b.w.max(b.h) * s / BLAZE_SIDE;
-            let (fx, fy) = (x0 + bx * s, y0 + by * s - BLAZE_DROP * side);
+            let sq = face_square(b).scaled(s);
             FaceBox {
-                x: fx - side / 2.0,
-                y: fy - side / 2.0,
-                w: side,
-                h: side,
-                score: b.score,
-                roll: b.roll,
+                x: sq.x + x0,
+                y: sq.y + y0,
+                ..sq
             }
         })
         .collect()
+}
+
+/// The face square BlazeFace's box `b` stands for ([`BLAZE_SIDE`], [`BLAZE_DROP`]), in the same
+/// pixels, with its score and roll.
+fn face_square(b: &FaceBox) -> FaceBox {
+    let side = b.w.max(b.h) / BLAZE_SIDE;
+    let (cx, cy) = b.centre();
+    FaceBox {
+        x: cx - side / 2.0,
+        y: cy - BLAZE_DROP * side - side / 2.0,
+        w: side,
+        h: side,
+        ..*b
+    }
 }
 
 /// Whether BlazeFace, shown the region around a candidate face from the tiles (the face at
@@ -455,19 +464,7 @@ fn second_look(net: &BlazeFace, gray: &[u8], w: u32, h: u32, c: &FaceBox) -> boo
         net.detect(img, BLAZE_FULL_THRESHOLD)
             .unwrap_or_default()
             .iter()
-            .any(|b| {
-                // The network's own box, as a face square like `want`.
-                let side = b.w.max(b.h) / BLAZE_SIDE;
-                let (bx, by) = b.centre();
-                let sq = FaceBox {
-                    x: bx - side / 2.0,
-                    y: by - BLAZE_DROP * side - side / 2.0,
-                    w: side,
-                    h: side,
-                    ..*b
-                };
-                sq.iou(want) >= SAME_FACE
-            })
+            .any(|b| face_square(b).iou(want) >= SAME_FACE)
     };
     sees(&img, &want) && sees(&mirrored, &want_mirrored)
 }

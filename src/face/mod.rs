@@ -7,7 +7,7 @@ mod crop;
 mod detect;
 mod track;
 
-pub use crop::{crop_face, crop_square, crop_turn, ROLL_LEFT_UPRIGHT};
+pub use crop::{crop_box, crop_face, crop_square, crop_turn, ROLL_LEFT_UPRIGHT};
 pub use detect::{sample_square, tiles, DetectConfig, FaceDetector, FullDetector, NearDetector};
 pub use track::{Smoother, Tracker, TrackerConfig};
 

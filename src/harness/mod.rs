@@ -17,7 +17,7 @@ use crate::capture::{Frame, FrameSource, SourceEvent};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
 use crate::eval::{vote_labels, InModelClasses};
-use crate::face::{crop_square, FaceBox};
+use crate::face::{crop_box, FaceBox};
 use crate::infer::Classifier;
 use crate::metrics;
 use crate::pipeline::RunConfig;
@@ -227,19 +227,6 @@ fn parse_frames(out: &[u8], classes: &[String], n: usize) -> Result<Vec<Vec<Dete
 /// The detection taken as a rendered face: its crop box's IoU with the true square, the crop
 /// box, and the detection.
 type Match<'a> = (f32, FaceBox, &'a Detection);
-
-/// The square a crop of `b` takes, as a box.
-fn crop_box(b: &FaceBox, margin: f32) -> FaceBox {
-    let (x0, y0, n) = crop_square(b, margin);
-    FaceBox {
-        x: x0 as f32,
-        y: y0 as f32,
-        w: n as f32,
-        h: n as f32,
-        score: 0.0,
-        roll: None,
-    }
-}
 
 /// Renders every image of `data` (one split), runs the frames through the pipeline with
 /// `pipeline_clf` under `run_cfg`, scores `eval_clf` (the same model) on the images' own crops,
