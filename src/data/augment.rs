@@ -28,6 +28,112 @@ pub struct Augment {
     pub contrast: f32,
     /// Probability of erasing one random rectangle (2–33% of the area) with noise.
     pub erase: f32,
+    /// Camera conditions the face stage brings (all off unless set; see [`Webcam`]).
+    pub webcam: Webcam,
+}
+
+/// Augmentations for faces that reach the classifier through a camera and the face stage
+/// rather than as FER2013's own crops: the detector's framing (its crop square is the true one
+/// scaled and shifted), a lower-resolution camera, blur, sensor noise and lighting gamma. Each is
+/// off at 0; `eval --through-pipeline` measures the spread they imitate (crop side 0.94 ± 0.15
+/// of the true side, centre ± 0.05-0.06 of the side with the default face stage).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Webcam {
+    /// Standard deviation of the crop side's factor (around 1) and of its centre's offset (a
+    /// fraction of the side); a crop larger than the image repeats its edge pixels.
+    pub framing_scale_sd: f32,
+    pub framing_shift_sd: f32,
+    /// Probability of taking the image down to a lower resolution (factor uniform in
+    /// `downscale_min..1`) and back.
+    pub downscale_p: f32,
+    pub downscale_min: f32,
+    /// Largest Gaussian blur sigma in pixels of the 48x48 image (uniform in `0..blur_max`).
+    pub blur_max: f32,
+    /// Largest sensor-noise standard deviation in gray levels (uniform in `0..noise_max`).
+    pub noise_max: f32,
+    /// Lighting gamma range `gamma_lo..gamma_hi` (`255·(v/255)^gamma`; 0..0 is off).
+    pub gamma_lo: f32,
+    pub gamma_hi: f32,
+}
+
+impl Webcam {
+    fn validate(&self) -> Result<(), String> {
+        let ok = |v: f32, hi: f32| v.is_finite() && (0.0..=hi).contains(&v);
+        if !ok(self.framing_scale_sd, 0.5) || !ok(self.framing_shift_sd, 0.5) {
+            return Err("augment webcam framing_*_sd in 0..=0.5".into());
+        }
+        if !ok(self.downscale_p, 1.0)
+            || !(self.downscale_p == 0.0
+                || ok(self.downscale_min, 1.0) && self.downscale_min >= 0.1)
+        {
+            return Err("augment webcam downscale_p in 0..=1, downscale_min in 0.1..=1".into());
+        }
+        if !ok(self.blur_max, 5.0) || !ok(self.noise_max, 64.0) {
+            return Err("augment webcam blur_max in 0..=5, noise_max in 0..=64".into());
+        }
+        let gamma_off = self.gamma_lo == 0.0 && self.gamma_hi == 0.0;
+        let gamma_ok =
+            self.gamma_lo > 0.0 && self.gamma_lo <= self.gamma_hi && self.gamma_hi <= 4.0;
+        if !(gamma_off || gamma_ok) {
+            return Err(
+                "augment webcam gamma_lo..gamma_hi within 0 < lo <= hi <= 4 (or both 0: off)"
+                    .into(),
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies the enabled conditions to `img` (48x48); draws nothing for those that are off,
+    /// so a config without them trains exactly as before.
+    fn apply<R: Rng>(&self, img: GrayImage, rng: &mut R) -> GrayImage {
+        let side = img.width();
+        let mut img = img;
+        if self.framing_scale_sd > 0.0 || self.framing_shift_sd > 0.0 {
+            let scale = (1.0 + self.framing_scale_sd * normal(rng)).clamp(0.6, 1.6);
+            let (dx, dy) = (
+                self.framing_shift_sd * normal(rng),
+                self.framing_shift_sd * normal(rng),
+            );
+            let n = side as f32;
+            let s = n * scale;
+            let (x0, y0) = (n / 2.0 + dx * n - s / 2.0, n / 2.0 + dy * n - s / 2.0);
+            let px = crate::face::sample_square(img.as_raw(), side, side, x0, y0, s, side);
+            img = GrayImage::from_raw(side, side, px).expect("side x side");
+        }
+        if self.downscale_p > 0.0 && rng.random::<f32>() < self.downscale_p {
+            let f = rng.random_range(self.downscale_min..=1.0);
+            let small = ((side as f32 * f).round() as u32).clamp(8, side);
+            let down = image::imageops::resize(&img, small, small, FilterType::Triangle);
+            img = image::imageops::resize(&down, side, side, FilterType::Triangle);
+        }
+        if self.blur_max > 0.0 {
+            let sigma = rng.random_range(0.0..=self.blur_max);
+            if sigma > 0.05 {
+                img = image::imageops::blur(&img, sigma);
+            }
+        }
+        if self.gamma_hi > 0.0 {
+            let g = rng.random_range(self.gamma_lo..=self.gamma_hi);
+            for p in img.pixels_mut() {
+                p.0[0] = (255.0 * (p.0[0] as f32 / 255.0).powf(g)).round() as u8;
+            }
+        }
+        if self.noise_max > 0.0 {
+            let sd = rng.random_range(0.0..=self.noise_max);
+            for p in img.pixels_mut() {
+                p.0[0] = (p.0[0] as f32 + sd * normal(rng)).round().clamp(0.0, 255.0) as u8;
+            }
+        }
+        img
+    }
+}
+
+/// A standard normal draw (Box-Muller).
+fn normal<R: Rng>(rng: &mut R) -> f32 {
+    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
+    let u2: f32 = rng.random();
+    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
 impl Default for Augment {
@@ -47,6 +153,7 @@ impl Augment {
             brightness: 0.0,
             contrast: 0.0,
             erase: 0.0,
+            webcam: Webcam::default(),
         }
     }
 
@@ -60,6 +167,7 @@ impl Augment {
             brightness: 0.1,
             contrast: 0.1,
             erase: 0.5,
+            webcam: Webcam::default(),
         }
     }
 
@@ -73,6 +181,7 @@ impl Augment {
             brightness: 0.3,
             contrast: 0.3,
             erase: 0.3,
+            webcam: Webcam::default(),
         }
     }
 
@@ -97,7 +206,7 @@ impl Augment {
         if !unit(self.brightness) || !unit(self.contrast) {
             return Err("augment brightness and contrast are in 0..=1".into());
         }
-        Ok(())
+        self.webcam.validate()
     }
 
     /// Applies the augmentations to one 48x48 image (row-major gray bytes).
@@ -118,6 +227,7 @@ impl Augment {
         if rng.random::<f32>() < self.flip {
             image::imageops::flip_horizontal_in_place(&mut img);
         }
+        img = self.webcam.apply(img, rng);
         if self.rotate_deg > 0.0 {
             let deg = rng.random_range(-self.rotate_deg..=self.rotate_deg);
             // The corners take the nearest edge pixel rather than black.
@@ -280,5 +390,117 @@ mod tests {
         }
         .validate()
         .is_err());
+    }
+
+    fn webcam() -> Webcam {
+        Webcam {
+            framing_scale_sd: 0.15,
+            framing_shift_sd: 0.055,
+            downscale_p: 0.5,
+            downscale_min: 0.5,
+            blur_max: 1.0,
+            noise_max: 4.0,
+            gamma_lo: 0.8,
+            gamma_hi: 1.25,
+        }
+    }
+
+    #[test]
+    fn webcam_conditions_draw_nothing_when_off_and_change_faces_when_on() {
+        use rand::rngs::StdRng;
+        // Off (the default of every stage): the image and the random stream are untouched, so
+        // a config written before these existed trains exactly as before.
+        let (mut a, mut b) = (StdRng::seed_from_u64(9), StdRng::seed_from_u64(9));
+        let img = GrayImage::from_raw(48, 48, gradient()).unwrap();
+        assert_eq!(Webcam::default().apply(img.clone(), &mut a), img);
+        assert_eq!(a.random::<u64>(), b.random::<u64>());
+        // A config without the field reads as off; unknown fields inside it are refused.
+        let old: Augment = serde_json::from_str(r#"{"flip": 0.5}"#).unwrap();
+        assert_eq!(old.webcam, Webcam::default());
+        assert!(serde_json::from_str::<Augment>(r#"{"webcam": {"blurr": 1}}"#).is_err());
+        // On: the face changes, the shape holds, a flat image stays flat but for the noise.
+        let on = Augment {
+            webcam: webcam(),
+            ..Augment::none()
+        };
+        on.validate().unwrap();
+        let mut rng = StdRng::seed_from_u64(3);
+        let face = gradient();
+        for _ in 0..10 {
+            let out = on.apply(&face, &mut rng);
+            assert_eq!(out.len(), face.len());
+            assert_ne!(out, face);
+        }
+        let flat = vec![128u8; FACE_SIZE * FACE_SIZE];
+        let quiet = Augment {
+            webcam: Webcam {
+                noise_max: 0.0,
+                gamma_lo: 0.0,
+                gamma_hi: 0.0,
+                ..webcam()
+            },
+            ..Augment::none()
+        };
+        for _ in 0..10 {
+            assert!(quiet
+                .apply(&flat, &mut rng)
+                .iter()
+                .all(|&v| v.abs_diff(128) <= 1));
+        }
+        // Framing alone moves the content: a crop shifted right of centre by a tenth of the side
+        // starts, on a left-to-right ramp, at a brighter column.
+        let framing = Webcam {
+            framing_shift_sd: 0.1,
+            ..Webcam::default()
+        };
+        let mut moved = 0;
+        for _ in 0..20 {
+            let out = framing.apply(img.clone(), &mut rng);
+            moved += usize::from(out.get_pixel(24, 24) != img.get_pixel(24, 24));
+        }
+        assert!(moved > 10, "{moved}");
+    }
+
+    #[test]
+    fn webcam_ranges_are_checked() {
+        for bad in [
+            Webcam {
+                framing_scale_sd: -0.1,
+                ..Webcam::default()
+            },
+            Webcam {
+                framing_shift_sd: f32::NAN,
+                ..Webcam::default()
+            },
+            Webcam {
+                downscale_p: 0.5,
+                downscale_min: 0.0,
+                ..Webcam::default()
+            },
+            Webcam {
+                blur_max: 50.0,
+                ..Webcam::default()
+            },
+            Webcam {
+                noise_max: -1.0,
+                ..Webcam::default()
+            },
+            Webcam {
+                gamma_lo: 1.2,
+                gamma_hi: 0.8,
+                ..Webcam::default()
+            },
+            Webcam {
+                gamma_lo: 0.0,
+                gamma_hi: 1.2,
+                ..Webcam::default()
+            },
+        ] {
+            let a = Augment {
+                webcam: bad.clone(),
+                ..Augment::none()
+            };
+            assert!(a.validate().is_err(), "{bad:?}");
+        }
     }
 }
