@@ -8,9 +8,9 @@ use image::{imageops::FilterType, GrayImage, Luma, LumaA};
 use imageproc::geometric_transformations::{warp_into, Border, Interpolation, Projection};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rand_distr::{Distribution, Normal};
 use serde::Serialize;
 
+use crate::data::augment::Camera;
 use crate::data::FACE_SIZE;
 use crate::error::{Error, Result};
 use crate::face::FaceBox;
@@ -189,35 +189,17 @@ pub fn render(cfg: &RenderConfig, index: usize, face: &[u8]) -> Result<(GrayImag
         noise,
         ..
     } = p;
-    let (w, h) = (cfg.frame_width as f32, cfg.frame_height as f32);
     let mut rng = rng_for(cfg, index, 1);
     let mut frame = background(&mut rng, cfg.frame_width, cfg.frame_height);
     paste(&mut frame, face, &p)?;
-    light(&mut frame, gain, gamma);
-    if downscale < 1.0 {
-        let (dw, dh) = (
-            ((w * downscale).round() as u32).max(16),
-            ((h * downscale).round() as u32).max(16),
-        );
-        let small = image::imageops::resize(&frame, dw, dh, FilterType::Triangle);
-        frame = image::imageops::resize(
-            &small,
-            cfg.frame_width,
-            cfg.frame_height,
-            FilterType::Triangle,
-        );
-    }
-    if blur > 0.05 {
-        frame = imageproc::filter::gaussian_blur_f32(&frame, blur);
-    }
-    if noise > 0.0 {
-        let normal = Normal::new(0.0f32, noise).map_err(|e| Error::Msg(e.to_string()))?;
-        for px in frame.pixels_mut() {
-            px.0[0] = (px.0[0] as f32 + normal.sample(&mut rng))
-                .round()
-                .clamp(0.0, 255.0) as u8;
-        }
-    }
+    let camera = Camera {
+        gain,
+        gamma,
+        downscale,
+        blur,
+        noise,
+    };
+    let frame = camera.apply(frame, &mut rng);
     Ok((frame, p))
 }
 
@@ -261,15 +243,6 @@ fn paste(frame: &mut GrayImage, face: &[u8], p: &Placement) -> Result<()> {
         }
     }
     Ok(())
-}
-
-fn light(frame: &mut GrayImage, gain: f32, gamma: f32) {
-    let lut: Vec<u8> = (0..256)
-        .map(|v| (255.0 * (gain * v as f32 / 255.0).min(1.0).powf(gamma)).round() as u8)
-        .collect();
-    for px in frame.pixels_mut() {
-        px.0[0] = lut[px.0[0] as usize];
-    }
 }
 
 #[cfg(test)]
