@@ -90,10 +90,11 @@ impl Webcam {
         let side = img.width();
         let mut img = img;
         if self.framing_scale_sd > 0.0 || self.framing_shift_sd > 0.0 {
-            let scale = (1.0 + self.framing_scale_sd * normal(rng)).clamp(0.6, 1.6);
+            let mut normal = || rng.sample::<f32, _>(rand_distr::StandardNormal);
+            let scale = (1.0 + self.framing_scale_sd * normal()).clamp(0.6, 1.6);
             let (dx, dy) = (
-                self.framing_shift_sd * normal(rng),
-                self.framing_shift_sd * normal(rng),
+                self.framing_shift_sd * normal(),
+                self.framing_shift_sd * normal(),
             );
             let n = side as f32;
             let s = n * scale;
@@ -101,6 +102,7 @@ impl Webcam {
             let px = crate::face::sample_square(img.as_raw(), side, side, x0, y0, s, side);
             img = GrayImage::from_raw(side, side, px).expect("side x side");
         }
+        // A condition that is off keeps its neutral value and draws nothing.
         let mut draw = |on: bool, lo: f32, hi: f32, off: f32| {
             if on {
                 rng.random_range(lo..=hi)
@@ -168,13 +170,6 @@ impl Camera {
         }
         img
     }
-}
-
-/// A standard normal draw (Box-Muller).
-fn normal<R: Rng>(rng: &mut R) -> f32 {
-    let u1: f32 = rng.random_range(f32::EPSILON..1.0);
-    let u2: f32 = rng.random();
-    (-2.0 * u1.ln()).sqrt() * (std::f32::consts::TAU * u2).cos()
 }
 
 impl Default for Augment {

@@ -10,7 +10,7 @@ use image::GrayImage;
 use rustface::{Detector, ImageData};
 
 use super::blazeface::{self, BlazeFace};
-use super::FaceBox;
+use super::{distinct, FaceBox, SAME_FACE_IOU};
 use crate::error::{Error, Result};
 
 /// The SeetaFace frontal detector model (BSD-2-Clause, see models/).
@@ -234,18 +234,18 @@ impl FaceDetector {
         let mut found: Vec<FaceBox> = candidates
             .into_iter()
             .filter(|c| {
-                others.iter().any(|o| o.iou(c) >= SAME_FACE) || {
+                others.iter().any(|o| o.iou(c) >= SAME_FACE_IOU) || {
                     between();
                     second_look(net, gray, w, h, c)
                 }
             })
             .collect();
         for b in others {
-            if found.iter().all(|k| k.iou(&b) < SAME_FACE) {
+            if found.iter().all(|k| k.iou(&b) < SAME_FACE_IOU) {
                 // Its eyes, from BlazeFace around it, when BlazeFace sees it there.
                 let better = blaze_near(net, gray, w, h, &b, BLAZE_THRESHOLD)
                     .into_iter()
-                    .filter(|n| n.iou(&b) >= SAME_FACE)
+                    .filter(|n| n.iou(&b) >= SAME_FACE_IOU)
                     .max_by(|p, q| p.iou(&b).total_cmp(&q.iou(&b)));
                 found.push(better.unwrap_or(b));
             }
@@ -373,8 +373,6 @@ const BLAZE_FULL_THRESHOLD: f32 = 0.6;
 /// and 0.12.)
 const BLAZE_SIDE: f32 = 0.95;
 const BLAZE_DROP: f32 = 0.075;
-/// Detections overlapping by this IoU are one face.
-const SAME_FACE: f32 = 0.3;
 
 /// BlazeFace's faces in the region around `near`, as face squares in frame pixels.
 fn blaze_near(
@@ -385,14 +383,20 @@ fn blaze_near(
     near: &FaceBox,
     threshold: f32,
 ) -> Vec<FaceBox> {
-    let side = near.w.max(near.h) * BLAZE_ROI;
-    let (cx, cy) = near.centre();
-    let region = (cx - side / 2.0, cy - side / 2.0, side);
-    blaze_in_square(net, gray, w, h, region, threshold)
+    blaze_in_square(net, gray, w, h, region_around(near), threshold, false)
+}
+
+/// The square `(x0, y0, side)` BlazeFace searches around a face box: [`BLAZE_ROI`] times its
+/// side, about its centre.
+fn region_around(b: &FaceBox) -> (f32, f32, f32) {
+    let side = b.w.max(b.h) * BLAZE_ROI;
+    let (cx, cy) = b.centre();
+    (cx - side / 2.0, cy - side / 2.0, side)
 }
 
 /// BlazeFace's faces in the square `(x0, y0, side)` of the frame (resampled to the network's
-/// input), as face squares in frame pixels ([`BLAZE_SIDE`], [`BLAZE_DROP`]).
+/// input, and shown to it mirrored when `mirrored`), as face squares in frame pixels
+/// ([`BLAZE_SIDE`], [`BLAZE_DROP`]).
 fn blaze_in_square(
     net: &BlazeFace,
     gray: &[u8],
@@ -400,15 +404,23 @@ fn blaze_in_square(
     h: u32,
     (x0, y0, side): (f32, f32, f32),
     threshold: f32,
+    mirrored: bool,
 ) -> Vec<FaceBox> {
     let n = blazeface::INPUT;
-    let img = sample_square(gray, w, h, x0, y0, side, n as u32);
+    let mut img = sample_square(gray, w, h, x0, y0, side, n as u32);
+    if mirrored {
+        img.chunks_exact_mut(n).for_each(|row| row.reverse());
+    }
     let s = side / n as f32;
     net.detect(&img, threshold)
         .unwrap_or_default()
         .iter()
         .map(|b| {
-            let sq = face_square(b).scaled(s);
+            let mut sq = face_square(b);
+            if mirrored {
+                sq.x = n as f32 - sq.x - sq.w;
+            }
+            let sq = sq.scaled(s);
             FaceBox {
                 x: sq.x + x0,
                 y: sq.y + y0,
@@ -437,36 +449,19 @@ fn face_square(b: &FaceBox) -> FaceBox {
 /// [`BLAZE_FULL_THRESHOLD`]: a face is a face in its mirror image too, which a tile's false
 /// faces (a dark shirt, foliage) seldom are.
 fn second_look(net: &BlazeFace, gray: &[u8], w: u32, h: u32, c: &FaceBox) -> bool {
-    let side = c.w.max(c.h) * BLAZE_ROI;
-    let (cx, cy) = c.centre();
-    let (x0, y0) = (cx - side / 2.0, cy - side / 2.0);
-    let n = blazeface::INPUT;
-    let img = sample_square(gray, w, h, x0, y0, side, n as u32);
-    let mirrored: Vec<u8> = img
-        .chunks_exact(n)
-        .flat_map(|row| row.iter().rev().copied())
-        .collect();
-    let s = side / n as f32;
-    // The candidate in the network's input, and its mirror image.
-    let at = |b: &FaceBox| FaceBox {
-        x: (b.x - x0) / s,
-        y: (b.y - y0) / s,
-        w: b.w / s,
-        h: b.h / s,
-        ..*b
-    };
-    let want = at(c);
-    let want_mirrored = FaceBox {
-        x: n as f32 - want.x - want.w,
-        ..want
-    };
-    let sees = |img: &[u8], want: &FaceBox| {
-        net.detect(img, BLAZE_FULL_THRESHOLD)
-            .unwrap_or_default()
-            .iter()
-            .any(|b| face_square(b).iou(want) >= SAME_FACE)
-    };
-    sees(&img, &want) && sees(&mirrored, &want_mirrored)
+    [false, true].into_iter().all(|mirrored| {
+        blaze_in_square(
+            net,
+            gray,
+            w,
+            h,
+            region_around(c),
+            BLAZE_FULL_THRESHOLD,
+            mirrored,
+        )
+        .iter()
+        .any(|b| b.iou(c) >= SAME_FACE_IOU)
+    })
 }
 
 /// Share of a tile's side taken by the smallest and the largest face a level of tiles is
@@ -529,20 +524,14 @@ fn blaze_full(
         .into_iter()
         .flat_map(|tile| {
             between();
-            blaze_in_square(net, gray, w, h, tile, BLAZE_FULL_THRESHOLD)
+            blaze_in_square(net, gray, w, h, tile, BLAZE_FULL_THRESHOLD, false)
         })
         // Faces a little under the smallest searched for are still faces (the search is
         // designed for `min_face`; a box's side varies by ±15% around the face's).
         .filter(|b| b.w >= 0.7 * min_face)
         .collect();
     found.sort_by(|a, b| b.score.total_cmp(&a.score));
-    let mut kept: Vec<FaceBox> = Vec::new();
-    for b in found {
-        if kept.iter().all(|k| k.iou(&b) < SAME_FACE) {
-            kept.push(b);
-        }
-    }
-    kept
+    distinct(found)
 }
 
 /// The square `(x0, y0, side)` of the frame resampled bilinearly to `n × n`; outside the

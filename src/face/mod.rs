@@ -11,6 +11,22 @@ pub use crop::{crop_box, crop_face, crop_square, crop_turn, ROLL_LEFT_UPRIGHT};
 pub use detect::{sample_square, tiles, DetectConfig, FaceDetector, FullDetector, NearDetector};
 pub use track::{Smoother, Tracker, TrackerConfig};
 
+/// Two detections overlapping by this IoU or more are one face.
+pub const SAME_FACE_IOU: f32 = 0.3;
+
+/// The detections that are not the same face as an earlier one ([`SAME_FACE_IOU`]), in order:
+/// earlier ones win (put the best first). The searches around two tracks, a late full-frame
+/// search or overlapping tiles can find one face twice, and two tracks would then follow it.
+pub fn distinct(dets: Vec<FaceBox>) -> Vec<FaceBox> {
+    let mut kept: Vec<FaceBox> = Vec::with_capacity(dets.len());
+    for d in dets {
+        if kept.iter().all(|k| k.iou(&d) < SAME_FACE_IOU) {
+            kept.push(d);
+        }
+    }
+    kept
+}
+
 /// A face box in source pixels, with the detector's score.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct FaceBox {

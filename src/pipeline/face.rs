@@ -19,10 +19,9 @@ use super::capture::Counters;
 use super::{spawn, FaceJob, RunConfig};
 use crate::capture::Frame;
 use crate::error::Result;
-use crate::face::{crop_face, DetectConfig, FaceBox, FaceDetector, NearDetector, Tracker};
-
-/// A full-frame detection that overlaps a region search's face this much is the same face.
-const SAME_FACE_IOU: f32 = 0.3;
+use crate::face::{
+    crop_face, distinct, DetectConfig, FaceBox, FaceDetector, NearDetector, Tracker,
+};
 
 /// Longest the full-frame search waits for the pipeline to empty before it starts anyway (when
 /// frames come back to back, it never does).
@@ -149,19 +148,6 @@ pub(super) fn face_loop(
     Ok(())
 }
 
-/// Detections that are not the same face as an earlier one (IoU above [`SAME_FACE_IOU`]): the
-/// searches around two tracks, or a late full-frame search, can find one face twice, and two
-/// tracks would then follow it for good. Earlier detections (older tracks) win.
-fn distinct(dets: Vec<FaceBox>) -> Vec<FaceBox> {
-    let mut kept: Vec<FaceBox> = Vec::with_capacity(dets.len());
-    for d in dets {
-        if kept.iter().all(|k| k.iou(&d) < SAME_FACE_IOU) {
-            kept.push(d);
-        }
-    }
-    kept
-}
-
 /// The full-frame search on its own thread: one frame at a time, the newest it is offered, each
 /// started when the pipeline has emptied (or after [`FULL_SEARCH_MAX_WAIT`]).
 struct FullSearch {
@@ -177,7 +163,7 @@ impl FullSearch {
         // Detached: it ends when `frames` closes, after at most the search in hand.
         spawn("fer-detect", move || {
             // The settings were validated by the face stage's own detector. This one only
-            // searches full frames, which rustface does whatever searches around tracks.
+            // searches whole frames, so it needs no detector for the regions around tracks.
             let cfg = DetectConfig {
                 near: NearDetector::Rustface,
                 ..cfg
