@@ -8,7 +8,7 @@ use std::time::Instant;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use fer_cam::kernels::{direct, geom::ConvGeom, reference, wgrad, winograd};
+use fer_cam::kernels::{direct, geom::ConvGeom, isa, reference, wgrad, winograd};
 
 fn main() {
     // As the fer-cam binary does: keep freed pages for reuse instead of faulting them in again.
@@ -56,7 +56,7 @@ fn main() {
         .into_iter()
         .map(|(n, b, c, hw, k, kh, s, p)| (n.to_string(), b, c, hw, k, kh, s, p))
         .chain(half_cases);
-    let isa = direct::isa();
+    let isa = isa::direct();
     println!("direct kernel: {isa:?}");
     for (name, b, c, hw, k, kh, s, p) in cases {
         if !selected(&name) {
@@ -72,7 +72,7 @@ fn main() {
         let reps = (4e8 / flops).ceil() as usize;
         for label in ["winograd4", "winograd", "direct", "gemm"] {
             // Winograd runs on AVX-512 only; the direct kernel on AVX-512 or AVX2.
-            if (label.starts_with("winograd") && (pwino.is_none() || !direct::available()))
+            if (label.starts_with("winograd") && (pwino.is_none() || !isa::avx512()))
                 || (label == "direct" && isa.is_none())
             {
                 continue;
@@ -145,8 +145,8 @@ fn weight_gradients() {
             }
             let dt = best_of_5(reps, || {
                 let dw = match label {
-                    "winograd4" => wgrad::conv_backward_weight_tiles(&g, &x, &dy, 4),
-                    "winograd" => wgrad::conv_backward_weight_tiles(&g, &x, &dy, 2),
+                    "winograd4" => wgrad::conv_backward_weight(&g, &x, &dy, 4),
+                    "winograd" => wgrad::conv_backward_weight(&g, &x, &dy, 2),
                     _ => reference::conv2d_backward_weight_gemm(&g, &x, &dy),
                 };
                 std::hint::black_box(dw);

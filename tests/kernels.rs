@@ -188,9 +188,8 @@ fn channel_pool_matches_candle() {
             randn(&[b, c], 500 + i as u64),
             randn(&[b, c], 600 + i as u64),
         );
-        let (avg, max) = fer_cam::kernels::channel_pool(x.as_tensor(), ConvKernels::Fast)
-            .unwrap()
-            .expect("fast channel pool");
+        // A CPU f32 tensor with ConvKernels::Fast: the fused kernel runs.
+        let (avg, max) = fer_cam::kernels::channel_pool(x.as_tensor(), ConvKernels::Fast).unwrap();
         let flat = x.as_tensor().flatten_from(2).unwrap();
         let (avg0, max0) = (flat.mean(2).unwrap(), flat.max(2).unwrap());
         assert!(rel_err(&avg, &avg0) < 1e-6, "mean {:?}", (b, c, h, w));
@@ -408,4 +407,16 @@ fn encoder_parity_batch_64_and_odd_sizes() {
     encoder_parity(Stem::Conv7x7Pool, true, false, 64, 48);
     encoder_parity(Stem::Conv3x3, true, false, 3, 45);
     encoder_parity(Stem::Conv7x7Pool, true, false, 2, 41);
+}
+
+/// The kernels CI asked for are the ones that ran: under `FER_CAM_REQUIRE_PORTABLE=1` (CI's
+/// second pass, with `FER_CAM_NO_AVX512=1 FER_CAM_NO_AVX2=1`) every kernel takes its portable
+/// form, so a misspelt switch cannot quietly retest the vector kernels; likewise
+/// `FER_CAM_REQUIRE_AVX512` and `FER_CAM_REQUIRE_DIRECT`.
+#[test]
+fn the_required_kernel_path_runs() {
+    eprintln!("kernels: {}", fer_cam::kernels::isa::describe());
+    if let Some(why) = fer_cam::kernels::isa::required_path_mismatch() {
+        panic!("{why}");
+    }
 }

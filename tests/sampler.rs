@@ -119,3 +119,15 @@ fn classifier_predictions_agree_between_kernels() {
         }
     }
 }
+
+/// The kernels CI asked for are the ones that ran: under `FER_CAM_REQUIRE_PORTABLE=1` (CI's
+/// second pass, with `FER_CAM_NO_AVX512=1 FER_CAM_NO_AVX2=1`) every kernel takes its portable
+/// form, so a misspelt switch cannot quietly retest the vector kernels; likewise
+/// `FER_CAM_REQUIRE_AVX512` and `FER_CAM_REQUIRE_DIRECT`.
+#[test]
+fn the_required_kernel_path_runs() {
+    eprintln!("kernels: {}", fer_cam::kernels::isa::describe());
+    if let Some(why) = fer_cam::kernels::isa::required_path_mismatch() {
+        panic!("{why}");
+    }
+}

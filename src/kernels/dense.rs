@@ -51,8 +51,8 @@ impl Dense {
         assert!(out.len() >= rows * self.d_out, "out too short");
         #[cfg(target_arch = "x86_64")]
         {
-            if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-                // SAFETY: AVX2 and FMA are present (checked at run time).
+            if crate::kernels::isa::avx2_fma() {
+                // SAFETY: AVX2 and FMA are present (checked at run time, `isa::avx2_fma`).
                 unsafe { forward_fma(self, x, rows, out) };
                 return;
             }

@@ -5,8 +5,9 @@
 //! Layout, from the ground up: [`geom`] (shapes only); [`reference`](mod@reference) (im2col + GEMM and pooling,
 //! the portable path every fast path is tested against); the fast paths [`winograd`]
 //! (F(2x2,3x3), F(4x4,3x3)), [`direct`] (implicit GEMM on an AVX-512 micro-kernel), [`wgrad`],
-//! [`bn`] and [`cbam`]; [`conv`], the per-layer choice between them; and the candle custom ops
-//! that wrap them here. candle's built-in ops are the reference in the parity tests
+//! [`bn`] and [`cbam`], over the micro-tiles of [`microkernel`] and the instruction sets that
+//! [`isa`] finds; [`conv`], the per-layer choice between them; the candle custom ops that wrap
+//! them, [`ops`]; and the layer functions the model calls, [`layers`]. candle's built-in ops are the reference in the parity tests
 //! (`tests/kernels.rs`). Tensors on other devices fall back to candle's ops, so the model code is
 //! device-agnostic. The CARD sampler's kernels ([`sampler`], [`dense`], [`softplus`]) work on
 //! plain slices.
@@ -17,7 +18,7 @@ macro_rules! avx512_or {
     ($avx:ident, $base:ident, $f:ident($($a:expr),* $(,)?)) => {{
         #[cfg(target_arch = "x86_64")]
         {
-            if $crate::kernels::direct::available() {
+            if $crate::kernels::isa::avx512() {
                 // SAFETY: AVX-512F is present (checked at run time).
                 unsafe { $avx::$f($($a),*) }
             } else {
@@ -108,15 +109,20 @@ pub mod conv;
 pub mod dense;
 pub mod direct;
 pub mod geom;
+pub mod isa;
+pub mod microkernel;
 pub mod reference;
 pub mod sampler;
 pub mod softplus;
+#[cfg(test)]
+mod test_util;
 pub mod wgrad;
 pub mod winograd;
 
+pub mod layers;
 pub mod ops;
 
-pub use ops::{
+pub use layers::{
     batch_norm_train, cbam_residual_relu, cbam_train_residual_relu, channel_pool, conv2d,
     conv2d_bias_act, max_pool2d,
 };

@@ -1,4 +1,5 @@
-//! The candle custom ops over fer-cam's CPU kernels, and the functions the model calls.
+//! The candle custom ops over fer-cam's CPU kernels (what the model calls, with candle's ops
+//! where these do not apply, is in [`super::layers`]).
 //!
 //! Every op is a [`Kernel`]: a name, a forward over contiguous f32 arguments, and (for the
 //! training ops) a backward built from other kernels. [`Op`] adapts any kernel to candle's
@@ -8,13 +9,12 @@
 use std::sync::{Arc, Mutex};
 
 use candle_core::{
-    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, Var,
+    bail, CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
 };
-use candle_nn::BatchNorm;
 
 use super::conv::{self, PackedCache};
 use super::geom::{ConvGeom, MapGeom, PoolGeom};
-use super::{bn, cbam, reference, ConvKernels};
+use super::{bn, cbam, reference};
 
 /// One argument of a kernel: its values (contiguous) and its shape.
 pub(crate) struct Arg<'a> {
@@ -177,10 +177,6 @@ fn map_geom(s: &Shape) -> Result<MapGeom> {
     Ok(MapGeom { b, c, hw: h * w })
 }
 
-fn fast_ok(xs: &Tensor, kernels: ConvKernels) -> bool {
-    kernels == ConvKernels::Fast && xs.device().is_cpu() && xs.dtype() == DType::F32
-}
-
 // ---- Convolution ----
 
 /// The convolution of an input and a weight of these shapes.
@@ -199,9 +195,9 @@ fn conv_geom(xs: &Shape, ws: &Shape, stride: usize, pad: usize) -> Result<ConvGe
 
 /// `conv2d(x, w)` with backward.
 #[derive(Debug, Clone, Copy)]
-struct Conv2d {
-    stride: usize,
-    pad: usize,
+pub(super) struct Conv2d {
+    pub(super) stride: usize,
+    pub(super) pad: usize,
 }
 
 impl Kernel for Conv2d {
@@ -303,11 +299,11 @@ impl Kernel for Conv2dBackwardWeight {
 }
 
 /// Inference-only `relu?(conv2d(x, w) + bias)`, with `w` packed once for the direct kernel.
-struct Conv2dBiasAct {
-    stride: usize,
-    pad: usize,
-    relu: bool,
-    packed: Option<Arc<PackedCache>>,
+pub(super) struct Conv2dBiasAct {
+    pub(super) stride: usize,
+    pub(super) pad: usize,
+    pub(super) relu: bool,
+    pub(super) packed: Option<Arc<PackedCache>>,
 }
 
 impl Kernel for Conv2dBiasAct {
@@ -339,10 +335,10 @@ impl Kernel for Conv2dBiasAct {
 
 /// Max-pool with square `kernel`, `stride` and padding `pad` (padding is −∞).
 #[derive(Debug, Clone, Copy)]
-struct MaxPool {
-    kernel: usize,
-    stride: usize,
-    pad: usize,
+pub(super) struct MaxPool {
+    pub(super) kernel: usize,
+    pub(super) stride: usize,
+    pub(super) pad: usize,
 }
 
 impl MaxPool {
@@ -396,13 +392,13 @@ impl Kernel for MaxPoolBackward {
 
 /// Batch statistics `(mean, biased var)` handed from a batch-norm forward to its caller and to
 /// its backward.
-type BnStats = Arc<Mutex<Option<(Vec<f32>, Vec<f32>)>>>;
+pub(super) type BnStats = Arc<Mutex<Option<(Vec<f32>, Vec<f32>)>>>;
 
 /// Training-mode `relu?(batch_norm(x))` over `(b, c, h, w)` with batch statistics, with backward.
-struct BatchNormTrain {
-    eps: f64,
-    relu: bool,
-    stats: BnStats,
+pub(super) struct BatchNormTrain {
+    pub(super) eps: f64,
+    pub(super) relu: bool,
+    pub(super) stats: BnStats,
 }
 
 impl Kernel for BatchNormTrain {
@@ -479,7 +475,7 @@ impl Kernel for BatchNormBackward {
 // ---- CBAM ----
 
 /// Inference-only `relu(CBAM(x) + identity)` with the gate's parameters packed in.
-struct CbamResidualRelu(Arc<cbam::CbamParams>);
+pub(super) struct CbamResidualRelu(pub(super) Arc<cbam::CbamParams>);
 
 impl Kernel for CbamResidualRelu {
     const NAME: &'static str = "fer-cbam-residual-relu";
@@ -501,7 +497,7 @@ impl Kernel for CbamResidualRelu {
 
 /// CBAM's channel pooling: `x (b,c,h,w) → (b,3,c)`, per channel the spatial mean, the maximum
 /// and the index of the maximum (see [`cbam::channel_pool`]).
-struct ChannelPool;
+pub(super) struct ChannelPool;
 
 impl Kernel for ChannelPool {
     const NAME: &'static str = "fer-channel-pool";
@@ -548,7 +544,7 @@ impl Kernel for ChannelPoolBackward {
 }
 
 /// Training CBAM, first half: `(x (b,c,h,w), g (b,c)) → [mean_c x·g, max_c x·g] (b,2,h,w)`.
-struct CbamGatePool;
+pub(super) struct CbamGatePool;
 
 impl Kernel for CbamGatePool {
     const NAME: &'static str = "fer-cbam-gate-pool";
@@ -590,7 +586,7 @@ impl Kernel for CbamGatePoolBackward {
 }
 
 /// Training CBAM, second half: `relu(x·g·s + identity)` with `gates = [g (b·c); s (b·h·w)]`.
-struct CbamApply;
+pub(super) struct CbamApply;
 
 fn split_gates<'a>(d: &MapGeom, gates: &'a [f32]) -> Result<(&'a [f32], &'a [f32])> {
     if gates.len() != d.b * (d.c + d.hw) {
@@ -641,220 +637,4 @@ impl Kernel for CbamApplyBackward {
             &d, a[0].v, a[1].v, a[2].v, g, s,
         )))
     }
-}
-
-// ---- What the model calls ----
-
-/// 2-D convolution without bias, square kernel, with gradients for input and weight.
-pub fn conv2d(
-    xs: &Tensor,
-    ws: &Tensor,
-    stride: usize,
-    pad: usize,
-    kernels: ConvKernels,
-) -> Result<Tensor> {
-    if fast_ok(xs, kernels) {
-        xs.contiguous()?
-            .apply_op2(&ws.contiguous()?, Op(Conv2d { stride, pad }))
-    } else {
-        xs.conv2d(ws, pad, stride, 1, 1)
-    }
-}
-
-/// Inference-only `relu?(conv2d(x, w) + bias)` with `bias` of shape `(k,)`. `packed` keeps the
-/// packed forms of `w` across calls; it must only ever be used with this `w`.
-#[allow(clippy::too_many_arguments)]
-pub fn conv2d_bias_act(
-    xs: &Tensor,
-    ws: &Tensor,
-    bias: &Tensor,
-    packed: Option<Arc<PackedCache>>,
-    stride: usize,
-    pad: usize,
-    relu: bool,
-    kernels: ConvKernels,
-) -> Result<Tensor> {
-    if fast_ok(xs, kernels) {
-        xs.contiguous()?.apply_op3_no_bwd(
-            &ws.contiguous()?,
-            &bias.contiguous()?,
-            &Op(Conv2dBiasAct {
-                stride,
-                pad,
-                relu,
-                packed,
-            }),
-        )
-    } else {
-        let k = bias.dim(0)?;
-        let ys = xs
-            .conv2d(ws, pad, stride, 1, 1)?
-            .broadcast_add(&bias.reshape((1, k, 1, 1))?)?;
-        if relu {
-            ys.relu()
-        } else {
-            Ok(ys)
-        }
-    }
-}
-
-/// Max-pool with square `kernel`, `stride`, padding `pad` (−∞), with backward.
-///
-/// candle's own max-pool has no padding and no backward for overlapping windows, so the reference
-/// path is built from differentiable candle ops: the element-wise maximum of the `kernel²` shifted
-/// views at stride 1, then every `stride`-th row and column.
-pub fn max_pool2d(
-    xs: &Tensor,
-    kernel: usize,
-    stride: usize,
-    pad: usize,
-    kernels: ConvKernels,
-) -> Result<Tensor> {
-    if fast_ok(xs, kernels) {
-        return xs.contiguous()?.apply_op1(Op(MaxPool {
-            kernel,
-            stride,
-            pad,
-        }));
-    }
-    let (b, c, h, w) = xs.dims4()?;
-    let g = PoolGeom::new(b * c, h, w, kernel, stride, pad).ok_or_else(|| {
-        candle_core::Error::Msg(format!("max-pool {kernel}x{kernel} does not fit {h}x{w}"))
-    })?;
-    let xs = if pad > 0 {
-        let fill = |hh: usize, ww: usize| {
-            Tensor::full(f32::MIN, (b, c, hh, ww), xs.device())?.to_dtype(xs.dtype())
-        };
-        let row = fill(pad, w)?;
-        let xs = Tensor::cat(&[&row, xs, &row], 2)?;
-        let col = fill(h + 2 * pad, pad)?;
-        Tensor::cat(&[&col, &xs, &col], 3)?
-    } else {
-        xs.clone()
-    };
-    // Stride-1 maxima over the window.
-    let (h1, w1) = (h + 2 * pad - kernel + 1, w + 2 * pad - kernel + 1);
-    let mut m: Option<Tensor> = None;
-    for dy in 0..kernel {
-        for dx in 0..kernel {
-            let v = xs.narrow(2, dy, h1)?.narrow(3, dx, w1)?;
-            m = Some(match m {
-                None => v,
-                Some(m) => m.maximum(&v)?,
-            });
-        }
-    }
-    let m = m.ok_or_else(|| candle_core::Error::Msg("max-pool: empty kernel".into()))?;
-    // Subsample: keep rows/cols 0, s, 2s, ... via pad-reshape-narrow.
-    let sub = |t: Tensor, dim: usize, len: usize, out: usize| -> Result<Tensor> {
-        let full = out * stride;
-        let t = if full > len {
-            t.pad_with_zeros(dim, 0, full - len)?
-        } else {
-            t.narrow(dim, 0, full)?
-        };
-        let mut shape = t.dims().to_vec();
-        shape[dim] = out;
-        shape.insert(dim + 1, stride);
-        t.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
-    };
-    let m = sub(m, 2, h1, g.oh)?;
-    sub(m, 3, w1, g.ow)
-}
-
-/// `relu(CBAM(x) + identity)` in one pass over the feature map (CPU, f32, inference only).
-/// Returns `None` when the fast path does not apply, so the caller uses candle's ops.
-pub fn cbam_residual_relu(
-    xs: &Tensor,
-    identity: &Tensor,
-    params: &std::sync::Arc<cbam::CbamParams>,
-    kernels: ConvKernels,
-) -> Result<Option<Tensor>> {
-    if !fast_ok(xs, kernels) {
-        return Ok(None);
-    }
-    Ok(Some(xs.contiguous()?.apply_op2_no_bwd(
-        &identity.contiguous()?,
-        &Op(CbamResidualRelu(params.clone())),
-    )?))
-}
-
-/// Training-mode `relu?(bn(x))` for `x (b, c, h, w)`, updating `bn`'s running statistics as
-/// candle's `BatchNorm::forward_train` does (momentum, unbiased variance). The fast kernel runs
-/// for f32 CPU tensors with an affine `bn`; anything else goes through candle's ops.
-pub fn batch_norm_train(
-    xs: &Tensor,
-    bnorm: &BatchNorm,
-    relu: bool,
-    kernels: ConvKernels,
-) -> Result<Tensor> {
-    let affine = bnorm.weight_and_bias();
-    let (Some((gamma, beta)), true) = (affine, fast_ok(xs, kernels) && xs.rank() == 4) else {
-        let ys = bnorm.forward_train(xs)?;
-        return if relu { ys.relu() } else { Ok(ys) };
-    };
-    let stats: BnStats = Arc::default();
-    let op = BatchNormTrain {
-        eps: bnorm.eps(),
-        relu,
-        stats: stats.clone(),
-    };
-    let ys = xs
-        .contiguous()?
-        .apply_op3(&gamma.contiguous()?, &beta.contiguous()?, Op(op))?;
-    // Cloned, not taken: the op keeps them for its backward.
-    let Some((mean, var)) = stats.lock().ok().and_then(|s| s.clone()) else {
-        bail!("batch-norm: forward produced no statistics")
-    };
-    let (b, c, h, w) = xs.dims4()?;
-    let n = (b * h * w) as f64;
-    let m = bnorm.momentum();
-    let dev = xs.device();
-    let mean = Tensor::from_vec(mean, c, dev)?;
-    let var = Tensor::from_vec(var, c, dev)?;
-    let rm = ((bnorm.running_mean() * (1.0 - m))? + (mean * m)?)?;
-    let unbias = if n > 1.0 { n / (n - 1.0) } else { 1.0 };
-    let rv = ((bnorm.running_var() * (1.0 - m))? + (var * (m * unbias))?)?;
-    Var::from_tensor(bnorm.running_mean())?.set(&rm)?;
-    Var::from_tensor(bnorm.running_var())?.set(&rv)?;
-    Ok(ys)
-}
-
-/// CBAM's channel pooling with the fast kernels: the spatial mean and maximum of every channel of
-/// `xs (b, c, h, w)`, `(b, c)` each, in one pass with a one-pass backward. `None` when the fast
-/// kernels do not apply.
-pub fn channel_pool(xs: &Tensor, kernels: ConvKernels) -> Result<Option<(Tensor, Tensor)>> {
-    if !fast_ok(xs, kernels) || xs.rank() != 4 {
-        return Ok(None);
-    }
-    let pooled = xs.contiguous()?.apply_op1(Op(ChannelPool))?;
-    Ok(Some((
-        pooled.narrow(1, 0, 1)?.squeeze(1)?,
-        pooled.narrow(1, 1, 1)?.squeeze(1)?,
-    )))
-}
-
-/// Training-mode end of a CBAM residual block with the fast kernels:
-/// `relu(x·g·σ(att) + identity)`, where `g (b, c)` is the channel gate and `spatial` maps the
-/// pooled `(b, 2, h, w)` map of `x·g` to the spatial attention logits `att (b, 1, h, w)`.
-/// `None` when the fast kernels do not apply (then the caller composes candle ops).
-pub fn cbam_train_residual_relu(
-    xs: &Tensor,
-    identity: &Tensor,
-    gate: &Tensor,
-    spatial: impl FnOnce(&Tensor) -> Result<Tensor>,
-    kernels: ConvKernels,
-) -> Result<Option<Tensor>> {
-    if !fast_ok(xs, kernels) || xs.rank() != 4 {
-        return Ok(None);
-    }
-    let xs = xs.contiguous()?;
-    let pooled = xs.apply_op2(&gate.contiguous()?, Op(CbamGatePool))?;
-    let s = candle_nn::ops::sigmoid(&spatial(&pooled)?)?;
-    let gates = Tensor::cat(&[gate.flatten_all()?, s.flatten_all()?], 0)?;
-    Ok(Some(xs.apply_op3(
-        &identity.contiguous()?,
-        &gates,
-        Op(CbamApply),
-    )?))
 }

@@ -1,5 +1,6 @@
 //! CPU reference kernels for 2-D convolution (forward, input gradient, weight gradient) and
-//! max-pooling with its backward, on contiguous NCHW `f32` slices.
+//! max-pooling with its backward, on contiguous NCHW `f32` slices; and max-pooling from candle's
+//! ops ([`max_pool2d_candle`]), for tensors the CPU kernels do not take.
 //!
 //! Convolution is lowered to GEMM over im2col tiles: for one image, output `(K, OH·OW)` =
 //! `W (K, C·KH·KW) × col (C·KH·KW, OH·OW)`. The column matrix is built a tile of output positions
@@ -484,6 +485,64 @@ pub fn max_pool_backward(g: &PoolGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
     dx
 }
 
+/// Max-pool with square `kernel`, `stride`, padding `pad` (−∞) from candle's differentiable ops:
+/// the reference of [`max_pool_forward`] and [`max_pool_backward`] for any device and dtype.
+///
+/// candle's own max-pool has no padding and no backward for overlapping windows, so this is the
+/// element-wise maximum of the `kernel²` shifted views at stride 1, then every `stride`-th row
+/// and column.
+pub fn max_pool2d_candle(
+    xs: &candle_core::Tensor,
+    kernel: usize,
+    stride: usize,
+    pad: usize,
+) -> candle_core::Result<candle_core::Tensor> {
+    use candle_core::{Result, Tensor};
+    let (b, c, h, w) = xs.dims4()?;
+    let g = PoolGeom::new(b * c, h, w, kernel, stride, pad).ok_or_else(|| {
+        candle_core::Error::Msg(format!("max-pool {kernel}x{kernel} does not fit {h}x{w}"))
+    })?;
+    let xs = if pad > 0 {
+        let fill = |hh: usize, ww: usize| {
+            Tensor::full(f32::MIN, (b, c, hh, ww), xs.device())?.to_dtype(xs.dtype())
+        };
+        let row = fill(pad, w)?;
+        let xs = Tensor::cat(&[&row, xs, &row], 2)?;
+        let col = fill(h + 2 * pad, pad)?;
+        Tensor::cat(&[&col, &xs, &col], 3)?
+    } else {
+        xs.clone()
+    };
+    // Stride-1 maxima over the window.
+    let (h1, w1) = (h + 2 * pad - kernel + 1, w + 2 * pad - kernel + 1);
+    let mut m: Option<Tensor> = None;
+    for dy in 0..kernel {
+        for dx in 0..kernel {
+            let v = xs.narrow(2, dy, h1)?.narrow(3, dx, w1)?;
+            m = Some(match m {
+                None => v,
+                Some(m) => m.maximum(&v)?,
+            });
+        }
+    }
+    let m = m.ok_or_else(|| candle_core::Error::Msg("max-pool: empty kernel".into()))?;
+    // Subsample: keep rows/cols 0, s, 2s, ... via pad-reshape-narrow.
+    let sub = |t: Tensor, dim: usize, len: usize, out: usize| -> Result<Tensor> {
+        let full = out * stride;
+        let t = if full > len {
+            t.pad_with_zeros(dim, 0, full - len)?
+        } else {
+            t.narrow(dim, 0, full)?
+        };
+        let mut shape = t.dims().to_vec();
+        shape[dim] = out;
+        shape.insert(dim + 1, stride);
+        t.reshape(shape)?.narrow(dim + 1, 0, 1)?.squeeze(dim + 1)
+    };
+    let m = sub(m, 2, h1, g.oh)?;
+    sub(m, 3, w1, g.ow)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -652,7 +711,7 @@ mod tests {
         .enumerate()
         {
             let g = PoolGeom::new(2, h, w, k, s, p).expect("geom");
-            let mut x: Vec<f32> = crate::kernels::direct::tests::rand_vec(2 * h * w, i as u64)
+            let mut x: Vec<f32> = crate::kernels::test_util::rand_vec(2 * h * w, i as u64)
                 .iter()
                 .map(|v| (v * 4.0).round())
                 .collect();

@@ -75,8 +75,8 @@ pub fn scale_shift_softplus(v: &mut [f32], scale: &[f32], shift: &[f32]) {
     }
     #[cfg(target_arch = "x86_64")]
     {
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
-            // SAFETY: AVX2 and FMA are present (checked at run time).
+        if crate::kernels::isa::avx2_fma() {
+            // SAFETY: AVX2 and FMA are present (checked at run time, `isa::avx2_fma`).
             unsafe { rows_avx2(v, scale, shift) };
             return;
         }

@@ -25,9 +25,10 @@
 
 use rayon::prelude::*;
 
-use super::direct;
 use super::geom::{ConvGeom, SharedOut};
-use super::winograd::{self, for_each, padded_planes, xi_stride, Scratch, Tiles, G2, G4};
+use super::isa;
+use super::winograd;
+use super::winograd::transform::{for_each, padded_planes, xi_stride, Scratch, Tiles, G2, G4};
 
 /// Tiles per chunk: the transforms of a chunk are written, then reduced by the GEMMs.
 const CHUNK: usize = 1024;
@@ -38,31 +39,15 @@ const KB: usize = 64;
 /// Whether this path computes the weight gradient of `g`: 3x3, stride 1, padding 1, AVX-512, and
 /// channel counts that are multiples of 4 (the GEMM's block).
 pub fn applicable(g: &ConvGeom) -> bool {
-    winograd::applicable(g) && direct::available() && g.k.is_multiple_of(4) && g.c.is_multiple_of(4)
-}
-
-/// The tile size for `g`: 4 where F(3x3, 4x4) needs at least 20% fewer multiplications than
-/// F(3x3, 2x2) once partial tiles are counted, else 2. In the encoder that is 4 on the maps of
-/// 12x12 and up and 2 on 6x6, where `examples/conv_gflops.rs` measured F(3x3, 4x4) slower.
-pub fn tile_size(g: &ConvGeom) -> usize {
-    let mults = |m: usize| (m + 2) * (m + 2) * g.oh.div_ceil(m) * g.ow.div_ceil(m);
-    if 5 * mults(4) < 4 * mults(2) {
-        4
-    } else {
-        2
-    }
+    winograd::applicable(g) && isa::avx512() && g.k.is_multiple_of(4) && g.c.is_multiple_of(4)
 }
 
 /// `dW (k, c, 3, 3)` of a 3x3 stride-1 padding-1 convolution from its input `x (b, c, h, w)` and
-/// output gradient `dy (b, k, h, w)`, with tiles of [`tile_size`].
+/// output gradient `dy (b, k, h, w)`, with output tiles of `m` (2 or 4; which one pays is
+/// decided in [`super::conv`]).
 ///
 /// Panics unless [`applicable`] and the sizes agree.
-pub fn conv_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32]) -> Vec<f32> {
-    conv_backward_weight_tiles(g, x, dy, tile_size(g))
-}
-
-/// [`conv_backward_weight`] with output tiles of `m` (2 or 4).
-pub fn conv_backward_weight_tiles(g: &ConvGeom, x: &[f32], dy: &[f32], m: usize) -> Vec<f32> {
+pub fn conv_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], m: usize) -> Vec<f32> {
     assert!(
         applicable(g),
         "winograd weight gradient: not applicable to {g:?}"
@@ -98,7 +83,7 @@ pub fn conv_backward_weight_tiles(g: &ConvGeom, x: &[f32], dy: &[f32], m: usize)
         // part: the ξ rows of one channel of V or U; the rows k0..k1 of one M_ξ.
         #[cfg(target_arch = "x86_64")]
         for_each(c + k, true, |i| unsafe {
-            use winograd::avx512::{input2, input4};
+            use crate::kernels::winograd::transform::avx512::{input2, input4};
             if i < c {
                 match m {
                     2 => input2(&tl, &xp, c, i, t0, t1, ntp, vs),
@@ -190,7 +175,7 @@ mod avx512 {
 
     use super::{xi_stride, Tiles};
     use crate::kernels::geom::SharedOut;
-    use crate::kernels::winograd::avx512::{idx, EVEN, ODD, STRIDE4};
+    use crate::kernels::winograd::transform::avx512::{idx, EVEN, ODD, STRIDE4};
 
     /// `U_ξ[k][t − t0] = (A E Aᵀ)_ξ` for output channel `k` and tiles `t0..t1`, where `E` is the
     /// tile's 2x2 block of the padded gradient `dyp (b, channels, 2·th, 2·tw)`.
@@ -429,12 +414,12 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::direct::tests::{max_rel, rand_vec};
     use crate::kernels::reference::conv2d_backward_weight_gemm;
+    use crate::kernels::test_util::{max_rel, rand_vec};
 
     #[test]
     fn hsum16_sums_each_vector_into_its_lane() {
-        if direct::skip_without_avx512("hsum16_sums_each_vector_into_its_lane") {
+        if isa::skip_without_avx512("hsum16_sums_each_vector_into_its_lane") {
             return;
         }
         #[cfg(target_arch = "x86_64")]
@@ -460,7 +445,7 @@ mod tests {
 
     #[test]
     fn winograd_weight_gradient_matches_gemm_path() {
-        if direct::skip_without_avx512("winograd_weight_gradient_matches_gemm_path") {
+        if isa::skip_without_avx512("winograd_weight_gradient_matches_gemm_path") {
             return;
         }
         // (b, c, h, w, k): odd sizes (partial tiles), more than one chunk, a partial K block.
@@ -482,7 +467,7 @@ mod tests {
             // F(3x3, 4x4)'s transforms have larger coefficients (up to 8 and 1/24): a looser
             // bound, as for the forward F(4x4, 3x3).
             for (m, tol) in [(2, 5e-6), (4, 5e-5)] {
-                let got = conv_backward_weight_tiles(&g, &x, &dy, m);
+                let got = conv_backward_weight(&g, &x, &dy, m);
                 let err = max_rel(&got, &want);
                 eprintln!("F(3x3,{m}x{m}) {g:?}: max relative error {err:e}");
                 assert!(err < tol, "F(3x3,{m}x{m}) {g:?}: max relative error {err}");

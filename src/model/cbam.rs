@@ -5,7 +5,7 @@
 
 use std::sync::{Arc, RwLock};
 
-use candle_core::{Module, ModuleT, Result, Tensor, D};
+use candle_core::{Module, ModuleT, Result, Tensor};
 use candle_nn::{linear, Linear, VarBuilder};
 
 use super::conv_bn::ConvBn;
@@ -80,27 +80,18 @@ impl Cbam {
         identity: &Tensor,
         train: bool,
     ) -> Result<Tensor> {
+        let reference = || (self.forward_t(xs, train)? + identity)?.relu();
         if train {
             if let Ok(mut guard) = self.packed.write() {
                 *guard = None;
             }
-            if self.kernels == ConvKernels::Fast {
-                let gate = self.channel_gate(xs)?;
-                let spatial = |pooled: &Tensor| self.spatial.forward_t(pooled, true);
-                if let Some(ys) =
-                    kernels::cbam_train_residual_relu(xs, identity, &gate, spatial, self.kernels)?
-                {
-                    return Ok(ys);
-                }
-            }
-        } else if self.kernels == ConvKernels::Fast {
-            if let Some(ys) =
-                kernels::cbam_residual_relu(xs, identity, &self.packed()?, self.kernels)?
-            {
-                return Ok(ys);
-            }
+            let gate = |xs: &Tensor| self.channel_gate(xs);
+            let spatial = |pooled: &Tensor| self.spatial.forward_t(pooled, true);
+            kernels::cbam_train_residual_relu(xs, identity, gate, spatial, self.kernels, reference)
+        } else {
+            let params = || self.packed();
+            kernels::cbam_residual_relu(xs, identity, params, self.kernels, reference)
         }
-        (self.forward_t(xs, train)? + identity)?.relu()
     }
 
     fn mlp(&self, xs: &Tensor) -> Result<Tensor> {
@@ -109,13 +100,7 @@ impl Cbam {
 
     /// Channel attention `σ(MLP(AvgPool(x)) + MLP(MaxPool(x)))`, `(b, c)`.
     fn channel_gate(&self, xs: &Tensor) -> Result<Tensor> {
-        let (avg, max) = match kernels::channel_pool(xs, self.kernels)? {
-            Some(pooled) => pooled,
-            None => {
-                let flat = xs.flatten_from(2)?;
-                (flat.mean(D::Minus1)?, flat.max(D::Minus1)?)
-            }
-        };
+        let (avg, max) = kernels::channel_pool(xs, self.kernels)?;
         candle_nn::ops::sigmoid(&(self.mlp(&avg)? + self.mlp(&max)?)?)
     }
 }

@@ -1,6 +1,6 @@
 //! The AVX2 micro-kernels of the direct convolution, for x86-64 CPUs without AVX-512 (with FMA
 //! and F16C): the same packed panels, phase-plane layouts and few-positions plans as
-//! [`super::avx512`], on 256-bit vectors.
+//! [`super::avx512`] (and [`crate::kernels::microkernel`]), on 256-bit vectors.
 //!
 //! Both kernels vectorise over output channels: a 16-channel panel row is two vectors, and each
 //! input value is broadcast against them. With 16 registers, a micro-tile holds at most 6
@@ -10,10 +10,8 @@
 
 use std::arch::x86_64::*;
 
-use super::{
-    ConvGeom, FewGeo, FewPlan, FewTap, Job, PackedWeights, PanelStore, SharedOut, FEW_POS, MR,
-    NR_AVX2,
-};
+use super::{ConvGeom, FewPlan, Job, PackedWeights, PanelStore, SharedOut, NR_AVX2};
+use crate::kernels::microkernel::{FewGeo, FewTap, FEW_POS, MR};
 
 /// Positions per part of a few-positions tile.
 const PART: usize = 6;
@@ -153,7 +151,7 @@ pub(super) unsafe fn run_few<W: Weight>(
     let a = &panels[p0 * panel..(p0 + np) * panel];
     // Each tile's sums: its positions for the first panel, then (with two) for the second.
     let mut acc = vec![[_mm256_setzero_ps(); 2]; np * plan.src.len()];
-    for geo in FewGeo::blocks(g, pw, size_of::<W>()) {
+    for geo in FewGeo::blocks(g, pw.kd(), size_of::<W>()) {
         for t in &plan.tiles {
             let taps = &plan.taps[t.set];
             for j in 0..np {

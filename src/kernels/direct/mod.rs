@@ -16,138 +16,24 @@
 //!   load; the AVX2 one keeps 16 channels × 6 positions, loads the weights and broadcasts the
 //!   inputs ([`avx2`]). Bias and ReLU are applied when the tile is stored.
 //!
-//! Used when the CPU has AVX-512F, or AVX2 with FMA and F16C (checked once at run time, [`isa`];
-//! on AVX2 for the layers where it pays, [`runs`]); otherwise the GEMM path in
-//! [`super::reference`] runs. `FER_CAM_NO_AVX512=1` turns the AVX-512 kernels off (the AVX2
-//! ones then run where the CPU has them), `FER_CAM_NO_AVX2=1` the AVX2 ones. The micro-kernels
-//! of each instruction set are in [`avx512`] and [`avx2`]; the plans, layouts and work split
-//! here are shared.
-
-use std::sync::OnceLock;
+//! Runs where the CPU has AVX-512F, or AVX2 with FMA and F16C ([`super::isa`]); which layers
+//! it takes is decided in [`super::conv`]. The AVX-512 micro-tiles it shares with Winograd are
+//! in [`super::microkernel`]; the drivers that run them over a layer, for each instruction set,
+//! in [`avx512`] and [`avx2`] (which keeps its own narrower tiles); the plans, layouts and work
+//! split here are shared by both.
 
 use rayon::prelude::*;
 
 use super::geom::{ConvGeom, SharedOut};
+use super::isa::{self, Isa};
+use super::microkernel::{panel_pair, FewTap, ALL_SLOTS, FEW_POS, MR};
 
-/// Output channels per weight panel.
-pub const MR: usize = 16;
 /// Output positions per micro-tile of the AVX-512 grid kernel (one 512-bit vector of f32).
 const NR: usize = 16;
 /// Output positions per micro-tile of the AVX2 grid kernel: 6 positions × 16 channels (two
 /// 256-bit vectors) are 12 sums, which with the two weight vectors and a broadcast fill 15 of
 /// the 16 registers.
 const NR_AVX2: usize = 6;
-
-/// Whether the AVX-512 kernels can run on this CPU (and are not disabled by `FER_CAM_NO_AVX512`).
-pub fn available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| std::env::var_os("FER_CAM_NO_AVX512").is_none() && detect())
-}
-
-/// The instruction set the direct convolution runs with on this CPU.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Isa {
-    /// 512-bit vectors ([`available`]).
-    Avx512,
-    /// 256-bit vectors with FMA and F16C (every x86-64 CPU since about 2013), where AVX-512 is
-    /// missing or disabled; `FER_CAM_NO_AVX2=1` turns these kernels off too.
-    Avx2,
-}
-
-impl Isa {
-    /// Whether this CPU runs these kernels (whatever `FER_CAM_NO_*` say).
-    fn supported(self) -> bool {
-        match self {
-            Self::Avx512 => detect(),
-            Self::Avx2 => detect_avx2(),
-        }
-    }
-}
-
-/// Which direct kernel runs here, if any (`None`: the GEMM path runs instead).
-pub fn isa() -> Option<Isa> {
-    static ISA: OnceLock<Option<Isa>> = OnceLock::new();
-    *ISA.get_or_init(|| {
-        if available() {
-            Some(Isa::Avx512)
-        } else if std::env::var_os("FER_CAM_NO_AVX2").is_none() && detect_avx2() {
-            Some(Isa::Avx2)
-        } else {
-            None
-        }
-    })
-}
-
-/// Whether [`conv_forward`] runs this convolution here (otherwise the GEMM path does): always
-/// with AVX-512; with AVX2, for kernels wider than 1x1 with at least 64 products per output.
-///
-/// The AVX2 kernel stores its tiles a value at a time, which a handful of products per output
-/// does not repay: measured with `examples/conv_gflops.rs` on a 2-core AMD EPYC without AVX-512
-/// (the shipped model's layers), the stem (1 channel, 9 products) took 1.0–7x as long as the
-/// GEMM path and its 1x1 stride-2 shortcuts up to 6x at batch 1 and 2, while the 3x3 layers
-/// from 32 channels took 0.4–0.9x as long on both cores at batch 1, 2 and 64 (on one core at
-/// batch 1 the stride-2 ones were up to 1.5x slower).
-pub fn runs(g: &ConvGeom) -> bool {
-    match isa() {
-        Some(Isa::Avx512) => true,
-        Some(Isa::Avx2) => g.kh * g.kw > 1 && g.ckk() >= 64,
-        None => false,
-    }
-}
-
-/// For tests of the direct kernel on any instruction set: `true` (skip, with a SKIPPED notice)
-/// where neither runs. With `FER_CAM_REQUIRE_DIRECT=1` (CI sets it on CPUs with AVX2 or
-/// AVX-512) a missing kernel is a failure instead.
-#[cfg(test)]
-pub(crate) fn skip_without_direct(test: &str) -> bool {
-    if isa().is_some() {
-        return false;
-    }
-    assert!(
-        std::env::var_os("FER_CAM_REQUIRE_DIRECT").is_none_or(|v| v.is_empty()),
-        "{test}: FER_CAM_REQUIRE_DIRECT is set but no direct kernel is available"
-    );
-    eprintln!("SKIPPED {test}: neither AVX-512F nor AVX2+FMA+F16C on this CPU (or both disabled)");
-    true
-}
-
-/// For tests of the AVX-512 kernels: `true` (skip, with a SKIPPED notice on stderr) where they
-/// cannot run. With `FER_CAM_REQUIRE_AVX512=1` (CI sets it on CPUs that have AVX-512) a missing
-/// path is a failure instead, so a broken detection cannot pass as a skip.
-#[cfg(test)]
-pub(crate) fn skip_without_avx512(test: &str) -> bool {
-    if available() {
-        return false;
-    }
-    assert!(
-        std::env::var_os("FER_CAM_REQUIRE_AVX512").is_none_or(|v| v.is_empty()),
-        "{test}: FER_CAM_REQUIRE_AVX512 is set but the AVX-512 kernels are unavailable"
-    );
-    eprintln!("SKIPPED {test}: no AVX-512F on this CPU (or FER_CAM_NO_AVX512 is set)");
-    true
-}
-
-#[cfg(target_arch = "x86_64")]
-fn detect() -> bool {
-    std::is_x86_feature_detected!("avx512f")
-}
-
-#[cfg(target_arch = "x86_64")]
-fn detect_avx2() -> bool {
-    std::is_x86_feature_detected!("avx2")
-        && std::is_x86_feature_detected!("fma")
-        && std::is_x86_feature_detected!("f16c")
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn detect() -> bool {
-    false
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-fn detect_avx2() -> bool {
-    false
-}
 
 /// Convolution weights `(K, C, KH, KW)` packed into panels of [`MR`] output channels.
 #[derive(Debug, Clone)]
@@ -340,7 +226,7 @@ pub fn conv_forward(
     bias: Option<&[f32]>,
     relu: bool,
 ) -> Vec<f32> {
-    let isa = isa().expect("direct conv without AVX-512 or AVX2");
+    let isa = isa::direct().expect("direct conv without AVX-512 or AVX2");
     conv_forward_with(isa, g, x, pw, bias, relu)
 }
 
@@ -474,31 +360,11 @@ fn conv_forward_with(
     y
 }
 
-/// Output positions per micro-tile of the few-positions kernel.
-pub(super) const FEW_POS: usize = 12;
-
 /// Whether the few-positions kernel runs: at most 48 outputs per image (6x6 and smaller maps),
 /// where the grid kernel's 16-position tiles spend a quarter or more of their lanes on padding
 /// columns and partial tiles, and kernels of at most 64 taps (one bit each in a tap mask).
-pub(super) fn few_positions(g: &ConvGeom) -> bool {
+pub fn few_positions(g: &ConvGeom) -> bool {
     g.oh * g.ow <= 48 && g.kh * g.kw <= 64
-}
-
-/// The first panel and the number of panels (2, or 1 for the last of an odd count) of pair
-/// `pair` of `panels` weight panels: the few-positions kernels take them two at a time.
-pub(super) fn panel_pair(panels: usize, pair: usize) -> (usize, usize) {
-    let p = 2 * pair;
-    (p, (panels - p).min(2))
-}
-
-/// Whether [`WeightFormat::F16`](super::WeightFormat::F16) weights are used for this layer:
-/// maps of at most 16 positions (4x4) per image, where at batch 1 each weight serves at most 16
-/// products and the layer waits for its weights more than it multiplies them. On 6x6 maps
-/// (36 products) half weights gained nothing: the 7x7 stem's forward at batch 1 took 1.11 ms
-/// with its 6x6 stage in f32 and 1.12 ms in half, and the 3x3 stem's was slower with its one
-/// 6x6 few-positions layer in half.
-pub(super) fn half_weights_pay(g: &ConvGeom) -> bool {
-    few_positions(g) && g.oh * g.ow <= 16
 }
 
 /// One micro-tile of the few-positions kernel: positions `start..start + len` of the plan's
@@ -534,12 +400,6 @@ struct FewPlan {
     /// The least and greatest channel-0 input offsets that the tiles read.
     reach: (isize, isize),
 }
-
-/// A kernel tap of a [`FewPlan`] tap set: `(tap index, input offset, slot mask)`.
-pub(super) type FewTap = (usize, isize, u16);
-
-/// A slot mask with every slot set.
-pub(super) const ALL_SLOTS: u16 = u16::MAX;
 
 impl FewPlan {
     fn new(g: &ConvGeom, images: usize) -> Self {
@@ -687,42 +547,6 @@ impl FewPlan {
     }
 }
 
-/// Where a few-positions micro-kernel finds its operands: input channels `chans` of `cl` floats
-/// each, `kk` taps per channel in a panel (`[c][kk][MR]`), the second panel (of a pair) `panel`
-/// floats after the first, and weights `pf` floats ahead prefetched into L2.
-pub(in crate::kernels) struct FewGeo {
-    pub chans: (usize, usize),
-    pub kk: usize,
-    pub cl: usize,
-    pub pf: usize,
-    pub panel: usize,
-}
-
-impl FewGeo {
-    /// The channel blocks the few-positions kernels run over, for weights of `weight_bytes`
-    /// each: 8 KiB of weights per panel (all taps), well inside L1. Every tile runs over one
-    /// block before the next, so the panels stream in once, in order, however the tiles split
-    /// the taps; the tiles' sums wait between blocks. Each weight load prefetches its twin one
-    /// block ahead into L2 (AVX-512, into L1: the prefetches evicted the block in use, 12%
-    /// slower at batch 8; 16 KiB blocks were 3% slower).
-    fn blocks(
-        g: &ConvGeom,
-        pw: &PackedWeights,
-        weight_bytes: usize,
-    ) -> impl Iterator<Item = FewGeo> {
-        let kk = g.kh * g.kw;
-        let cb = ((8 << 10) / (weight_bytes * kk * MR)).max(1);
-        let (c, cl, panel) = (g.c, g.h * g.w, pw.kd() * MR);
-        (0..c).step_by(cb).map(move |c0| FewGeo {
-            chans: (c0, (c0 + cb).min(c)),
-            kk,
-            cl,
-            pf: cb * kk * MR,
-            panel,
-        })
-    }
-}
-
 /// How one weight panel's sums become outputs: the panel's bias (if any) added, then ReLU.
 pub(super) struct PanelStore<'a> {
     rows: usize,
@@ -808,27 +632,10 @@ pub(super) mod avx512;
 pub(super) mod avx2;
 
 #[cfg(test)]
-pub(super) mod tests {
+mod tests {
     use super::*;
-
-    /// Uniform values in [-1, 1) from a fixed-seed LCG (shared by the kernel unit tests).
-    pub(in crate::kernels) fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed ^ 0x9e37_79b9_7f4a_7c15;
-        (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    /// Largest absolute difference relative to the largest magnitude of `b`.
-    pub(in crate::kernels) fn max_rel(a: &[f32], b: &[f32]) -> f32 {
-        let scale = b.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-6);
-        a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs())) / scale
-    }
+    use crate::kernels::isa::skip_without_direct;
+    use crate::kernels::test_util::{max_rel, rand_vec};
 
     /// The instruction sets whose kernels run on this CPU.
     fn isas() -> Vec<Isa> {
