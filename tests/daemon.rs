@@ -403,32 +403,51 @@ fn max_fps_skips_are_counted() {
     assert_eq!(frames + dropped + skipped, 10);
 }
 
+/// A reader that closes stdout ends the run with success, and it is the closed stdout that ends
+/// it: the input is a pipe this test keeps open and fed until the daemon has exited, so neither
+/// the end of the input nor a fast machine can end the run first.
 #[test]
 fn closed_stdout_ends_the_run_with_success() {
     let tmp = tempfile::tempdir().unwrap();
     let m = model(tmp.path());
-    let clip = tmp.path().join("long.y4m");
-    std::fs::write(&clip, synthetic_y4m(2000)).unwrap();
-    let mut child = spawn(&[
-        "run",
-        "--model",
-        m.to_str().unwrap(),
-        "--input",
-        clip.to_str().unwrap(),
-    ]);
-    let mut first = String::new();
+    let mut child = spawn(&["run", "--model", m.to_str().unwrap(), "--input", "-"]);
+    let mut stdin = child.stdin.take().unwrap();
+    let video = synthetic_y4m(1);
+    let (header, frame) = video.split_at(video.iter().position(|&b| b == b'\n').unwrap() + 1);
+    let (frame, header) = (frame.to_vec(), header.to_vec());
+    // Frames until the daemon is gone (its stdin then fails with a broken pipe).
+    let feeder = std::thread::spawn(move || {
+        let mut sent = 0u64;
+        if stdin.write_all(&header).is_err() {
+            return sent;
+        }
+        while stdin.write_all(&frame).is_ok() {
+            sent += 1;
+        }
+        sent
+    });
+    let mut line = String::new();
     let mut reader = BufReader::new(child.stdout.take().unwrap());
-    reader.read_line(&mut first).unwrap();
-    assert!(first.contains("\"type\":\"start\""), "{first}");
-    first.clear();
-    reader.read_line(&mut first).unwrap();
-    assert!(first.contains("\"type\":\"frame\""), "{first}");
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("\"type\":\"start\""), "{line}");
+    line.clear();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("\"type\":\"frame\""), "{line}");
     drop(reader);
-    // The reader is gone now (dropped with the BufReader).
     let start = Instant::now();
-    let status = child.wait().unwrap();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            child.kill().unwrap();
+            panic!("the daemon ran on for 60 s after its stdout was closed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(status.code(), Some(0));
-    assert!(start.elapsed() < Duration::from_secs(30));
+    let sent = feeder.join().unwrap();
+    assert!(sent >= 2, "only {sent} frames were fed");
 }
 
 /// The process's peak resident set size so far (VmHWM), in KiB.

@@ -4,10 +4,12 @@
 //! case: no panic, the error (if any) is one line naming the file, and no allocation above
 //! [`ALLOC_CAP`] while the case runs.
 //!
-//! The suite runs a bounded pass (`FUZZ_CASES` cases per target, at most `FUZZ_SECS_DEFAULT`
-//! seconds each). `FER_FUZZ_SECS=600 cargo test --release --test fuzz` is the long mode: it runs
-//! until the time is up and saves every failing input under `tests/fuzz-corpus/<target>/`, which
-//! every run replays first (the regression corpus).
+//! The suite runs a bounded pass: every target must run all `FUZZ_CASES` cases (from its own
+//! RNG seed) within `FUZZ_SECS_DEFAULT` seconds, or the test fails. `FER_FUZZ_SECS=600 cargo
+//! test --release --test fuzz` is the long mode: it runs until the time is up and saves every
+//! failing input under `tests/fuzz-corpus/<target>/`. Every run replays that corpus first: the
+//! inputs of past bugs (frame rates of zero, absurd sizes and counts, quoted CSV re-saves, broken
+//! headers), at least one per target.
 //!
 //! One `#[test]` only: the allocation peak is process-wide, so targets run one after another.
 
@@ -26,7 +28,7 @@ use rand::{Rng, SeedableRng};
 /// Most bytes live at once during one case (the seeds are a few hundred KB).
 const ALLOC_CAP: usize = 768 << 20;
 const FUZZ_CASES: usize = 3000;
-const FUZZ_SECS_DEFAULT: f64 = 10.0;
+const FUZZ_SECS_DEFAULT: f64 = 60.0;
 
 /// The system allocator, counting the bytes live and their peak.
 struct Counting;
@@ -122,6 +124,8 @@ type Runner = Box<dyn Fn(&Path, &[u8]) -> Option<String>>;
 /// needed) and returns its error text, if any.
 struct Target {
     name: &'static str,
+    /// The mutation RNG's seed: one per target, so no two targets draw the same mutations.
+    seed: u64,
     file_name: &'static str,
     seeds: Vec<Vec<u8>>,
     run: Runner,
@@ -205,6 +209,7 @@ fn targets(dir: &Path) -> Vec<Target> {
     vec![
         Target {
             name: "y4m",
+            seed: 11,
             file_name: "fuzz.y4m",
             seeds: vec![y4m_seed()],
             run: Box::new(|_, bytes| {
@@ -225,6 +230,7 @@ fn targets(dir: &Path) -> Vec<Target> {
         },
         Target {
             name: "csv",
+            seed: 23,
             file_name: "fuzz.csv",
             seeds: vec![csv_seed],
             run: Box::new(|path, _| {
@@ -236,6 +242,7 @@ fn targets(dir: &Path) -> Vec<Target> {
         },
         Target {
             name: "image",
+            seed: 37,
             file_name: "fuzz.img",
             seeds: vec![
                 std::fs::read(&png_path).unwrap(),
@@ -249,6 +256,7 @@ fn targets(dir: &Path) -> Vec<Target> {
         },
         Target {
             name: "config",
+            seed: 41,
             file_name: "config.json",
             seeds: vec![config_seed],
             run: Box::new(move |path, bytes| {
@@ -260,6 +268,7 @@ fn targets(dir: &Path) -> Vec<Target> {
         },
         Target {
             name: "safetensors",
+            seed: 53,
             file_name: "model.safetensors",
             seeds: vec![weights_seed],
             run: Box::new(move |path, bytes| {
@@ -278,20 +287,28 @@ fn mutated_inputs_never_panic_and_fail_in_one_line() {
         .and_then(|s| s.parse::<f64>().ok());
     let tmp = tempfile::tempdir().unwrap();
     let mut failures = Vec::new();
-    for t in targets(tmp.path()) {
+    let targets = targets(tmp.path());
+    let mut seeds: Vec<u64> = targets.iter().map(|t| t.seed).collect();
+    seeds.sort_unstable();
+    seeds.dedup();
+    assert_eq!(seeds.len(), targets.len(), "two targets share a seed");
+    for t in targets {
         // The regression corpus first.
         let corpus = corpus_dir(t.name);
-        if let Ok(entries) = std::fs::read_dir(&corpus) {
-            for e in entries.flatten() {
-                let input = std::fs::read(e.path()).unwrap();
-                if let Err(why) = check(&t, tmp.path(), &input) {
-                    failures.push(format!("{} corpus {}: {why}", t.name, e.path().display()));
-                }
+        let entries: Vec<PathBuf> = std::fs::read_dir(&corpus)
+            .unwrap_or_else(|e| panic!("{}: {e}", corpus.display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert!(!entries.is_empty(), "{}: empty corpus", corpus.display());
+        for path in &entries {
+            let input = std::fs::read(path).unwrap();
+            if let Err(why) = check(&t, tmp.path(), &input) {
+                failures.push(format!("{} corpus {}: {why}", t.name, path.display()));
             }
         }
         let budget = Duration::from_secs_f64(long.unwrap_or(FUZZ_SECS_DEFAULT));
         let start = Instant::now();
-        let mut rng = StdRng::seed_from_u64(fer_cam::rngs::mix_seed(&[t.name.len() as u64, 7]));
+        let mut rng = StdRng::seed_from_u64(t.seed);
         let mut cases = 0usize;
         while start.elapsed() < budget && (long.is_some() || cases < FUZZ_CASES) {
             let seed = &t.seeds[cases % t.seeds.len()];
@@ -310,10 +327,17 @@ fn mutated_inputs_never_panic_and_fail_in_one_line() {
             }
         }
         eprintln!(
-            "fuzz {}: {cases} cases in {:.1} s",
+            "fuzz {}: {} corpus inputs, {cases} cases in {:.1} s",
             t.name,
+            entries.len(),
             start.elapsed().as_secs_f64()
         );
+        if long.is_none() && cases < FUZZ_CASES {
+            failures.push(format!(
+                "{}: only {cases} of {FUZZ_CASES} cases ran in {FUZZ_SECS_DEFAULT} s",
+                t.name
+            ));
+        }
     }
     assert!(
         failures.is_empty(),

@@ -271,8 +271,9 @@ mod tests {
         );
     }
 
-    /// Feeding the true noise to every reverse step recovers y_0 exactly when the chain is the
-    /// posterior of a single trajectory: use z = 0 and check that ŷ_0 is exact at every step.
+    /// An ε network that knows y_0 makes every reverse step's ŷ_0 exact, whatever noise the
+    /// steps draw, so the loop must end on y_0 (the chain's arithmetic against independent
+    /// numbers is in tests/diffusion.rs).
     #[test]
     fn sampler_loop_with_an_oracle_network_returns_y0() -> Result<()> {
         // An ε network that knows y_0 returns the noise linking y_t to it; whatever the random
@@ -340,10 +341,9 @@ mod tests {
         let s = Schedule::linear(10, 0.01, 0.95);
         let (a, b, c) = s.forward_coeffs(9);
         assert!(a < 0.03 && b > 0.97 && c > 0.999, "{a} {b} {c}");
-        // A posterior step with y_0 = f and zero noise stays at f (γ0 + γ1 + γ2 = 1).
+        // A posterior step with y_0 = f and zero noise stays at f.
         let f = Tensor::new(&[[0.1f32, 0.7, 0.2]], &dev)?;
         let co = s.step_coeffs(5, Some(4));
-        assert!(close(co.gamma0 + co.gamma1 + co.gamma2, 1.0, 1e-12));
         let zero = f.zeros_like()?;
         let y = reverse_step(&f, &f, &zero, &zero, &co)?;
         let err = (y - &f)?.abs()?.max_all()?.to_scalar::<f32>()?;
