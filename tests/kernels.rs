@@ -1,5 +1,7 @@
 //! Parity of fer-cam's CPU kernels with candle's built-in ops: outputs and gradients of single
-//! ops and of the whole encoder (both stems, with and without CBAM, odd sizes, batch 1 and 64).
+//! ops and of the whole encoder (every stem, with and without CBAM, half and full width, odd
+//! sizes, batch 1 to 64), including every built-in model's encoder config as it ships and the
+//! paper's full-width CBAM network.
 //!
 //! Tolerances are relative to the largest magnitude of the reference tensor: 1e-4 for forward
 //! outputs and 2e-3 for gradients (f32 sums taken in a different order through deep networks),
@@ -232,11 +234,10 @@ fn max_pool_matches_candle() {
     assert!(rel_err(&grad(ConvKernels::Fast), &grad(ConvKernels::Candle)) < 1e-7);
 }
 
-fn encoder_cfg(stem: Stem, cbam: bool, full: bool, kernels: ConvKernels) -> EncoderConfig {
+fn encoder_cfg(stem: Stem, cbam: bool, full: bool) -> EncoderConfig {
     let mut cfg = EncoderConfig {
         stem,
         cbam,
-        kernels,
         ..Default::default()
     };
     if !full {
@@ -244,6 +245,14 @@ fn encoder_cfg(stem: Stem, cbam: bool, full: bool, kernels: ConvKernels) -> Enco
         cfg.cbam_reduction = 4;
     }
     cfg
+}
+
+/// `cfg` with its convolutions and pools on `kernels`.
+fn on(cfg: &EncoderConfig, kernels: ConvKernels) -> EncoderConfig {
+    EncoderConfig {
+        kernels,
+        ..cfg.clone()
+    }
 }
 
 fn seeded(shape: &[usize], seed: u64, dtype: DType) -> Tensor {
@@ -290,16 +299,12 @@ fn train_grads(
 /// compute) within 4x candle's error + 2e-2 (relative L2). A wrong kernel errs by order 1.
 /// Features (train and eval mode, BN folded on the fast path) must agree within 1e-4.
 /// `FER_PARITY_SEED=N` runs another weight seed and prints the L2 errors.
-fn encoder_parity(stem: Stem, cbam: bool, full: bool, b: usize, side: usize) {
+fn encoder_parity(cfg: &EncoderConfig, b: usize, side: usize) {
     let dev = Device::Cpu;
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
-    let reference = ResNet::new(
-        &encoder_cfg(stem, cbam, full, ConvKernels::Candle),
-        vb.clone(),
-    )
-    .unwrap();
-    let fast = ResNet::new(&encoder_cfg(stem, cbam, full, ConvKernels::Fast), vb).unwrap();
+    let reference = ResNet::new(&on(cfg, ConvKernels::Candle), vb.clone()).unwrap();
+    let fast = ResNet::new(&on(cfg, ConvKernels::Fast), vb).unwrap();
     // Fixed weights, so the test is reproducible (candle's own initialisers are unseeded).
     let seed: u64 = std::env::var("FER_PARITY_SEED")
         .ok()
@@ -316,7 +321,7 @@ fn encoder_parity(stem: Stem, cbam: bool, full: bool, b: usize, side: usize) {
         }
     }
     let exact = ResNet::new(
-        &encoder_cfg(stem, cbam, full, ConvKernels::Candle),
+        &on(cfg, ConvKernels::Candle),
         VarBuilder::from_varmap(&vm64, DType::F64, &dev),
     )
     .unwrap();
@@ -330,7 +335,10 @@ fn encoder_parity(stem: Stem, cbam: bool, full: bool, b: usize, side: usize) {
     );
     let (y0, g0) = train_grads(&reference, &vm, &xs, &r);
     let (y1, g1) = train_grads(&fast, &vm, &xs, &r);
-    let what = format!("{stem:?} cbam={cbam} full={full} b={b} side={side}");
+    let what = format!(
+        "{:?} cbam={} widths={:?} b={b} side={side}",
+        cfg.stem, cfg.cbam, cfg.widths
+    );
     assert!(
         rel_err(&y1, &y0) < 1e-4,
         "train features {what}: {}",
@@ -395,18 +403,47 @@ fn encoder_parity(stem: Stem, cbam: bool, full: bool, b: usize, side: usize) {
 
 #[test]
 fn encoder_parity_batch_1_full_width() {
-    encoder_parity(Stem::Conv3x3, true, true, 1, 48);
-    encoder_parity(Stem::Conv7x7Pool, true, true, 1, 48);
-    encoder_parity(Stem::Conv7x7Pool, false, true, 1, 48);
+    encoder_parity(&encoder_cfg(Stem::Conv3x3, true, true), 1, 48);
+    encoder_parity(&encoder_cfg(Stem::Conv7x7Pool, true, true), 1, 48);
+    encoder_parity(&encoder_cfg(Stem::Conv7x7Pool, false, true), 1, 48);
+    // The paper's network as the training recipes build it: full width, CBAM in every block
+    // (reduction 16), the 3x3 stride-2 stem.
+    let paper = EncoderConfig {
+        cbam_reduction: 16,
+        ..encoder_cfg(Stem::Conv3x3S2, true, true)
+    };
+    encoder_parity(&paper, 1, 48);
+    encoder_parity(&paper, 8, 48);
 }
 
 #[test]
 fn encoder_parity_batch_64_and_odd_sizes() {
-    encoder_parity(Stem::Conv3x3, true, false, 64, 48);
-    encoder_parity(Stem::Conv3x3, false, false, 64, 48);
-    encoder_parity(Stem::Conv7x7Pool, true, false, 64, 48);
-    encoder_parity(Stem::Conv3x3, true, false, 3, 45);
-    encoder_parity(Stem::Conv7x7Pool, true, false, 2, 41);
+    encoder_parity(&encoder_cfg(Stem::Conv3x3, true, false), 64, 48);
+    encoder_parity(&encoder_cfg(Stem::Conv3x3, false, false), 64, 48);
+    encoder_parity(&encoder_cfg(Stem::Conv7x7Pool, true, false), 64, 48);
+    encoder_parity(&encoder_cfg(Stem::Conv3x3S2, false, false), 64, 48);
+    encoder_parity(&encoder_cfg(Stem::Conv3x3, true, false), 3, 45);
+    encoder_parity(&encoder_cfg(Stem::Conv7x7Pool, true, false), 2, 41);
+}
+
+/// Every built-in model's encoder, exactly as configured (stem, widths, CBAM or not), forward and
+/// backward at batch 1 and 16: a model added to `embedded::NAMES` is covered without anyone
+/// remembering to add it here.
+#[test]
+fn encoder_parity_of_every_built_in_model() {
+    let mut covered = 0;
+    for name in fer_cam::model::embedded::NAMES {
+        let Some((config, _)) = fer_cam::model::embedded::files(name) else {
+            continue;
+        };
+        let cfg: fer_cam::ModelConfig = serde_json::from_str(config).unwrap();
+        eprintln!("parity: built-in {name}: {:?}", cfg.encoder);
+        for b in [1, 16] {
+            encoder_parity(&cfg.encoder, b, cfg.input.size);
+        }
+        covered += 1;
+    }
+    assert!(covered >= 1, "no built-in model in this build");
 }
 
 /// The kernels CI asked for are the ones that ran: under `FER_CAM_REQUIRE_PORTABLE=1` (CI's
