@@ -35,17 +35,17 @@ fn media() -> Option<PathBuf> {
 
 /// A 640x480 gray frame with one face (the single-face still, resized).
 fn frame_640x480(media: &std::path::Path) -> Vec<u8> {
-    let img = image::open(media.join("stills/single_face_pyfeat.jpg"))
-        .expect("still")
-        .into_luma8();
+    let img = fer_cam::capture::color::gray_image(
+        image::open(media.join("stills/single_face_pyfeat.jpg")).expect("still"),
+    );
     image::imageops::resize(&img, 640, 480, image::imageops::FilterType::Triangle).into_raw()
 }
 
 /// A 1920x1080 call gallery: the single-face still shrunk to 384x216 tiles, 5x5.
 fn gallery_1080p(media: &std::path::Path) -> Vec<u8> {
-    let img = image::open(media.join("stills/single_face_pyfeat.jpg"))
-        .expect("still")
-        .into_luma8();
+    let img = fer_cam::capture::color::gray_image(
+        image::open(media.join("stills/single_face_pyfeat.jpg")).expect("still"),
+    );
     let tile = image::imageops::resize(&img, 384, 216, image::imageops::FilterType::Triangle);
     let mut out = image::GrayImage::new(1920, 1080);
     for i in 0..25u32 {

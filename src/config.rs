@@ -10,8 +10,21 @@ use crate::kernels::{ConvKernels, WeightFormat};
 
 /// The model directory format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;
-/// The architecture name recorded in `config.json`.
+/// The architecture name `config.json` records for a model with CBAM in its blocks.
 pub const ARCH: &str = "resnet18-cbam-card";
+
+/// The architecture name `config.json` records for a model without CBAM. Files written before
+/// the name followed the encoder say [`ARCH`] for these too; they still load.
+pub const ARCH_NO_CBAM: &str = "resnet18-card";
+
+/// The architecture name for an encoder with (`cbam`) or without CBAM.
+pub fn arch_name(cbam: bool) -> &'static str {
+    if cbam {
+        ARCH
+    } else {
+        ARCH_NO_CBAM
+    }
+}
 /// FER2013's classes in label order (0..=6).
 pub const FER2013_CLASSES: [&str; 7] = [
     "angry", "disgust", "fear", "happy", "sad", "surprise", "neutral",
@@ -289,7 +302,7 @@ impl Default for ModelConfig {
     fn default() -> Self {
         Self {
             format_version: FORMAT_VERSION,
-            arch: ARCH.to_string(),
+            arch: arch_name(EncoderConfig::default().cbam).to_string(),
             classes: FER2013_CLASSES.iter().map(|s| s.to_string()).collect(),
             encoder: EncoderConfig::default(),
             input: InputConfig::default(),
@@ -330,8 +343,13 @@ impl ModelConfig {
                 self.format_version
             )
         })?;
-        check(self.arch == ARCH, || {
-            format!("arch {:?} is unknown (expected {ARCH:?})", self.arch)
+        let named = arch_name(self.encoder.cbam);
+        // A model without CBAM from before the name followed the encoder says ARCH.
+        check(self.arch == named || self.arch == ARCH, || {
+            format!(
+                "arch {:?} does not match the encoder (expected {named:?}, as encoder.cbam is {})",
+                self.arch, self.encoder.cbam
+            )
         })?;
         check((2..=1000).contains(&self.classes.len()), || {
             format!(
@@ -521,6 +539,26 @@ mod tests {
         cfg.card.temperature = 0.142;
         cfg.card.output_temperature = 1.51;
         cfg.validate().unwrap();
+    }
+
+    /// `arch` says whether the encoder has CBAM; a CBAM-less model from before the name
+    /// followed the encoder (`resnet18-cbam-card`) still loads, a CBAM model called
+    /// `resnet18-card` does not.
+    #[test]
+    fn arch_names_what_the_encoder_holds() {
+        let mut c = ModelConfig::default();
+        c.encoder.cbam = true;
+        c.arch = arch_name(true).into();
+        c.validate().unwrap();
+        c.arch = ARCH_NO_CBAM.into();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("does not match the encoder"), "{e}");
+        c.encoder.cbam = false;
+        c.validate().unwrap();
+        c.arch = ARCH.into();
+        c.validate().unwrap();
+        c.arch = "vgg13".into();
+        assert!(c.validate().is_err());
     }
 
     #[test]

@@ -27,9 +27,9 @@ fn frame(still: &image::GrayImage, dx: f32, dy: f32, zoom: f32) -> Vec<u8> {
 /// fixture of the same photo.
 fn still() -> image::GrayImage {
     match common::shared_dir() {
-        Some(shared) => image::open(shared.join("media/stills/single_face_pyfeat.jpg"))
-            .unwrap()
-            .into_luma8(),
+        Some(shared) => fer_cam::capture::color::gray_image(
+            image::open(shared.join("media/stills/single_face_pyfeat.jpg")).unwrap(),
+        ),
         None => {
             eprintln!("!!! ../shared absent: the face-stage test uses the 128x128 fixture");
             image::GrayImage::from_raw(128, 128, common::face_fixture_128()).unwrap()

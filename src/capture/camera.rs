@@ -11,6 +11,7 @@ use nokhwa::utils::{
 };
 use nokhwa::Camera;
 
+use super::color::{gray_image, luma};
 use super::{Chroma, Frame, FrameSource, SourceEvent};
 use crate::error::{Error, Result};
 
@@ -94,11 +95,11 @@ fn to_gray(raw: &[u8], format: FrameFormat, w: u32, h: u32) -> Result<Vec<u8>> {
             Ok(raw
                 .chunks_exact(3)
                 .take(n)
-                .map(|p| ((77 * p[0] as u32 + 150 * p[1] as u32 + 29 * p[2] as u32) >> 8) as u8)
+                .map(|p| luma(p[0], p[1], p[2]))
                 .collect())
         }
         FrameFormat::MJPEG => image::load_from_memory(raw)
-            .map(|img| img.into_luma8().into_raw())
+            .map(|img| gray_image(img).into_raw())
             .map_err(|e| Error::Msg(format!("undecodable MJPEG frame: {e}"))),
         other => Err(Error::Msg(format!(
             "camera pixel format {other:?} is not supported"

@@ -19,6 +19,30 @@ pub fn rgb_to_yuv(r: u8, g: u8, b: u8) -> [u8; 3] {
     ]
 }
 
+/// BT.601 full-range luma of an RGB colour: the grey level fer-cam gives colour pixels from every
+/// source (stills, image folders, RGB and MJPEG camera frames), the same Y a `C420jpeg` video
+/// carries for that colour.
+pub fn luma(r: u8, g: u8, b: u8) -> u8 {
+    (0.299 * r as f32 + 0.587 * g as f32 + 0.114 * b as f32)
+        .round()
+        .clamp(0.0, 255.0) as u8
+}
+
+/// The grey plane of a decoded image: grey images as they are (16-bit ones scaled to 8), colour
+/// ones through [`luma`] (the image crate's own conversion weighs green by BT.709 instead).
+pub fn gray_image(img: image::DynamicImage) -> image::GrayImage {
+    use image::DynamicImage::*;
+    match img {
+        ImageLuma8(_) | ImageLumaA8(_) | ImageLuma16(_) | ImageLumaA16(_) => img.into_luma8(),
+        _ => {
+            let rgb = img.into_rgb8();
+            let (w, h) = rgb.dimensions();
+            let plane = rgb.pixels().map(|p| luma(p[0], p[1], p[2])).collect();
+            image::GrayImage::from_raw(w, h, plane).expect("one grey level per pixel")
+        }
+    }
+}
+
 /// RGB of a BT.601 full-range Y, U, V (the inverse of [`rgb_to_yuv`]).
 pub fn yuv_to_rgb(y: u8, u: u8, v: u8) -> [u8; 3] {
     let (y, u, v) = (y as f32, u as f32 - 128.0, v as f32 - 128.0);
@@ -140,6 +164,27 @@ impl Chroma {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// One grey for a colour from every source: BT.601's weights (red 76, green 150, blue 29),
+    /// the Y of [`rgb_to_yuv`]; grey images pass unchanged.
+    #[test]
+    fn colour_images_turn_grey_by_bt601() {
+        assert_eq!(
+            [luma(255, 0, 0), luma(0, 255, 0), luma(0, 0, 255)],
+            [76, 150, 29]
+        );
+        for (r, g, b) in [(0, 0, 0), (255, 255, 255), (12, 200, 77), (250, 3, 130)] {
+            assert_eq!(luma(r, g, b), rgb_to_yuv(r, g, b)[0]);
+        }
+        let rgb =
+            image::RgbImage::from_fn(3, 2, |x, y| image::Rgb([x as u8 * 90, y as u8 * 200, 40]));
+        let grey = gray_image(image::DynamicImage::ImageRgb8(rgb.clone()));
+        for (p, q) in rgb.pixels().zip(grey.pixels()) {
+            assert_eq!(q[0], luma(p[0], p[1], p[2]));
+        }
+        let g = image::GrayImage::from_fn(3, 2, |x, y| image::Luma([(x * 40 + y) as u8]));
+        assert_eq!(gray_image(image::DynamicImage::ImageLuma8(g.clone())), g);
+    }
 
     #[test]
     fn planar_layouts_reduce_to_420() {

@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
+use super::color::gray_image;
 use super::{Chroma, Frame, FrameSource, SourceEvent};
 use crate::error::{Error, Result};
 
@@ -146,7 +147,7 @@ impl FrameSource for ImageSource {
                     let rgb = img.to_rgb8();
                     Chroma::from_rgb(&rgb, rgb.width() as usize, rgb.height() as usize)
                 });
-                let g = img.into_luma8();
+                let g = gray_image(img);
                 self.decoded += 1;
                 let frame = Frame {
                     seq,

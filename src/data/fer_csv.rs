@@ -2,7 +2,7 @@
 //! row, 2304 space-separated gray levels. Gzip input is detected by its magic bytes.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufReader, Read};
 use std::path::Path;
 
 use flate2::read::MultiGzDecoder;
@@ -17,7 +17,7 @@ pub const FER2013_SPLITS: [&str; 3] = ["Training", "PublicTest", "PrivateTest"];
 /// Opens `path`, transparently decompressing gzip.
 /// A FIFO (whose open blocks until a writer comes) or a device such as /dev/zero (which never
 /// ends) is refused: the data must be a regular file, which the cache can also fingerprint.
-fn open(path: &Path) -> Result<Box<dyn BufRead>> {
+fn open(path: &Path) -> Result<Box<dyn Read>> {
     crate::fsutil::regular_file(path)?;
     let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let mut magic = [0u8; 2];
@@ -34,41 +34,78 @@ fn open(path: &Path) -> Result<Box<dyn BufRead>> {
 /// of one endless line — fails here instead of filling memory.
 const MAX_LINE: u64 = 1 << 20;
 
-fn read_line_capped(reader: &mut Box<dyn BufRead>, line: &mut String) -> std::io::Result<usize> {
-    let n = reader.by_ref().take(MAX_LINE).read_line(line)?;
-    if n as u64 == MAX_LINE && !line.ends_with('\n') {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::InvalidData,
-            format!("a line longer than {MAX_LINE} bytes"),
-        ));
-    }
-    Ok(n)
+/// A reader that fails once a line runs past [`MAX_LINE`] bytes without a newline, whatever the
+/// CSV parser above it makes of the bytes (an endless quoted field included).
+struct LineCap<R> {
+    inner: R,
+    since_newline: u64,
 }
 
-/// Parses a whole FER2013 CSV. Every problem is an [`Error::Data`] with the file and 1-based line.
+impl<R: Read> Read for LineCap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        let mut parts = buf[..n].split(|&b| b == b'\n');
+        let first = parts.next().map_or(0, <[u8]>::len) as u64;
+        let mut longest = self.since_newline + first;
+        let mut last = longest;
+        for part in parts {
+            last = part.len() as u64;
+            longest = longest.max(last);
+        }
+        self.since_newline = last;
+        if longest > MAX_LINE {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a line longer than {MAX_LINE} bytes"),
+            ));
+        }
+        Ok(n)
+    }
+}
+
+/// Parses a whole FER2013 CSV (with the `csv` crate: quoted fields and CRLF line ends, as
+/// spreadsheet programs re-save it, read like the original). Every problem is an
+/// [`Error::Data`] with the file and 1-based line.
 pub fn read(path: &Path) -> Result<Dataset> {
-    let mut reader = open(path)?;
-    let err = |line: usize, msg: String| Error::Data {
+    let reader = LineCap {
+        inner: open(path)?,
+        since_newline: 0,
+    };
+    let err = |line: u64, msg: String| Error::Data {
         path: path.to_path_buf(),
-        line,
+        line: line as usize,
         msg,
     };
-    let mut line = String::new();
-    let mut lineno = 1;
-    let n = read_line_capped(&mut reader, &mut line)
-        .map_err(|e| err(lineno, format!("read error: {e}")))?;
-    if n == 0 {
+    let mut csv = csv::ReaderBuilder::new()
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(reader);
+    let io_error = |e: &csv::Error, line: u64| match e.kind() {
+        csv::ErrorKind::Io(io) => err(
+            line,
+            format!("read error (truncated or corrupt file?): {io}"),
+        ),
+        _ => err(line, e.to_string()),
+    };
+    let mut record = csv::ByteRecord::new();
+    let got = csv
+        .read_byte_record(&mut record)
+        .map_err(|e| io_error(&e, 1))?;
+    if !got {
         return Err(err(
             1,
             "empty file (expected header emotion,pixels,Usage)".into(),
         ));
     }
     // Spreadsheet programs often save CSV with a UTF-8 byte-order mark.
-    let header: Vec<String> = line
-        .trim_start_matches('\u{feff}')
-        .trim_end_matches(['\r', '\n'])
-        .split(',')
-        .map(|s| s.trim().to_ascii_lowercase())
+    let header: Vec<String> = record
+        .iter()
+        .map(|f| {
+            String::from_utf8_lossy(f)
+                .trim_start_matches('\u{feff}')
+                .trim()
+                .to_ascii_lowercase()
+        })
         .collect();
     let col = |name: &str| -> Result<usize> {
         header.iter().position(|h| h == name).ok_or_else(|| {
@@ -86,30 +123,27 @@ pub fn read(path: &Path) -> Result<Dataset> {
         ..Default::default()
     };
     ds.pixels.reserve(36_000 * FACE_PIXELS);
+    let mut lineno = 1;
     loop {
-        line.clear();
-        lineno += 1;
-        let n = read_line_capped(&mut reader, &mut line).map_err(|e| {
-            err(
-                lineno,
-                format!("read error (truncated or corrupt file?): {e}"),
-            )
-        })?;
-        if n == 0 {
+        // The line the next record starts on (the reader has consumed the one before it).
+        lineno = csv.position().line().max(lineno + 1);
+        let got = csv
+            .read_byte_record(&mut record)
+            .map_err(|e| io_error(&e, lineno))?;
+        if !got {
             break;
         }
-        let row = line.trim_end_matches(['\r', '\n']);
-        if row.trim().is_empty() {
+        let text = |i: usize| String::from_utf8_lossy(&record[i]).trim().to_string();
+        if record.len() == 1 && text(0).is_empty() {
             continue;
         }
-        let fields: Vec<&str> = row.split(',').collect();
-        if fields.len() != n_cols {
+        if record.len() != n_cols {
             return Err(err(
                 lineno,
-                format!("expected {n_cols} fields, found {}", fields.len()),
+                format!("expected {n_cols} fields, found {}", record.len()),
             ));
         }
-        let emotion = fields[c_emotion].trim();
+        let emotion = text(c_emotion);
         let label: u8 = match emotion.parse::<u8>() {
             Ok(l) if (l as usize) < FER2013_CLASSES.len() => l,
             _ => {
@@ -122,7 +156,7 @@ pub fn read(path: &Path) -> Result<Dataset> {
                 ))
             }
         };
-        let usage = fields[c_usage].trim();
+        let usage = text(c_usage);
         let split = FER2013_SPLITS
             .iter()
             .position(|s| *s == usage)
@@ -135,28 +169,42 @@ pub fn read(path: &Path) -> Result<Dataset> {
                 )
             })?;
         let before = ds.pixels.len();
+        let tokens = || {
+            record[c_pixels]
+                .split(u8::is_ascii_whitespace)
+                .filter(|t| !t.is_empty())
+        };
         let mut count = 0usize;
-        for tok in fields[c_pixels].split_ascii_whitespace() {
+        for tok in tokens() {
             count += 1;
             if count > FACE_PIXELS {
                 break;
             }
-            match tok.parse::<u8>() {
-                Ok(v) => ds.pixels.push(v),
-                Err(_) => {
+            match std::str::from_utf8(tok)
+                .ok()
+                .and_then(|t| t.parse::<u8>().ok())
+            {
+                Some(v) => ds.pixels.push(v),
+                None => {
                     ds.pixels.truncate(before);
                     return Err(err(
                         lineno,
-                        format!("pixel {count} is {tok:?}, not an integer in 0..=255"),
+                        format!(
+                            "pixel {count} is {:?}, not an integer in 0..=255",
+                            String::from_utf8_lossy(tok)
+                        ),
                     ));
                 }
             }
         }
         if count != FACE_PIXELS {
-            let found = fields[c_pixels].split_ascii_whitespace().count();
+            ds.pixels.truncate(before);
             return Err(err(
                 lineno,
-                format!("expected {FACE_PIXELS} pixels (48x48), found {found}"),
+                format!(
+                    "expected {FACE_PIXELS} pixels (48x48), found {}",
+                    tokens().count()
+                ),
             ));
         }
         ds.labels.push(label);
@@ -166,4 +214,90 @@ pub fn read(path: &Path) -> Result<Dataset> {
         return Err(err(lineno, "no data rows".into()));
     }
     Ok(ds)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(label: u8, usage: &str, seed: u32) -> (String, Vec<u8>) {
+        let px: Vec<u8> = (0..FACE_PIXELS as u32)
+            .map(|i| ((i * 7 + seed * 13) % 256) as u8)
+            .collect();
+        let text = px.iter().map(u8::to_string).collect::<Vec<_>>().join(" ");
+        (format!("{label},{text},{usage}"), px)
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    /// A spreadsheet's re-save (every field quoted, CRLF line ends, a byte-order mark) reads
+    /// exactly like the original.
+    #[test]
+    fn a_quoted_crlf_resave_reads_like_the_original() {
+        let tmp = tempfile::tempdir().unwrap();
+        let rows = [
+            row(3, "Training", 1),
+            row(0, "PublicTest", 2),
+            row(6, "PrivateTest", 3),
+        ];
+        let plain = std::iter::once("emotion,pixels,Usage".to_string())
+            .chain(rows.iter().map(|(r, _)| r.clone()))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let quoted = std::iter::once("\u{feff}\"emotion\",\"pixels\",\"Usage\"".to_string())
+            .chain(rows.iter().map(|(r, _)| {
+                r.split(',')
+                    .map(|f| format!("\"{f}\""))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }))
+            .collect::<Vec<_>>()
+            .join("\r\n")
+            + "\r\n";
+        let a = read(&write(tmp.path(), "plain.csv", &plain)).unwrap();
+        let b = read(&write(tmp.path(), "quoted.csv", &quoted)).unwrap();
+        assert_eq!(a.labels, vec![3, 0, 6]);
+        assert_eq!(a.splits, vec![0, 1, 2]);
+        assert_eq!(
+            a.pixels,
+            rows.iter().flat_map(|(_, p)| p.clone()).collect::<Vec<_>>()
+        );
+        assert_eq!(
+            (a.labels, a.splits, a.pixels),
+            (b.labels, b.splits, b.pixels)
+        );
+    }
+
+    /// Problems name their line: a short row, a bad pixel, a wrong field count (line 3 each,
+    /// after a good row), and a line past the cap.
+    #[test]
+    fn errors_name_the_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        let good = row(1, "Training", 5).0;
+        let cases = [
+            ("2,1 2 3,Training", "expected 2304 pixels (48x48), found 3"),
+            ("2,1 2 x,Training", "pixel 3 is \"x\""),
+            ("2,1 2 3", "expected 3 fields, found 2"),
+            ("9,1 2 3,Training", "unknown class \"9\""),
+        ];
+        for (i, (bad, want)) in cases.iter().enumerate() {
+            let text = format!("emotion,pixels,Usage\n{good}\n{bad}\n");
+            let e = read(&write(tmp.path(), &format!("{i}.csv"), &text))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want) && e.contains(":3"), "{e}");
+        }
+        let long = format!(
+            "emotion,pixels,Usage\n{}\n",
+            "1".repeat(MAX_LINE as usize + 10)
+        );
+        let e = read(&write(tmp.path(), "long.csv", &long))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("longer than"), "{e}");
+    }
 }

@@ -112,7 +112,7 @@ pub fn read(root: &Path) -> Result<Dataset> {
     };
     ds.pixels.reserve(files.len() * FACE_PIXELS);
     for (split, class, file) in &files {
-        let img = crate::decode::decode_image(file)?.into_luma8();
+        let img = crate::capture::color::gray_image(crate::decode::decode_image(file)?);
         let img = if img.dimensions() == (FACE_SIZE as u32, FACE_SIZE as u32) {
             img
         } else {

@@ -91,7 +91,6 @@ fn turned_square(
     let half = n as f32 / 2.0;
     let (cx, cy) = (x0 as f32 + half, y0 as f32 + half);
     let (sin, cos) = roll.sin_cos();
-    let at = |x: usize, y: usize| gray[y * w + x] as f32;
     let n = n as usize;
     let mut square = Vec::with_capacity(n * n);
     for j in 0..n {
@@ -99,17 +98,27 @@ fn turned_square(
         for i in 0..n {
             let u = i as f32 + 0.5 - half;
             // Pixel centres sit at +0.5: the sample position in pixel-index coordinates.
-            let sx = (cx + u * cos - v * sin - 0.5).clamp(0.0, (w - 1) as f32);
-            let sy = (cy + u * sin + v * cos - 0.5).clamp(0.0, (h - 1) as f32);
-            let (xa, ya) = (sx.floor() as usize, sy.floor() as usize);
-            let (xb, yb) = ((xa + 1).min(w - 1), (ya + 1).min(h - 1));
-            let (fx, fy) = (sx - xa as f32, sy - ya as f32);
-            let top = at(xa, ya) + fx * (at(xb, ya) - at(xa, ya));
-            let bottom = at(xa, yb) + fx * (at(xb, yb) - at(xa, yb));
-            square.push(top + fy * (bottom - top));
+            let (sx, sy) = (cx + u * cos - v * sin - 0.5, cy + u * sin + v * cos - 0.5);
+            square.push(bilinear(gray, w, h, sx, sy));
         }
     }
     square
+}
+
+/// The frame's grey level at `(sx, sy)` in pixel-index coordinates (pixel `(x, y)` at `x`, `y`),
+/// interpolated bilinearly from its four neighbours; positions outside the frame are clamped to
+/// its edge. The face stage's one bilinear sampler (crops turned by the roll, and the squares
+/// the detectors search, [`super::sample_square`]). `gray` must hold `w·h > 0` pixels.
+pub(crate) fn bilinear(gray: &[u8], w: usize, h: usize, sx: f32, sy: f32) -> f32 {
+    let at = |x: usize, y: usize| gray[y * w + x] as f32;
+    let sx = sx.clamp(0.0, (w - 1) as f32);
+    let sy = sy.clamp(0.0, (h - 1) as f32);
+    let (xa, ya) = (sx.floor() as usize, sy.floor() as usize);
+    let (xb, yb) = ((xa + 1).min(w - 1), (ya + 1).min(h - 1));
+    let (fx, fy) = (sx - xa as f32, sy - ya as f32);
+    let top = at(xa, ya) + fx * (at(xb, ya) - at(xa, ya));
+    let bottom = at(xa, yb) + fx * (at(xb, yb) - at(xa, yb));
+    top + fy * (bottom - top)
 }
 
 /// The `n × n` square whose pixel (i, j) is `px(i, j)`, resized to `out × out` with a triangle

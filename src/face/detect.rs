@@ -542,21 +542,12 @@ pub fn sample_square(gray: &[u8], w: u32, h: u32, x0: f32, y0: f32, side: f32, n
         return vec![0; n * n];
     }
     let step = side / n as f32;
-    // Source position of output index i, clamped, as (floor, next, weight of next).
-    let taps = |i: usize, origin: f32, len: usize| {
-        let p = (origin + (i as f32 + 0.5) * step - 0.5).clamp(0.0, (len - 1) as f32);
-        let a = p.floor() as usize;
-        (a, (a + 1).min(len - 1), p - a as f32)
-    };
-    let xs: Vec<(usize, usize, f32)> = (0..n).map(|i| taps(i, x0, w)).collect();
     let mut out = Vec::with_capacity(n * n);
     for j in 0..n {
-        let (ya, yb, fy) = taps(j, y0, h);
-        let (ra, rb) = (&gray[ya * w..(ya + 1) * w], &gray[yb * w..(yb + 1) * w]);
-        for &(xa, xb, fx) in &xs {
-            let top = ra[xa] as f32 + fx * (ra[xb] as f32 - ra[xa] as f32);
-            let bottom = rb[xa] as f32 + fx * (rb[xb] as f32 - rb[xa] as f32);
-            out.push((top + fy * (bottom - top)).round() as u8);
+        let sy = y0 + (j as f32 + 0.5) * step - 0.5;
+        for i in 0..n {
+            let sx = x0 + (i as f32 + 0.5) * step - 0.5;
+            out.push(super::crop::bilinear(gray, w, h, sx, sy).round() as u8);
         }
     }
     out

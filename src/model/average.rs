@@ -46,7 +46,9 @@ pub fn average_models(srcs: &[&Path], out: &Path) -> Result<AverageSummary> {
         // names and shapes as the first's, every model holds the same tensors.
         let loaded = load_model_dir(src, &Device::Cpu)?;
         let c = &loaded.config;
-        let same = c.arch == cfg.arch
+        // (The architecture itself is the encoder config, which the tensor names and shapes
+        // below follow; `arch` may be an older name for the same network.)
+        let same = c.encoder.cbam == cfg.encoder.cbam
             && c.classes == cfg.classes
             && c.input.size == cfg.input.size
             && expected_tensor_names(c)? == shapes;

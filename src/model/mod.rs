@@ -359,7 +359,7 @@ pub fn write_model_tensors(
     cfg: &ModelConfig,
     tensors: &HashMap<String, Tensor>,
 ) -> Result<u64> {
-    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    let json = config_json(cfg)?;
     crate::fsutil::create_dir_atomically(out, |tmp| {
         let cfg_path = tmp.join(CONFIG_FILE);
         std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
@@ -370,9 +370,19 @@ pub fn write_model_tensors(
     Ok(std::fs::metadata(&w).map_err(|e| Error::io(&w, e))?.len())
 }
 
+/// A model's `config.json` text, its `arch` naming what the encoder holds (with or without CBAM,
+/// [`crate::config::arch_name`]) whatever the config it was built from said.
+fn config_json(cfg: &ModelConfig) -> Result<String> {
+    let cfg = ModelConfig {
+        arch: crate::config::arch_name(cfg.encoder.cbam).to_string(),
+        ..cfg.clone()
+    };
+    serde_json::to_string_pretty(&cfg).map_err(|e| Error::Msg(e.to_string()))
+}
+
 /// Writes the two files of a model directory into `dir` (not atomically on its own).
 pub fn write_model_files(dir: &Path, cfg: &ModelConfig, vars: &VarMap) -> Result<()> {
-    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    let json = config_json(cfg)?;
     let cfg_path = dir.join(CONFIG_FILE);
     std::fs::write(&cfg_path, json + "\n").map_err(|e| Error::io(&cfg_path, e))?;
     let w_path = dir.join(WEIGHTS_FILE);
@@ -418,6 +428,22 @@ mod tests {
             // Train mode works too (batch statistics), with CBAM on odd spatial sizes.
             let xs = Tensor::randn(0f32, 1., (2, 1, 45, 45), &Device::Cpu)?;
             assert_eq!(m.features(&xs, true)?.dims(), &[2, 32]);
+        }
+        Ok(())
+    }
+
+    /// A saved model's `arch` names its encoder, whatever the config it was built from said.
+    #[test]
+    fn saved_arch_follows_the_encoder() -> Result<()> {
+        let tmp = tempfile::tempdir().unwrap();
+        for cbam in [true, false] {
+            let mut cfg = small_cfg(Stem::Conv3x3, cbam);
+            cfg.arch = crate::config::ARCH.into();
+            let (vm, _) = init_model(&cfg, &Device::Cpu, 1)?;
+            let dir = tmp.path().join(format!("cbam-{cbam}"));
+            save_model_dir(&dir, &cfg, &vm)?;
+            let loaded = load_model_dir(&dir, &Device::Cpu)?;
+            assert_eq!(loaded.config.arch, crate::config::arch_name(cbam));
         }
         Ok(())
     }

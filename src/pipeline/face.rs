@@ -224,7 +224,7 @@ mod tests {
             eprintln!("!!! SKIPPED the face-stage test: {} not found", p.display());
             return None;
         };
-        let g = img.into_luma8();
+        let g = crate::capture::color::gray_image(img);
         Some(
             image::imageops::resize(&g, 640, 480, image::imageops::FilterType::Triangle).into_raw(),
         )
