@@ -1,5 +1,8 @@
-//! `fer-cam run` end to end: the y4m clip and the group stills from ../shared, damaged streams,
-//! a reader that closes stdout, and a slow reader (bounded memory, counted drops).
+//! `fer-cam run` end to end: the y4m clip, video through ffmpeg and the group stills from
+//! ../shared (exact face counts), stills alone or as a sequence, damaged streams, signals,
+//! `--max-fps`, lossless stdin, a reader that closes stdout (or stderr), a slow reader (bounded
+//! memory, counted drops), `--annotate` and `report`, eight-class models, and a model whose
+//! answers overflow.
 
 mod common;
 

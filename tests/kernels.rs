@@ -7,19 +7,14 @@
 //! outputs and 2e-3 for gradients (f32 sums taken in a different order through deep networks),
 //! and 2e-3 for inference features with half-precision weights on the smallest maps.
 
+mod common;
+
 use candle_core::{DType, Device, ModuleT, Tensor, Var};
 use candle_nn::{VarBuilder, VarMap};
+use common::rel_err;
 use fer_cam::config::{EncoderConfig, Stem};
 use fer_cam::kernels::{batch_norm_train, conv2d, max_pool2d, ConvKernels, WeightFormat};
 use fer_cam::model::resnet::ResNet;
-
-fn rel_err(got: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(got.dims(), want.dims());
-    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = want.abs().unwrap().max_all().unwrap();
-    let d = diff.to_scalar::<f32>().unwrap();
-    d / scale.to_scalar::<f32>().unwrap().max(1e-6)
-}
 
 /// Reproducible N(0, 1) inputs: candle's CPU device refuses `set_seed`, so draw them here.
 fn randn(shape: &[usize], seed: u64) -> Tensor {

@@ -13,6 +13,16 @@ pub fn max_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0f32, f32::max)
 }
 
+/// The largest absolute difference between two tensors of one shape, relative to the largest
+/// magnitude of `want` (at least 1e-6).
+pub fn rel_err(got: &candle_core::Tensor, want: &candle_core::Tensor) -> f32 {
+    assert_eq!(got.dims(), want.dims());
+    let diff = (got - want).unwrap().abs().unwrap().max_all().unwrap();
+    let scale = want.abs().unwrap().max_all().unwrap();
+    let d = diff.to_scalar::<f32>().unwrap();
+    d / scale.to_scalar::<f32>().unwrap().max(1e-6)
+}
+
 /// `../shared` next to the repository, if this checkout has it.
 pub fn shared_dir() -> Option<PathBuf> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared");
