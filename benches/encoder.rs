@@ -2,7 +2,8 @@
 //! forward at batch 1 and 8 for both stems (inference mode: BN folded on the fast path; `fer`
 //! with f32 weights, `fer-f16` with half-precision weights on maps of at most 4x4, as `fer-cam
 //! run` and `eval` default to), and one full training step (forward, cross-entropy, backward,
-//! SGD update) at batch 64 with the 3x3 stem. Bench ids name the device, the kernels, the stem
+//! SGD update) at batch 64 with the 3x3 stem, and the same step with and without CBAM at half and
+//! full width with the shipped 3x3 stride-2 stem (`-- cbam`). Bench ids name the device, the kernels, the stem
 //! and the batch. With the 3x3 stem no layer has maps that small, so its `fer` and `fer-f16`
 //! rows time the same computation: their gap is the run's noise.
 //!
@@ -16,7 +17,8 @@ use candle_core::{DType, Device, ModuleT, Tensor};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use candle_nn::{linear, Linear, Module, Optimizer, VarBuilder, VarMap, SGD};
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use criterion::measurement::WallTime;
+use criterion::{criterion_group, criterion_main, BenchmarkGroup, BenchmarkId, Criterion};
 use fer_cam::config::{EncoderConfig, Stem};
 use fer_cam::kernels::{ConvKernels, WeightFormat};
 use fer_cam::model::resnet::ResNet;
@@ -72,11 +74,9 @@ fn forward(c: &mut Criterion) {
     group.finish();
 }
 
-fn train_step(c: &mut Criterion) {
-    // As the fer-cam binary does: keep freed memory for reuse across steps (both kernel sets).
-    fer_cam::alloc::keep_freed_memory_ms(30_000);
-    let mut group = c.benchmark_group("encoder_train_step/cpu");
-    group.sample_size(10);
+/// Benches one training step of `cfg`'s encoder with a linear head at batch 64: forward,
+/// cross-entropy, backward and an SGD update.
+fn bench_step(group: &mut BenchmarkGroup<'_, WallTime>, id: BenchmarkId, cfg: &EncoderConfig) {
     let b = 64;
     let xs = Tensor::randn(0f32, 1.0, (b, 1, 48, 48), &Device::Cpu).expect("input");
     let labels = Tensor::from_vec(
@@ -85,27 +85,65 @@ fn train_step(c: &mut Criterion) {
         &Device::Cpu,
     )
     .expect("labels");
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+    let net = ResNet::new(cfg, vb.clone()).expect("encoder");
+    let head: Linear = linear(cfg.widths[3], 7, vb.pp("head")).expect("head");
+    let mut opt = SGD::new(vm.all_vars(), 0.01).expect("sgd");
+    group.bench_function(id, |bench| {
+        bench.iter(|| {
+            let feats = net.forward_t(&xs, true).expect("forward");
+            let logits = head.forward(&feats).expect("head");
+            let loss = candle_nn::loss::cross_entropy(&logits, &labels).expect("loss");
+            opt.backward_step(&loss).expect("step");
+            loss
+        })
+    });
+}
+
+fn train_step(c: &mut Criterion) {
+    // As the fer-cam binary does: keep freed memory for reuse across steps (both kernel sets).
+    fer_cam::alloc::keep_freed_memory_ms(30_000);
+    let mut group = c.benchmark_group("encoder_train_step/cpu");
+    group.sample_size(10);
     for kernels in [ConvKernels::Candle, ConvKernels::Fast] {
-        let (vm, net) = encoder(Stem::Conv3x3, kernels);
-        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let head: Linear = linear(512, 7, vb.pp("head")).expect("head");
-        let mut opt = SGD::new(vm.all_vars(), 0.01).expect("sgd");
-        let id = BenchmarkId::new(
-            format!("{}/conv3x3", kernels_name(kernels)),
-            format!("b{b}"),
-        );
-        group.bench_function(id, |bench| {
-            bench.iter(|| {
-                let feats = net.forward_t(&xs, true).expect("forward");
-                let logits = head.forward(&feats).expect("head");
-                let loss = candle_nn::loss::cross_entropy(&logits, &labels).expect("loss");
-                opt.backward_step(&loss).expect("step");
-                loss
-            })
-        });
+        let cfg = EncoderConfig {
+            stem: Stem::Conv3x3,
+            kernels,
+            ..Default::default()
+        };
+        let id = BenchmarkId::new(format!("{}/conv3x3", kernels_name(kernels)), "b64");
+        bench_step(&mut group, id, &cfg);
     }
     group.finish();
 }
 
-criterion_group!(benches, forward, train_step);
+/// What CBAM costs a training step (it must stay nearly free): the shipped stem (3x3 stride 2)
+/// at half width (32-256) and at full width (64-512), with and without CBAM in every block
+/// (reduction 16), in one run with fer-cam's kernels: `cargo bench --bench encoder -- cbam`.
+fn train_step_cbam(c: &mut Criterion) {
+    fer_cam::alloc::keep_freed_memory_ms(30_000);
+    let mut group = c.benchmark_group("encoder_train_step_cbam/cpu");
+    group.sample_size(10);
+    for (width, widths) in [("half", [32, 64, 128, 256]), ("full", [64, 128, 256, 512])] {
+        for cbam in [false, true] {
+            let cfg = EncoderConfig {
+                stem: Stem::Conv3x3S2,
+                cbam,
+                cbam_reduction: 16,
+                widths,
+                ..Default::default()
+            };
+            let name = if cbam { "cbam" } else { "no-cbam" };
+            bench_step(
+                &mut group,
+                BenchmarkId::new(format!("{width}/{name}"), "b64"),
+                &cfg,
+            );
+        }
+    }
+    group.finish();
+}
+
+criterion_group!(benches, forward, train_step, train_step_cbam);
 criterion_main!(benches);
