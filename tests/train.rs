@@ -387,6 +387,50 @@ fn killed_then_resumed_run_matches_uninterrupted() {
     }
 }
 
+/// Without `--quiet`, stderr says what training does between steps, also when it is not a
+/// terminal (a log file; the progress bar then does not draw): the data loaded, each stage's
+/// epochs, each epoch's result, CARD's feature pass.
+#[test]
+fn training_says_what_it_does_in_a_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path(), 48);
+    let run = tmp.path().join("run");
+    let a: Vec<String> = small_run("all", &data, &run)
+        .into_iter()
+        .filter(|s| s != "--quiet")
+        .chain(
+            [
+                "--from-scratch",
+                "--classifier-epochs",
+                "2",
+                "--card-epochs",
+                "1",
+            ]
+            .iter()
+            .map(|s| s.to_string()),
+        )
+        .collect();
+    let o = fer(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    for line in [
+        "loading ",
+        "48 training and 48 PublicTest images",
+        "classifier: epochs 1..=2 of 2",
+        "classifier epoch 1/2: loss ",
+        "classifier epoch 2/2: loss ",
+        "card: f_phi's features of 48 training and 48 PublicTest images",
+        "card epoch 1/1: loss ",
+    ] {
+        assert!(
+            e.lines().any(|l| l.starts_with(line)),
+            "{line:?} missing from\n{e}"
+        );
+    }
+    // One line each, no progress-bar frames (no carriage returns, no escape sequences).
+    assert!(!e.contains('\r') && !e.contains('\u{1b}'), "{e:?}");
+}
+
 #[test]
 fn non_finite_loss_stops_and_keeps_the_last_good_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();

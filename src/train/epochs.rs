@@ -237,6 +237,15 @@ pub(super) fn run_epochs<S: BatchSource>(
     let total = lr.epochs * steps_per_epoch;
     let warmup = (lr.warmup_epochs * steps_per_epoch as f64).round() as usize;
     let rate = |step: usize| warmup_cosine(step, total, warmup, lr.base_lr, 0.01);
+    if run.epochs_done < lr.epochs {
+        (monitor.note)(&format!(
+            "{}: epochs {}..={} of {}, {steps_per_epoch} steps each",
+            run.stage.name(),
+            run.epochs_done + 1,
+            lr.epochs,
+            lr.epochs
+        ));
+    }
     while run.epochs_done < lr.epochs {
         let epoch = run.epochs_done;
         let start = Instant::now();
@@ -305,6 +314,23 @@ pub(super) fn run_epochs<S: BatchSource>(
         }
         log_metrics(&run.cfg.run_dir, line)?;
         plots::plot_stage(&run.cfg.run_dir, run.stage.name())?;
+        let scored = match (val, run.best_val, run.best_epoch) {
+            (Some(v), Some(b), Some(e)) => format!(
+                ", PublicTest {:.2}% (best {:.2}%, epoch {e})",
+                100.0 * v,
+                100.0 * b
+            ),
+            _ => String::new(),
+        };
+        (monitor.note)(&format!(
+            "{} epoch {}/{}: loss {:.4}{scored}, {:.1} images/s, {}",
+            run.stage.name(),
+            epoch + 1,
+            lr.epochs,
+            loss_sum / steps_per_epoch.max(1) as f64,
+            images as f64 / seconds.max(1e-9),
+            humantime::format_duration(std::time::Duration::from_secs(seconds.round() as u64))
+        ));
     }
     Ok(tput)
 }

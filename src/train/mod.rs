@@ -59,10 +59,13 @@ impl Stage {
 }
 
 /// What the caller sees of a running stage, and how it stops one: `progress` after every step;
-/// `stop` (set from a signal handler) ends the stage before its next step, with an error that
-/// names the checkpoint `--resume` continues from.
+/// `note` a line on what training does between steps (loading data, starting a stage, computing
+/// features, each epoch's result), so that no long wait passes without a word; `stop` (set from
+/// a signal handler) ends the stage before its next step, with an error that names the
+/// checkpoint `--resume` continues from.
 pub struct Monitor<'a> {
     pub progress: &'a mut dyn FnMut(&Progress),
+    pub note: &'a mut dyn FnMut(&str),
     pub stop: &'a std::sync::atomic::AtomicBool,
 }
 
@@ -325,7 +328,18 @@ pub fn run(
     }
     let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
     write_file_atomically(&cfg.run_dir.join("config.json"), json.as_bytes())?;
+    (monitor.note)(&format!(
+        "loading {}",
+        crate::log::escape(&cfg.data.to_string_lossy())
+    ));
+    let t0 = std::time::Instant::now();
     let data = TrainData::load(cfg)?;
+    (monitor.note)(&format!(
+        "{} training and {} PublicTest images ({:.1} s)",
+        data.train.len(),
+        data.val.len(),
+        t0.elapsed().as_secs_f64()
+    ));
     let mut out = Vec::new();
     let ssl_model = model_dir(&cfg.run_dir, Stage::Ssl);
     let cls_model = model_dir(&cfg.run_dir, Stage::Classifier);

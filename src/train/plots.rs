@@ -20,19 +20,37 @@ fn series(metrics: &Path, stage: &str, key: &str) -> Result<Vec<(f64, f64)>> {
         .collect())
 }
 
-fn draw(path: &Path, title: &str, y_label: &str, points: &[(f64, f64)]) -> Result<()> {
-    let fail = |e: String| Error::file(path, format!("cannot draw plot: {e}"));
-    let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max);
-    let (mut y_min, mut y_max) = points
+/// The y axis of a plot: the data's range padded by 5% (a single value by 5% of itself, at least
+/// 0.01), kept inside `bounds` where the quantity has them (an accuracy in 0..=1).
+fn y_range(points: &[(f64, f64)], bounds: Option<(f64, f64)>) -> (f64, f64) {
+    let (lo, hi) = points
         .iter()
         .fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), p| {
             (a.min(p.1), b.max(p.1))
         });
-    if y_min == y_max {
-        y_min -= 0.5;
-        y_max += 0.5;
+    let pad = if hi > lo {
+        0.05 * (hi - lo)
+    } else {
+        (0.05 * lo.abs()).max(0.01)
+    };
+    let (lo, hi) = (lo - pad, hi + pad);
+    match bounds {
+        Some((a, b)) => (lo.max(a), hi.min(b)),
+        None => (lo, hi),
     }
-    let pad = 0.05 * (y_max - y_min);
+}
+
+fn draw(
+    path: &Path,
+    title: &str,
+    y_label: &str,
+    points: &[(f64, f64)],
+    bounds: Option<(f64, f64)>,
+) -> Result<()> {
+    let fail = |e: String| Error::file(path, format!("cannot draw plot: {e}"));
+    // Epochs count from 1: half an epoch of room on the right.
+    let x_max = points.iter().map(|p| p.0).fold(1.0, f64::max) + 0.5;
+    let (y_lo, y_hi) = y_range(points, bounds);
     // Drawn into memory and written atomically (a stream or a link is written as such).
     let mut svg = String::new();
     {
@@ -43,7 +61,7 @@ fn draw(path: &Path, title: &str, y_label: &str, points: &[(f64, f64)]) -> Resul
             .margin(12)
             .x_label_area_size(36)
             .y_label_area_size(56)
-            .build_cartesian_2d(0.0..x_max, (y_min - pad)..(y_max + pad))
+            .build_cartesian_2d(0.0..x_max, y_lo..y_hi)
             .map_err(|e| fail(e.to_string()))?;
         chart
             .configure_mesh()
@@ -68,12 +86,13 @@ pub fn plot_stage(run_dir: &Path, stage: &str) -> Result<Vec<PathBuf>> {
     let dir = run_dir.join("plots");
     std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
     let mut written = Vec::new();
-    for (key, label, file) in [
-        ("loss", "training loss", format!("{stage}_loss.svg")),
+    for (key, label, file, bounds) in [
+        ("loss", "training loss", format!("{stage}_loss.svg"), None),
         (
             "val_accuracy",
             "PublicTest accuracy",
             format!("{stage}_val_accuracy.svg"),
+            Some((0.0, 1.0)),
         ),
     ] {
         let points = series(&metrics, stage, key)?;
@@ -81,7 +100,7 @@ pub fn plot_stage(run_dir: &Path, stage: &str) -> Result<Vec<PathBuf>> {
             continue;
         }
         let path = dir.join(file);
-        draw(&path, &format!("{stage}: {label}"), label, &points)?;
+        draw(&path, &format!("{stage}: {label}"), label, &points, bounds)?;
         written.push(path);
     }
     Ok(written)
@@ -89,6 +108,25 @@ pub fn plot_stage(run_dir: &Path, stage: &str) -> Result<Vec<PathBuf>> {
 
 #[cfg(test)]
 mod tests {
+    /// Axes fit the data: one accuracy of 0.2 is drawn on 0.19..0.21, not -0.3..0.7; a range
+    /// near 1 stops at 1; a loss keeps its padded range.
+    #[test]
+    fn axes_fit_the_data() {
+        let (lo, hi) = y_range(&[(1.0, 0.2)], Some((0.0, 1.0)));
+        assert!(
+            (lo - 0.19).abs() < 1e-9 && (hi - 0.21).abs() < 1e-9,
+            "{lo} {hi}"
+        );
+        assert_eq!(y_range(&[(1.0, 0.9), (2.0, 1.0)], Some((0.0, 1.0))).1, 1.0);
+        let (lo, hi) = y_range(&[(1.0, 1.0), (2.0, 3.0)], None);
+        assert!(
+            (lo - 0.9).abs() < 1e-9 && (hi - 3.1).abs() < 1e-9,
+            "{lo} {hi}"
+        );
+        let (lo, hi) = y_range(&[(1.0, 0.0)], Some((0.0, 1.0)));
+        assert!(lo == 0.0 && (hi - 0.01).abs() < 1e-9, "{lo} {hi}");
+    }
+
     use super::*;
 
     #[test]

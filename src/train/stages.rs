@@ -219,7 +219,13 @@ pub fn train_classifier(
         resume,
     )?;
     let teacher = match &cfg.classifier.distill {
-        Some(d) => Some(Teacher::compute(d, &data.train, &cfg.model, dev)?),
+        Some(d) => {
+            (monitor.note)(&format!(
+                "classifier: the teacher's answers on {} training images",
+                data.train.len()
+            ));
+            Some(Teacher::compute(d, &data.train, &cfg.model, dev)?)
+        }
         None => None,
     };
     let cls = &cfg.classifier;
@@ -294,6 +300,11 @@ pub fn train_card(
         resume,
     )?;
     let t0 = Instant::now();
+    (monitor.note)(&format!(
+        "card: f_phi's features of {} training and {} PublicTest images",
+        data.train.len(),
+        data.val.len()
+    ));
     let (train_feats, train_f) = features_and_fphi(&model, &data.train, &cfg.model, dev)?;
     let (val_feats, val_f) = features_and_fphi(&model, &data.val, &cfg.model, dev)?;
     let feature_seconds = t0.elapsed().as_secs_f64();
