@@ -419,6 +419,81 @@ case("eval --json keeps a replaced file's mode", E + ["--data", "in/ok.csv", "--
 report("replaced file mode kept", os.stat("in/secret.json").st_mode & 0o777 == 0o600,
        oct(os.stat("in/secret.json").st_mode & 0o777))
 
+# Owners: root replacing another user's file gives it back to that user; a user other than
+# root replacing its own file keeps it, and replacing root's file (in a folder it may write) makes
+# it the user's, mode kept, as an editor's save would.
+if os.geteuid() == 0:
+    open("in/theirs.json", "w").write("{}")
+    os.chmod("in/theirs.json", 0o640)
+    os.chown("in/theirs.json", 12345, 12345)
+    case("eval --json replaces another user's file", E + ["--data", "in/ok.csv", "--json",
+                                                          "in/theirs.json"], want=0,
+         outputs=["in/theirs.json"])
+    st = os.stat("in/theirs.json")
+    report("replaced file keeps its owner (root)",
+           (st.st_uid, st.st_gid, st.st_mode & 0o777) == (12345, 12345, 0o640),
+           f"{st.st_uid}:{st.st_gid} {oct(st.st_mode & 0o777)}")
+    setpriv = subprocess.run(["sh", "-c", "command -v setpriv"], capture_output=True,
+                             text=True).stdout.strip()
+    if setpriv:
+        os.chmod(ROOT, 0o711)
+        user = os.path.join(ROOT, "nobody")
+        os.makedirs(user)
+        os.chown(user, 65534, 65534)
+        as_user = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups"]
+        uenv = dict(ENV, FER_CAM_CACHE=os.path.join(user, "cache"))
+        for label, owner, mode in (("its own", 65534, 0o604), ("root's", 0, 0o644)):
+            f = os.path.join(user, f"{owner}.json")
+            open(f, "w").write("{}")
+            os.chmod(f, mode)
+            os.chown(f, owner, owner)
+            p = subprocess.run(as_user + [BIN] + E + ["--data", os.path.abspath("in/ok.csv"),
+                                                      "--json", f],
+                               capture_output=True, env=uenv, timeout=60)
+            st = os.stat(f)
+            got = (p.returncode, st.st_uid, st.st_mode & 0o777)
+            report(f"a user other than root replaces {label} file", got == (0, 65534, mode),
+                   f"exit, owner, mode {got}: {p.stderr.decode(errors='replace')[-200:]}")
+    else:
+        print("(setpriv missing: the non-root owner cases are not run)")
+
+# A full disk: a small tmpfs (where this machine lets us mount one), filled to the last byte.
+# Each write must fail with one error line, leave no temp file behind and change no file that
+# was there before.
+full = os.path.join(ROOT, "full")
+os.makedirs(full)
+mounted = os.geteuid() == 0 and subprocess.run(
+    ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", full], capture_output=True
+).returncode == 0
+if mounted:
+    try:
+        open(os.path.join(full, "kept.json"), "w").write('{"kept": true}')
+        with open(os.path.join(full, "filler"), "wb", buffering=0) as f:
+            try:
+                while True:
+                    f.write(b"\0" * 512)
+            except OSError:
+                pass
+        for name, args in (
+            ("eval --json", E + ["--data", "in/ok.csv", "--json", "full/e.json"]),
+            ("eval --json over a file", E + ["--data", "in/ok.csv", "--json", "full/kept.json"]),
+            ("export", ["export", "--model", model, "--out", "full/m"]),
+            ("run --annotate", R + ["--input", "in/clip.y4m", "--annotate", "full/a.y4m"]),
+            ("train --run-dir", T + ["--run-dir", "full/run"]),
+            ("report --out", ["report", "--out", "full/rep", "in/run.jsonl.gz"]),
+        ):
+            listed = sorted(os.listdir(full))
+            # The run directory and the annotated video are the outputs themselves (the video
+            # keeps the frames written before the disk filled; the run counts them).
+            own = {"train --run-dir": "run", "run --annotate": "a.y4m"}.get(name)
+            case(f"full disk: {name}", args, want=1, outputs=[f"full/{own}"] if own else ())
+            left = sorted(set(os.listdir(full)) - set(listed) - {own})
+            report(f"full disk: {name} leaves nothing behind", not left, str(left))
+    finally:
+        subprocess.run(["umount", full], capture_output=True)
+else:
+    print("(no tmpfs could be mounted here: the full-disk cases are not run)")
+
 p = subprocess.run([BIN, "init", "--out", "out/ray", "--stem", "conv7x7_pool"],
                    capture_output=True, env=dict(ENV, RAYON_NUM_THREADS="100000"), timeout=60)
 report("absurd RAYON_NUM_THREADS is ignored with a warning",

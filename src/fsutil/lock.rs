@@ -51,11 +51,15 @@ impl WriterLock {
                 .open(&path)
             {
                 Ok(mut f) => {
-                    f.write_all(format!("fer-cam writer lock\n{me}\n").as_bytes())
-                        .and_then(|_| f.sync_all())
-                        .map_err(|e| {
-                            Error::file(target, format!("cannot lock for writing: {e}"))
-                        })?;
+                    let named = f
+                        .write_all(format!("fer-cam writer lock\n{me}\n").as_bytes())
+                        .and_then(|_| f.sync_all());
+                    if let Err(e) = named {
+                        // (A full disk makes the file but not its text.) The empty lock names
+                        // no writer: not left behind.
+                        let _ = std::fs::remove_file(&path);
+                        return Err(Error::file(target, format!("cannot lock for writing: {e}")));
+                    }
                     if let Ok(mut held) = HELD.lock() {
                         held.get_or_insert_with(HashSet::new).insert(path.clone());
                     }
