@@ -104,15 +104,12 @@ pub fn required_path_mismatch() -> Option<String> {
 /// AVX-512) a missing kernel is a failure instead.
 #[cfg(test)]
 pub(crate) fn skip_without_direct(test: &str) -> bool {
-    if direct().is_some() {
-        return false;
-    }
-    assert!(
-        std::env::var_os("FER_CAM_REQUIRE_DIRECT").is_none_or(|v| v.is_empty()),
-        "{test}: FER_CAM_REQUIRE_DIRECT is set but no direct kernel is available"
-    );
-    eprintln!("SKIPPED {test}: neither AVX-512F nor AVX2+FMA+F16C on this CPU (or both disabled)");
-    true
+    skip_unless(
+        test,
+        direct().is_some(),
+        "FER_CAM_REQUIRE_DIRECT",
+        "neither AVX-512F nor AVX2+FMA+F16C on this CPU (or both disabled)",
+    )
 }
 
 /// For tests of the AVX-512 kernels: `true` (skip, with a SKIPPED notice on stderr) where they
@@ -120,14 +117,26 @@ pub(crate) fn skip_without_direct(test: &str) -> bool {
 /// path is a failure instead, so a broken detection cannot pass as a skip.
 #[cfg(test)]
 pub(crate) fn skip_without_avx512(test: &str) -> bool {
-    if avx512() {
+    skip_unless(
+        test,
+        avx512(),
+        "FER_CAM_REQUIRE_AVX512",
+        "no AVX-512F on this CPU (or FER_CAM_NO_AVX512 is set)",
+    )
+}
+
+/// `false` where `runs`; else a failure under `require` (set and not empty), or `true` after a
+/// SKIPPED notice saying `why`.
+#[cfg(test)]
+fn skip_unless(test: &str, runs: bool, require: &str, why: &str) -> bool {
+    if runs {
         return false;
     }
     assert!(
-        std::env::var_os("FER_CAM_REQUIRE_AVX512").is_none_or(|v| v.is_empty()),
-        "{test}: FER_CAM_REQUIRE_AVX512 is set but the AVX-512 kernels are unavailable"
+        std::env::var_os(require).is_none_or(|v| v.is_empty()),
+        "{test}: {require} is set but the kernels it asks for are unavailable"
     );
-    eprintln!("SKIPPED {test}: no AVX-512F on this CPU (or FER_CAM_NO_AVX512 is set)");
+    eprintln!("SKIPPED {test}: {why}");
     true
 }
 
