@@ -496,8 +496,26 @@ if mounted:
             report(f"full disk: {name} leaves nothing behind", not left, str(left))
     finally:
         subprocess.run(["umount", full], capture_output=True)
+    # A read-only file system (which stops root too, unlike a read-only folder).
+    ro = os.path.join(ROOT, "ro-fs")
+    os.makedirs(ro)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", ro],
+                      capture_output=True).returncode == 0:
+        try:
+            open(os.path.join(ro, "kept.json"), "w").write('{"kept": true}')
+            subprocess.run(["mount", "-o", "remount,ro", ro], check=True, capture_output=True)
+            for name, args in (
+                ("eval --json", E + ["--data", "in/ok.csv", "--json", "ro-fs/e.json"]),
+                ("eval --json over a file", E + ["--data", "in/ok.csv", "--json",
+                                                 "ro-fs/kept.json"]),
+                ("export", ["export", "--model", model, "--out", "ro-fs/m"]),
+                ("train --run-dir", T + ["--run-dir", "ro-fs/run"]),
+            ):
+                case(f"read-only file system: {name}", args, want=1)
+        finally:
+            subprocess.run(["umount", ro], capture_output=True)
 else:
-    print("(no tmpfs could be mounted here: the full-disk cases are not run)")
+    print("(no tmpfs could be mounted here: the full-disk and read-only cases are not run)")
 
 p = subprocess.run([BIN, "init", "--out", "out/ray", "--stem", "conv7x7_pool"],
                    capture_output=True, env=dict(ENV, RAYON_NUM_THREADS="100000"), timeout=60)
