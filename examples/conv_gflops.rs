@@ -1,6 +1,7 @@
 //! Throughput of single convolutions of the encoder: forward (Winograd, direct kernel on AVX-512
 //! or AVX2, GEMM path), then the weight gradients of the training step's 3x3 layers (Winograd vs GEMM path).
 //! GFLOP/s count the direct convolution's multiply-adds.
+//! Rows `wino4-bf16` and `wino-bf16` run the Winograd GEMMs in bf16 where the CPU has AVX512-BF16.
 //! `cargo run --release --example conv_gflops [-- NAME]` (only the cases whose name contains NAME;
 //! for the weight gradients the name is followed by the kernel, e.g. `"dW l1 64x48 b64 gemm"`)
 use std::time::Instant;
@@ -32,6 +33,12 @@ fn main() {
         ("7x7: l4 512x2 b8", 8, 512, 2, 512, 3, 1, 1),
         ("train: l4.0 3x3 s2 b64", 64, 256, 12, 512, 3, 2, 1),
         ("train: l4.0 1x1 s2 b64", 64, 256, 12, 512, 1, 2, 0),
+        // The paper's network (full width, 3x3 stride-2 stem) in training: its 3x3 stride-1
+        // layers at batch 64 (forward, and as the input gradient).
+        ("train: full l1 64x24 b64", 64, 64, 24, 64, 3, 1, 1),
+        ("train: full l2 128x12 b64", 64, 128, 12, 128, 3, 1, 1),
+        ("train: full l3 256x6 b64", 64, 256, 6, 256, 3, 1, 1),
+        ("train: full l4 512x3 b64", 64, 512, 3, 512, 3, 1, 1),
     ];
     // Every layer shape of the shipped model (half width, 3x3 stride-2 stem) at batch 1, 2 (a
     // face and its mirror) and 64 (training).
@@ -68,11 +75,24 @@ fn main() {
         let pw = direct::PackedWeights::pack(&w, k, c, kh, kh);
         let pwino = winograd::applicable(&g).then(|| winograd::PackedWinograd::pack(&w, k, c, 2));
         let pwino4 = winograd::applicable(&g).then(|| winograd::PackedWinograd::pack(&w, k, c, 4));
+        // bf16 GEMMs (AVX512-BF16, even channel counts; what `"precision": "bf16"` trains with).
+        let bf16 = winograd::applicable(&g) && isa::avx512_bf16() && c % 2 == 0;
+        let pbf = |m| bf16.then(|| winograd::PackedWinograd::pack(&w, k, c, m).with_bf16());
+        let (pbf2, pbf4) = (pbf(2), pbf(4));
         let flops = 2.0 * (g.b * g.k * g.ohw() * g.ckk()) as f64;
         let reps = (4e8 / flops).ceil() as usize;
-        for label in ["winograd4", "winograd", "direct", "gemm"] {
+        let labels = [
+            "winograd4",
+            "wino4-bf16",
+            "winograd",
+            "wino-bf16",
+            "direct",
+            "gemm",
+        ];
+        for label in labels {
             // Winograd runs on AVX-512 only; the direct kernel on AVX-512 or AVX2.
-            if (label.starts_with("winograd") && (pwino.is_none() || !isa::avx512()))
+            if (label.starts_with("win") && (pwino.is_none() || !isa::avx512()))
+                || (label.ends_with("bf16") && !bf16)
                 || (label == "direct" && isa.is_none())
             {
                 continue;
@@ -87,6 +107,12 @@ fn main() {
                             winograd::conv_forward(&g, &x, pwino4.as_ref().unwrap(), None, false)
                         }
                         ("winograd", Some(p)) => winograd::conv_forward(&g, &x, p, None, false),
+                        ("wino4-bf16", _) => {
+                            winograd::conv_forward(&g, &x, pbf4.as_ref().unwrap(), None, false)
+                        }
+                        ("wino-bf16", _) => {
+                            winograd::conv_forward(&g, &x, pbf2.as_ref().unwrap(), None, false)
+                        }
                         ("direct", _) => direct::conv_forward(&g, &x, &pw, None, false),
                         _ => reference::conv2d_forward_gemm(&g, &x, &w, None, false),
                     };
@@ -95,7 +121,7 @@ fn main() {
                 dt = dt.min(t.elapsed().as_secs_f64() / reps as f64);
             }
             println!(
-                "{name:18} {label:8} {:8.3} ms {:6.1} GFLOP/s",
+                "{name:26} {label:10} {:8.3} ms {:6.1} GFLOP/s",
                 dt * 1e3,
                 flops / dt / 1e9
             );
@@ -130,6 +156,10 @@ fn weight_gradients() {
         ("dW l2 128x24 b64", 64, 128, 24, 128),
         ("dW l3 256x12 b64", 64, 256, 12, 256),
         ("dW l4 512x6 b64", 64, 512, 6, 512),
+        ("dW full l1 64x24 b64", 64, 64, 24, 64),
+        ("dW full l2 128x12 b64", 64, 128, 12, 128),
+        ("dW full l3 256x6 b64", 64, 256, 6, 256),
+        ("dW full l4 512x3 b64", 64, 512, 3, 512),
     ];
     for (name, b, c, hw, k) in cases {
         let g = ConvGeom::new(b, c, hw, hw, k, 3, 3, 1, 1).unwrap();
@@ -137,22 +167,25 @@ fn weight_gradients() {
         let dy: Vec<f32> = (0..g.output_len()).map(|i| (i % 5) as f32 * 0.1).collect();
         let flops = 2.0 * (g.b * g.k * g.ohw() * g.ckk()) as f64;
         let reps = (2e10 / flops).ceil() as usize;
-        for label in ["winograd4", "winograd", "gemm"] {
+        for label in ["winograd4", "wino4-bf16", "winograd", "wino-bf16", "gemm"] {
             if !selected(&format!("{name} {label}"))
-                || (label.starts_with("winograd") && !wgrad::applicable(&g))
+                || (label.starts_with("win") && !wgrad::applicable(&g))
+                || (label.ends_with("bf16") && !isa::avx512_bf16())
             {
                 continue;
             }
             let dt = best_of_5(reps, || {
                 let dw = match label {
-                    "winograd4" => wgrad::conv_backward_weight(&g, &x, &dy, 4),
-                    "winograd" => wgrad::conv_backward_weight(&g, &x, &dy, 2),
+                    "winograd4" => wgrad::conv_backward_weight(&g, &x, &dy, 4, false),
+                    "winograd" => wgrad::conv_backward_weight(&g, &x, &dy, 2, false),
+                    "wino4-bf16" => wgrad::conv_backward_weight(&g, &x, &dy, 4, true),
+                    "wino-bf16" => wgrad::conv_backward_weight(&g, &x, &dy, 2, true),
                     _ => reference::conv2d_backward_weight_gemm(&g, &x, &dy),
                 };
                 std::hint::black_box(dw);
             });
             println!(
-                "{name:18} {label:8} {:8.3} ms {:6.1} GFLOP/s",
+                "{name:26} {label:10} {:8.3} ms {:6.1} GFLOP/s",
                 dt * 1e3,
                 flops / dt / 1e9
             );

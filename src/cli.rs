@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 use fer_cam::config::Stem;
+use fer_cam::kernels::precision::Precision;
 use fer_cam::train::{DistillConfig, TrainConfig};
 
 #[derive(Debug, Parser)]
@@ -350,6 +351,10 @@ pub struct TrainArgs {
     /// Compute device: cpu, cuda or cuda:N (GPU N; needs a build with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// Operands of the training convolutions' Winograd GEMMs: f32 (the default) or bf16 (f32
+    /// sums; on CPUs with AVX512-BF16, else f32)
+    #[arg(long, value_parser = ["f32", "bf16"])]
+    pub precision: Option<String>,
     /// No progress bar on stderr.
     #[arg(long)]
     pub quiet: bool,
@@ -414,6 +419,12 @@ impl TrainArgs {
         }
         if let Some(s) = self.seed {
             cfg.seed = s;
+        }
+        if let Some(p) = &self.precision {
+            cfg.precision = match p.as_str() {
+                "bf16" => Precision::Bf16,
+                _ => Precision::F32,
+            };
         }
         Ok(())
     }

@@ -39,6 +39,14 @@ fn small_run(stage: &str, data: &Path, run: &Path) -> Vec<String> {
     .collect()
 }
 
+/// [`small_run`] with its log on stderr (no `--quiet`) and `extra` arguments.
+fn logged_run(stage: &str, data: &Path, run: &Path, extra: &[&str]) -> Vec<String> {
+    let mut a = small_run(stage, data, run);
+    a.retain(|s| s != "--quiet");
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
 fn args(v: &[String]) -> Vec<&str> {
     v.iter().map(|s| s.as_str()).collect()
 }
@@ -395,21 +403,14 @@ fn training_says_what_it_does_in_a_log() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic(tmp.path(), 48);
     let run = tmp.path().join("run");
-    let a: Vec<String> = small_run("all", &data, &run)
-        .into_iter()
-        .filter(|s| s != "--quiet")
-        .chain(
-            [
-                "--from-scratch",
-                "--classifier-epochs",
-                "2",
-                "--card-epochs",
-                "1",
-            ]
-            .iter()
-            .map(|s| s.to_string()),
-        )
-        .collect();
+    let extra = [
+        "--from-scratch",
+        "--classifier-epochs",
+        "2",
+        "--card-epochs",
+        "1",
+    ];
+    let a = logged_run("all", &data, &run, &extra);
     let o = fer(&args(&a));
     assert!(o.status.success(), "{}", stderr(&o));
     let e = stderr(&o);
@@ -594,5 +595,54 @@ fn crowd_votes_train_all_three_stages_and_score_by_class_name() {
     assert_eq!(
         v["left_out"],
         serde_json::json!([{"class": "contempt", "images": 3}])
+    );
+}
+
+/// `--precision bf16` (the config's `precision`): where the CPU has AVX512-BF16 the stage says
+/// it runs its Winograd F(2x2) GEMMs in bf16 and its weights differ from the same f32 run's;
+/// elsewhere it says it falls back to f32 and the weights are the f32 run's, bit for bit.
+#[test]
+fn bf16_precision_trains_in_bf16_where_the_cpu_has_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path(), 48);
+    let mut weights = Vec::new();
+    for precision in ["f32", "bf16"] {
+        let run = tmp.path().join(precision);
+        let extra = ["--from-scratch", "--classifier-epochs", "1"];
+        let a = logged_run(
+            "classifier",
+            &data,
+            &run,
+            &[&extra[..], &["--precision", precision]].concat(),
+        );
+        let o = fer(&args(&a));
+        assert!(o.status.success(), "{}", stderr(&o));
+        let e = stderr(&o);
+        let bf16_here = fer_cam::kernels::precision::Precision::Bf16.available();
+        let said = match (precision, bf16_here) {
+            ("f32", _) => None,
+            (_, true) => Some("classifier: the convolutions' Winograd F(2x2) GEMMs in bf16"),
+            (_, false) => Some("classifier: precision bf16 asked, but this CPU has no AVX512-BF16"),
+        };
+        if let Some(line) = said {
+            assert!(
+                e.lines().any(|l| l.starts_with(line)),
+                "{line:?} missing from\n{e}"
+            );
+        } else {
+            assert!(!e.contains("bf16"), "an f32 run speaks of bf16:\n{e}");
+        }
+        let config = std::fs::read_to_string(run.join("config.json")).unwrap();
+        assert_eq!(
+            config.contains("\"precision\": \"bf16\""),
+            precision == "bf16"
+        );
+        weights.push(load_all(&run.join("classifier/model/model.safetensors")));
+    }
+    let bf16_here = fer_cam::kernels::precision::Precision::Bf16.available();
+    assert_eq!(
+        weights[0] != weights[1],
+        bf16_here,
+        "bf16 weights differ from f32 exactly where AVX512-BF16 runs"
     );
 }

@@ -52,6 +52,13 @@ pub fn avx512() -> bool {
     Isa::Avx512.enabled()
 }
 
+/// Whether the bf16 GEMMs of [`super::precision`] can run here: AVX-512 on, and AVX512-BF16
+/// (`vdpbf16ps`, Zen 4, Sapphire Rapids and later).
+pub fn avx512_bf16() -> bool {
+    static BF16: OnceLock<bool> = OnceLock::new();
+    avx512() && *BF16.get_or_init(detect_avx512_bf16)
+}
+
 /// The instruction set the direct convolution runs with here, if any (`None`: the GEMM path).
 pub fn direct() -> Option<Isa> {
     [Isa::Avx512, Isa::Avx2].into_iter().find(|i| i.enabled())
@@ -125,6 +132,18 @@ pub(crate) fn skip_without_avx512(test: &str) -> bool {
     )
 }
 
+/// For tests of the bf16 kernels: `true` (skip, with a SKIPPED notice) where the CPU lacks
+/// AVX512-BF16. With `FER_CAM_REQUIRE_BF16=1` a missing path is a failure instead.
+#[cfg(test)]
+pub(crate) fn skip_without_bf16(test: &str) -> bool {
+    skip_unless(
+        test,
+        avx512_bf16(),
+        "FER_CAM_REQUIRE_BF16",
+        "no AVX512-BF16 on this CPU (or FER_CAM_NO_AVX512 is set)",
+    )
+}
+
 /// `false` where `runs`; else a failure under `require` (set and not empty), or `true` after a
 /// SKIPPED notice saying `why`.
 #[cfg(test)]
@@ -146,6 +165,11 @@ fn detect_avx512() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
+fn detect_avx512_bf16() -> bool {
+    std::is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(target_arch = "x86_64")]
 fn detect_avx2() -> bool {
     std::is_x86_feature_detected!("avx2")
         && std::is_x86_feature_detected!("fma")
@@ -154,6 +178,11 @@ fn detect_avx2() -> bool {
 
 #[cfg(not(target_arch = "x86_64"))]
 fn detect_avx512() -> bool {
+    false
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn detect_avx512_bf16() -> bool {
     false
 }
 

@@ -7,6 +7,9 @@
 //!   channels of one or two weight panels, each position's input broadcast against a vector of
 //!   weights, for maps too small to fill the grid tile's vectors.
 //!
+//! - The bf16 grid tile and dot products ([`bf16`]): the same shapes on pairs of bf16 values
+//!   (AVX512-BF16), for [`super::precision`].
+//!
 //! Weights come in panels of [`MR`] output channels (`[rows][MR]`), packed by the caller.
 //! The AVX2 forms of the direct kernel keep their own (narrower) tiles in `direct::avx2`.
 
@@ -69,3 +72,5 @@ impl FewGeo {
 
 #[cfg(target_arch = "x86_64")]
 pub(in crate::kernels) mod avx512;
+#[cfg(target_arch = "x86_64")]
+pub(in crate::kernels) mod bf16;

@@ -111,6 +111,7 @@ pub mod direct;
 pub mod geom;
 pub mod isa;
 pub mod microkernel;
+pub mod precision;
 pub mod reference;
 pub mod sampler;
 pub mod softplus;

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::config::{ModelConfig, Tta};
 use crate::data::augment::Augment;
 use crate::error::{Error, Result};
+use crate::kernels::precision::Precision;
 
 /// One stage's optimisation settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -147,6 +148,15 @@ pub struct TrainConfig {
     /// Accept a vote file whose checksum is not FER+'s.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub labels_unverified: bool,
+    /// Operands of the training steps' Winograd GEMMs: `"f32"` (the default) or `"bf16"` (f32
+    /// sums; where the CPU has AVX512-BF16, else f32, said at the start of each stage). See
+    /// [`crate::kernels::precision`].
+    #[serde(default, skip_serializing_if = "is_f32")]
+    pub precision: Precision,
+}
+
+fn is_f32(p: &Precision) -> bool {
+    *p == Precision::F32
 }
 
 impl TrainConfig {
@@ -198,6 +208,7 @@ impl TrainConfig {
             cache_dir: None,
             labels: None,
             labels_unverified: false,
+            precision: Precision::F32,
         }
     }
 

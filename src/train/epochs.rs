@@ -17,6 +17,7 @@ use super::optim::warmup_cosine;
 use super::{log_metrics, mix_seed, plots, CardY0, Monitor, Progress, Stage};
 use crate::data::Dataset;
 use crate::error::{Error, Result};
+use crate::kernels::precision::{self, Precision};
 use crate::model::diffusion::Schedule;
 
 /// Where a stage's batches come from, one epoch at a time. The batches of an epoch depend only
@@ -246,6 +247,21 @@ pub(super) fn run_epochs<S: BatchSource>(
             lr.epochs
         ));
     }
+    let precision = run.cfg.precision;
+    if run.epochs_done < lr.epochs && precision != Precision::F32 {
+        (monitor.note)(&match precision.available() {
+            true => format!(
+                "{}: the convolutions' Winograd F(2x2) GEMMs in {} (f32 sums)",
+                run.stage.name(),
+                precision.name()
+            ),
+            false => format!(
+                "{}: precision {} asked, but this CPU has no AVX512-BF16: f32",
+                run.stage.name(),
+                precision.name()
+            ),
+        });
+    }
     while run.epochs_done < lr.epochs {
         let epoch = run.epochs_done;
         let start = Instant::now();
@@ -262,10 +278,14 @@ pub(super) fn run_epochs<S: BatchSource>(
             let batch = source.next_batch()?;
             waiting += t_wait.elapsed().as_secs_f64();
             let lr_now = rate(run.opt.steps());
+            // The step's precision, for its forward and backward passes only (validation and
+            // checkpoints run outside it, in f32).
+            let in_precision = precision::scope(precision);
             let loss_t = step(&batch)?;
             let loss = loss_t.to_scalar::<f32>()? as f64;
             run.check_finite(loss, epoch, i)?;
             let grads = loss_t.backward()?;
+            drop(in_precision);
             run.opt.step(&grads, lr_now)?;
             loss_sum += loss;
             images += S::images(&batch);
