@@ -646,3 +646,116 @@ fn bf16_precision_trains_in_bf16_where_the_cpu_has_it() {
         "bf16 weights differ from f32 exactly where AVX512-BF16 runs"
     );
 }
+
+/// A whole recipe on tiny data, one command: `train all` with a `ship` section calibrates on
+/// PublicTest under each of its views and exports the model with them (f16 weights, the first
+/// views the default) into RUN/ship/; run again with `--resume`, it keeps every output as it is.
+#[test]
+fn train_all_runs_a_whole_recipe_through_calibration_and_export() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path(), 48);
+    let run = tmp.path().join("run");
+    let mut cfg = fer_cam::train::TrainConfig::new(data.clone(), run.clone());
+    cfg.ssl.opt.epochs = 1;
+    cfg.classifier.opt.epochs = 1;
+    cfg.card.epochs = 1;
+    cfg.ship = Some(fer_cam::train::ShipConfig {
+        tta: vec![fer_cam::config::Tta::Flip, fer_cam::config::Tta::None],
+        weights: fer_cam::train::ShipWeights::F16,
+    });
+    let recipe = tmp.path().join("recipe.json");
+    std::fs::write(&recipe, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    let a = logged_run("all", &data, &run, &["--config", recipe.to_str().unwrap()]);
+    let o = fer(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    for line in [
+        "ssl: 1 epochs",
+        "classifier: 1 epochs",
+        "card: 1 epochs",
+        "wrote ",
+    ] {
+        assert!(out.contains(line), "{line:?} missing from stdout\n{out}");
+    }
+    let ship = run.join("ship");
+    let model = ship.join("model");
+    let files: Vec<_> = [
+        "calibration-flip.json",
+        "calibration-none.json",
+        "model/config.json",
+    ]
+    .iter()
+    .map(|f| ship.join(f))
+    .collect();
+    for f in &files {
+        assert!(f.exists(), "{} missing", f.display());
+    }
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["input"]["tta"], "flip", "{config}");
+    let calibrated = config["card"]["calibrated"].to_string();
+    assert!(
+        calibrated.contains("none"),
+        "the second calibration: {calibrated}"
+    );
+    let tensors =
+        candle_core::safetensors::load(model.join("model.safetensors"), &Device::Cpu).unwrap();
+    let half = tensors
+        .values()
+        .filter(|t| t.dtype() == candle_core::DType::F16);
+    assert!(half.count() > 0, "f16 weights in the shipped model");
+    // The shipped model runs.
+    let e = fer(&[
+        "eval",
+        "--model",
+        model.to_str().unwrap(),
+        "--data",
+        data.to_str().unwrap(),
+        "--no-cache",
+        "--quiet",
+    ]);
+    assert!(e.status.success(), "{}", stderr(&e));
+    // Again, resumed: nothing is redone or replaced.
+    let before: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    let mut again = a.clone();
+    again.push("--resume".into());
+    let o = fer(&args(&again));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert_eq!(e.matches("(an earlier run's): kept").count(), 3, "{e}");
+    let after: Vec<Vec<u8>> = files.iter().map(|f| std::fs::read(f).unwrap()).collect();
+    assert!(before == after, "a resumed run changed the shipped files");
+}
+
+/// Every committed recipe is a valid training config, and the FER+ recipe ships as its model
+/// card says: calibrated under flip (the default) and none, f16 weights.
+#[test]
+fn committed_recipes_are_valid_training_configs() {
+    let mut seen = 0;
+    for dir in std::fs::read_dir("models").unwrap() {
+        let dir = dir.unwrap().path();
+        let Ok(files) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for f in files {
+            let f = f.unwrap().path();
+            let name = f.file_name().unwrap().to_string_lossy().to_string();
+            if !(name.starts_with("recipe") && name.ends_with(".json")) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&f).unwrap();
+            let cfg: fer_cam::train::TrainConfig =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "recipes found: {seen}");
+    let text = std::fs::read_to_string("models/ferplus/recipe.json").unwrap();
+    let cfg: fer_cam::train::TrainConfig = serde_json::from_str(&text).unwrap();
+    let ship = cfg.ship.expect("models/ferplus/recipe.json ships");
+    use fer_cam::config::Tta;
+    assert_eq!(ship.tta, [Tta::Flip, Tta::None]);
+    assert_eq!(ship.weights, fer_cam::train::ShipWeights::F16);
+}

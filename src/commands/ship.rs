@@ -1,13 +1,21 @@
 //! `fer-cam average`, `fer-cam calibrate` and `fer-cam export`: the steps between trained runs
 //! and a shipped model (average the last cycles' weights, fit the sampler's temperature, then
-//! write the model with it and with f16 weights).
+//! write the model with it and with f16 weights); and the same steps as the end of `train all`
+//! where the recipe asks for them ([`ship_run`]).
+
+use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 
-use crate::cli::{AverageArgs, CalibrateArgs, ExportArgs, StoredWeightsArg};
+use crate::cli::{
+    AverageArgs, CalibrateArgs, ClassifierArgs, DataSource, ExportArgs, SamplerKernelArg,
+    StoredWeightsArg, TtaArg,
+};
 use fer_cam::calibrate::{calibrate as fit, reliability_svg, Samples};
+use fer_cam::config::Tta;
 use fer_cam::model::average::average_models;
 use fer_cam::model::export::{export_model, StoredWeights};
+use fer_cam::train::{ShipConfig, ShipWeights, TrainConfig};
 
 /// Most reliability bins `calibrate` draws and writes (a diagram of more bins than faces says
 /// nothing, and each bin is a row of the JSON).
@@ -122,4 +130,74 @@ pub fn average(a: AverageArgs) -> Result<()> {
         s.tensors,
         s.bytes as f64 / 1e6
     ))
+}
+
+/// The recipe's `ship` steps after `train all`'s CARD stage, into `RUN/ship/`: `calibrate` on
+/// PublicTest under each of `ship.tta`'s views (the defaults of the command: sampler seed 0,
+/// f16 inference weights), then `export` with all of them. A step whose output exists is
+/// skipped (said on stderr), so a resumed run finishes where it stopped.
+pub fn ship_run(
+    cfg: &TrainConfig,
+    ship: &ShipConfig,
+    source: &DataSource,
+    device: &str,
+) -> Result<()> {
+    let dir = cfg.run_dir.join("ship");
+    let card = fer_cam::train::model_dir(&cfg.run_dir, fer_cam::train::Stage::Card);
+    let mut calibrations = Vec::new();
+    for &tta in &ship.tta {
+        let out = dir.join(format!("calibration-{}.json", tta.name()));
+        if out.exists() {
+            fer_cam::log!("ship: {} exists (an earlier run's): kept", out.display());
+        } else {
+            calibrate(CalibrateArgs {
+                classifier: ClassifierArgs {
+                    model: Some(card.clone()),
+                    samples: None,
+                    steps: None,
+                    seed: 0,
+                    device: device.to_string(),
+                    weights: StoredWeightsArg::F16,
+                    sampler_kernel: SamplerKernelArg::Fused,
+                    tta: Some(tta_arg(tta)),
+                },
+                source: DataSource {
+                    data: cfg.data.clone(),
+                    no_cache: source.no_cache,
+                    cache_dir: source.cache_dir.clone(),
+                    labels: cfg.labels.clone(),
+                    labels_unverified: cfg.labels_unverified,
+                },
+                split: "PublicTest".into(),
+                batch_size: 64,
+                bins: 15,
+                out: out.clone(),
+                force: false,
+                quiet: true,
+            })?;
+        }
+        calibrations.push(out);
+    }
+    let out: PathBuf = dir.join("model");
+    if out.exists() {
+        fer_cam::log!("ship: {} exists (an earlier run's): kept", out.display());
+        return Ok(());
+    }
+    export(ExportArgs {
+        model: card,
+        out,
+        weights: match ship.weights {
+            ShipWeights::F16 => StoredWeightsArg::F16,
+            ShipWeights::F32 => StoredWeightsArg::F32,
+        },
+        calibration: calibrations,
+    })
+}
+
+fn tta_arg(t: Tta) -> TtaArg {
+    match t {
+        Tta::None => TtaArg::None,
+        Tta::Flip => TtaArg::Flip,
+        Tta::TenCrop => TtaArg::TenCrop,
+    }
 }

@@ -122,7 +122,13 @@ pub fn train(a: TrainArgs) -> Result<()> {
         }
         text += &format!(", model {}\n", s.model_dir.display());
     }
-    print_stdout(text.trim_end())
+    print_stdout(text.trim_end())?;
+    match &cfg.ship {
+        Some(ship) if matches!(a.stage, TrainStage::All) => {
+            super::ship::ship_run(&cfg, ship, &a.source, &a.device)
+        }
+        _ => Ok(()),
+    }
 }
 
 /// The time a training step takes, for the ETA: the median of the last [`StepClock::WINDOW`]

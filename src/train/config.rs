@@ -153,6 +153,32 @@ pub struct TrainConfig {
     /// [`crate::kernels::precision`].
     #[serde(default, skip_serializing_if = "is_f32")]
     pub precision: Precision,
+    /// What `train all` does after the CARD stage to make a shippable model (`None`: nothing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ship: Option<ShipConfig>,
+}
+
+/// The steps between the CARD stage and a model directory that ships, run by `fer-cam train
+/// all` into `RUN/ship/`: a calibration on PublicTest under each of `tta`'s test-time views
+/// (`calibration-<views>.json` and its diagram), then the export with `weights` and all the
+/// calibrations, the first setting the model's default views (`model/`). Each step is skipped
+/// when its output exists, so `--resume` finishes an interrupted run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShipConfig {
+    pub tta: Vec<Tta>,
+    #[serde(default)]
+    pub weights: ShipWeights,
+}
+
+/// How the shipped model stores its convolution and linear weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ShipWeights {
+    /// Half precision where every value fits (as `export --weights f16`).
+    #[default]
+    F16,
+    F32,
 }
 
 fn is_f32(p: &Precision) -> bool {
@@ -209,6 +235,7 @@ impl TrainConfig {
             labels: None,
             labels_unverified: false,
             precision: Precision::F32,
+            ship: None,
         }
     }
 
@@ -216,6 +243,16 @@ impl TrainConfig {
     pub fn validate(&self) -> Result<()> {
         self.model.validate()?;
         let bad = |m: String| Err(Error::Config(m));
+        if let Some(ship) = &self.ship {
+            let distinct = ship
+                .tta
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len();
+            if ship.tta.is_empty() || distinct != ship.tta.len() {
+                return bad("ship.tta: one or more distinct test-time views".into());
+            }
+        }
         for (name, o) in [("ssl", &self.ssl.opt), ("classifier", &self.classifier.opt)] {
             if o.batch_size < 2 {
                 return bad(format!(
