@@ -104,39 +104,72 @@ pub fn conv_backward_weight(g: &ConvGeom, x: &[f32], dy: &[f32], m: usize, bf16:
             }
         });
         let (v, u) = (&*v, &*u);
-        let kblocks = k.div_ceil(KB);
-        if bf16 {
-            reduce_bf16(u, v, ms, (k, c, xis), ntp);
-        } else {
-            #[cfg(target_arch = "x86_64")]
-            for_each(xis * kblocks, true, |i| unsafe {
-                let (xi, kb) = (i / kblocks, i % kblocks);
-                let (k0, k1) = (kb * KB, ((kb + 1) * KB).min(k));
-                let u = &u[xi * xi_stride(k, ntp)..][..k * ntp];
-                let v = &v[xi * xi_stride(c, ntp)..][..c * ntp];
-                avx512::reduce(u, v, ms, xi, (k0, k1), (k, c), ntp, avx512::dot4x4);
-            });
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (u, v, bf16);
+        // SAFETY: AVX-512F is present (`applicable`), and AVX512-BF16 for the words (asserted
+        // above).
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            if bf16 {
+                let (uw, vw, nw) = to_words(u, v, (k, c, xis), ntp);
+                reduce_all(&uw.buf, &vw.buf, ms, (k, c, xis), nw, bf16::dot_words);
+            } else {
+                reduce_all(u, v, ms, (k, c, xis), ntp, avx512::dot4x4);
+            }
         }
         t0 = t1;
     }
     output_transform(&mt, k, c, m)
 }
 
-/// The GEMMs of one chunk in bf16: `u` and `v` (`[ξ][rows][ntp]`, tails zeroed) rounded into
-/// words of consecutive tiles (rows of `ntp/2` words rounded up to 16, zero-padded), then
-/// [`avx512::reduce`] on them per (ξ, block of `KB` rows of U) into `m`.
-fn reduce_bf16(u: &[f32], v: &[f32], m: SharedOut, (k, c, xis): (usize, usize, usize), ntp: usize) {
+/// `M_ξ[k][c] += Σ_t U_ξ[k][t] · V_ξ[c][t]` for every ξ, from rows of `n` values (f32, or bf16
+/// words in float slots) laid out `[ξ][rows][n]`, ξ blocks [`xi_stride`] apart, by `dot`; the
+/// cores share the (ξ, block of [`KB`] rows of U) items.
+///
+/// # Safety
+/// AVX-512F and what `dot` needs.
+#[cfg(target_arch = "x86_64")]
+unsafe fn reduce_all(
+    u: &[f32],
+    v: &[f32],
+    m: SharedOut,
+    (k, c, xis): (usize, usize, usize),
+    n: usize,
+    dot: avx512::Dot,
+) {
+    let kblocks = k.div_ceil(KB);
+    for_each(xis * kblocks, true, |i| {
+        let (xi, kb) = (i / kblocks, i % kblocks);
+        let (k0, k1) = (kb * KB, ((kb + 1) * KB).min(k));
+        let u = &u[xi * xi_stride(k, n)..][..k * n];
+        let v = &v[xi * xi_stride(c, n)..][..c * n];
+        // SAFETY: the caller's contract; each item writes its own rows k0..k1 of M_ξ.
+        unsafe { avx512::reduce(u, v, m, xi, (k0, k1), (k, c), n, dot) };
+    });
+}
+
+/// One chunk's `u` and `v` (`[ξ][rows][ntp]`, tails zeroed) as bf16 words of consecutive tiles,
+/// in the same layout with rows of `nw` words (`ntp/2` rounded up to 16, zero-padded); returns
+/// the two buffers and `nw`.
+///
+/// # Safety
+/// AVX-512F and AVX512-BF16.
+#[cfg(target_arch = "x86_64")]
+unsafe fn to_words(
+    u: &[f32],
+    v: &[f32],
+    (k, c, xis): (usize, usize, usize),
+    ntp: usize,
+) -> (Scratch, Scratch, usize) {
     let nw = (ntp / 2).div_ceil(16) * 16;
-    let (uw_len, vw_len) = (xis * k * nw, xis * c * nw);
+    let (uw_len, vw_len) = (xis * xi_stride(k, nw), xis * xi_stride(c, nw));
+    // The pooled buffers may be longer; only these lengths are written and read.
     let mut uw_buf = Scratch::take(uw_len);
     let mut vw_buf = Scratch::take(vw_len);
     let uw = SharedOut::new(&mut uw_buf.buf[..uw_len]);
     let vw = SharedOut::new(&mut vw_buf.buf[..vw_len]);
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (u, v, m, uw, vw);
-    // SAFETY: AVX512-BF16 is present (asserted by the caller); each item converts one row
-    // (ξ, channel) of U or V into its own row of words, all inside the buffers (asserted).
-    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the caller's contract; each item converts one row (ξ, channel) of U or V into
+    // its own row of words, all inside the buffers (asserted).
     for_each(xis * (k + c), true, |i| unsafe {
         let (xi, r) = (i / (k + c), i % (k + c));
         let (src, rows, dst, row) = match r < k {
@@ -144,7 +177,7 @@ fn reduce_bf16(u: &[f32], v: &[f32], m: SharedOut, (k, c, xis): (usize, usize, u
             false => (v, c, vw, r - k),
         };
         let from = xi * xi_stride(rows, ntp) + row * ntp;
-        let to = (xi * rows + row) * nw;
+        let to = xi * xi_stride(rows, nw) + row * nw;
         assert!(from + ntp <= src.len() && to + nw <= dst.len());
         let dst = dst.ptr().add(to).cast::<u32>();
         for w in (0..nw).step_by(16) {
@@ -159,15 +192,7 @@ fn reduce_bf16(u: &[f32], v: &[f32], m: SharedOut, (k, c, xis): (usize, usize, u
             }
         }
     });
-    let (uw, vw) = (&uw_buf.buf[..uw_len], &vw_buf.buf[..vw_len]);
-    let kblocks = k.div_ceil(KB);
-    #[cfg(target_arch = "x86_64")]
-    for_each(xis * kblocks, true, |i| unsafe {
-        let (xi, kb) = (i / kblocks, i % kblocks);
-        let (k0, k1) = (kb * KB, ((kb + 1) * KB).min(k));
-        let (u, v) = (&uw[xi * k * nw..][..k * nw], &vw[xi * c * nw..][..c * nw]);
-        avx512::reduce(u, v, m, xi, (k0, k1), (k, c), nw, bf16::dot_words);
-    });
+    (uw_buf, vw_buf, nw)
 }
 
 /// `dW[k][c] = Gᵀ M[k][c] G` for every `(k, c)`, from `M` laid out `[ξ][k][c]`.

@@ -255,9 +255,7 @@ impl Ctx<'_> {
             }
         });
     }
-}
 
-impl Ctx<'_> {
     /// The GEMM stage in bf16: V (`[ξ][c][ntp]`) rounded into words of channel pairs
     /// (`[ξ][c/2][ntp]`), then the bf16 grid tile per (ξ, panel, tile vector) into `m`.
     fn gemm_bf16(&self, v: &[f32], ntp: usize, ms: SharedOut, par: bool) {
@@ -279,7 +277,7 @@ impl Ctx<'_> {
             assert!(src + ntp + ntp <= v.len() && dst + ntp <= ws.len());
             for t in (0..ntp).step_by(16) {
                 let (lo, hi) = (v.as_ptr().add(src + t), v.as_ptr().add(src + ntp + t));
-                bf16::interleave16(lo, hi, ws.ptr().add(dst + t).cast());
+                interleave16(lo, hi, ws.ptr().add(dst + t).cast());
             }
         });
         let vecs = ntp / 16;
@@ -296,8 +294,8 @@ impl Ctx<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod bf16 {
+    use super::avx512::store_panel;
     use super::{xi_stride, Ctx, SharedOut, MR};
-    pub(super) use crate::kernels::microkernel::bf16::interleave16;
     use crate::kernels::microkernel::bf16::tile;
 
     /// [`super::avx512::gemm`] on bf16 words: `words` holds `[ξ][c/2][ntp]` words of V.
@@ -316,21 +314,15 @@ mod bf16 {
         ntp: usize,
         m: SharedOut,
     ) {
-        let (half, k) = (ctx.g.c / 2, ctx.g.k);
+        let half = ctx.g.c / 2;
         let a = ctx.pw.panel_words(xi, p).expect("bf16 words packed");
         let xw = &words[xi * xi_stride(half, ntp)..][..half * ntp];
         assert!(a.len() == half * MR && off.len() == half);
         assert!((half - 1) * ntp + tv * 16 + 16 <= xw.len());
         // SAFETY: bounds asserted above (a word is one float's 32 bits).
         let acc = unsafe { tile::<true>(half, a.as_ptr(), xw.as_ptr().add(tv * 16).cast(), off) };
-        let rows = MR.min(k - p * MR);
-        let mb = xi * xi_stride(k, ntp) + p * MR * ntp;
-        assert!(mb + rows * ntp <= m.len());
-        for (r, acc) in acc.iter().enumerate().take(rows) {
-            let dst = mb + r * ntp + tv * 16;
-            // SAFETY: asserted in bounds; this block belongs to this item.
-            unsafe { std::arch::x86_64::_mm512_storeu_ps(m.ptr().add(dst), *acc) };
-        }
+        // SAFETY: the caller's contract.
+        unsafe { store_panel(ctx, xi, p, tv, ntp, m, &acc) };
     }
 }
 
@@ -429,13 +421,33 @@ mod avx512 {
         ntp: usize,
         m: SharedOut,
     ) {
-        let (c, k) = (ctx.g.c, ctx.g.k);
+        let c = ctx.g.c;
         let a = ctx.pw.panel(xi, p);
         let xv = &v[xi * xi_stride(c, ntp)..][..c * ntp];
         assert!(a.len() == c * MR && off.len() == c);
         assert!((c - 1) * ntp + tv * 16 + 16 <= xv.len());
         // SAFETY: bounds asserted above.
         let acc = unsafe { tile::<true>(c, a.as_ptr(), xv.as_ptr().add(tv * 16), off) };
+        // SAFETY: the caller's contract.
+        unsafe { store_panel(ctx, xi, p, tv, ntp, m, &acc) };
+    }
+
+    /// Stores a grid tile's sums `acc` (the 16 tiles of vector `tv` × the output channels of
+    /// panel `p` that K holds) into `M_ξ`.
+    ///
+    /// # Safety
+    /// AVX-512F; no other thread writes this (ξ, panel, vector) block of `m`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn store_panel(
+        ctx: &Ctx,
+        xi: usize,
+        p: usize,
+        tv: usize,
+        ntp: usize,
+        m: SharedOut,
+        acc: &[__m512; MR],
+    ) {
+        let k = ctx.g.k;
         let rows = MR.min(k - p * MR);
         let mb = xi * xi_stride(k, ntp) + p * MR * ntp;
         assert!(mb + rows * ntp <= m.len());
