@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
-use fer_cam::config::Stem;
+use fer_cam::config::{Stem, Tta};
 use fer_cam::kernels::precision::Precision;
 use fer_cam::train::{DistillConfig, TrainConfig};
 
@@ -95,6 +95,26 @@ pub enum TtaArg {
     None,
     Flip,
     TenCrop,
+}
+
+impl From<TtaArg> for Tta {
+    fn from(t: TtaArg) -> Self {
+        match t {
+            TtaArg::None => Tta::None,
+            TtaArg::Flip => Tta::Flip,
+            TtaArg::TenCrop => Tta::TenCrop,
+        }
+    }
+}
+
+impl From<Tta> for TtaArg {
+    fn from(t: Tta) -> Self {
+        match t {
+            Tta::None => TtaArg::None,
+            Tta::Flip => TtaArg::Flip,
+            Tta::TenCrop => TtaArg::TenCrop,
+        }
+    }
 }
 
 /// `--sampler-kernel`.
@@ -421,10 +441,7 @@ impl TrainArgs {
             cfg.seed = s;
         }
         if let Some(p) = &self.precision {
-            cfg.precision = match p.as_str() {
-                "bf16" => Precision::Bf16,
-                _ => Precision::F32,
-            };
+            cfg.precision = p.parse::<Precision>()?;
         }
         Ok(())
     }

@@ -661,7 +661,7 @@ fn train_all_runs_a_whole_recipe_through_calibration_and_export() {
     cfg.card.epochs = 1;
     cfg.ship = Some(fer_cam::train::ShipConfig {
         tta: vec![fer_cam::config::Tta::Flip, fer_cam::config::Tta::None],
-        weights: fer_cam::train::ShipWeights::F16,
+        weights: fer_cam::model::export::StoredWeights::F16,
     });
     let recipe = tmp.path().join("recipe.json");
     std::fs::write(&recipe, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
@@ -757,5 +757,5 @@ fn committed_recipes_are_valid_training_configs() {
     let ship = cfg.ship.expect("models/ferplus/recipe.json ships");
     use fer_cam::config::Tta;
     assert_eq!(ship.tta, [Tta::Flip, Tta::None]);
-    assert_eq!(ship.weights, fer_cam::train::ShipWeights::F16);
+    assert_eq!(ship.weights, fer_cam::model::export::StoredWeights::F16);
 }

@@ -18,7 +18,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::cli::{self, DataSource};
 use fer_cam::data::{self as dataset, Dataset, LoadOptions};
-use fer_cam::infer::{Classifier, SamplerConfig, SamplerKernel, Tta};
+use fer_cam::infer::{Classifier, SamplerConfig, SamplerKernel};
 
 /// The compute device `--device` names: `cpu`, `cuda` (GPU 0) or `cuda:N`.
 pub fn device(name: &str) -> Result<Device> {
@@ -95,11 +95,7 @@ pub fn load_classifier(a: &cli::ClassifierArgs) -> Result<Classifier> {
         cli::SamplerKernelArg::Candle => SamplerKernel::Candle,
     })?;
     if let Some(tta) = a.tta {
-        clf.set_tta(match tta {
-            cli::TtaArg::None => Tta::None,
-            cli::TtaArg::Flip => Tta::Flip,
-            cli::TtaArg::TenCrop => Tta::TenCrop,
-        })?;
+        clf.set_tta(tta.into())?;
     }
     let defaults = clf.sampler();
     clf.set_sampler(SamplerConfig {

@@ -3,19 +3,18 @@
 //! write the model with it and with f16 weights); and the same steps as the end of `train all`
 //! where the recipe asks for them ([`ship_run`]).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
 use crate::cli::{
     AverageArgs, CalibrateArgs, ClassifierArgs, DataSource, ExportArgs, SamplerKernelArg,
-    StoredWeightsArg, TtaArg,
+    StoredWeightsArg,
 };
 use fer_cam::calibrate::{calibrate as fit, reliability_svg, Samples};
-use fer_cam::config::Tta;
 use fer_cam::model::average::average_models;
 use fer_cam::model::export::{export_model, StoredWeights};
-use fer_cam::train::{ShipConfig, ShipWeights, TrainConfig};
+use fer_cam::train::{ShipConfig, TrainConfig};
 
 /// Most reliability bins `calibrate` draws and writes (a diagram of more bins than faces says
 /// nothing, and each bin is a row of the JSON).
@@ -97,20 +96,30 @@ pub fn calibrate(a: CalibrateArgs) -> Result<()> {
 }
 
 pub fn export(a: ExportArgs) -> Result<()> {
-    let calibrations = a
-        .calibration
-        .iter()
-        .map(|p| fer_cam::calibrate::read_calibration(p))
-        .collect::<fer_cam::Result<Vec<_>>>()?;
     let weights = match a.weights {
         StoredWeightsArg::F16 => StoredWeights::F16,
         StoredWeightsArg::F32 => StoredWeights::F32,
     };
-    let s = export_model(&a.model, &a.out, weights, &calibrations)?;
+    export_to(&a.model, &a.out, weights, &a.calibration)
+}
+
+/// `export`'s work: `model` written to the new directory `out` with `weights` and the
+/// temperatures of the `calibration` files (the first one's views the default).
+fn export_to(
+    model: &Path,
+    out: &Path,
+    weights: StoredWeights,
+    calibration: &[PathBuf],
+) -> Result<()> {
+    let calibrations = calibration
+        .iter()
+        .map(|p| fer_cam::calibrate::read_calibration(p))
+        .collect::<fer_cam::Result<Vec<_>>>()?;
+    let s = export_model(model, out, weights, &calibrations)?;
     super::print_stdout(&format!(
         "wrote {}: {} tensors ({} as f16), {:.2} MB, sampler temperatures τ {:.4}, T {:.4}, \
          test-time views {}",
-        a.out.display(),
+        out.display(),
         s.tensors,
         s.tensors_f16,
         s.bytes as f64 / 1e6,
@@ -159,7 +168,7 @@ pub fn ship_run(
                     device: device.to_string(),
                     weights: StoredWeightsArg::F16,
                     sampler_kernel: SamplerKernelArg::Fused,
-                    tta: Some(tta_arg(tta)),
+                    tta: Some(tta.into()),
                 },
                 source: DataSource {
                     data: cfg.data.clone(),
@@ -178,26 +187,10 @@ pub fn ship_run(
         }
         calibrations.push(out);
     }
-    let out: PathBuf = dir.join("model");
+    let out = dir.join("model");
     if out.exists() {
         fer_cam::log!("ship: {} exists (an earlier run's): kept", out.display());
         return Ok(());
     }
-    export(ExportArgs {
-        model: card,
-        out,
-        weights: match ship.weights {
-            ShipWeights::F16 => StoredWeightsArg::F16,
-            ShipWeights::F32 => StoredWeightsArg::F32,
-        },
-        calibration: calibrations,
-    })
-}
-
-fn tta_arg(t: Tta) -> TtaArg {
-    match t {
-        Tta::None => TtaArg::None,
-        Tta::Flip => TtaArg::Flip,
-        Tta::TenCrop => TtaArg::TenCrop,
-    }
+    export_to(&card, &out, ship.weights, &calibrations)
 }

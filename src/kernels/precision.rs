@@ -45,6 +45,20 @@ impl Precision {
     }
 }
 
+impl std::str::FromStr for Precision {
+    type Err = crate::error::Error;
+    fn from_str(s: &str) -> crate::error::Result<Self> {
+        [Self::F32, Self::Bf16]
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| {
+                crate::error::Error::Config(format!(
+                    "precision {s:?} is unknown (allowed: f32, bf16)"
+                ))
+            })
+    }
+}
+
 static BF16: AtomicBool = AtomicBool::new(false);
 
 /// Whether the bf16 GEMMs run now: inside a [`scope`] of [`Precision::Bf16`] on a CPU that

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{read_config, WEIGHTS_FILE};
 use crate::config::{Calibration, Temperatures, Tta};
@@ -15,13 +15,15 @@ use crate::error::{Error, Result};
 /// Largest finite half-precision value.
 const F16_MAX: f32 = 65504.0;
 
-/// How `export` stores the weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How `export` stores the weights (`"f32"` or `"f16"` in a recipe's `ship` section).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum StoredWeights {
     F32,
     /// Tensors of rank ≥ 2 (convolution and linear weights, nearly all the bytes) as f16 when
     /// every value is finite and within half's range; vectors (biases, batch-norm statistics,
     /// timestep gains) stay f32, since a running variance may lie below half's normal range.
+    #[default]
     F16,
 }
 

@@ -8,6 +8,7 @@ use crate::config::{ModelConfig, Tta};
 use crate::data::augment::Augment;
 use crate::error::{Error, Result};
 use crate::kernels::precision::Precision;
+use crate::model::export::StoredWeights;
 
 /// One stage's optimisation settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -167,18 +168,9 @@ pub struct TrainConfig {
 #[serde(deny_unknown_fields)]
 pub struct ShipConfig {
     pub tta: Vec<Tta>,
+    /// `"f16"` (the default: half where every value fits) or `"f32"`.
     #[serde(default)]
-    pub weights: ShipWeights,
-}
-
-/// How the shipped model stores its convolution and linear weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ShipWeights {
-    /// Half precision where every value fits (as `export --weights f16`).
-    #[default]
-    F16,
-    F32,
+    pub weights: StoredWeights,
 }
 
 fn is_f32(p: &Precision) -> bool {

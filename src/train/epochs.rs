@@ -238,6 +238,7 @@ pub(super) fn run_epochs<S: BatchSource>(
     let total = lr.epochs * steps_per_epoch;
     let warmup = (lr.warmup_epochs * steps_per_epoch as f64).round() as usize;
     let rate = |step: usize| warmup_cosine(step, total, warmup, lr.base_lr, 0.01);
+    let precision = run.cfg.precision;
     if run.epochs_done < lr.epochs {
         (monitor.note)(&format!(
             "{}: epochs {}..={} of {}, {steps_per_epoch} steps each",
@@ -246,21 +247,20 @@ pub(super) fn run_epochs<S: BatchSource>(
             lr.epochs,
             lr.epochs
         ));
-    }
-    let precision = run.cfg.precision;
-    if run.epochs_done < lr.epochs && precision != Precision::F32 {
-        (monitor.note)(&match precision.available() {
-            true => format!(
-                "{}: the convolutions' Winograd F(2x2) GEMMs in {} (f32 sums)",
-                run.stage.name(),
-                precision.name()
-            ),
-            false => format!(
-                "{}: precision {} asked, but this CPU has no AVX512-BF16: f32",
-                run.stage.name(),
-                precision.name()
-            ),
-        });
+        if precision != Precision::F32 {
+            (monitor.note)(&match precision.available() {
+                true => format!(
+                    "{}: the convolutions' Winograd F(2x2) GEMMs in {} (f32 sums)",
+                    run.stage.name(),
+                    precision.name()
+                ),
+                false => format!(
+                    "{}: precision {} asked, but this CPU has no AVX512-BF16: f32",
+                    run.stage.name(),
+                    precision.name()
+                ),
+            });
+        }
     }
     while run.epochs_done < lr.epochs {
         let epoch = run.epochs_done;
