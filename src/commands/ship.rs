@@ -141,9 +141,10 @@ pub fn average(a: AverageArgs) -> Result<()> {
     ))
 }
 
-/// The recipe's `ship` steps after `train all`'s CARD stage, into `RUN/ship/`: `calibrate` on
-/// PublicTest under each of `ship.tta`'s views (the defaults of the command: sampler seed 0,
-/// f16 inference weights), then `export` with all of them. A step whose output exists is
+/// The recipe's `ship` steps after `train all`'s last model (its CARD stage's, or its last
+/// cycle's), into `RUN/ship/`: `calibrate` on PublicTest under each of `ship.tta`'s views (the
+/// defaults of the command: sampler seed 0, f16 inference weights), then `export` with all of
+/// them. A step whose output exists is
 /// skipped (said on stderr), so a resumed run finishes where it stopped.
 pub fn ship_run(
     cfg: &TrainConfig,
@@ -152,7 +153,7 @@ pub fn ship_run(
     device: &str,
 ) -> Result<()> {
     let dir = cfg.run_dir.join("ship");
-    let card = fer_cam::train::model_dir(&cfg.run_dir, fer_cam::train::Stage::Card);
+    let card = cfg.final_model();
     let mut calibrations = Vec::new();
     for &tta in &ship.tta {
         let out = dir.join(format!("calibration-{}.json", tta.name()));

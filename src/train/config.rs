@@ -154,9 +154,56 @@ pub struct TrainConfig {
     /// [`crate::kernels::precision`].
     #[serde(default, skip_serializing_if = "is_f32")]
     pub precision: Precision,
-    /// What `train all` does after the CARD stage to make a shippable model (`None`: nothing).
+    /// Warm restarts of the supervised stage that `train all` runs after its CARD stage, in
+    /// order (none by default).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cycles: Vec<CycleConfig>,
+    /// What `train all` does after the CARD stage (and the cycles) to make a shippable model
+    /// (`None`: nothing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ship: Option<ShipConfig>,
+}
+
+/// One warm restart of the supervised stage, run by `fer-cam train all` after the recipe's CARD
+/// stage into `RUN/cycleN/` (N = 2, 3, … in the order of `cycles`): f_φ starts from the
+/// previous model's encoder with a fresh head and a new cosine schedule (its `classifier`
+/// settings), then a CARD head is trained on its frozen encoder (its `card` settings). The
+/// previous model is the recipe's own (`RUN/card`), then each cycle's (or its soup's).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CycleConfig {
+    /// The stage's settings; `init` and `distill` are not allowed here (the cycle starts from
+    /// the previous model, and `distill` below names no teacher).
+    pub classifier: ClassifierConfig,
+    pub card: CardTrainConfig,
+    /// f_φ learns also from the previous model's probabilities (that model is the teacher:
+    /// self-distillation, nothing from outside the run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distill: Option<CycleDistill>,
+    /// Then the mean of this cycle's f_φ and the model it started from (a model soup; the two
+    /// lie in one basin) is written to `RUN/soupN/`, a CARD head is trained on its frozen
+    /// encoder, and the soup is the previous model for what follows.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub average: bool,
+}
+
+/// A cycle's distillation from the model before it: [`DistillConfig`] less the teacher.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CycleDistill {
+    pub tta: Tta,
+    pub weight: f64,
+}
+
+impl CycleDistill {
+    /// The distillation from `teacher` this asks for.
+    pub fn from_teacher(&self, teacher: PathBuf) -> DistillConfig {
+        DistillConfig {
+            teacher,
+            tta: self.tta,
+            weight: self.weight,
+        }
+    }
 }
 
 /// The steps between the CARD stage and a model directory that ships, run by `fer-cam train
@@ -227,8 +274,26 @@ impl TrainConfig {
             labels: None,
             labels_unverified: false,
             precision: Precision::F32,
+            cycles: Vec::new(),
             ship: None,
         }
+    }
+
+    /// The directory of the last model `train all` trains: the CARD stage's model, or the last
+    /// cycle's (its soup's where it is averaged).
+    pub fn final_model(&self) -> PathBuf {
+        let dir = match self.cycles.len() {
+            0 => self.run_dir.clone(),
+            n => self.cycle_dir(n - 1, self.cycles[n - 1].average),
+        };
+        super::model_dir(&dir, super::Stage::Card)
+    }
+
+    /// Run directory of cycle `i` (0-based; named from 2, the recipe's own stages being the
+    /// first), or of its soup.
+    pub fn cycle_dir(&self, i: usize, soup: bool) -> PathBuf {
+        let kind = if soup { "soup" } else { "cycle" };
+        self.run_dir.join(format!("{kind}{}", i + 2))
     }
 
     /// Checks every value before anything runs.
@@ -245,72 +310,99 @@ impl TrainConfig {
                 return bad("ship.tta: one or more distinct test-time views".into());
             }
         }
-        for (name, o) in [("ssl", &self.ssl.opt), ("classifier", &self.classifier.opt)] {
-            if o.batch_size < 2 {
-                return bad(format!(
-                    "{name}.batch_size {} (must be >= 2 for batch-norm)",
-                    o.batch_size
-                ));
-            }
-            if !(o.lr > 0.0 && o.lr.is_finite()) {
-                return bad(format!("{name}.lr {} (must be > 0)", o.lr));
-            }
-            if o.epochs == 0 {
-                // Zero epochs would ship the untrained network as a trained stage.
-                return bad(format!("{name}.epochs 0 (at least 1)"));
-            }
-            if o.weight_decay.is_nan()
-                || o.weight_decay < 0.0
-                || o.warmup_epochs.is_nan()
-                || o.warmup_epochs < 0.0
-            {
-                return bad(format!(
-                    "{name}: weight_decay and warmup_epochs must be >= 0"
-                ));
-            }
-            o.augment
-                .validate()
-                .map_err(|e| Error::Config(format!("{name}.{e}")))?;
-        }
+        check_stage("ssl", &self.ssl.opt)?;
         if self.ssl.projector.is_empty() || self.ssl.projector.contains(&0) {
             return bad(format!(
                 "ssl.projector {:?} (non-empty, no zero widths)",
                 self.ssl.projector
             ));
         }
-        if !(0.0..1.0).contains(&self.classifier.label_smoothing) {
-            return bad(format!(
-                "classifier.label_smoothing {} (allowed 0..1)",
-                self.classifier.label_smoothing
-            ));
-        }
-        if !(0.0..=1.0).contains(&self.classifier.single_label_weight) {
-            return bad(format!(
-                "classifier.single_label_weight {} (allowed 0..=1)",
-                self.classifier.single_label_weight
-            ));
-        }
-        if let Some(d) = &self.classifier.distill {
-            if !(0.0..=1.0).contains(&d.weight) {
+        check_classifier("classifier", &self.classifier)?;
+        check_card("card", &self.card)?;
+        for (i, c) in self.cycles.iter().enumerate() {
+            let name = format!("cycles[{i}]");
+            check_classifier(&format!("{name}.classifier"), &c.classifier)?;
+            check_card(&format!("{name}.card"), &c.card)?;
+            if c.classifier.init.is_some() || c.classifier.distill.is_some() {
                 return bad(format!(
-                    "classifier.distill.weight {} (allowed 0..=1)",
-                    d.weight
+                    "{name}.classifier: no init or distill in a cycle (it starts from, and \
+                     distils from, the model before it: use {name}.distill)"
                 ));
             }
-        }
-        let c = &self.card;
-        if c.batch_size < 2
-            || !(c.lr > 0.0 && c.lr.is_finite())
-            || c.val_samples == 0
-            || c.epochs == 0
-        {
-            return bad(format!(
-                "card: batch_size {} (>= 2), lr {} (> 0), val_samples {} (>= 1), epochs {} (>= 1)",
-                c.batch_size, c.lr, c.val_samples, c.epochs
-            ));
+            if let Some(d) = &c.distill {
+                check_share(&format!("{name}.distill.weight"), d.weight)?;
+            }
         }
         Ok(())
     }
+}
+
+/// One stage's optimisation settings, named `name` in the error.
+fn check_stage(name: &str, o: &StageConfig) -> Result<()> {
+    let bad = |m: String| Err(Error::Config(m));
+    if o.batch_size < 2 {
+        return bad(format!(
+            "{name}.batch_size {} (must be >= 2 for batch-norm)",
+            o.batch_size
+        ));
+    }
+    if !(o.lr > 0.0 && o.lr.is_finite()) {
+        return bad(format!("{name}.lr {} (must be > 0)", o.lr));
+    }
+    if o.epochs == 0 {
+        // Zero epochs would ship the untrained network as a trained stage.
+        return bad(format!("{name}.epochs 0 (at least 1)"));
+    }
+    if o.weight_decay.is_nan()
+        || o.weight_decay < 0.0
+        || o.warmup_epochs.is_nan()
+        || o.warmup_epochs < 0.0
+    {
+        return bad(format!(
+            "{name}: weight_decay and warmup_epochs must be >= 0"
+        ));
+    }
+    o.augment
+        .validate()
+        .map_err(|e| Error::Config(format!("{name}.{e}")))
+}
+
+/// A share of a target, in [0, 1].
+fn check_share(name: &str, w: f64) -> Result<()> {
+    if (0.0..=1.0).contains(&w) {
+        Ok(())
+    } else {
+        Err(Error::Config(format!("{name} {w} (allowed 0..=1)")))
+    }
+}
+
+fn check_classifier(name: &str, c: &ClassifierConfig) -> Result<()> {
+    check_stage(name, &c.opt)?;
+    if !(0.0..1.0).contains(&c.label_smoothing) {
+        return Err(Error::Config(format!(
+            "{name}.label_smoothing {} (allowed 0..1)",
+            c.label_smoothing
+        )));
+    }
+    check_share(
+        &format!("{name}.single_label_weight"),
+        c.single_label_weight,
+    )?;
+    match &c.distill {
+        Some(d) => check_share(&format!("{name}.distill.weight"), d.weight),
+        None => Ok(()),
+    }
+}
+
+fn check_card(name: &str, c: &CardTrainConfig) -> Result<()> {
+    if c.batch_size < 2 || !(c.lr > 0.0 && c.lr.is_finite()) || c.val_samples == 0 || c.epochs == 0
+    {
+        return Err(Error::Config(format!(
+            "{name}: batch_size {} (>= 2), lr {} (> 0), val_samples {} (>= 1), epochs {} (>= 1)",
+            c.batch_size, c.lr, c.val_samples, c.epochs
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -9,6 +9,7 @@
 pub mod card_batch;
 mod checkpoint;
 mod config;
+mod cycles;
 mod epochs;
 mod loader;
 pub mod optim;
@@ -30,8 +31,8 @@ use crate::fsutil::write_file_atomically;
 use checkpoint::checkpoint_dir;
 pub use checkpoint::{model_dir, stage_dir};
 pub use config::{
-    CardTrainConfig, CardY0, ClassifierConfig, DistillConfig, ShipConfig, SslConfig, StageConfig,
-    Targets, TrainConfig,
+    CardTrainConfig, CardY0, ClassifierConfig, CycleConfig, CycleDistill, DistillConfig,
+    ShipConfig, SslConfig, StageConfig, Targets, TrainConfig,
 };
 pub use loader::mix_seed;
 pub use stages::{smoothed_cross_entropy, train_card, train_classifier, train_ssl};
@@ -248,7 +249,7 @@ fn check_run_dir(run_dir: &Path, selection: StageSelection, resume: bool) -> Res
     for &stage in stages {
         let ck = checkpoint_dir(run_dir, stage);
         crate::fsutil::recover_dir(&ck)?;
-        let has = ck.join("state.json").exists() || model_dir(run_dir, stage).exists();
+        let has = has_begun(run_dir, &[stage]);
         if has && !resume && ck.join("state.json").exists() {
             return Err(Error::Config(format!(
                 "{} holds a checkpoint of stage {}: pass --resume to continue it, or use a new --run-dir",
@@ -319,15 +320,7 @@ pub fn run(
     monitor: &mut Monitor,
 ) -> Result<Vec<StageSummary>> {
     cfg.validate()?;
-    check_run_dir_is_ours(&cfg.run_dir)?;
-    std::fs::create_dir_all(&cfg.run_dir).map_err(|e| Error::io(&cfg.run_dir, e))?;
-    let _lock = lock_run_dir(&cfg.run_dir)?;
-    check_run_dir(&cfg.run_dir, selection, resume)?;
-    if resume {
-        check_same_data(cfg)?;
-    }
-    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
-    write_file_atomically(&cfg.run_dir.join("config.json"), json.as_bytes())?;
+    let _lock = open_run_dir(cfg, selection, resume)?;
     (monitor.note)(&format!(
         "loading {}",
         crate::log::escape(&cfg.data.to_string_lossy())
@@ -381,5 +374,35 @@ pub fn run(
         }
         out.push(train_card(cfg, &data, &start, dev, resume, monitor)?);
     }
+    if selection == StageSelection::All {
+        out.extend(cycles::run_cycles(cfg, &data, dev, resume, monitor)?);
+    }
     Ok(out)
+}
+
+/// Makes `cfg.run_dir` ready for the selected stages and holds its lock (for the life of the
+/// returned file): new or made by `fer-cam train`, no checkpoint started over without `resume`
+/// and none resumed from other data, and its `config.json` written.
+fn open_run_dir(
+    cfg: &TrainConfig,
+    selection: StageSelection,
+    resume: bool,
+) -> Result<std::fs::File> {
+    check_run_dir_is_ours(&cfg.run_dir)?;
+    std::fs::create_dir_all(&cfg.run_dir).map_err(|e| Error::io(&cfg.run_dir, e))?;
+    let lock = lock_run_dir(&cfg.run_dir)?;
+    check_run_dir(&cfg.run_dir, selection, resume)?;
+    if resume {
+        check_same_data(cfg)?;
+    }
+    let json = serde_json::to_string_pretty(cfg).map_err(|e| Error::Msg(e.to_string()))?;
+    write_file_atomically(&cfg.run_dir.join("config.json"), json.as_bytes())?;
+    Ok(lock)
+}
+
+/// Whether `run_dir` holds a checkpoint or a model of one of `stages` (a begun stage).
+fn has_begun(run_dir: &Path, stages: &[Stage]) -> bool {
+    stages.iter().any(|&s| {
+        checkpoint_dir(run_dir, s).join("state.json").exists() || model_dir(run_dir, s).exists()
+    })
 }
