@@ -162,6 +162,15 @@ fn train_all_runs_the_recipes_cycles_and_ships_the_last_model() {
         "ssl, classifier, card, 2 x (classifier, card), the soup's card:\n{out}"
     );
     assert!(kept == read(), "a resumed run rewrote a model");
+    // Nothing only a stage's epochs need is computed again for a finished stage.
+    for redone in [
+        "the teacher's answers",
+        "f_phi's features",
+        "soup: the mean",
+    ] {
+        assert!(!err.contains(redone), "{redone:?} again:\n{err}");
+    }
+    assert_eq!(err.matches("done in an earlier run").count(), 8, "{err}");
 }
 
 /// A cycle starts from and learns from the model before it: a recipe that names its own start

@@ -32,9 +32,10 @@ pub(super) fn run_cycles(
         let go_on = resume && has_begun(&sub.run_dir, &stages);
         let _lock = open_run_dir(&sub, StageSelection::All, go_on)?;
         (monitor.note)(&format!(
-            "cycle {} of {}: f_φ from {}{}",
+            "cycle {} of {} ({}): f_φ from {}{}",
             i + 1,
             cfg.cycles.len(),
+            sub.run_dir.display(),
             prev.display(),
             match &sub.classifier.distill {
                 Some(d) => format!(", distilled from {}", d.teacher.display()),

@@ -130,6 +130,26 @@ fn summary(run: &StageRun, tput: &Throughput, dir: PathBuf) -> StageSummary {
     }
 }
 
+/// The summary of a resumed stage whose `epochs` were all run before (its model written now if
+/// no epoch wrote one), so that what only its epochs need (a teacher's pass, CARD's features)
+/// is not computed again for nothing; `None` while epochs are left.
+fn finished_already(
+    run: &StageRun,
+    epochs: usize,
+    monitor: &mut Monitor,
+) -> Result<Option<StageSummary>> {
+    if run.epochs_done < epochs {
+        return Ok(None);
+    }
+    (monitor.note)(&format!(
+        "{}: all {epochs} epochs done in an earlier run ({})",
+        run.stage.name(),
+        run.cfg.run_dir.display()
+    ));
+    let dir = run.model_dir_or_save()?;
+    Ok(Some(summary(run, &Throughput::default(), dir)))
+}
+
 /// Stage 1: Barlow Twins on unlabeled faces (Training pixels, labels ignored, plus extras).
 pub fn train_ssl(
     cfg: &TrainConfig,
@@ -157,6 +177,9 @@ pub fn train_ssl(
         o.weight_decay,
         resume,
     )?;
+    if let Some(done) = finished_already(&run, o.epochs, monitor)? {
+        return Ok(done);
+    }
     let mut source =
         LoaderSource::new(|epoch| epoch_plan(cfg, Stage::Ssl, &data.unlabeled, o, 2, epoch));
     let mut step = |b: &loader::Batch| -> Result<Tensor> {
@@ -218,6 +241,9 @@ pub fn train_classifier(
         o.weight_decay,
         resume,
     )?;
+    if let Some(done) = finished_already(&run, o.epochs, monitor)? {
+        return Ok(done);
+    }
     let teacher = match &cfg.classifier.distill {
         Some(d) => {
             (monitor.note)(&format!(
@@ -299,6 +325,9 @@ pub fn train_card(
         c.weight_decay,
         resume,
     )?;
+    if let Some(done) = finished_already(&run, c.epochs, monitor)? {
+        return Ok(done);
+    }
     let t0 = Instant::now();
     (monitor.note)(&format!(
         "card: f_phi's features of {} training and {} PublicTest images",
