@@ -1,6 +1,6 @@
 //! Command-line interface: argument parsing only; the work is done by the library.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 use fer_cam::config::{Stem, Tta};
@@ -148,6 +148,28 @@ pub struct CalibrateArgs {
     /// No progress bar on stderr.
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl CalibrateArgs {
+    /// `fer-cam calibrate --data DATA --out OUT` with every other option at the command's own
+    /// default, parsed as the command line would be (for `train all`'s ship steps).
+    pub fn with_defaults(data: &Path, out: &Path) -> Result<Self, clap::Error> {
+        let flag = |name: &str, value: &Path| {
+            let mut f = std::ffi::OsString::from(name);
+            f.push(value);
+            f
+        };
+        let argv = [
+            "fer-cam".into(),
+            "calibrate".into(),
+            flag("--data=", data),
+            flag("--out=", out),
+        ];
+        match Cli::try_parse_from(argv)?.command {
+            Command::Calibrate(a) => Ok(a),
+            _ => unreachable!("the subcommand parsed is calibrate"),
+        }
+    }
 }
 
 #[derive(Debug, Args)]

@@ -7,10 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 
-use crate::cli::{
-    AverageArgs, CalibrateArgs, ClassifierArgs, DataSource, ExportArgs, SamplerKernelArg,
-    StoredWeightsArg,
-};
+use crate::cli::{AverageArgs, CalibrateArgs, DataSource, ExportArgs, StoredWeightsArg};
 use fer_cam::calibrate::{calibrate as fit, reliability_svg, Samples};
 use fer_cam::model::average::average_models;
 use fer_cam::model::export::{export_model, StoredWeights};
@@ -142,10 +139,10 @@ pub fn average(a: AverageArgs) -> Result<()> {
 }
 
 /// The recipe's `ship` steps after `train all`'s last model (its CARD stage's, or its last
-/// cycle's), into `RUN/ship/`: `calibrate` on PublicTest under each of `ship.tta`'s views (the
-/// defaults of the command: sampler seed 0, f16 inference weights), then `export` with all of
-/// them. A step whose output exists is
-/// skipped (said on stderr), so a resumed run finishes where it stopped.
+/// cycle's), into `RUN/ship/`: `calibrate` on PublicTest under each of `ship.tta`'s views (every
+/// other option at the command's default: sampler seed 0, f16 inference weights, ...), then
+/// `export` with all of them. A step whose output exists is skipped (said on stderr), so a
+/// resumed run finishes where it stopped.
 pub fn ship_run(
     cfg: &TrainConfig,
     ship: &ShipConfig,
@@ -160,31 +157,17 @@ pub fn ship_run(
         if out.exists() {
             fer_cam::log!("ship: {} exists (an earlier run's): kept", out.display());
         } else {
-            calibrate(CalibrateArgs {
-                classifier: ClassifierArgs {
-                    model: Some(card.clone()),
-                    samples: None,
-                    steps: None,
-                    seed: 0,
-                    device: device.to_string(),
-                    weights: StoredWeightsArg::F16,
-                    sampler_kernel: SamplerKernelArg::Fused,
-                    tta: Some(tta.into()),
-                },
-                source: DataSource {
-                    data: cfg.data.clone(),
-                    no_cache: source.no_cache,
-                    cache_dir: source.cache_dir.clone(),
-                    labels: cfg.labels.clone(),
-                    labels_unverified: cfg.labels_unverified,
-                },
-                split: "PublicTest".into(),
-                batch_size: 64,
-                bins: 15,
-                out: out.clone(),
-                force: false,
-                quiet: true,
-            })?;
+            let mut a = CalibrateArgs::with_defaults(&cfg.data, &out)?;
+            a.classifier.model = Some(card.clone());
+            a.classifier.device = device.to_string();
+            a.classifier.tta = Some(tta.into());
+            a.source.no_cache = source.no_cache;
+            a.source.cache_dir = source.cache_dir.clone();
+            a.source.labels = cfg.labels.clone();
+            a.source.labels_unverified = cfg.labels_unverified;
+            a.split = "PublicTest".into();
+            a.quiet = true;
+            calibrate(a)?;
         }
         calibrations.push(out);
     }

@@ -6,10 +6,11 @@
 //! the portable path every fast path is tested against); the fast paths [`winograd`]
 //! (F(2x2,3x3), F(4x4,3x3)), [`direct`] (implicit GEMM on an AVX-512 micro-kernel), [`wgrad`],
 //! [`bn`] and [`cbam`], over the micro-tiles of [`microkernel`] and the instruction sets that
-//! [`isa`] finds, in the arithmetic [`precision`] sets (f32, or bf16 GEMMs in training); [`conv`], the per-layer choice between them; the candle custom ops that wrap
-//! them, [`ops`]; and the layer functions the model calls, [`layers`]. candle's built-in ops are the reference in the parity tests
-//! (`tests/kernels.rs`). Tensors on other devices fall back to candle's ops, so the model code is
-//! device-agnostic. The CARD sampler's kernels ([`sampler`], [`dense`], [`softplus`]) work on
+//! [`isa`] finds, in the arithmetic [`precision`] sets (f32, or bf16 GEMMs in training);
+//! [`conv`], the per-layer choice between them; the candle custom ops that wrap them, [`ops`];
+//! and the layer functions the model calls, [`layers`]. candle's built-in ops are the reference
+//! in the parity tests (`tests/kernels.rs`). Tensors on other devices fall back to candle's
+//! ops, so the model code is device-agnostic. The CARD sampler's kernels ([`sampler`], [`dense`], [`softplus`]) work on
 //! plain slices.
 
 /// Calls `$avx::$f` (a loop compiled with `#[target_feature(enable = "avx512f")]`) where the CPU

@@ -3,7 +3,7 @@
 //! before it, optionally distilled from that model and averaged with it. Everything a cycle needs
 //! comes from the run itself, so a recipe with cycles rebuilds its model with one command.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::Device;
 
@@ -11,7 +11,7 @@ use super::{
     has_begun, model_dir, open_run_dir, train_card, train_classifier, CycleConfig, Monitor, Stage,
     StageSelection, StageSummary, TrainConfig, TrainData,
 };
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// Runs `cfg.cycles` in order after the recipe's CARD stage (`RUN/card/model` must exist). A
 /// cycle (or soup) that has begun is continued when `resume` is set, and skipped stage by stage
@@ -101,16 +101,13 @@ fn average_and_train_card(
 ) -> Result<StageSummary> {
     let go_on = resume && has_begun(&soup.run_dir, &[Stage::Card]);
     let _lock = open_run_dir(soup, StageSelection::Card, go_on)?;
-    let mean: PathBuf = model_dir(&soup.run_dir, Stage::Classifier);
+    let mean = model_dir(&soup.run_dir, Stage::Classifier);
     if !mean.exists() {
         (monitor.note)(&format!(
             "soup: the mean of {} and {}",
             a.display(),
             b.display()
         ));
-        if let Some(parent) = mean.parent() {
-            std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-        }
         crate::model::average::average_models(&[a, b], &mean)?;
     }
     train_card(soup, data, &mean, dev, go_on, monitor)
