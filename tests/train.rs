@@ -119,8 +119,14 @@ fn train_all_stages_then_eval() {
     assert!(lines
         .iter()
         .all(|l| l["loss"].as_f64().unwrap().is_finite()));
+    // The SSL epoch reports its features' kNN probe on PublicTest (and selects nothing on it).
+    assert_eq!(lines[0]["stage"], "ssl");
+    let knn = lines[0]["knn_accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&knn), "{knn}");
+    assert!(lines[0]["val_accuracy"].is_null());
     for plot in [
         "ssl_loss.svg",
+        "ssl_knn_accuracy.svg",
         "classifier_loss.svg",
         "classifier_val_accuracy.svg",
         "card_val_accuracy.svg",

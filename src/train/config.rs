@@ -34,6 +34,15 @@ pub struct SslConfig {
     /// Extra unlabeled image folders (any layout; labels ignored).
     #[serde(default)]
     pub extra_images: Vec<PathBuf>,
+    /// Training images the features' kNN probe compares PublicTest with after each epoch
+    /// (evenly spaced over Training; 0: no probe). It reports how well the features alone
+    /// separate the classes, and selects nothing.
+    #[serde(default = "default_knn_references")]
+    pub knn_references: usize,
+}
+
+fn default_knn_references() -> usize {
+    5000
 }
 
 /// Supervised f_φ settings.
@@ -244,6 +253,7 @@ impl TrainConfig {
                 projector: vec![2048, 2048, 2048],
                 lambda: crate::model::barlow::DEFAULT_LAMBDA,
                 extra_images: Vec::new(),
+                knn_references: default_knn_references(),
             },
             classifier: ClassifierConfig {
                 opt: StageConfig {

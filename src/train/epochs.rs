@@ -220,17 +220,29 @@ impl LrSchedule {
     }
 }
 
+/// What a stage measures after an epoch.
+pub(super) enum EpochScore {
+    /// A validation score (`val_accuracy`); the best epoch's model is kept.
+    Select(f64),
+    /// A score that is only reported, as the metrics line's `key` and the note's `label`
+    /// (`None`: not measured); every epoch's model is kept.
+    Watch {
+        key: &'static str,
+        label: &'static str,
+        value: Option<f64>,
+    },
+}
+
 /// Runs the stage's remaining epochs: per batch `step(batch) → loss`, backward and an AdamW
-/// step; after each epoch `score(epoch)`: a validation score, whose best epoch's model is kept,
-/// or `None` (no validation: every epoch's model is kept); then a
-/// checkpoint, a metrics line (with `extra` fields) and the stage's plots.
+/// step; after each epoch `score(epoch)` ([`EpochScore`]); then a checkpoint, a metrics line
+/// (with `extra` fields) and the stage's plots.
 pub(super) fn run_epochs<S: BatchSource>(
     run: &mut StageRun,
     source: &mut S,
     lr: &LrSchedule,
     monitor: &mut Monitor,
     step: &mut dyn FnMut(&S::Batch) -> Result<Tensor>,
-    score: &mut dyn FnMut(usize) -> Result<Option<f64>>,
+    score: &mut dyn FnMut(usize) -> Result<EpochScore>,
     extra: serde_json::Value,
 ) -> Result<Throughput> {
     let mut tput = Throughput::default();
@@ -302,7 +314,11 @@ pub(super) fn run_epochs<S: BatchSource>(
         source.finish();
         let seconds = start.elapsed().as_secs_f64();
         run.epochs_done += 1;
-        let val = score(epoch)?;
+        let scored = score(epoch)?;
+        let val = match scored {
+            EpochScore::Select(v) => Some(v),
+            _ => None,
+        };
         match val {
             None => {
                 run.save_model()?;
@@ -332,14 +348,26 @@ pub(super) fn run_epochs<S: BatchSource>(
         if let (Some(line), serde_json::Value::Object(extra)) = (line.as_object_mut(), &extra) {
             line.extend(extra.clone());
         }
+        if let (Some(line), EpochScore::Watch { key, value, .. }) = (line.as_object_mut(), &scored)
+        {
+            line.insert((*key).into(), serde_json::json!(value));
+        }
         log_metrics(&run.cfg.run_dir, line)?;
         plots::plot_stage(&run.cfg.run_dir, run.stage.name())?;
-        let scored = match (val, run.best_val, run.best_epoch) {
-            (Some(v), Some(b), Some(e)) => format!(
+        let scored = match (&scored, run.best_val, run.best_epoch) {
+            (EpochScore::Select(v), Some(b), Some(e)) => format!(
                 ", PublicTest {:.2}% (best {:.2}%, epoch {e})",
                 100.0 * v,
                 100.0 * b
             ),
+            (
+                EpochScore::Watch {
+                    label,
+                    value: Some(v),
+                    ..
+                },
+                ..,
+            ) => format!(", {label} {:.2}%", 100.0 * v),
             _ => String::new(),
         };
         (monitor.note)(&format!(

@@ -14,6 +14,7 @@ mod epochs;
 mod loader;
 pub mod optim;
 pub mod plots;
+mod probe;
 mod stages;
 mod targets;
 mod teacher;

@@ -80,7 +80,8 @@ fn draw(
     crate::fsutil::write_file_atomically(path, svg.as_bytes())
 }
 
-/// Writes `RUN/plots/<stage>_loss.svg` and, when present, `<stage>_val_accuracy.svg`.
+/// Writes `RUN/plots/<stage>_loss.svg` and, when present, `<stage>_val_accuracy.svg` and
+/// `<stage>_knn_accuracy.svg` (the SSL stage's probe).
 pub fn plot_stage(run_dir: &Path, stage: &str) -> Result<Vec<PathBuf>> {
     let metrics = run_dir.join("metrics.jsonl");
     let dir = run_dir.join("plots");
@@ -92,6 +93,12 @@ pub fn plot_stage(run_dir: &Path, stage: &str) -> Result<Vec<PathBuf>> {
             "val_accuracy",
             "PublicTest accuracy",
             format!("{stage}_val_accuracy.svg"),
+            Some((0.0, 1.0)),
+        ),
+        (
+            "knn_accuracy",
+            "kNN accuracy on PublicTest",
+            format!("{stage}_knn_accuracy.svg"),
             Some((0.0, 1.0)),
         ),
     ] {
@@ -134,12 +141,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let log = "{\"stage\":\"classifier\",\"epoch\":1,\"loss\":2.0,\"val_accuracy\":0.3}\n\
                    {\"stage\":\"classifier\",\"epoch\":2,\"loss\":1.5,\"val_accuracy\":0.4}\n\
-                   {\"stage\":\"ssl\",\"epoch\":1,\"loss\":900.0,\"val_accuracy\":null}\n";
+                   {\"stage\":\"ssl\",\"epoch\":1,\"loss\":900.0,\"val_accuracy\":null}\n\
+                   {\"stage\":\"card\",\"epoch\":1,\"loss\":0.5,\"knn_accuracy\":null}\n";
         std::fs::write(dir.path().join("metrics.jsonl"), log).unwrap();
         let w = plot_stage(dir.path(), "classifier").unwrap();
         assert_eq!(w.len(), 2);
         let svg = std::fs::read_to_string(&w[0]).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("classifier: training loss"));
         assert_eq!(plot_stage(dir.path(), "ssl").unwrap().len(), 1);
+        assert_eq!(plot_stage(dir.path(), "card").unwrap().len(), 1);
+        // The SSL stage's probe gets its own plot.
+        let log = "{\"stage\":\"ssl\",\"epoch\":1,\"loss\":900.0,\"knn_accuracy\":0.31}\n";
+        std::fs::write(dir.path().join("metrics.jsonl"), log).unwrap();
+        let w = plot_stage(dir.path(), "ssl").unwrap();
+        assert_eq!(w.len(), 2);
+        assert!(std::fs::read_to_string(&w[1])
+            .unwrap()
+            .contains("kNN accuracy on PublicTest"));
     }
 }

@@ -11,9 +11,10 @@ use candle_nn::{VarBuilder, VarMap};
 
 use super::checkpoint::{load_vars, vars_with_prefix, StageRun};
 use super::epochs::{
-    run_epochs, CardRows, CardSource, LoaderSource, LrSchedule, Throughput, Y0Rows,
+    run_epochs, CardRows, CardSource, EpochScore, LoaderSource, LrSchedule, Throughput, Y0Rows,
 };
 use super::loader::{self, EpochPlan};
+use super::probe::knn_accuracy;
 use super::targets::{class_targets, smoothed_targets};
 use super::teacher::Teacher;
 use super::{mix_seed, Monitor, Stage, StageConfig, StageSummary, Targets, TrainConfig, TrainData};
@@ -39,6 +40,39 @@ fn normalised_batch(
     Ok(Tensor::from_vec(v, (idx.len(), 1, 48, 48), dev)?)
 }
 
+/// Calls `each` with the encoder features of every batch of `data` in order (eval mode, no
+/// augmentation), detached: the weights are training variables, and an attached result would
+/// keep the whole forward graph (every activation of every batch) alive.
+fn feature_batches(
+    model: &FerModel,
+    data: &Dataset,
+    cfg: &ModelConfig,
+    dev: &Device,
+    mut each: impl FnMut(Tensor) -> Result<()>,
+) -> Result<()> {
+    let bs = 128;
+    for start in (0..data.len()).step_by(bs) {
+        let xs = normalised_batch(data, start..(start + bs).min(data.len()), cfg, dev)?;
+        each(model.features(&xs, false)?.detach())?;
+    }
+    Ok(())
+}
+
+/// Encoder features of every image (eval mode, no augmentation).
+pub(super) fn features(
+    model: &FerModel,
+    data: &Dataset,
+    cfg: &ModelConfig,
+    dev: &Device,
+) -> Result<Tensor> {
+    let mut feats = Vec::new();
+    feature_batches(model, data, cfg, dev, |f| {
+        feats.push(f);
+        Ok(())
+    })?;
+    Ok(Tensor::cat(&feats, 0)?)
+}
+
 /// Encoder features and f_φ probabilities of every image (eval mode, no augmentation).
 fn features_and_fphi(
     model: &FerModel,
@@ -48,15 +82,11 @@ fn features_and_fphi(
 ) -> Result<(Tensor, Tensor)> {
     let mut feats = Vec::new();
     let mut probs = Vec::new();
-    let bs = 128;
-    for start in (0..data.len()).step_by(bs) {
-        let xs = normalised_batch(data, start..(start + bs).min(data.len()), cfg, dev)?;
-        // Detached: the weights are training variables, and an attached result would keep the
-        // whole forward graph (every activation of every batch) alive.
-        let f = model.features(&xs, false)?.detach();
+    feature_batches(model, data, cfg, dev, |f| {
         probs.push(candle_nn::ops::softmax(&model.head_logits(&f)?, D::Minus1)?.detach());
         feats.push(f);
-    }
+        Ok(())
+    })?;
     Ok((Tensor::cat(&feats, 0)?, Tensor::cat(&probs, 0)?))
 }
 
@@ -194,7 +224,21 @@ pub fn train_ssl(
         )?;
         Ok(barlow_twins_loss(&za, &zb, cfg.ssl.lambda)?)
     };
-    let mut score = |_epoch: usize| -> Result<Option<f64>> { Ok(None) };
+    // The features' kNN accuracy on PublicTest after each epoch (reported, not selected on).
+    let mut score = |_epoch: usize| -> Result<EpochScore> {
+        Ok(EpochScore::Watch {
+            key: "knn_accuracy",
+            label: "kNN on PublicTest",
+            value: knn_accuracy(
+                &model,
+                &data.train,
+                &data.val,
+                cfg.ssl.knn_references,
+                &cfg.model,
+                dev,
+            )?,
+        })
+    };
     let tput = run_epochs(
         &mut run,
         &mut source,
@@ -277,8 +321,10 @@ pub fn train_classifier(
         };
         soft_cross_entropy(&logits, targets)
     };
-    let mut score = |_epoch: usize| -> Result<Option<f64>> {
-        Ok(Some(fphi_accuracy(&model, &data.val, &cfg.model, dev)?))
+    let mut score = |_epoch: usize| -> Result<EpochScore> {
+        Ok(EpochScore::Select(fphi_accuracy(
+            &model, &data.val, &cfg.model, dev,
+        )?))
     };
     let tput = run_epochs(
         &mut run,
@@ -358,7 +404,7 @@ pub fn train_card(
         Ok(b.batch.loss(&eps_hat)?)
     };
     let labels: Vec<usize> = data.val.labels.iter().map(|&l| l as usize).collect();
-    let mut score = |epoch: usize| -> Result<Option<f64>> {
+    let mut score = |epoch: usize| -> Result<EpochScore> {
         // PublicTest accuracy of the CARD majority vote, sampled 256 images at a time.
         let mut pred: Vec<usize> = Vec::with_capacity(data.val.len());
         for lo in (0..data.val.len()).step_by(256) {
@@ -386,7 +432,7 @@ pub fn train_card(
             );
             pred.extend(summaries.iter().map(|s| s.label));
         }
-        Ok(Some(metrics::accuracy(&pred, &labels)))
+        Ok(EpochScore::Select(metrics::accuracy(&pred, &labels)))
     };
     let lr = LrSchedule {
         epochs: c.epochs,
