@@ -8,7 +8,9 @@
 use candle_core::Device;
 use fer_cam::data::{load, LoadOptions};
 use fer_cam::face::blazeface::{BlazeFace, INPUT};
-use fer_cam::face::{crop_box, crop_face, sample_square, DetectConfig, FaceBox, FaceDetector};
+use fer_cam::face::{
+    crop_box, crop_face, sample_square, DetectConfig, FaceBox, FaceDetector, ROLL_LEFT_UPRIGHT,
+};
 use fer_cam::harness::render::{render, RenderConfig};
 use fer_cam::Classifier;
 
@@ -62,9 +64,13 @@ fn main() -> anyhow::Result<()> {
         "pipeline box",
         "refined box",
         "refined, roll from refined",
+        "truth, render's turn undone",
+        "pipeline box, never turned",
+        "pipeline box, turned by all its roll",
     ];
-    let mut crops: Vec<Vec<u8>> = vec![Vec::new(); 4];
-    let mut stats: Vec<Vec<(f32, f32, f32)>> = vec![Vec::new(); 4];
+    let v_count = names.len();
+    let mut crops: Vec<Vec<u8>> = vec![Vec::new(); v_count];
+    let mut stats: Vec<Vec<(f32, f32, f32)>> = vec![Vec::new(); v_count];
     let mut labels = Vec::new();
     let (mut missed, mut unrefined) = (0, 0);
     for i in 0..n.min(ds.len()) {
@@ -89,11 +95,26 @@ fn main() -> anyhow::Result<()> {
             d
         });
         let r_keep_roll = FaceBox { roll: d.roll, ..r };
+        // `crop_face` turns by the part of the roll beyond ROLL_LEFT_UPRIGHT: a roll pushed out
+        // by that much turns the crop by all of the given one.
+        let whole = |roll: f32| roll + ROLL_LEFT_UPRIGHT.copysign(roll);
+        let upright = FaceBox {
+            roll: Some(whole(p.angle_deg.to_radians())),
+            ..truth
+        };
+        let unturned = FaceBox { roll: None, ..d };
+        let all_turned = FaceBox {
+            roll: d.roll.map(whole),
+            ..d
+        };
         for (v, (b, m)) in [
             (truth, 0.0),
             (d, margin),
             (r_keep_roll, margin),
             (r, margin),
+            (upright, 0.0),
+            (unturned, margin),
+            (all_turned, margin),
         ]
         .iter()
         .enumerate()
@@ -112,7 +133,7 @@ fn main() -> anyhow::Result<()> {
         labels.len()
     );
     let mut right: Vec<Vec<bool>> = Vec::new();
-    for v in 0..4 {
+    for v in 0..v_count {
         let mut hit = 0;
         let mut r = Vec::new();
         for (ch, lb) in crops[v].chunks(48 * 48 * 64).zip(labels.chunks(64)) {
