@@ -352,21 +352,11 @@ impl Classifier {
 
     /// The views of `n` crops, `n·V` crops with each face's views together.
     fn views(&self, crops: &[u8]) -> Result<Vec<u8>> {
-        let side = self.config.input.size;
-        Ok(match self.tta {
-            Tta::None => crops.to_vec(),
-            Tta::Flip => crops
-                .chunks_exact(side * side)
-                .flat_map(|c| {
-                    let mirror = c.chunks_exact(side).flat_map(|row| row.iter().rev());
-                    c.iter().chain(mirror).copied()
-                })
-                .collect(),
-            Tta::TenCrop => crops
-                .chunks_exact(side * side)
-                .flat_map(|c| crate::data::augment::ten_crops(c, 44).into_iter().flatten())
-                .collect(),
-        })
+        Ok(crate::data::augment::test_views(
+            self.tta,
+            crops,
+            self.config.input.size,
+        ))
     }
 
     /// f_φ's probabilities `(n·V, C)` per view and the CARD samples ŷ_0

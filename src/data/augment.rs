@@ -302,6 +302,27 @@ impl Augment {
     }
 }
 
+/// The test-time views of `side × side` crops (flat, one after another): `n·V` crops with each
+/// crop's views together, in the order `Tta` documents (for ten-crop, which needs 48x48 crops,
+/// each 44-px crop's mirror image first): what inference averages over.
+pub fn test_views(tta: crate::config::Tta, crops: &[u8], side: usize) -> Vec<u8> {
+    use crate::config::Tta;
+    match tta {
+        Tta::None => crops.to_vec(),
+        Tta::Flip => crops
+            .chunks_exact(side * side)
+            .flat_map(|c| {
+                let mirror = c.chunks_exact(side).flat_map(|row| row.iter().rev());
+                c.iter().chain(mirror).copied()
+            })
+            .collect(),
+        Tta::TenCrop => crops
+            .chunks_exact(side * side)
+            .flat_map(|c| ten_crops(c, 44).into_iter().flatten())
+            .collect(),
+    }
+}
+
 /// Ten-crop test-time views of a 48x48 image: the four corner and the centre crops of side
 /// `crop` (resized back to 48), and their horizontal mirrors.
 pub fn ten_crops(pixels: &[u8], crop: u32) -> Vec<Vec<u8>> {
@@ -342,6 +363,34 @@ mod tests {
                 assert_eq!(a.apply(&img, &mut rng).len(), FACE_SIZE * FACE_SIZE);
             }
         }
+    }
+
+    /// Each crop's views come together, in the order inference averages them in.
+    #[test]
+    fn test_views_lay_out_each_crops_views_together() {
+        use crate::config::Tta;
+        let a = gradient();
+        let b: Vec<u8> = a.iter().map(|&p| 255 - p).collect();
+        let two = [a.clone(), b.clone()].concat();
+        assert_eq!(test_views(Tta::None, &two, FACE_SIZE), two);
+        let flip = test_views(Tta::Flip, &two, FACE_SIZE);
+        let n = FACE_SIZE * FACE_SIZE;
+        assert_eq!(flip.len(), 4 * n);
+        assert_eq!(flip[..n], a[..]);
+        assert_eq!(flip[2 * n..3 * n], b[..]);
+        // The mirror: the first row of the second view is the first row reversed.
+        let row: Vec<u8> = a[..FACE_SIZE].iter().rev().copied().collect();
+        assert_eq!(flip[n..n + FACE_SIZE], row[..]);
+        let ten = test_views(Tta::TenCrop, &two, FACE_SIZE);
+        assert_eq!(
+            ten,
+            [ten_crops(&a, 44).concat(), ten_crops(&b, 44).concat()].concat()
+        );
+        // A 2x2 crop flips too (inference's other input sizes).
+        assert_eq!(
+            test_views(Tta::Flip, &[1, 2, 3, 4], 2),
+            [1, 2, 3, 4, 2, 1, 4, 3]
+        );
     }
 
     #[test]
