@@ -733,8 +733,10 @@ fn train_all_runs_a_whole_recipe_through_calibration_and_export() {
     assert!(before == after, "a resumed run changed the shipped files");
 }
 
-/// Every committed recipe is a valid training config, and the FER+ recipe ships as its model
-/// card says: calibrated under flip (the default) and none, f16 weights.
+/// Every committed recipe (`recipe*.json`: what built the model beside it) and candidate
+/// (`candidate*.json`: another network or schedule under the same name, to be measured against
+/// it) is a valid training config, and the FER+ recipe ships as its model card says: calibrated
+/// under flip (the default) and none, f16 weights.
 #[test]
 fn committed_recipes_are_valid_training_configs() {
     let mut seen = 0;
@@ -746,7 +748,8 @@ fn committed_recipes_are_valid_training_configs() {
         for f in files {
             let f = f.unwrap().path();
             let name = f.file_name().unwrap().to_string_lossy().to_string();
-            if !(name.starts_with("recipe") && name.ends_with(".json")) {
+            let config = name.starts_with("recipe") || name.starts_with("candidate");
+            if !(config && name.ends_with(".json")) {
                 continue;
             }
             let text = std::fs::read_to_string(&f).unwrap();
@@ -757,7 +760,7 @@ fn committed_recipes_are_valid_training_configs() {
             seen += 1;
         }
     }
-    assert!(seen >= 2, "recipes found: {seen}");
+    assert!(seen >= 4, "recipes and candidates found: {seen}");
     let text = std::fs::read_to_string("models/ferplus/recipe.json").unwrap();
     let cfg: fer_cam::train::TrainConfig = serde_json::from_str(&text).unwrap();
     let ship = cfg.ship.expect("models/ferplus/recipe.json ships");
