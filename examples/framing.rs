@@ -1,11 +1,15 @@
-//! The face stage's framing on PublicTest renders, face by face: the built-in `fer2013` model on
-//! the crop at the true square, at the box the whole-frame search found (as `run` crops it),
-//! and at a refined box (BlazeFace run again on the region around the found face, as the search
-//! around a track does), over the same faces. docs/pipeline.md ("Through the pipeline") has the
-//! numbers.
+//! The face stage's framing on PublicTest renders, face by face: a model (the built-in `fer2013`
+//! unless MODEL_DIR is given) on each found face's own FER2013 crop, on the crop at the true
+//! square, at the box the whole-frame search found (as `run` crops it), and at a refined box
+//! (BlazeFace run again on the region around the found face, as the search around a track
+//! does), over the same faces: the CARD vote (flip views, averaged over sampler seeds
+//! 0..SAMPLER_SEEDS, every crop drawing with the same keys) and f_φ alone. docs/pipeline.md
+//! ("Through the pipeline") has the numbers.
 //!
-//! `cargo run --release --example framing -- fer2013.csv.gz [FACES [RENDER_SEED]]`
+//! `cargo run --release --example framing -- fer2013.csv.gz [FACES [RENDER_SEED [SAMPLER_SEEDS
+//! [MODEL_DIR]]]]`
 use candle_core::Device;
+use fer_cam::config::Tta;
 use fer_cam::data::{load, LoadOptions};
 use fer_cam::face::blazeface::{BlazeFace, INPUT};
 use fer_cam::face::{
@@ -43,9 +47,11 @@ fn refine(net: &BlazeFace, gray: &[u8], w: u32, h: u32, d: &FaceBox) -> Option<F
 
 fn main() -> anyhow::Result<()> {
     let a: Vec<String> = std::env::args().collect();
-    let data = a
-        .get(1)
-        .ok_or_else(|| anyhow::anyhow!("usage: framing fer2013.csv.gz [FACES [RENDER_SEED]]"))?;
+    let data = a.get(1).ok_or_else(|| {
+        anyhow::anyhow!(
+            "usage: framing fer2013.csv.gz [FACES [RENDER_SEED [SAMPLER_SEEDS [MODEL_DIR]]]]"
+        )
+    })?;
     let n: usize = a.get(2).map_or(Ok(usize::MAX), |s| s.parse())?;
     let (ds, _) = load(
         std::path::Path::new(data),
@@ -60,6 +66,7 @@ fn main() -> anyhow::Result<()> {
     };
     let margin = 0.02;
     let names = [
+        "own FER2013 crop",
         "truth",
         "pipeline box",
         "refined box",
@@ -107,6 +114,8 @@ fn main() -> anyhow::Result<()> {
             roll: d.roll.map(whole),
             ..d
         };
+        crops[0].extend_from_slice(ds.image(i));
+        stats[0].push((1.0, 0.0, 0.0));
         for (v, (b, m)) in [
             (truth, 0.0),
             (d, margin),
@@ -119,34 +128,48 @@ fn main() -> anyhow::Result<()> {
         .iter()
         .enumerate()
         {
-            crops[v].extend(crop_face(g, w, h, b, *m, 48));
+            crops[v + 1].extend(crop_face(g, w, h, b, *m, 48));
             let cb = crop_box(b, *m);
             let (cx, cy) = cb.centre();
-            stats[v].push((cb.w / p.side, (cx - p.cx) / p.side, (cy - p.cy) / p.side));
+            stats[v + 1].push((cb.w / p.side, (cx - p.cx) / p.side, (cy - p.cy) / p.side));
         }
         labels.push(ds.labels[i] as usize);
     }
-    let mut clf = Classifier::load_builtin("fer2013", &Device::Cpu)?;
+    let sampler_seeds: u64 = a.get(4).map_or(Ok(1), |s| s.parse())?;
+    let mut clf = match a.get(5) {
+        Some(dir) => Classifier::load(std::path::Path::new(dir), &Device::Cpu)?,
+        None => Classifier::load_builtin("fer2013", &Device::Cpu)?,
+    };
+    clf.set_tta(Tta::Flip)?;
     println!(
-        "faces {} found {} missed {missed} unrefined {unrefined}",
+        "faces {} found {} missed {missed} unrefined {unrefined}; CARD vote over sampler seeds 0..{sampler_seeds}",
         n.min(ds.len()),
         labels.len()
     );
+    let box_v = 2;
     let mut right: Vec<Vec<bool>> = Vec::new();
     for v in 0..v_count {
-        let mut hit = 0;
+        let (mut votes, mut fphi_hits) = (0usize, 0usize);
         let mut r = Vec::new();
-        for (ch, lb) in crops[v].chunks(48 * 48 * 64).zip(labels.chunks(64)) {
-            for (pr, l) in clf.predict(ch)?.iter().zip(lb) {
-                hit += usize::from(pr.card.label == *l);
-                r.push(pr.card.label == *l);
+        for seed in 0..sampler_seeds {
+            let mut sampler = clf.sampler();
+            sampler.seed = seed;
+            clf.set_sampler(sampler)?;
+            for (ch, lb) in crops[v].chunks(48 * 48 * 64).zip(labels.chunks(64)) {
+                for (pr, l) in clf.predict(ch)?.iter().zip(lb) {
+                    votes += usize::from(pr.card.label == *l);
+                    if seed == 0 {
+                        r.push(pr.card.label == *l);
+                        fphi_hits += usize::from(argmax(&pr.fphi_probs) == *l);
+                    }
+                }
             }
         }
-        if v > 1 {
-            let (b, c) = r.iter().zip(&right[1]).fold((0, 0), |(b, c), (x, y)| {
+        if v > box_v {
+            let (b, c) = r.iter().zip(&right[box_v]).fold((0, 0), |(b, c), (x, y)| {
                 (b + usize::from(*x && !*y), c + usize::from(!*x && *y))
             });
-            println!("  vs pipeline box: {b} right only here, {c} right only there");
+            println!("  vs pipeline box (seed 0): {b} right only here, {c} right only there");
         }
         right.push(r);
         let st = &stats[v];
@@ -156,14 +179,23 @@ fn main() -> anyhow::Result<()> {
             let sd = (st.iter().map(|x| (f(x) - m).powi(2)).sum::<f32>() / k).sqrt();
             format!("{m:+.3}±{sd:.3}")
         };
+        let k_faces = labels.len() as f64;
         println!(
-            "{:28} acc {:.2}%  scale {} dx {} dy {}",
+            "{:36} CARD {:.2}%  f_phi {:.2}%  scale {} dx {} dy {}",
             names[v],
-            100.0 * hit as f64 / labels.len() as f64,
+            100.0 * votes as f64 / (k_faces * sampler_seeds as f64),
+            100.0 * fphi_hits as f64 / k_faces,
             ms(|x| x.0),
             ms(|x| x.1),
             ms(|x| x.2)
         );
     }
     Ok(())
+}
+
+fn argmax(p: &[f32]) -> usize {
+    p.iter()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(b.1))
+        .map_or(0, |(i, _)| i)
 }
