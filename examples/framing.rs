@@ -16,6 +16,7 @@ use fer_cam::face::{
     crop_box, crop_face, sample_square, DetectConfig, FaceBox, FaceDetector, ROLL_LEFT_UPRIGHT,
 };
 use fer_cam::harness::render::{render, RenderConfig};
+use fer_cam::metrics;
 use fer_cam::Classifier;
 
 /// BlazeFace's best box in the square twice `d`'s side around it, mapped to a face square as
@@ -160,7 +161,7 @@ fn main() -> anyhow::Result<()> {
                     votes += usize::from(pr.card.label == *l);
                     if seed == 0 {
                         r.push(pr.card.label == *l);
-                        fphi_hits += usize::from(argmax(&pr.fphi_probs) == *l);
+                        fphi_hits += usize::from(metrics::argmax(&pr.fphi_probs) == *l);
                     }
                 }
             }
@@ -191,11 +192,4 @@ fn main() -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn argmax(p: &[f32]) -> usize {
-    p.iter()
-        .enumerate()
-        .max_by(|a, b| a.1.total_cmp(b.1))
-        .map_or(0, |(i, _)| i)
 }
