@@ -134,6 +134,15 @@ pub struct CardTrainConfig {
     /// The label vector y_0 the forward process starts from.
     #[serde(default)]
     pub y0: CardY0,
+    /// Share of the encoder features zeroed (the rest scaled by 1/(1 − p)) in each training
+    /// row ε_θ sees, drawn per row after the batch's noise: 0 (the default) trains on the
+    /// features as they are.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub feature_dropout: f64,
+}
+
+fn is_zero(x: &f64) -> bool {
+    *x == 0.0
 }
 
 /// Everything a training run needs; saved beside every checkpoint.
@@ -277,6 +286,7 @@ impl TrainConfig {
                 weight_decay: 0.0,
                 val_samples: 16,
                 y0: CardY0::OneHot,
+                feature_dropout: 0.0,
             },
             train_limit: None,
             val_limit: None,
@@ -412,6 +422,12 @@ fn check_card(name: &str, c: &CardTrainConfig) -> Result<()> {
             c.batch_size, c.lr, c.val_samples, c.epochs
         )));
     }
+    if !(0.0..1.0).contains(&c.feature_dropout) {
+        return Err(Error::Config(format!(
+            "{name}: feature_dropout {} (0 to below 1)",
+            c.feature_dropout
+        )));
+    }
     Ok(())
 }
 
@@ -440,6 +456,24 @@ mod tests {
         let mut c = base;
         c.card.epochs = 0;
         assert!(c.validate().unwrap_err().to_string().contains("epochs 0"));
+    }
+
+    #[test]
+    fn card_feature_dropout_is_optional_and_checked() {
+        let mut cfg = TrainConfig::new("d.csv".into(), "run".into());
+        // Off, it is not written, so configs from before it read and write as they did.
+        let json = serde_json::to_value(&cfg).unwrap();
+        assert!(json["card"].get("feature_dropout").is_none());
+        cfg.card.feature_dropout = 0.8;
+        cfg.validate().unwrap();
+        for bad in [1.0, -0.1, f64::NAN] {
+            cfg.card.feature_dropout = bad;
+            assert!(cfg
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("feature_dropout"));
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::time::Instant;
 use candle_core::{Device, Tensor};
 use crossbeam_channel::Receiver;
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 
 use super::card_batch::CardBatch;
 use super::checkpoint::checkpoint_dir;
@@ -104,6 +104,8 @@ pub(super) struct CardSource<'a> {
     y0: Y0Rows,
     schedule: &'a Schedule,
     batch_size: usize,
+    /// [`super::CardTrainConfig::feature_dropout`].
+    feature_dropout: f64,
     seed: u64,
     dev: &'a Device,
     epoch: Option<(StdRng, Vec<u32>, usize)>,
@@ -139,6 +141,7 @@ impl<'a> CardSource<'a> {
         y0: Y0Rows,
         schedule: &'a Schedule,
         batch_size: usize,
+        feature_dropout: f64,
         seed: u64,
         dev: &'a Device,
     ) -> Self {
@@ -149,6 +152,7 @@ impl<'a> CardSource<'a> {
             y0,
             schedule,
             batch_size,
+            feature_dropout,
             seed,
             dev,
             epoch: None,
@@ -187,6 +191,18 @@ impl BatchSource for CardSource<'_> {
             .flat_map(|&i| self.y0.row(self.data, i as usize))
             .collect();
         let batch = CardBatch::draw(y0, &f, self.schedule, rng, self.dev)?;
+        let p = self.feature_dropout;
+        let feats = if p > 0.0 {
+            // Drawn after the batch's noise, so a run without dropout draws what it always did.
+            let keep = (1.0 / (1.0 - p)) as f32;
+            let mask: Vec<f32> = (0..feats.elem_count())
+                .map(|_| if rng.random::<f64>() < p { 0.0 } else { keep })
+                .collect();
+            let mask = Tensor::from_vec(mask, feats.dims(), self.dev)?;
+            (feats * mask)?
+        } else {
+            feats
+        };
         Ok(CardRows { feats, f, batch })
     }
 
@@ -400,4 +416,65 @@ fn interrupted(run: &StageRun, epoch: usize, step: usize) -> Error {
         epoch + 1,
         step + 1
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::train::CardY0;
+
+    fn first_batch(feats: &Tensor, f: &Tensor, data: &Dataset, p: f64) -> CardRows {
+        let schedule = Schedule::linear(10, 0.01, 0.95);
+        let y0 = Y0Rows {
+            kind: CardY0::OneHot,
+            single_weight: 0.0,
+        };
+        let mut source = CardSource::new(feats, f, data, y0, &schedule, 32, p, 7, &Device::Cpu);
+        source.start(0).unwrap();
+        source.next_batch().unwrap()
+    }
+
+    /// Feature dropout zeroes about its share of the features, scales the rest by 1/(1 − p), and
+    /// leaves the batch's timesteps and noise as a run without it draws them.
+    #[test]
+    fn card_feature_dropout_masks_features_after_the_batch_draw() {
+        let (n, dim, classes) = (32, 200, 7);
+        let data = Dataset {
+            class_names: (0..classes).map(|c| c.to_string()).collect(),
+            split_names: vec!["Training".into()],
+            pixels: vec![0; n * crate::data::FACE_PIXELS],
+            labels: (0..n).map(|i| (i % classes) as u8).collect(),
+            splits: vec![0; n],
+            ..Default::default()
+        };
+        let dev = Device::Cpu;
+        let feats = Tensor::ones((n, dim), candle_core::DType::F32, &dev).unwrap();
+        let f = (Tensor::ones((n, classes), candle_core::DType::F32, &dev).unwrap()
+            / classes as f64)
+            .unwrap();
+        let plain = first_batch(&feats, &f, &data, 0.0);
+        assert_eq!(
+            plain.feats.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            vec![1.0; n * dim]
+        );
+        let dropped = first_batch(&feats, &f, &data, 0.75);
+        let v = dropped
+            .feats
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        assert!(v.iter().all(|&x| x == 0.0 || x == 4.0));
+        let zeros = v.iter().filter(|&&x| x == 0.0).count() as f64 / v.len() as f64;
+        assert!((0.72..0.78).contains(&zeros), "{zeros}");
+        for (a, b) in [
+            (&plain.batch.y_t, &dropped.batch.y_t),
+            (&plain.batch.eps, &dropped.batch.eps),
+        ] {
+            assert_eq!(
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+    }
 }

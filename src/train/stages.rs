@@ -394,6 +394,7 @@ pub fn train_card(
         },
         &schedule,
         c.batch_size,
+        c.feature_dropout,
         cfg.seed,
         dev,
     );
