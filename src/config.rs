@@ -71,6 +71,13 @@ impl Stem {
             Stem::Conv3x3S2 => "conv3x3_s2",
         }
     }
+
+    /// Whether the two stems hold weights of the same shapes: the 3x3 stems differ only in
+    /// stride, so an encoder trained with one can start training with the other.
+    pub fn same_weights(self, other: Stem) -> bool {
+        let conv3x3 = |s| matches!(s, Stem::Conv3x3 | Stem::Conv3x3S2);
+        self == other || (conv3x3(self) && conv3x3(other))
+    }
 }
 
 impl std::str::FromStr for Stem {
@@ -106,6 +113,18 @@ pub struct EncoderConfig {
     /// How inference stores the convolution weights: a run-time choice too.
     #[serde(skip)]
     pub weights: WeightFormat,
+}
+
+impl EncoderConfig {
+    /// Whether `other`'s weights load into this encoder: the same network but for the stem's
+    /// stride (`classifier.init` may move a model from `conv3x3_s2` to `conv3x3`).
+    pub fn loads_weights_of(&self, other: &EncoderConfig) -> bool {
+        self.stem.same_weights(other.stem)
+            && EncoderConfig {
+                stem: self.stem,
+                ..other.clone()
+            } == *self
+    }
 }
 
 impl Default for EncoderConfig {
@@ -519,6 +538,31 @@ pub fn min_steps(timesteps: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn init_may_change_only_a_3x3_stems_stride() {
+        let s2 = EncoderConfig {
+            stem: Stem::Conv3x3S2,
+            ..EncoderConfig::default()
+        };
+        let s1 = EncoderConfig::default();
+        assert!(s1.loads_weights_of(&s2) && s2.loads_weights_of(&s1));
+        let pool = EncoderConfig {
+            stem: Stem::Conv7x7Pool,
+            ..EncoderConfig::default()
+        };
+        assert!(!pool.loads_weights_of(&s1) && !s2.loads_weights_of(&pool));
+        let narrow = EncoderConfig {
+            widths: [32, 64, 128, 256],
+            ..s2.clone()
+        };
+        assert!(!s1.loads_weights_of(&narrow));
+        let no_cbam = EncoderConfig {
+            cbam: false,
+            ..s2.clone()
+        };
+        assert!(!s1.loads_weights_of(&no_cbam) && no_cbam.loads_weights_of(&no_cbam));
+    }
 
     #[test]
     fn temperatures_that_would_make_nan_answers_are_refused() {

@@ -264,12 +264,12 @@ pub fn train_classifier(
     let (vm, model) = new_model(cfg, dev, mix_seed(&[cfg.seed, Stage::Classifier.id()]))?;
     if let Some(dir) = init {
         crate::model::read_config(dir).and_then(|c| {
-            if c.encoder == cfg.model.encoder {
+            if cfg.model.encoder.loads_weights_of(&c.encoder) {
                 Ok(())
             } else {
                 Err(Error::model(
                     dir,
-                    "its encoder differs from the training config's",
+                    "its encoder differs from the training config's (only a 3x3 stem's stride may)",
                 ))
             }
         })?;
