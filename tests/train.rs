@@ -768,3 +768,55 @@ fn committed_recipes_are_valid_training_configs() {
     assert_eq!(ship.tta, [Tta::Flip, Tta::None]);
     assert_eq!(ship.weights, fer_cam::model::export::StoredWeights::F16);
 }
+
+/// `--init` may move a model's 3x3 stem from stride 2 to stride 1 (the same weights at twice the
+/// resolution), but no other change of network: another stem is refused, naming the model.
+#[test]
+fn init_moves_a_3x3_stem_to_stride_one_and_refuses_other_networks() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path(), 16);
+    let run = |name: &str, stem: &str, init: Option<&Path>| {
+        let dir = tmp.path().join(name);
+        let mut cfg = fer_cam::train::TrainConfig::new(data.clone(), dir.clone());
+        cfg.model.encoder.widths = [8, 8, 16, 16];
+        cfg.model.encoder.blocks = [1, 1, 1, 1];
+        cfg.model.encoder.cbam_reduction = 4;
+        let cfg_path = tmp.path().join(format!("{name}.json"));
+        std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        let mut a: Vec<String> = [
+            "train",
+            "classifier",
+            "--config",
+            cfg_path.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--run-dir",
+            dir.to_str().unwrap(),
+            "--stem",
+            stem,
+            "--no-cache",
+            "--quiet",
+            "--batch-size",
+            "8",
+            "--classifier-epochs",
+            "1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        if let Some(p) = init {
+            a.extend(["--init".into(), p.to_str().unwrap().into()]);
+        }
+        (dir.join("classifier/model"), fer(&args(&a)))
+    };
+    let (s2, o) = run("s2", "conv3x3_s2", None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (s1, o) = run("s1", "conv3x3", Some(&s2));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let stem = fer_cam::model::read_config(&s1).unwrap().encoder.stem;
+    assert_eq!(stem, fer_cam::config::Stem::Conv3x3);
+    let (_, o) = run("pool", "conv7x7_pool", Some(&s2));
+    assert!(!o.status.success());
+    let e = stderr(&o);
+    assert!(e.contains("encoder differs") && e.contains("s2"), "{e}");
+}
