@@ -783,27 +783,18 @@ fn init_moves_a_3x3_stem_to_stride_one_and_refuses_other_networks() {
         cfg.model.encoder.cbam_reduction = 4;
         let cfg_path = tmp.path().join(format!("{name}.json"));
         std::fs::write(&cfg_path, serde_json::to_string(&cfg).unwrap()).unwrap();
-        let mut a: Vec<String> = [
-            "train",
-            "classifier",
+        // small_run's flags, with this run's stem and the small network's config.
+        let mut a = small_run("classifier", &data, &dir);
+        let at = a.iter().position(|s| s == "--stem").unwrap() + 1;
+        a[at] = stem.into();
+        for extra in [
             "--config",
             cfg_path.to_str().unwrap(),
-            "--data",
-            data.to_str().unwrap(),
-            "--run-dir",
-            dir.to_str().unwrap(),
-            "--stem",
-            stem,
-            "--no-cache",
-            "--quiet",
-            "--batch-size",
-            "8",
             "--classifier-epochs",
             "1",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        ] {
+            a.push(extra.into());
+        }
         if let Some(p) = init {
             a.extend(["--init".into(), p.to_str().unwrap().into()]);
         }
