@@ -358,9 +358,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub init: Option<PathBuf>,
     /// Distil the classifier from this model directory's f_φ (its views and share of the
-    /// target from the config's `classifier.distill`, else ten-crop and 0.6).
+    /// target from the config's `classifier.distill`, else ten-crop and 0.6); given more than
+    /// once, from the mean of the models' probabilities.
     #[arg(long, value_name = "DIR")]
-    pub teacher: Option<PathBuf>,
+    pub teacher: Vec<PathBuf>,
     /// Train the classifier from random weights (ablation: no SSL); `all` then skips ssl.
     #[arg(long)]
     pub from_scratch: bool,
@@ -439,11 +440,13 @@ impl TrainArgs {
         if let Some(n) = self.card_epochs {
             cfg.card.epochs = n;
         }
-        if let Some(dir) = &self.teacher {
-            match &mut cfg.classifier.distill {
-                Some(d) => d.teacher = dir.clone(),
-                None => cfg.classifier.distill = Some(DistillConfig::new(dir.clone())),
-            }
+        if let Some((dir, also)) = self.teacher.split_first() {
+            let d = cfg
+                .classifier
+                .distill
+                .get_or_insert_with(|| DistillConfig::new(dir.clone()));
+            d.teacher = dir.clone();
+            d.also = also.to_vec();
         }
         if let Some(b) = self.batch_size {
             cfg.ssl.opt.batch_size = b;

@@ -41,6 +41,7 @@ fn tiny_recipe(data: &Path, run: &Path) -> TrainConfig {
             distill: Some(CycleDistill {
                 tta: Tta::Flip,
                 weight: 0.6,
+                also: Vec::new(),
             }),
             average: true,
             ..cycle

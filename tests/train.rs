@@ -164,35 +164,54 @@ fn train_all_stages_then_eval() {
         let l: serde_json::Value = serde_json::from_str(m.lines().next().unwrap()).unwrap();
         l["loss"].as_f64().unwrap()
     };
-    // A one-epoch classifier run into `tmp/name`, with `--teacher` and `--init` where given.
-    let classifier_run = |name: &str, teacher: Option<&Path>, init: Option<&Path>| {
+    // A one-epoch classifier run into `tmp/name`, with a `--teacher` for each of `teachers` and
+    // `--init` where given.
+    let classifier_run = |name: &str, teachers: &[&Path], init: Option<&Path>| {
         let dir = tmp.path().join(name);
         let mut a = small_run("classifier", &data, &dir);
         for extra in ["--classifier-epochs", "1", "--train-limit", limit] {
             a.push(extra.into());
         }
         a.extend(["--val-limit".into(), "64".into()]);
-        for (flag, path) in [("--teacher", teacher), ("--init", init)] {
-            if let Some(p) = path {
-                a.extend([flag.into(), p.to_str().unwrap().into()]);
-            }
+        let flags = teachers.iter().map(|&t| ("--teacher", t));
+        for (flag, p) in flags.chain(init.map(|p| ("--init", p))) {
+            a.extend([flag.into(), p.to_str().unwrap().into()]);
         }
         let o = fer(&args(&a));
         (dir, o)
     };
-    let (plain, o) = classifier_run("plain", None, None);
+    let run_config = |dir: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap()
+    };
+    let (plain, o) = classifier_run("plain", &[], None);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (distilled, o) = classifier_run("distilled", Some(&run.join("card/model")), None);
+    let (distilled, o) = classifier_run("distilled", &[&run.join("card/model")], None);
     assert!(o.status.success(), "{}", stderr(&o));
     let (a, b) = (first_loss(&plain), first_loss(&distilled));
     assert!(
         a.is_finite() && b.is_finite() && (a - b).abs() > 1e-6,
         "{a} {b}"
     );
-    let cfg: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(distilled.join("config.json")).unwrap())
-            .unwrap();
+    let cfg = run_config(&distilled);
     assert_eq!(cfg["classifier"]["distill"]["tta"], "ten-crop", "{cfg}");
+    assert!(cfg["classifier"]["distill"].get("also").is_none(), "{cfg}");
+    // Two teachers (the CARD model and the plain run's f_φ): the mean of their probabilities, a
+    // loss unlike either teacher's alone, and both named in the run's config.
+    let plain_model = plain.join("classifier/model");
+    let (alone, o) = classifier_run("plain-teaches", &[&plain_model], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (both, o) = classifier_run("ensemble", &[&run.join("card/model"), &plain_model], None);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let c = first_loss(&both);
+    for other in [b, first_loss(&alone)] {
+        assert!(c.is_finite() && (c - other).abs() > 1e-6, "{c} {other}");
+    }
+    let cfg = run_config(&both);
+    assert_eq!(
+        cfg["classifier"]["distill"]["also"][0],
+        plain_model.to_str().unwrap(),
+        "{cfg}"
+    );
     let odd = tmp.path().join("odd-teacher");
     std::fs::create_dir_all(&odd).unwrap();
     let mut odd_cfg = fer_cam::model::read_config(&card).unwrap();
@@ -207,9 +226,14 @@ fn train_all_stages_then_eval() {
         odd.join("model.safetensors"),
     )
     .unwrap();
-    let (_, o) = classifier_run("odd", Some(&odd), None);
-    assert!(!o.status.success());
-    assert!(stderr(&o).contains("odd-teacher"), "{}", stderr(&o));
+    for (name, teachers) in [
+        ("odd", vec![odd.as_path()]),
+        ("odd2", vec![&plain_model, &odd]),
+    ] {
+        let (_, o) = classifier_run(name, &teachers, None);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("odd-teacher"), "{}", stderr(&o));
+    }
 
     // An exported model (f16 weights) starts a new cycle: `--init` and `--teacher` take it.
     let export = tmp.path().join("export");
@@ -221,7 +245,7 @@ fn train_all_stages_then_eval() {
         export.to_str().unwrap(),
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let (from_export, o) = classifier_run("from-export", Some(&export), Some(&export));
+    let (from_export, o) = classifier_run("from-export", &[&export], Some(&export));
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(from_export
         .join("classifier/model/model.safetensors")

@@ -71,12 +71,17 @@ pub struct ClassifierConfig {
 /// Distillation from a teacher: f_φ's target for each Training image becomes
 /// `(1 − weight) · smoothed one-hot label + weight · teacher probabilities`, the teacher's f_φ
 /// probabilities averaged over its test-time views of the un-augmented image, computed once
-/// before the first epoch.
+/// before the first epoch. With `also`, the teacher is an ensemble: the mean of every listed
+/// model's probabilities.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DistillConfig {
     /// The teacher's model directory (same classes, 48x48 input).
     pub teacher: PathBuf,
+    /// More teachers (same classes, 48x48 input, any encoder) whose probabilities are averaged
+    /// with `teacher`'s, each model weighing the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<PathBuf>,
     /// The teacher's test-time views.
     pub tta: Tta,
     /// Share of the target taken from the teacher, in [0, 1].
@@ -88,6 +93,7 @@ impl DistillConfig {
     pub fn new(teacher: PathBuf) -> Self {
         Self {
             teacher,
+            also: Vec::new(),
             tta: Tta::TenCrop,
             weight: 0.6,
         }
@@ -195,7 +201,7 @@ pub struct CycleConfig {
     pub classifier: ClassifierConfig,
     pub card: CardTrainConfig,
     /// f_φ learns also from the previous model's probabilities (that model is the teacher:
-    /// self-distillation, nothing from outside the run).
+    /// self-distillation; nothing from outside the run unless `also` names models).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<CycleDistill>,
     /// Then the mean of this cycle's f_φ and the model it started from (a model soup; the two
@@ -205,19 +211,23 @@ pub struct CycleConfig {
     pub average: bool,
 }
 
-/// A cycle's distillation from the model before it: [`DistillConfig`] less the teacher.
+/// A cycle's distillation from the model before it: [`DistillConfig`] less the teacher, with
+/// `also` naming models from outside the run that teach beside it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CycleDistill {
     pub tta: Tta,
     pub weight: f64,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also: Vec<PathBuf>,
 }
 
 impl CycleDistill {
-    /// The distillation from `teacher` this asks for.
+    /// The distillation from `teacher` (and `also`) this asks for.
     pub fn from_teacher(&self, teacher: PathBuf) -> DistillConfig {
         DistillConfig {
             teacher,
+            also: self.also.clone(),
             tta: self.tta,
             weight: self.weight,
         }

@@ -38,7 +38,14 @@ pub(super) fn run_cycles(
             sub.run_dir.display(),
             prev.display(),
             match &sub.classifier.distill {
-                Some(d) => format!(", distilled from {}", d.teacher.display()),
+                Some(d) => format!(
+                    ", distilled from {}",
+                    std::iter::once(&d.teacher)
+                        .chain(&d.also)
+                        .map(|t| t.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ),
                 None => String::new(),
             }
         ));

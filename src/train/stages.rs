@@ -291,8 +291,12 @@ pub fn train_classifier(
     let teacher = match &cfg.classifier.distill {
         Some(d) => {
             (monitor.note)(&format!(
-                "classifier: the teacher's answers on {} training images",
-                data.train.len()
+                "classifier: the teacher's answers on {} training images{}",
+                data.train.len(),
+                match d.also.len() {
+                    0 => String::new(),
+                    n => format!(" (the mean of {} models)", n + 1),
+                }
             ));
             Some(Teacher::compute(d, &data.train, &cfg.model, dev)?)
         }

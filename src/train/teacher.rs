@@ -1,13 +1,15 @@
 //! Distillation targets: a trained model's f_φ probabilities for every Training image, mixed
 //! with the smoothed labels into the soft targets the student's cross-entropy uses.
 
+use std::path::Path;
+
 use candle_core::Device;
 
 use super::config::DistillConfig;
 use crate::config::ModelConfig;
 use crate::data::{Dataset, FACE_PIXELS, FACE_SIZE};
 use crate::error::{Error, Result};
-use crate::infer::Classifier;
+use crate::infer::{Classifier, Tta};
 
 /// Images per teacher forward pass (times its views).
 const BATCH: usize = 64;
@@ -21,39 +23,55 @@ pub(super) struct Teacher {
 }
 
 impl Teacher {
-    /// Runs the teacher of `d` over every image of `data` (no augmentation, its views `d.tta`).
+    /// Runs the teacher of `d` (and each of `d.also`, averaging their probabilities) over
+    /// every image of `data` (no augmentation, the views `d.tta`).
     pub fn compute(
         d: &DistillConfig,
         data: &Dataset,
         student: &ModelConfig,
         dev: &Device,
     ) -> Result<Self> {
-        let mut clf = Classifier::load(&d.teacher, dev)?;
+        let each = std::iter::once(&d.teacher)
+            .chain(&d.also)
+            .map(|dir| Self::probs_of(dir, d.tta, data, student, dev))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            probs: mean(each),
+            classes: student.num_classes(),
+            weight: d.weight,
+        })
+    }
+
+    /// One model's f_φ probabilities `(images, C)` flat under the views `tta`.
+    fn probs_of(
+        dir: &Path,
+        tta: Tta,
+        data: &Dataset,
+        student: &ModelConfig,
+        dev: &Device,
+    ) -> Result<Vec<f32>> {
+        let mut clf = Classifier::load(dir, dev)?;
         if clf.config().classes != student.classes {
             return Err(Error::model(
-                &d.teacher,
+                dir,
                 "the teacher's classes differ from the training config's",
             ));
         }
         if clf.config().input.size != FACE_SIZE {
             return Err(Error::model(
-                &d.teacher,
+                dir,
                 format!(
                     "the teacher takes {0}x{0} inputs, the data is 48x48",
                     clf.config().input.size
                 ),
             ));
         }
-        clf.set_tta(d.tta)?;
+        clf.set_tta(tta)?;
         let mut probs = Vec::with_capacity(data.len() * student.num_classes());
         for chunk in data.pixels.chunks(BATCH * FACE_PIXELS) {
             probs.extend(clf.fphi_probs(chunk)?);
         }
-        Ok(Self {
-            probs,
-            classes: student.num_classes(),
-            weight: d.weight,
-        })
+        Ok(probs)
     }
 
     /// Soft targets `(rows, C)` flat: `(1 − w) · base + w · teacher`, where `base` holds the
@@ -69,6 +87,21 @@ impl Teacher {
         }
         t
     }
+}
+
+/// The element-wise mean of equally long vectors (the first when there is one).
+fn mean(mut each: Vec<Vec<f32>>) -> Vec<f32> {
+    let n = each.len() as f32;
+    let mut sum = each.swap_remove(0);
+    for one in &each {
+        for (s, p) in sum.iter_mut().zip(one) {
+            *s += p;
+        }
+    }
+    if n > 1.0 {
+        sum.iter_mut().for_each(|s| *s /= n);
+    }
+    sum
 }
 
 #[cfg(test)]
@@ -91,6 +124,18 @@ mod tests {
 
     fn close(a: &[f32], b: &[f32]) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+    }
+
+    #[test]
+    fn an_ensemble_teacher_is_the_mean_of_its_models() {
+        let one = vec![0.9, 0.1, 0.2, 0.8];
+        assert_eq!(mean(vec![one.clone()]), one);
+        let m = mean(vec![
+            one,
+            vec![0.5, 0.5, 0.6, 0.4],
+            vec![0.1, 0.9, 0.4, 0.6],
+        ]);
+        assert!(close(&m, &[0.5, 0.5, 0.4, 0.6]), "{m:?}");
     }
 
     #[test]
