@@ -504,4 +504,18 @@ mod tests {
             assert!(cfg.validate().is_err(), "{w}");
         }
     }
+
+    #[test]
+    fn a_cycles_outside_teachers_join_the_model_before_it() {
+        let json = r#"{"tta": "flip", "weight": 0.5, "also": ["a", "b"]}"#;
+        let cycle: CycleDistill = serde_json::from_str(json).unwrap();
+        let d = cycle.from_teacher("prev".into());
+        assert_eq!(d.teacher, PathBuf::from("prev"));
+        assert_eq!(d.also, [PathBuf::from("a"), PathBuf::from("b")]);
+        assert_eq!((d.tta, d.weight), (Tta::Flip, 0.5));
+        // Without `also` (configs written before it): the model before alone.
+        let plain: CycleDistill =
+            serde_json::from_str(r#"{"tta": "flip", "weight": 0.5}"#).unwrap();
+        assert!(plain.from_teacher("prev".into()).also.is_empty());
+    }
 }
