@@ -98,6 +98,11 @@ impl DistillConfig {
             weight: 0.6,
         }
     }
+
+    /// Every teacher's model directory: `teacher`, then `also`.
+    pub fn teachers(&self) -> impl Iterator<Item = &PathBuf> {
+        std::iter::once(&self.teacher).chain(&self.also)
+    }
 }
 
 /// f_φ's training targets. With single-label data all three are the (smoothed) one-hot label.

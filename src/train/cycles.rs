@@ -40,8 +40,7 @@ pub(super) fn run_cycles(
             match &sub.classifier.distill {
                 Some(d) => format!(
                     ", distilled from {}",
-                    std::iter::once(&d.teacher)
-                        .chain(&d.also)
+                    d.teachers()
                         .map(|t| t.display().to_string())
                         .collect::<Vec<_>>()
                         .join(" and ")

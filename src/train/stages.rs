@@ -293,9 +293,9 @@ pub fn train_classifier(
             (monitor.note)(&format!(
                 "classifier: the teacher's answers on {} training images{}",
                 data.train.len(),
-                match d.also.len() {
-                    0 => String::new(),
-                    n => format!(" (the mean of {} models)", n + 1),
+                match d.teachers().count() {
+                    1 => String::new(),
+                    n => format!(" (the mean of {n} models)"),
                 }
             ));
             Some(Teacher::compute(d, &data.train, &cfg.model, dev)?)

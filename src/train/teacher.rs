@@ -24,16 +24,21 @@ pub(super) struct Teacher {
 
 impl Teacher {
     /// Runs the teacher of `d` (and each of `d.also`, averaging their probabilities) over
-    /// every image of `data` (no augmentation, the views `d.tta`).
+    /// every image of `data` (no augmentation, the views `d.tta`). Every teacher is loaded and
+    /// checked before the first one's pass.
     pub fn compute(
         d: &DistillConfig,
         data: &Dataset,
         student: &ModelConfig,
         dev: &Device,
     ) -> Result<Self> {
-        let each = std::iter::once(&d.teacher)
-            .chain(&d.also)
-            .map(|dir| Self::probs_of(dir, d.tta, data, student, dev))
+        let models = d
+            .teachers()
+            .map(|dir| Self::load(dir, d.tta, student, dev))
+            .collect::<Result<Vec<_>>>()?;
+        let each = models
+            .iter()
+            .map(|clf| Self::probs_of(clf, data))
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             probs: mean(each),
@@ -42,14 +47,8 @@ impl Teacher {
         })
     }
 
-    /// One model's f_φ probabilities `(images, C)` flat under the views `tta`.
-    fn probs_of(
-        dir: &Path,
-        tta: Tta,
-        data: &Dataset,
-        student: &ModelConfig,
-        dev: &Device,
-    ) -> Result<Vec<f32>> {
+    /// The teacher in `dir` under the views `tta`, if it fits the student's data.
+    fn load(dir: &Path, tta: Tta, student: &ModelConfig, dev: &Device) -> Result<Classifier> {
         let mut clf = Classifier::load(dir, dev)?;
         if clf.config().classes != student.classes {
             return Err(Error::model(
@@ -67,7 +66,12 @@ impl Teacher {
             ));
         }
         clf.set_tta(tta)?;
-        let mut probs = Vec::with_capacity(data.len() * student.num_classes());
+        Ok(clf)
+    }
+
+    /// One teacher's f_φ probabilities `(images, C)` flat.
+    fn probs_of(clf: &Classifier, data: &Dataset) -> Result<Vec<f32>> {
+        let mut probs = Vec::with_capacity(data.len() * clf.config().num_classes());
         for chunk in data.pixels.chunks(BATCH * FACE_PIXELS) {
             probs.extend(clf.fphi_probs(chunk)?);
         }
@@ -89,7 +93,7 @@ impl Teacher {
     }
 }
 
-/// The element-wise mean of equally long vectors (the first when there is one).
+/// The element-wise mean of one or more equally long vectors.
 fn mean(mut each: Vec<Vec<f32>>) -> Vec<f32> {
     let n = each.len() as f32;
     let mut sum = each.swap_remove(0);
@@ -98,9 +102,7 @@ fn mean(mut each: Vec<Vec<f32>>) -> Vec<f32> {
             *s += p;
         }
     }
-    if n > 1.0 {
-        sum.iter_mut().for_each(|s| *s /= n);
-    }
+    sum.iter_mut().for_each(|s| *s /= n);
     sum
 }
 
