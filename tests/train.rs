@@ -169,6 +169,7 @@ fn train_all_stages_then_eval() {
     let classifier_run = |name: &str, teachers: &[&Path], init: Option<&Path>| {
         let dir = tmp.path().join(name);
         let mut a = small_run("classifier", &data, &dir);
+        a.retain(|x| x != "--quiet"); // the log's lines on the teachers are checked below
         for extra in ["--classifier-epochs", "1", "--train-limit", limit] {
             a.push(extra.into());
         }
@@ -202,6 +203,10 @@ fn train_all_stages_then_eval() {
     assert!(o.status.success(), "{}", stderr(&o));
     let (both, o) = classifier_run("ensemble", &[&run.join("card/model"), &plain_model], None);
     assert!(o.status.success(), "{}", stderr(&o));
+    // The log says how many models teach and how long their pass over the images took.
+    for said in ["(the mean of 2 models)", "the teacher's answers took "] {
+        assert!(stderr(&o).contains(said), "{said:?}:\n{}", stderr(&o));
+    }
     let c = first_loss(&both);
     for other in [b, first_loss(&alone)] {
         assert!(c.is_finite() && (c - other).abs() > 1e-6, "{c} {other}");

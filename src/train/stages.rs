@@ -298,7 +298,13 @@ pub fn train_classifier(
                     n => format!(" (the mean of {n} models)"),
                 }
             ));
-            Some(Teacher::compute(d, &data.train, &cfg.model, dev)?)
+            let start = std::time::Instant::now();
+            let teacher = Teacher::compute(d, &data.train, &cfg.model, dev)?;
+            (monitor.note)(&format!(
+                "classifier: the teacher's answers took {:.0} s",
+                start.elapsed().as_secs_f64()
+            ));
+            Some(teacher)
         }
         None => None,
     };
