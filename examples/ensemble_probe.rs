@@ -9,7 +9,8 @@ use anyhow::{bail, Context};
 use candle_core::Device;
 use fer_cam::config::Tta;
 use fer_cam::data::{ferplus, load, LoadOptions, FACE_SIZE};
-use fer_cam::Classifier;
+use fer_cam::model::embedded;
+use fer_cam::{metrics, Classifier};
 use std::path::Path;
 
 const USAGE: &str = "usage: ensemble_probe fer2013.csv.gz ferplus_labels.csv SPLIT SEED MODEL...";
@@ -35,10 +36,9 @@ fn main() -> anyhow::Result<()> {
     let px = FACE_SIZE * FACE_SIZE;
     let mut members = Vec::new();
     for name in &a[4..] {
-        let mut clf = if Path::new(name).is_dir() {
-            Classifier::load(Path::new(name), &Device::Cpu)?
-        } else {
-            Classifier::load_builtin(name, &Device::Cpu)?
+        let mut clf = match embedded::named(Path::new(name)) {
+            Some(builtin) => Classifier::load_builtin(&builtin, &Device::Cpu)?,
+            None => Classifier::load(Path::new(name), &Device::Cpu)?,
         };
         if clf.config().classes != ds.class_names {
             bail!(
@@ -84,18 +84,9 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Percent of rows whose largest value is at the label (the first of equal values).
+/// Percent of rows (`classes` scores each) whose largest score is at the label.
 fn accuracy(scores: &[f32], labels: &[u8], classes: usize) -> f64 {
-    let right = scores
-        .chunks_exact(classes)
-        .zip(labels)
-        .filter(|(row, &label)| {
-            let best = row
-                .iter()
-                .enumerate()
-                .fold(0, |b, (i, v)| if *v > row[b] { i } else { b });
-            best == label as usize
-        })
-        .count();
-    100.0 * right as f64 / labels.len().max(1) as f64
+    let pred: Vec<usize> = scores.chunks_exact(classes).map(metrics::argmax).collect();
+    let labels: Vec<usize> = labels.iter().map(|&l| l as usize).collect();
+    100.0 * metrics::accuracy(&pred, &labels)
 }
