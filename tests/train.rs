@@ -530,7 +530,8 @@ fn crowd_votes_train_all_three_stages_and_score_by_class_name() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic(tmp.path(), 24);
     let votes = synthetic_votes(tmp.path(), 24);
-    // A recipe that learns from the votes mixed with FER2013's label, CARD with vote y0.
+    // A recipe that learns from the votes mixed with FER2013's label (and mixup), CARD with
+    // vote y0.
     let mut cfg = fer_cam::train::TrainConfig::new(data.clone(), tmp.path().join("unused"));
     cfg.model.classes = fer_cam::data::ferplus::FERPLUS_CLASSES
         .iter()
@@ -539,6 +540,7 @@ fn crowd_votes_train_all_three_stages_and_score_by_class_name() {
     cfg.labels = Some(votes.clone());
     cfg.classifier.targets = fer_cam::train::Targets::Votes;
     cfg.classifier.single_label_weight = 0.3;
+    cfg.classifier.mixup = 0.4;
     cfg.card.y0 = fer_cam::train::CardY0::Votes;
     let recipe = tmp.path().join("recipe.json");
     std::fs::write(&recipe, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();

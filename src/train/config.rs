@@ -66,6 +66,11 @@ pub struct ClassifierConfig {
     /// Learn also from a trained model's probabilities (knowledge distillation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub distill: Option<DistillConfig>,
+    /// Mixup (Zhang et al. 2018): each batch is blended with a shuffled copy of itself, images
+    /// and targets alike, `λ·a + (1 − λ)·b` with one λ per batch drawn from Beta(α, α); this is
+    /// α (0, the default: off).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub mixup: f64,
 }
 
 /// Distillation from a teacher: f_φ's target for each Training image becomes
@@ -293,6 +298,7 @@ impl TrainConfig {
                 single_label_weight: 0.0,
                 init: None,
                 distill: None,
+                mixup: 0.0,
             },
             card: CardTrainConfig {
                 epochs: 20,
@@ -423,6 +429,12 @@ fn check_classifier(name: &str, c: &ClassifierConfig) -> Result<()> {
         &format!("{name}.single_label_weight"),
         c.single_label_weight,
     )?;
+    if !(c.mixup >= 0.0 && c.mixup.is_finite()) {
+        return Err(Error::Config(format!(
+            "{name}.mixup {} (Beta's α: 0 for none, else > 0)",
+            c.mixup
+        )));
+    }
     match &c.distill {
         Some(d) => check_share(&format!("{name}.distill.weight"), d.weight),
         None => Ok(()),
@@ -471,6 +483,22 @@ mod tests {
         let mut c = base;
         c.card.epochs = 0;
         assert!(c.validate().unwrap_err().to_string().contains("epochs 0"));
+    }
+
+    #[test]
+    fn mixup_is_optional_and_checked() {
+        let mut cfg = TrainConfig::new("d.csv".into(), "run".into());
+        let json = serde_json::to_value(&cfg).unwrap();
+        assert!(json["classifier"].get("mixup").is_none());
+        cfg.classifier.mixup = 0.2;
+        let back: TrainConfig =
+            serde_json::from_value(serde_json::to_value(&cfg).unwrap()).unwrap();
+        assert_eq!(back.classifier.mixup, 0.2);
+        back.validate().unwrap();
+        for bad in [-0.1, f64::NAN, f64::INFINITY] {
+            cfg.classifier.mixup = bad;
+            assert!(cfg.validate().unwrap_err().to_string().contains("mixup"));
+        }
     }
 
     #[test]

@@ -18,6 +18,39 @@ pub struct Batch {
     pub views: Vec<Vec<f32>>,
     pub labels: Vec<u32>,
     pub rows: Vec<usize>,
+    /// The mixup this batch's images went through (their targets must go through it too).
+    pub mix: Option<Mix>,
+}
+
+/// A batch's mixup: image `i` became `λ·image i + (1 − λ)·image partner[i]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mix {
+    pub lambda: f32,
+    pub partner: Vec<usize>,
+}
+
+impl Mix {
+    /// Draws λ from Beta(α, α) and a shuffled partner for each of `n` images.
+    fn draw(alpha: f64, n: usize, rng: &mut impl Rng) -> Self {
+        let lambda = rand_distr::Beta::new(alpha, alpha)
+            .map(|b| rng.sample(b))
+            .unwrap_or(1.0) as f32;
+        let mut partner: Vec<usize> = (0..n).collect();
+        partner.shuffle(rng);
+        Self { lambda, partner }
+    }
+
+    /// Blends rows of `width` values of `x` (`n · width`) with their partners' rows.
+    pub fn apply(&self, x: &[f32], width: usize) -> Vec<f32> {
+        let (l, m) = (self.lambda, 1.0 - self.lambda);
+        x.chunks_exact(width)
+            .zip(&self.partner)
+            .flat_map(|(row, &p)| {
+                let other = &x[p * width..(p + 1) * width];
+                row.iter().zip(other).map(move |(&a, &b)| l * a + m * b)
+            })
+            .collect()
+    }
 }
 
 impl Batch {
@@ -42,6 +75,8 @@ pub struct EpochPlan {
     pub std: f32,
     /// Label each image with a class drawn from its vote distribution (where the data has one).
     pub draw_labels: bool,
+    /// Mixup's Beta(α, α) parameter (0: no mixup); see [`Mix`].
+    pub mixup: f64,
 }
 
 impl EpochPlan {
@@ -75,10 +110,17 @@ impl EpochPlan {
                 self.data.labels[i] as u32
             });
         }
+        let mut mix = None;
+        if self.mixup > 0.0 && labels.len() >= 2 {
+            let m = Mix::draw(self.mixup, labels.len(), &mut rng);
+            views = views.iter().map(|v| m.apply(v, FACE_PIXELS)).collect();
+            mix = Some(m);
+        }
         Batch {
             views,
             labels,
             rows: order[lo..hi].to_vec(),
+            mix,
         }
     }
 
@@ -130,6 +172,7 @@ mod tests {
             mean: 0.0,
             std: 1.0,
             draw_labels: false,
+            mixup: 0.0,
         };
         assert_eq!(plan.batches(), 3);
         let collect = |p: EpochPlan| -> Vec<(Vec<f32>, Vec<u32>)> {
@@ -158,7 +201,52 @@ mod tests {
             mean: 0.0,
             std: 1.0,
             draw_labels: false,
+            mixup: 0.0,
         };
         assert_eq!(p.batches(), 2);
+    }
+
+    #[test]
+    fn mixup_blends_images_and_targets_with_the_same_partner_and_lambda() {
+        let m = Mix {
+            lambda: 0.75,
+            partner: vec![1, 0, 2],
+        };
+        // Rows of width 2: [0, 4], [8, 0], [1, 1].
+        let x = [0.0, 4.0, 8.0, 0.0, 1.0, 1.0];
+        assert_eq!(m.apply(&x, 2), [2.0, 3.0, 6.0, 1.0, 1.0, 1.0]);
+        // Targets that sum to one still do.
+        let t = [1.0, 0.0, 0.0, 1.0, 0.5, 0.5];
+        let mixed = m.apply(&t, 2);
+        assert_eq!(mixed, [0.75, 0.25, 0.25, 0.75, 0.5, 0.5]);
+
+        let plan = EpochPlan {
+            data: tiny(8),
+            batch_size: 4,
+            augment: Augment::none(),
+            views: 1,
+            seed: 3,
+            mean: 0.0,
+            std: 1.0,
+            draw_labels: false,
+            mixup: 0.4,
+        };
+        let order: Vec<usize> = (0..8).collect();
+        let b = plan.build(&order, 1);
+        let m = b.mix.clone().expect("mixup asked for");
+        assert!((0.0..=1.0).contains(&m.lambda));
+        let mut sorted = m.partner.clone();
+        sorted.sort();
+        assert_eq!(sorted, [0, 1, 2, 3]);
+        // Image i of rows 4..8 (each image one constant value, its row / 255) is the blend.
+        for (i, img) in b.views[0].chunks(FACE_PIXELS).enumerate() {
+            let want =
+                (m.lambda * (4 + i) as f32 + (1.0 - m.lambda) * (4 + m.partner[i]) as f32) / 255.0;
+            assert!(img.iter().all(|&v| (v - want).abs() < 1e-5), "{i}");
+        }
+        // The same batch again: the same draw; without mixup, none.
+        assert_eq!(plan.build(&order, 1).mix, Some(m));
+        let plain = EpochPlan { mixup: 0.0, ..plan };
+        assert!(plain.build(&order, 1).mix.is_none());
     }
 }

@@ -134,6 +134,7 @@ fn epoch_plan(
         mean: cfg.model.input.mean,
         std: cfg.model.input.std,
         draw_labels: false,
+        mixup: 0.0,
     }
 }
 
@@ -312,6 +313,7 @@ pub fn train_classifier(
     let mut source = LoaderSource::new(|epoch| {
         let mut plan = epoch_plan(cfg, Stage::Classifier, &data.train, o, 1, epoch);
         plan.draw_labels = cls.targets == Targets::Draw;
+        plan.mixup = cls.mixup;
         plan
     });
     let mut step = |b: &loader::Batch| -> Result<Tensor> {
@@ -328,6 +330,10 @@ pub fn train_classifier(
         let targets = match &teacher {
             Some(t) => t.mix(&b.rows, own),
             None => own,
+        };
+        let targets = match &b.mix {
+            Some(m) => m.apply(&targets, data.train.class_names.len()),
+            None => targets,
         };
         soft_cross_entropy(&logits, targets)
     };
