@@ -766,8 +766,9 @@ fn train_all_runs_a_whole_recipe_through_calibration_and_export() {
 
 /// Every committed recipe (`recipe*.json`: what built the model beside it) and candidate
 /// (`candidate*.json`: another network or schedule under the same name, to be measured against
-/// it) is a valid training config, and the FER+ recipe ships as its model card says: calibrated
-/// under flip (the default) and none, f16 weights.
+/// it) is a valid training config, and each shipping recipe ships what is committed beside it:
+/// the model's default views first, then every other set of views it carries a calibration
+/// for, f16 weights.
 #[test]
 fn committed_recipes_are_valid_training_configs() {
     let mut seen = 0;
@@ -792,12 +793,21 @@ fn committed_recipes_are_valid_training_configs() {
         }
     }
     assert!(seen >= 4, "recipes and candidates found: {seen}");
-    let text = std::fs::read_to_string("models/ferplus/recipe.json").unwrap();
-    let cfg: fer_cam::train::TrainConfig = serde_json::from_str(&text).unwrap();
-    let ship = cfg.ship.expect("models/ferplus/recipe.json ships");
-    use fer_cam::config::Tta;
-    assert_eq!(ship.tta, [Tta::Flip, Tta::None]);
-    assert_eq!(ship.weights, fer_cam::model::export::StoredWeights::F16);
+    for name in ["fer2013", "ferplus"] {
+        let dir = Path::new("models").join(name);
+        let text = std::fs::read_to_string(dir.join("recipe.json")).unwrap();
+        let cfg: fer_cam::train::TrainConfig = serde_json::from_str(&text).unwrap();
+        let ship = cfg.ship.expect("a built-in model's recipe ships");
+        let model = fer_cam::model::read_config(&dir).unwrap();
+        let mut carried = vec![model.input.tta];
+        carried.extend(model.card.calibrated.keys().copied());
+        assert_eq!(ship.tta[0], carried[0], "{name}: default views");
+        let mut shipped = ship.tta.clone();
+        shipped.sort();
+        carried.sort();
+        assert_eq!(shipped, carried, "{name}: calibrated views");
+        assert_eq!(ship.weights, fer_cam::model::export::StoredWeights::F16);
+    }
 }
 
 /// `--init` may move a model's 3x3 stem from stride 2 to stride 1 (the same weights at twice the
