@@ -408,7 +408,9 @@ fn max_fps_skips_are_counted() {
 
 /// A reader that closes stdout ends the run with success, and it is the closed stdout that ends
 /// it: the input is a pipe this test keeps open and fed until the daemon has exited, so neither
-/// the end of the input nor a fast machine can end the run first.
+/// the end of the input nor a fast machine can end the run first. The frames it had read and
+/// not processed are said as left in the pipeline by the stop, not as a busy live source's
+/// drops (a pipe is never dropped from).
 #[test]
 fn closed_stdout_ends_the_run_with_success() {
     let tmp = tempfile::tempdir().unwrap();
@@ -451,6 +453,20 @@ fn closed_stdout_ends_the_run_with_success() {
     assert_eq!(status.code(), Some(0));
     let sent = feeder.join().unwrap();
     assert!(sent >= 2, "only {sent} frames were fed");
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(!err.contains("pipeline was busy"), "{err}");
+    if err.contains("were not processed") {
+        assert!(
+            err.contains("still in the pipeline when the run stopped (stdout was closed)"),
+            "{err}"
+        );
+    }
 }
 
 /// The process's peak resident set size so far (VmHWM), in KiB.

@@ -147,11 +147,22 @@ pub fn run_daemon(a: RunArgs) -> Result<()> {
     if stats.dropped > 0 || stats.skipped > 0 {
         let seen = stats.frames + stats.dropped + stats.skipped;
         let mut parts = Vec::new();
-        if stats.dropped > 0 {
+        let busy = stats.dropped - stats.stopped;
+        if busy > 0 {
             parts.push(format!(
-                "{} dropped because the pipeline was busy (a live source: the stalest frame \
-                 goes when a new one arrives)",
-                stats.dropped
+                "{busy} dropped because the pipeline was busy (a live source: the stalest frame \
+                 goes when a new one arrives)"
+            ));
+        }
+        if stats.stopped > 0 {
+            parts.push(format!(
+                "{} still in the pipeline when the run stopped{}",
+                stats.stopped,
+                if stats.output_closed {
+                    " (stdout was closed)"
+                } else {
+                    ""
+                }
             ));
         }
         if stats.skipped > 0 {

@@ -25,6 +25,9 @@ pub(super) enum Event {
 pub(super) struct Counters {
     /// Frames dropped because the pipeline was busy.
     pub dropped: AtomicU64,
+    /// Frames read but not processed because the run was stopping (a signal, stdout closed, a
+    /// failed stage): those still queued, and one the capture stage held for a full queue.
+    pub stopped: AtomicU64,
     /// Frames passed over by `--max-fps`.
     pub skipped: AtomicU64,
     /// Faces found beyond `--max-faces` in a frame, left out of it.
@@ -102,6 +105,7 @@ pub(super) fn capture_loop(
                     Ok(()) => break,
                     Err(crossbeam_channel::SendTimeoutError::Timeout(f)) => {
                         if cancel.load(Ordering::SeqCst) {
+                            counters.stopped.fetch_add(1, Ordering::Relaxed);
                             return Ok(());
                         }
                         pending = f;

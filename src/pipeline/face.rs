@@ -84,9 +84,9 @@ pub(super) fn face_loop(
         None
     };
     for (n, frame) in rx.iter().enumerate() {
-        // Stopping: frames still queued are dropped, not detected.
+        // Stopping: frames still queued are counted, not detected.
         if cancel.load(Ordering::SeqCst) {
-            counters.dropped.fetch_add(1, Ordering::Relaxed);
+            counters.stopped.fetch_add(1, Ordering::Relaxed);
             continue;
         }
         let token = in_flight.enter();

@@ -41,10 +41,10 @@ pub(super) fn infer_loop(
                 Err(_) => break,
             }
         }
-        // Stopping: frames that were only queued are dropped, not classified.
+        // Stopping: frames that were only queued are counted, not classified.
         if cancel.load(Ordering::SeqCst) {
             counters
-                .dropped
+                .stopped
                 .fetch_add(jobs.len() as u64, Ordering::Relaxed);
             continue;
         }

@@ -151,7 +151,11 @@ impl RunConfig {
 pub struct RunStats {
     pub frames: u64,
     pub faces: u64,
+    /// Frames read and not processed: dropped by a busy live pipeline, plus `stopped`.
     pub dropped: u64,
+    /// Of `dropped`: frames still in the pipeline when the run stopped (a signal, stdout
+    /// closed, a failed stage).
+    pub stopped: u64,
     pub warnings: u64,
     /// Faces the model gave no finite answer for (each also a `warning` line).
     pub failed_faces: u64,
@@ -487,7 +491,8 @@ pub fn run<W: Write>(
         })
         .collect();
     stats.annotate = annotator.map(Annotator::finish);
-    stats.dropped = counters.dropped.load(Ordering::Relaxed);
+    stats.stopped = counters.stopped.load(Ordering::Relaxed);
+    stats.dropped = counters.dropped.load(Ordering::Relaxed) + stats.stopped;
     stats.skipped = counters.skipped.load(Ordering::Relaxed);
     stats.faces_left_out = counters.faces_left_out.load(Ordering::Relaxed);
     stats.seconds = start.elapsed().as_secs_f64();
