@@ -57,6 +57,18 @@ fn spawn(args: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
+/// Everything a spawned run wrote to stderr (read to its end).
+fn stderr_of(child: &mut std::process::Child) -> String {
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
 /// A folder of two stills: `a_broken.png` (not an image) and `b_ok.png`.
 fn stills_with_one_broken(tmp: &Path) -> PathBuf {
     let dir = tmp.join("stills");
@@ -453,13 +465,7 @@ fn closed_stdout_ends_the_run_with_success() {
     assert_eq!(status.code(), Some(0));
     let sent = feeder.join().unwrap();
     assert!(sent >= 2, "only {sent} frames were fed");
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = stderr_of(&mut child);
     assert!(!err.contains("pipeline was busy"), "{err}");
     if err.contains("were not processed") {
         assert!(
@@ -527,13 +533,7 @@ fn slow_reader_run(m: &Path, frames: usize, live: bool) -> (u64, u64, u64) {
         }
     }
     writer.join().unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = stderr_of(&mut child);
     let status = child.wait().unwrap();
     let peak = monitor.join().unwrap();
     assert!(status.success());
