@@ -298,8 +298,8 @@ fn page(
         let _ = write!(
             h,
             "<p class=\"warn\"><b>{} of {seen} frames were not processed</b>: {dropped} dropped \
-             because the pipeline was busy (a live source keeps only the newest frames), \
-             {skipped} skipped by <code>--max-fps</code>. Timelines and shares describe the \
+             (by a busy pipeline, as a live source keeps only the newest frames, or still \
+             queued when the run stopped), {skipped} skipped by <code>--max-fps</code>. Timelines and shares describe the \
              processed frames only.</p>",
             dropped + skipped
         );
