@@ -299,8 +299,8 @@ fn page(
             h,
             "<p class=\"warn\"><b>{} of {seen} frames were not processed</b>: {dropped} dropped \
              (by a busy pipeline, as a live source keeps only the newest frames, or still \
-             queued when the run stopped), {skipped} skipped by <code>--max-fps</code>. Timelines and shares describe the \
-             processed frames only.</p>",
+             queued when the run stopped), {skipped} skipped by <code>--max-fps</code>. \
+             Timelines and shares describe the processed frames only.</p>",
             dropped + skipped
         );
     }
