@@ -852,3 +852,70 @@ fn init_moves_a_3x3_stem_to_stride_one_and_refuses_other_networks() {
     let e = stderr(&o);
     assert!(e.contains("encoder differs") && e.contains("s2"), "{e}");
 }
+
+/// `classifier.keep: last` keeps the last epoch's weights as the stage's model, whatever its
+/// PublicTest score, and says so per epoch; a finished stage that chose its best epoch and is
+/// resumed with `last` rewrites its model from the last epoch (its checkpoint).
+#[test]
+fn keep_last_ends_with_the_last_epochs_weights() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = synthetic(tmp.path(), 32);
+    let config = |name: &str, keep: fer_cam::train::Keep| {
+        let dir = tmp.path().join(name);
+        let mut cfg = fer_cam::train::TrainConfig::new(data.clone(), dir.clone());
+        cfg.model.encoder.widths = [8, 8, 16, 16];
+        cfg.model.encoder.blocks = [1, 1, 1, 1];
+        cfg.model.encoder.cbam_reduction = 4;
+        cfg.classifier.keep = keep;
+        let path = tmp.path().join(format!("{name}-{keep:?}.json"));
+        std::fs::write(&path, serde_json::to_string(&cfg).unwrap()).unwrap();
+        let mut a = logged_run("classifier", &data, &dir, &["--classifier-epochs", "3"]);
+        a.extend(["--config".into(), path.to_str().unwrap().into()]);
+        (dir, a)
+    };
+    let same = |dir: &Path| {
+        load_all(&dir.join("classifier/model/model.safetensors"))
+            == load_all(&dir.join("classifier/checkpoint/model.safetensors"))
+    };
+    let state = |dir: &Path| -> serde_json::Value {
+        let p = dir.join("classifier/checkpoint/state.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    };
+
+    let (last, a) = config("last", fer_cam::train::Keep::Last);
+    let o = fer(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stderr(&o).matches("(the last epoch is kept)").count(), 3);
+    assert!(same(&last), "the model is not the last epoch's");
+    assert_eq!(state(&last)["best_epoch"], 3);
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(out.contains("(epoch 3)"), "{out}");
+
+    // A run that chose its best epoch, made to have chosen the first (as a run whose later
+    // epochs scored lower has), then resumed asking for the last.
+    let (best, a) = config("best", fer_cam::train::Keep::Best);
+    let o = fer(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mut s = state(&best);
+    s["best_epoch"] = 1.into();
+    std::fs::write(
+        best.join("classifier/checkpoint/state.json"),
+        serde_json::to_string(&s).unwrap(),
+    )
+    .unwrap();
+    let (_, mut a) = config("best", fer_cam::train::Keep::Last);
+    a.push("--resume".into());
+    let o = fer(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let e = stderr(&o);
+    assert!(
+        e.contains("keeping the last epoch's weights (3), not epoch 1's"),
+        "{e}"
+    );
+    assert!(same(&best), "the resumed model is not the last epoch's");
+    assert_eq!(state(&best)["best_epoch"], 3);
+    // Resumed again, nothing more changes.
+    let o = fer(&args(&a));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(!stderr(&o).contains("keeping the last"), "{}", stderr(&o));
+}

@@ -71,6 +71,30 @@ pub struct ClassifierConfig {
     /// α (0, the default: off).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub mixup: f64,
+    /// Which epoch's weights the stage keeps as its model (the best on PublicTest, the default,
+    /// or the last).
+    #[serde(default, skip_serializing_if = "Keep::is_best")]
+    pub keep: Keep,
+}
+
+/// Which epoch's weights a supervised stage keeps as its model. Every epoch is scored on
+/// PublicTest either way (the log and `metrics.jsonl` have each score).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Keep {
+    /// The epoch whose f_φ scores best on PublicTest (one view).
+    #[default]
+    Best,
+    /// The last epoch's, the end of the cosine schedule, whatever PublicTest says of the epochs
+    /// before: one view's score of each epoch then chooses nothing (a stage resumed with `last`
+    /// after it finished choosing `best` rewrites its model from the last epoch).
+    Last,
+}
+
+impl Keep {
+    fn is_best(&self) -> bool {
+        *self == Keep::Best
+    }
 }
 
 /// Distillation from a teacher: f_φ's target for each Training image becomes
@@ -299,6 +323,7 @@ impl TrainConfig {
                 init: None,
                 distill: None,
                 mixup: 0.0,
+                keep: Keep::Best,
             },
             card: CardTrainConfig {
                 epochs: 20,
@@ -499,6 +524,23 @@ mod tests {
             cfg.classifier.mixup = bad;
             assert!(cfg.validate().unwrap_err().to_string().contains("mixup"));
         }
+    }
+
+    #[test]
+    fn keep_is_optional_and_names_best_or_last() {
+        let mut cfg = TrainConfig::new("d.csv".into(), "run".into());
+        // The default (best) is not written, so configs from before it read and write as they did.
+        let json = serde_json::to_value(&cfg).unwrap();
+        assert!(json["classifier"].get("keep").is_none());
+        cfg.classifier.keep = Keep::Last;
+        let json = serde_json::to_value(&cfg).unwrap();
+        assert_eq!(json["classifier"]["keep"], "last");
+        let back: TrainConfig = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back.classifier.keep, Keep::Last);
+        let mut bad = json;
+        bad["classifier"]["keep"] = "newest".into();
+        let e = serde_json::from_value::<TrainConfig>(bad).unwrap_err();
+        assert!(e.to_string().contains("newest"), "{e}");
     }
 
     #[test]

@@ -240,6 +240,9 @@ impl LrSchedule {
 pub(super) enum EpochScore {
     /// A validation score (`val_accuracy`); the best epoch's model is kept.
     Select(f64),
+    /// A validation score (`val_accuracy`) that chooses nothing: every epoch's model is kept,
+    /// so the stage ends with its last (and reports that epoch's score as the kept model's).
+    Last(f64),
     /// A score that is only reported, as the metrics line's `key` and the note's `label`
     /// (`None`: not measured); every epoch's model is kept.
     Watch {
@@ -332,19 +335,24 @@ pub(super) fn run_epochs<S: BatchSource>(
         run.epochs_done += 1;
         let scored = score(epoch)?;
         let val = match scored {
-            EpochScore::Select(v) => Some(v),
-            _ => None,
+            EpochScore::Select(v) | EpochScore::Last(v) => Some(v),
+            EpochScore::Watch { .. } => None,
         };
-        match val {
-            None => {
+        match (&scored, val) {
+            (EpochScore::Last(v), _) => {
+                run.best_val = Some(*v);
+                run.best_epoch = Some(epoch + 1);
                 run.save_model()?;
             }
-            Some(v) if run.best_val.is_none_or(|b| v > b) => {
+            (_, None) => {
+                run.save_model()?;
+            }
+            (_, Some(v)) if run.best_val.is_none_or(|b| v > b) => {
                 run.best_val = Some(v);
                 run.best_epoch = Some(epoch + 1);
                 run.save_model()?;
             }
-            Some(_) => {}
+            (_, Some(_)) => {}
         }
         run.checkpoint()?;
         tput.images += images;
@@ -376,6 +384,9 @@ pub(super) fn run_epochs<S: BatchSource>(
                 100.0 * v,
                 100.0 * b
             ),
+            (EpochScore::Last(v), ..) => {
+                format!(", PublicTest {:.2}% (the last epoch is kept)", 100.0 * v)
+            }
             (
                 EpochScore::Watch {
                     label,

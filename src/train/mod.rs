@@ -32,7 +32,7 @@ use crate::fsutil::write_file_atomically;
 use checkpoint::checkpoint_dir;
 pub use checkpoint::{model_dir, stage_dir};
 pub use config::{
-    CardTrainConfig, CardY0, ClassifierConfig, CycleConfig, CycleDistill, DistillConfig,
+    CardTrainConfig, CardY0, ClassifierConfig, CycleConfig, CycleDistill, DistillConfig, Keep,
     ShipConfig, SslConfig, StageConfig, Targets, TrainConfig,
 };
 pub use loader::mix_seed;

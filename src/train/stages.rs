@@ -17,7 +17,9 @@ use super::loader::{self, EpochPlan};
 use super::probe::knn_accuracy;
 use super::targets::{class_targets, smoothed_targets};
 use super::teacher::Teacher;
-use super::{mix_seed, Monitor, Stage, StageConfig, StageSummary, Targets, TrainConfig, TrainData};
+use super::{
+    mix_seed, Keep, Monitor, Stage, StageConfig, StageSummary, Targets, TrainConfig, TrainData,
+};
 use crate::config::ModelConfig;
 use crate::data::{Dataset, FACE_PIXELS};
 use crate::error::{Error, Result};
@@ -286,6 +288,23 @@ pub fn train_classifier(
         o.weight_decay,
         resume,
     )?;
+    let cls = &cfg.classifier;
+    let score_now = |m: &FerModel| fphi_accuracy(m, &data.val, &cfg.model, dev);
+    if cls.keep == Keep::Last
+        && run.epochs_done >= o.epochs
+        && run.best_epoch != Some(run.epochs_done)
+    {
+        // Finished choosing the best epoch; the checkpoint holds the last epoch's weights.
+        (monitor.note)(&format!(
+            "classifier: keeping the last epoch's weights ({}), not epoch {}'s as chosen before",
+            run.epochs_done,
+            run.best_epoch.map_or("?".to_string(), |e| e.to_string())
+        ));
+        run.best_val = Some(score_now(&model)?);
+        run.best_epoch = Some(run.epochs_done);
+        run.save_model()?;
+        run.checkpoint()?;
+    }
     if let Some(done) = finished_already(&run, o.epochs, monitor)? {
         return Ok(done);
     }
@@ -309,7 +328,6 @@ pub fn train_classifier(
         }
         None => None,
     };
-    let cls = &cfg.classifier;
     let mut source = LoaderSource::new(|epoch| {
         let mut plan = epoch_plan(cfg, Stage::Classifier, &data.train, o, 1, epoch);
         plan.draw_labels = cls.targets == Targets::Draw;
@@ -338,9 +356,11 @@ pub fn train_classifier(
         soft_cross_entropy(&logits, targets)
     };
     let mut score = |_epoch: usize| -> Result<EpochScore> {
-        Ok(EpochScore::Select(fphi_accuracy(
-            &model, &data.val, &cfg.model, dev,
-        )?))
+        let v = score_now(&model)?;
+        Ok(match cls.keep {
+            Keep::Best => EpochScore::Select(v),
+            Keep::Last => EpochScore::Last(v),
+        })
     };
     let tput = run_epochs(
         &mut run,
