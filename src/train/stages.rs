@@ -319,7 +319,7 @@ pub fn train_classifier(
                 }
             ));
             let start = std::time::Instant::now();
-            let teacher = Teacher::compute(d, &data.train, &cfg.model, dev)?;
+            let teacher = Teacher::compute(d, &data.train, &cfg.model, dev, monitor)?;
             (monitor.note)(&format!(
                 "classifier: the teacher's answers took {:.0} s",
                 start.elapsed().as_secs_f64()

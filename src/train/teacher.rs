@@ -2,10 +2,12 @@
 //! with the smoothed labels into the soft targets the student's cross-entropy uses.
 
 use std::path::Path;
+use std::sync::atomic::Ordering;
 
 use candle_core::Device;
 
 use super::config::DistillConfig;
+use super::Monitor;
 use crate::config::ModelConfig;
 use crate::data::{Dataset, FACE_PIXELS, FACE_SIZE};
 use crate::error::{Error, Result};
@@ -25,20 +27,31 @@ pub(super) struct Teacher {
 impl Teacher {
     /// Runs the teacher of `d` (and each of `d.also`, averaging their probabilities) over
     /// every image of `data` (no augmentation, the views `d.tta`). Every teacher is loaded and
-    /// checked before the first one's pass.
+    /// checked before the first one's pass. The pass can take many minutes: it notes its
+    /// progress about every tenth of each teacher's images, and `monitor.stop` ends it between
+    /// batches with an error (nothing of the stage is written by it).
     pub fn compute(
         d: &DistillConfig,
         data: &Dataset,
         student: &ModelConfig,
         dev: &Device,
+        monitor: &mut Monitor,
     ) -> Result<Self> {
         let models = d
             .teachers()
             .map(|dir| Self::load(dir, d.tta, student, dev))
             .collect::<Result<Vec<_>>>()?;
+        let n = models.len();
         let each = models
             .iter()
-            .map(|clf| Self::probs_of(clf, data))
+            .enumerate()
+            .map(|(i, clf)| {
+                let which = match n {
+                    1 => String::new(),
+                    n => format!(" (model {} of {n})", i + 1),
+                };
+                Self::probs_of(clf, data, &which, monitor)
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             probs: mean(each),
@@ -69,11 +82,31 @@ impl Teacher {
         Ok(clf)
     }
 
-    /// One teacher's f_φ probabilities `(images, C)` flat.
-    fn probs_of(clf: &Classifier, data: &Dataset) -> Result<Vec<f32>> {
+    /// One teacher's f_φ probabilities `(images, C)` flat; `which` names the teacher in the
+    /// progress notes.
+    fn probs_of(
+        clf: &Classifier,
+        data: &Dataset,
+        which: &str,
+        monitor: &mut Monitor,
+    ) -> Result<Vec<f32>> {
         let mut probs = Vec::with_capacity(data.len() * clf.config().num_classes());
+        let (total, mut done, mut next_note) = (data.len(), 0, data.len().div_ceil(10));
         for chunk in data.pixels.chunks(BATCH * FACE_PIXELS) {
+            if monitor.stop.load(Ordering::SeqCst) {
+                return Err(Error::Msg(format!(
+                    "stage classifier interrupted during the teacher's answers{which}, after {done} of {total} images; \
+                     they are not kept, and the stage's checkpoint is as it was: continue with --resume"
+                )));
+            }
             probs.extend(clf.fphi_probs(chunk)?);
+            done += chunk.len() / FACE_PIXELS;
+            if done >= next_note && done < total {
+                (monitor.note)(&format!(
+                    "classifier: the teacher's answers{which}: {done} of {total} images"
+                ));
+                next_note += total.div_ceil(10);
+            }
         }
         Ok(probs)
     }
@@ -126,6 +159,60 @@ mod tests {
 
     fn close(a: &[f32], b: &[f32]) -> bool {
         a.len() == b.len() && a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-6)
+    }
+
+    /// The teacher's pass notes its progress as it goes, and a stop ends it with an error that
+    /// says nothing was kept.
+    #[test]
+    fn the_teachers_pass_says_how_far_it_is_and_stops_when_asked() {
+        use std::sync::atomic::AtomicBool;
+        let root = tempfile::tempdir().unwrap();
+        let mut cfg = ModelConfig::default();
+        cfg.encoder.widths = [8, 8, 16, 16];
+        cfg.encoder.blocks = [1, 1, 1, 1];
+        cfg.encoder.cbam_reduction = 4;
+        cfg.card.hidden = 16;
+        let dir = root.path().join("teacher");
+        let (vm, _) = crate::model::init_model(&cfg, &Device::Cpu, 3).unwrap();
+        crate::model::save_model_dir(&dir, &cfg, &vm).unwrap();
+        let n = 200;
+        let data = Dataset {
+            pixels: (0..n * FACE_PIXELS).map(|i| (i * 7 % 251) as u8).collect(),
+            labels: vec![0; n],
+            splits: vec![0; n],
+            ..Default::default()
+        };
+        let d = DistillConfig {
+            tta: Tta::Flip,
+            ..DistillConfig::new(dir.clone())
+        };
+        let run = |stop: bool| {
+            let stop = AtomicBool::new(stop);
+            let mut notes = Vec::new();
+            let mut note = |s: &str| notes.push(s.to_string());
+            let mut progress = |_: &crate::train::Progress| {};
+            let mut monitor = Monitor {
+                progress: &mut progress,
+                note: &mut note,
+                stop: &stop,
+            };
+            let got = Teacher::compute(&d, &data, &cfg, &Device::Cpu, &mut monitor);
+            (got, notes)
+        };
+        let (got, notes) = run(false);
+        let t = got.unwrap();
+        assert_eq!(t.probs.len(), n * cfg.num_classes());
+        // 64 images a batch: after 64, 128 and 192 of 200.
+        assert_eq!(
+            notes,
+            [64, 128, 192].map(|k| format!("classifier: the teacher's answers: {k} of {n} images"))
+        );
+        let (got, _) = run(true);
+        let e = got.err().expect("a stopped pass fails").to_string();
+        assert!(
+            e.contains("interrupted") && e.contains("0 of 200") && e.contains("--resume"),
+            "{e}"
+        );
     }
 
     #[test]
