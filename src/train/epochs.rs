@@ -301,7 +301,7 @@ pub(super) fn run_epochs<S: BatchSource>(
         let mut images = 0;
         let mut waiting = 0.0;
         for i in 0..steps_per_epoch {
-            if monitor.stop.load(std::sync::atomic::Ordering::SeqCst) {
+            if monitor.stopped() {
                 source.finish();
                 return Err(interrupted(run, epoch, i));
             }
@@ -338,21 +338,16 @@ pub(super) fn run_epochs<S: BatchSource>(
             EpochScore::Select(v) | EpochScore::Last(v) => Some(v),
             EpochScore::Watch { .. } => None,
         };
-        match (&scored, val) {
-            (EpochScore::Last(v), _) => {
-                run.best_val = Some(*v);
+        let keep = match scored {
+            EpochScore::Select(v) => run.best_val.is_none_or(|b| v > b),
+            EpochScore::Last(_) | EpochScore::Watch { .. } => true,
+        };
+        if keep {
+            if val.is_some() {
+                run.best_val = val;
                 run.best_epoch = Some(epoch + 1);
-                run.save_model()?;
             }
-            (_, None) => {
-                run.save_model()?;
-            }
-            (_, Some(v)) if run.best_val.is_none_or(|b| v > b) => {
-                run.best_val = Some(v);
-                run.best_epoch = Some(epoch + 1);
-                run.save_model()?;
-            }
-            (_, Some(_)) => {}
+            run.save_model()?;
         }
         run.checkpoint()?;
         tput.images += images;

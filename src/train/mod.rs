@@ -71,6 +71,13 @@ pub struct Monitor<'a> {
     pub stop: &'a std::sync::atomic::AtomicBool,
 }
 
+impl Monitor<'_> {
+    /// Whether a stop was asked for (checked between steps and batches).
+    pub fn stopped(&self) -> bool {
+        self.stop.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// A progress report, sent after every step.
 #[derive(Debug, Clone)]
 pub struct Progress {

@@ -2,7 +2,6 @@
 //! with the smoothed labels into the soft targets the student's cross-entropy uses.
 
 use std::path::Path;
-use std::sync::atomic::Ordering;
 
 use candle_core::Device;
 
@@ -91,12 +90,15 @@ impl Teacher {
         monitor: &mut Monitor,
     ) -> Result<Vec<f32>> {
         let mut probs = Vec::with_capacity(data.len() * clf.config().num_classes());
-        let (total, mut done, mut next_note) = (data.len(), 0, data.len().div_ceil(10));
+        let total = data.len();
+        let every = total.div_ceil(10);
+        let (mut done, mut next_note) = (0, every);
         for chunk in data.pixels.chunks(BATCH * FACE_PIXELS) {
-            if monitor.stop.load(Ordering::SeqCst) {
+            if monitor.stopped() {
                 return Err(Error::Msg(format!(
-                    "stage classifier interrupted during the teacher's answers{which}, after {done} of {total} images; \
-                     they are not kept, and the stage's checkpoint is as it was: continue with --resume"
+                    "stage classifier interrupted during the teacher's answers{which}, after \
+                     {done} of {total} images; they are not kept, and the stage's checkpoint is \
+                     as it was: continue with --resume"
                 )));
             }
             probs.extend(clf.fphi_probs(chunk)?);
@@ -105,7 +107,7 @@ impl Teacher {
                 (monitor.note)(&format!(
                     "classifier: the teacher's answers{which}: {done} of {total} images"
                 ));
-                next_note += total.div_ceil(10);
+                next_note += every;
             }
         }
         Ok(probs)
