@@ -15,7 +15,7 @@ use fer_cam::model::embedded;
 /// split no choice is made on), `(name, CARD vote, f_φ)`, as measured by `eval --split Training
 /// --limit 500` (FER+ majority labels for `ferplus`) on the AVX-512, AVX2 and portable kernels alike.
 /// The run is deterministic; [`PIN_TOLERANCE`] allows for other kernels' rounding.
-const PINNED_TRAINING_500: [(&str, u64, u64); 2] = [("fer2013", 402, 412), ("ferplus", 457, 458)];
+const PINNED_TRAINING_500: [(&str, u64, u64); 2] = [("fer2013", 402, 412), ("ferplus", 460, 460)];
 
 /// Images either count may differ by (sums in another order on other instruction sets).
 const PIN_TOLERANCE: u64 = 3;
