@@ -44,16 +44,27 @@ fn normalised_batch(
 
 /// Calls `each` with the encoder features of every batch of `data` in order (eval mode, no
 /// augmentation), detached: the weights are training variables, and an attached result would
-/// keep the whole forward graph (every activation of every batch) alive.
+/// keep the whole forward graph (every activation of every batch) alive. With a `stop` monitor,
+/// a stop asked for ends the pass before its next batch, with an error naming `stage`.
 fn feature_batches(
     model: &FerModel,
     data: &Dataset,
     cfg: &ModelConfig,
     dev: &Device,
+    stop: Option<(&Monitor, Stage)>,
     mut each: impl FnMut(Tensor) -> Result<()>,
 ) -> Result<()> {
     let bs = 128;
     for start in (0..data.len()).step_by(bs) {
+        if let Some((_, stage)) = stop.filter(|(m, _)| m.stopped()) {
+            return Err(Error::Msg(format!(
+                "stage {} interrupted while computing f_phi's features, after {start} of {} \
+                 images; they are not kept, and the stage's checkpoint is as it was: continue \
+                 with --resume",
+                stage.name(),
+                data.len()
+            )));
+        }
         let xs = normalised_batch(data, start..(start + bs).min(data.len()), cfg, dev)?;
         each(model.features(&xs, false)?.detach())?;
     }
@@ -68,23 +79,25 @@ pub(super) fn features(
     dev: &Device,
 ) -> Result<Tensor> {
     let mut feats = Vec::new();
-    feature_batches(model, data, cfg, dev, |f| {
+    feature_batches(model, data, cfg, dev, None, |f| {
         feats.push(f);
         Ok(())
     })?;
     Ok(Tensor::cat(&feats, 0)?)
 }
 
-/// Encoder features and f_φ probabilities of every image (eval mode, no augmentation).
+/// Encoder features and f_φ probabilities of every image (eval mode, no augmentation); `stop`
+/// as in [`feature_batches`].
 fn features_and_fphi(
     model: &FerModel,
     data: &Dataset,
     cfg: &ModelConfig,
     dev: &Device,
+    stop: Option<(&Monitor, Stage)>,
 ) -> Result<(Tensor, Tensor)> {
     let mut feats = Vec::new();
     let mut probs = Vec::new();
-    feature_batches(model, data, cfg, dev, |f| {
+    feature_batches(model, data, cfg, dev, stop, |f| {
         probs.push(candle_nn::ops::softmax(&model.head_logits(&f)?, D::Minus1)?.detach());
         feats.push(f);
         Ok(())
@@ -94,7 +107,7 @@ fn features_and_fphi(
 
 /// f_φ accuracy on a dataset.
 fn fphi_accuracy(model: &FerModel, data: &Dataset, cfg: &ModelConfig, dev: &Device) -> Result<f64> {
-    let (_, probs) = features_and_fphi(model, data, cfg, dev)?;
+    let (_, probs) = features_and_fphi(model, data, cfg, dev, None)?;
     let pred: Vec<usize> = probs
         .argmax(D::Minus1)?
         .to_vec1::<u32>()?
@@ -416,8 +429,9 @@ pub fn train_card(
         data.train.len(),
         data.val.len()
     ));
-    let (train_feats, train_f) = features_and_fphi(&model, &data.train, &cfg.model, dev)?;
-    let (val_feats, val_f) = features_and_fphi(&model, &data.val, &cfg.model, dev)?;
+    let stop = Some((&*monitor, Stage::Card));
+    let (train_feats, train_f) = features_and_fphi(&model, &data.train, &cfg.model, dev, stop)?;
+    let (val_feats, val_f) = features_and_fphi(&model, &data.val, &cfg.model, dev, stop)?;
     let feature_seconds = t0.elapsed().as_secs_f64();
     let schedule = model.schedule().clone();
     let mut source = CardSource::new(
@@ -538,9 +552,30 @@ mod tests {
             splits: vec![0; 3],
             ..Default::default()
         };
-        let (f, p) = features_and_fphi(&model, &data, &cfg.model, &dev).unwrap();
+        let (f, p) = features_and_fphi(&model, &data, &cfg.model, &dev, None).unwrap();
         assert_eq!(f.dims(), &[3, 16]);
         assert_eq!(p.dims(), &[3, 7]);
         assert!(!f.track_op() && !p.track_op());
+        // CARD's pass over the data stops when asked, before its next batch.
+        let stop = std::sync::atomic::AtomicBool::new(true);
+        let (mut progress, mut note) = (|_: &super::super::Progress| {}, |_: &str| {});
+        let monitor = Monitor {
+            progress: &mut progress,
+            note: &mut note,
+            stop: &stop,
+        };
+        let e = features_and_fphi(
+            &model,
+            &data,
+            &cfg.model,
+            &dev,
+            Some((&monitor, Stage::Card)),
+        )
+        .expect_err("a stopped pass fails")
+        .to_string();
+        assert!(
+            e.contains("stage card interrupted") && e.contains("0 of 3") && e.contains("--resume"),
+            "{e}"
+        );
     }
 }
