@@ -76,6 +76,20 @@ impl Monitor<'_> {
     pub fn stopped(&self) -> bool {
         self.stop.load(std::sync::atomic::Ordering::SeqCst)
     }
+
+    /// For a pass over the data before a stage's epochs (a teacher's answers, CARD's features),
+    /// checked between batches: when a stop was asked for, the error that ends `stage` there,
+    /// saying what was under way (`doing`) and how far it got.
+    pub fn check_pass(&self, stage: Stage, doing: &str, done: usize, total: usize) -> Result<()> {
+        if !self.stopped() {
+            return Ok(());
+        }
+        Err(Error::Msg(format!(
+            "stage {} interrupted {doing}, after {done} of {total} images; they are not kept, \
+             and the stage's checkpoint is as it was: continue with --resume",
+            stage.name()
+        )))
+    }
 }
 
 /// A progress report, sent after every step.

@@ -45,7 +45,8 @@ fn normalised_batch(
 /// Calls `each` with the encoder features of every batch of `data` in order (eval mode, no
 /// augmentation), detached: the weights are training variables, and an attached result would
 /// keep the whole forward graph (every activation of every batch) alive. With a `stop` monitor,
-/// a stop asked for ends the pass before its next batch, with an error naming `stage`.
+/// a stop asked for ends the pass before its next batch ([`Monitor::check_pass`], naming
+/// `stage`).
 fn feature_batches(
     model: &FerModel,
     data: &Dataset,
@@ -56,14 +57,8 @@ fn feature_batches(
 ) -> Result<()> {
     let bs = 128;
     for start in (0..data.len()).step_by(bs) {
-        if let Some((_, stage)) = stop.filter(|(m, _)| m.stopped()) {
-            return Err(Error::Msg(format!(
-                "stage {} interrupted while computing f_phi's features, after {start} of {} \
-                 images; they are not kept, and the stage's checkpoint is as it was: continue \
-                 with --resume",
-                stage.name(),
-                data.len()
-            )));
+        if let Some((monitor, stage)) = stop {
+            monitor.check_pass(stage, "while computing f_phi's features", start, data.len())?;
         }
         let xs = normalised_batch(data, start..(start + bs).min(data.len()), cfg, dev)?;
         each(model.features(&xs, false)?.detach())?;
@@ -558,7 +553,7 @@ mod tests {
         assert!(!f.track_op() && !p.track_op());
         // CARD's pass over the data stops when asked, before its next batch.
         let stop = std::sync::atomic::AtomicBool::new(true);
-        let (mut progress, mut note) = (|_: &super::super::Progress| {}, |_: &str| {});
+        let (mut progress, mut note) = (|_: &crate::train::Progress| {}, |_: &str| {});
         let monitor = Monitor {
             progress: &mut progress,
             note: &mut note,

@@ -6,7 +6,7 @@ use std::path::Path;
 use candle_core::Device;
 
 use super::config::DistillConfig;
-use super::Monitor;
+use super::{Monitor, Stage};
 use crate::config::ModelConfig;
 use crate::data::{Dataset, FACE_PIXELS, FACE_SIZE};
 use crate::error::{Error, Result};
@@ -94,13 +94,12 @@ impl Teacher {
         let every = total.div_ceil(10);
         let (mut done, mut next_note) = (0, every);
         for chunk in data.pixels.chunks(BATCH * FACE_PIXELS) {
-            if monitor.stopped() {
-                return Err(Error::Msg(format!(
-                    "stage classifier interrupted during the teacher's answers{which}, after \
-                     {done} of {total} images; they are not kept, and the stage's checkpoint is \
-                     as it was: continue with --resume"
-                )));
-            }
+            monitor.check_pass(
+                Stage::Classifier,
+                &format!("during the teacher's answers{which}"),
+                done,
+                total,
+            )?;
             probs.extend(clf.fphi_probs(chunk)?);
             done += chunk.len() / FACE_PIXELS;
             if done >= next_note && done < total {
