@@ -93,13 +93,9 @@ impl Teacher {
         let total = data.len();
         let every = total.div_ceil(10);
         let (mut done, mut next_note) = (0, every);
+        let doing = format!("during the teacher's answers{which}");
         for chunk in data.pixels.chunks(BATCH * FACE_PIXELS) {
-            monitor.check_pass(
-                Stage::Classifier,
-                &format!("during the teacher's answers{which}"),
-                done,
-                total,
-            )?;
+            monitor.check_pass(Stage::Classifier, &doing, done, total)?;
             probs.extend(clf.fphi_probs(chunk)?);
             done += chunk.len() / FACE_PIXELS;
             if done >= next_note && done < total {
