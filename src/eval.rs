@@ -69,6 +69,10 @@ pub struct EvalReport {
     pub soft_nll: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub soft_ece: Option<f64>,
+    /// The same answers scored on the rows whose label passes Barsoum et al.'s majority protocol
+    /// (FER+), when the data marks them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub barsoum_majority: Option<SubsetAccuracy>,
     /// Images of the split whose class the model does not have, by class (not scored).
     pub left_out: Vec<LeftOutClass>,
     /// Data classes the model has no class of that name for: a prediction of such a model class
@@ -80,6 +84,39 @@ pub struct EvalReport {
     pub label_rows_left_out: Option<crate::data::ferplus::LeftOut>,
     pub wall_seconds: f64,
     pub images_per_second: f64,
+}
+
+/// Accuracy over a subset of the scored images.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SubsetAccuracy {
+    pub images: usize,
+    /// CARD majority vote.
+    pub accuracy: f64,
+    /// f_φ alone.
+    pub fphi_accuracy: f64,
+}
+
+impl SubsetAccuracy {
+    /// Scores `pred` and `fphi` against `labels` on the images where `keep` holds; `None` when
+    /// `keep` is empty (the data has no such subset).
+    pub fn of(keep: &[bool], pred: &[usize], fphi: &[usize], labels: &[usize]) -> Option<Self> {
+        if keep.is_empty() {
+            return None;
+        }
+        let pick = |v: &[usize]| -> Vec<usize> {
+            v.iter()
+                .zip(keep)
+                .filter(|(_, &k)| k)
+                .map(|(&x, _)| x)
+                .collect()
+        };
+        let labels = pick(labels);
+        Some(Self {
+            images: labels.len(),
+            accuracy: metrics::accuracy(&pick(pred), &labels),
+            fphi_accuracy: metrics::accuracy(&pick(fphi), &labels),
+        })
+    }
 }
 
 /// Images of one class left out of the scoring.
@@ -233,6 +270,7 @@ pub fn evaluate(
         .iter()
         .map(|p| metrics::argmax(&p.fphi_probs))
         .collect();
+    let barsoum_majority = SubsetAccuracy::of(&data.strict_majority, &pred, &fphi, &labels);
     let accurate: Vec<bool> = pred.iter().zip(&labels).map(|(p, l)| p == l).collect();
     let p_values: Vec<f64> = preds.iter().map(|p| p.card.p_value).collect();
     let probs: Vec<Vec<f32>> = preds.iter().map(|p| p.card.probs.clone()).collect();
@@ -270,6 +308,7 @@ pub fn evaluate(
         soft_ece: targets
             .as_ref()
             .map(|q| metrics::soft_ece(&probs, q, opts.ece_bins)),
+        barsoum_majority,
         left_out,
         model_only_classes,
         label_rows_left_out: None,
@@ -323,6 +362,17 @@ impl fmt::Display for EvalReport {
         writeln!(f, "ECE: {:.4}   NLL: {:.4}", self.ece, self.nll)?;
         if let (Some(e), Some(n)) = (self.soft_ece, self.soft_nll) {
             writeln!(f, "against the votes: ECE {e:.4}   NLL {n:.4}")?;
+        }
+        if let Some(b) = &self.barsoum_majority {
+            writeln!(
+                f,
+                "majority, Barsoum et al.'s protocol ({} of {} images: single votes dropped, the \
+                 label more than half of the rest): CARD vote {:.2}%, f_phi {:.2}%",
+                b.images,
+                self.images,
+                100.0 * b.accuracy,
+                100.0 * b.fphi_accuracy
+            )?;
         }
         if let Some(l) = &self.label_rows_left_out {
             writeln!(f, "by the labels: {l}")?;
@@ -383,6 +433,16 @@ mod tests {
 
     fn names(v: &[&str]) -> Vec<String> {
         v.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn subset_accuracy_scores_only_the_marked_images() {
+        let (pred, fphi, labels) = ([0, 1, 2, 2], [0, 0, 2, 1], [0, 1, 1, 2]);
+        let s = SubsetAccuracy::of(&[true, true, false, true], &pred, &fphi, &labels).unwrap();
+        assert_eq!(s.images, 3);
+        assert!((s.accuracy - 1.0).abs() < 1e-12);
+        assert!((s.fphi_accuracy - 1.0 / 3.0).abs() < 1e-12);
+        assert_eq!(SubsetAccuracy::of(&[], &pred, &fphi, &labels), None);
     }
 
     #[test]

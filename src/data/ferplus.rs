@@ -4,9 +4,11 @@
 //!
 //! [`apply`] turns a FER2013 [`Dataset`] into one with FER+'s eight classes: each kept row's label
 //! is its majority (the one class with strictly the most votes), its `soft` row the vote
-//! distribution over the eight emotions, and its `single_labels` entry FER2013's own label mapped
-//! by name. Rows whose most-voted column is "unknown" or "not a face", or whose top count is
-//! shared, are left out of every split and counted in [`LeftOut`].
+//! distribution over the eight emotions, its `single_labels` entry FER2013's own label mapped
+//! by name, and its `strict_majority` entry whether the label also passes Barsoum et al.'s
+//! majority rule ([`VoteRow::barsoum_majority`]). Rows whose most-voted column is "unknown" or
+//! "not a face", or whose top count is shared, are left out of every split and counted in
+//! [`LeftOut`].
 
 use std::path::Path;
 
@@ -76,6 +78,18 @@ impl VoteRow {
             },
             _ => Majority::Tie,
         }
+    }
+
+    /// The emotion of Barsoum et al.'s "majority" protocol (the FER+ paper and its reference
+    /// reader, used there for every validation and test set): a column holding a single vote is
+    /// set to zero as an outlier, and the top column must then hold more than half of all the
+    /// votes left, unknown and not-a-face included. `None` when no column does, or when it is
+    /// unknown or not a face. Such a row always has [`Self::majority`] `Class` of the same class.
+    pub fn barsoum_majority(&self) -> Option<usize> {
+        let kept = self.votes.map(|v| if v <= 1 { 0 } else { v });
+        let total: u32 = kept.iter().sum();
+        let (top, &count) = kept.iter().enumerate().max_by_key(|(_, &v)| v)?;
+        (top < 8 && count > 0 && 2 * count > total).then_some(top)
     }
 
     /// The vote distribution over the eight emotions (sums to 1), or `None` without emotion
@@ -296,6 +310,8 @@ pub fn apply(ds: &Dataset, votes: &[VoteRow]) -> Result<(Dataset, Vec<LeftOut>)>
         out.splits.push(split as u8);
         out.soft.extend_from_slice(&dist);
         out.single_labels.push(single[ds.labels[i] as usize]);
+        out.strict_majority
+            .push(row.barsoum_majority() == Some(class));
     }
     Ok((out, left))
 }
@@ -354,6 +370,46 @@ mod tests {
     }
 
     #[test]
+    fn barsoum_majority_drops_single_votes_then_needs_more_than_half() {
+        let row = |v: [u32; 10]| VoteRow {
+            usage: "PublicTest".into(),
+            votes: v,
+        };
+        // Order: anger, disgust, fear, happiness, sadness, surprise, neutral, contempt, unknown, NF.
+        assert_eq!(
+            row([0, 0, 0, 0, 0, 0, 10, 0, 0, 0]).barsoum_majority(),
+            Some(6)
+        );
+        // A plurality (neutral 4 of 10) that is not a majority once the single sad vote goes:
+        // 4 of 9 is not more than half.
+        let r = row([3, 2, 0, 0, 1, 0, 4, 0, 0, 0]);
+        assert_eq!(r.majority(), Majority::Class(6));
+        assert_eq!(r.barsoum_majority(), None);
+        // Six single votes dropped leave neutral's 4 alone.
+        assert_eq!(
+            row([1, 1, 1, 0, 0, 0, 4, 1, 1, 1]).barsoum_majority(),
+            Some(6)
+        );
+        // Unknown and not-a-face votes count in the total, and can win.
+        assert_eq!(
+            row([0, 0, 0, 0, 0, 0, 3, 0, 2, 0]).barsoum_majority(),
+            Some(6)
+        );
+        assert_eq!(row([0, 0, 0, 0, 0, 0, 3, 0, 2, 2]).barsoum_majority(), None);
+        assert_eq!(row([0, 0, 0, 0, 0, 0, 2, 0, 6, 0]).barsoum_majority(), None);
+        assert_eq!(row([0, 0, 0, 0, 0, 0, 0, 2, 0, 8]).barsoum_majority(), None);
+        // Exactly half is not more than half; ties and empty rows have none.
+        assert_eq!(row([0, 0, 0, 5, 0, 0, 5, 0, 0, 0]).barsoum_majority(), None);
+        assert_eq!(row([0, 0, 0, 0, 0, 0, 5, 0, 5, 0]).barsoum_majority(), None);
+        assert_eq!(row([0; 10]).barsoum_majority(), None);
+        assert_eq!(row([1; 10]).barsoum_majority(), None);
+        assert_eq!(
+            row([0, 0, 0, 0, 0, 0, 0, 6, 4, 0]).barsoum_majority(),
+            Some(7)
+        );
+    }
+
+    #[test]
     fn bad_files_name_the_line() {
         let e = parse(&format!("{HEADER}Training,x,1,2,x,0,0,0,0,0,0,0\n")).unwrap_err();
         assert!(e.to_string().contains("v.csv:2: surprise votes"), "{e}");
@@ -387,6 +443,7 @@ mod tests {
         assert_eq!(fp.class_names, FERPLUS_CLASSES);
         assert_eq!(fp.labels, vec![6, 4]); // neutral, sad
         assert_eq!(fp.single_labels, vec![0, 4]); // FER2013's angry, sad
+        assert_eq!(fp.strict_majority, vec![true, true]);
         assert_eq!(fp.splits, vec![0, 1]);
         assert_eq!(fp.image(1)[0], 2);
         assert!((fp.soft[6] - 0.6).abs() < 1e-6 && (fp.soft[0] - 0.4).abs() < 1e-6);
@@ -404,6 +461,16 @@ mod tests {
         let val = fp.select_split("PublicTest").unwrap();
         assert_eq!(val.soft.len(), 8);
         assert_eq!(val.single_labels, vec![4]);
+        assert_eq!(val.strict_majority, vec![true]);
+        // A plurality that is not Barsoum et al.'s majority is kept, and marked.
+        let plural = parse(&format!(
+            "{HEADER}Training,a,4,0,0,3,2,0,0,0,1,0\nTraining,b,0,0,0,0,0,0,0,0,3,7\n\
+             PublicTest,c,2,0,0,8,0,0,0,0,0,0\nPublicTest,d,5,0,0,5,0,0,0,0,0,0\n"
+        ))
+        .unwrap();
+        let (fp, _) = apply(&ds, &plural).unwrap();
+        assert_eq!(fp.labels, vec![6, 4]);
+        assert_eq!(fp.strict_majority, vec![false, true]);
         // Another row order or count is refused.
         let e = apply(&ds, &rows[..3]).unwrap_err();
         assert!(e.to_string().contains("3 rows and the data 4"), "{e}");

@@ -35,6 +35,9 @@ pub struct Dataset {
     /// A second, single annotator's label per image (FER2013's own label under FER+ votes),
     /// indexing `class_names`; empty when there is none.
     pub single_labels: Vec<u8>,
+    /// Whether each row's label is also its majority under Barsoum et al.'s stricter protocol
+    /// (FER+: [`ferplus::VoteRow::barsoum_majority`]); empty when the data has no such rule.
+    pub strict_majority: Vec<bool>,
 }
 
 /// Split-name aliases: the Kaggle CSV names and the usual folder names mean the same split.
@@ -108,6 +111,9 @@ impl Dataset {
             if let Some(&l) = self.single_labels.get(i) {
                 out.single_labels.push(l);
             }
+            if let Some(&m) = self.strict_majority.get(i) {
+                out.strict_majority.push(m);
+            }
         }
         debug_assert!(out.soft.is_empty() || out.soft.len() == out.len() * c);
         out
@@ -148,6 +154,7 @@ impl Dataset {
             || self.pixels.len() != n * FACE_PIXELS
             || !(self.soft.is_empty() || self.soft.len() == n * self.class_names.len())
             || !(self.single_labels.is_empty() || self.single_labels.len() == n)
+            || !(self.strict_majority.is_empty() || self.strict_majority.len() == n)
         {
             return Err("inconsistent array lengths".into());
         }

@@ -68,6 +68,14 @@ pub struct CropFraming {
     pub offset_y: Spread,
 }
 
+/// Accuracy over the faces found that pass Barsoum et al.'s majority protocol.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BarsoumFound {
+    pub faces: usize,
+    pub accuracy: f64,
+    pub eval_accuracy: f64,
+}
+
 /// One face-size bin.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SizeBin {
@@ -108,6 +116,10 @@ pub struct HarnessReport {
     /// render's conditions cost, apart from the face stage.
     pub true_square_accuracy: f64,
     pub true_square_accuracy_found: f64,
+    /// The faces found whose label passes Barsoum et al.'s majority protocol (FER+), when the
+    /// data marks them: through the pipeline, and `eval` on their own crops.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub barsoum_majority_found: Option<BarsoumFound>,
     /// Over the faces found.
     pub pavpu_ttest: f64,
     pub ece: f64,
@@ -373,6 +385,21 @@ pub fn run(
         found_per_class[l] += 1;
     }
     let found = found_pred.len();
+    let barsoum_majority_found = (!kept.strict_majority.is_empty()).then(|| {
+        let rows: Vec<usize> = found_rows
+            .iter()
+            .copied()
+            .filter(|&i| kept.strict_majority[i])
+            .collect();
+        let on = |v: &[usize]| rows.iter().map(|&i| v[i]).collect::<Vec<_>>();
+        let labels = on(&labels);
+        let through: Vec<usize> = rows.iter().map(|&i| found_det(i).label).collect();
+        BarsoumFound {
+            faces: rows.len(),
+            accuracy: metrics::accuracy(&through, &labels),
+            eval_accuracy: metrics::accuracy(&on(&direct), &labels),
+        }
+    });
     Ok(HarnessReport {
         model: String::new(),
         data: String::new(),
@@ -390,6 +417,7 @@ pub fn run(
         eval_accuracy_found: metrics::accuracy(&on_found(&direct), &found_labels),
         true_square_accuracy: metrics::accuracy(&true_square, &labels),
         true_square_accuracy_found: metrics::accuracy(&on_found(&true_square), &found_labels),
+        barsoum_majority_found,
         pavpu_ttest: metrics::pavpu_ttest(&accurate, &found_p, eval_clf.config().card.alpha),
         ece: metrics::ece(&found_probs, &found_labels, 15),
         nll: metrics::nll(&found_probs, &found_labels),
@@ -478,6 +506,15 @@ impl std::fmt::Display for HarnessReport {
             pct(self.true_square_accuracy),
             pct(self.true_square_accuracy_found)
         )?;
+        if let Some(b) = &self.barsoum_majority_found {
+            writeln!(
+                f,
+                "Barsoum et al.'s majority:  {} of the faces found: {} through the pipeline, {} on their own crops",
+                b.faces,
+                pct(b.accuracy),
+                pct(b.eval_accuracy)
+            )?;
+        }
         writeln!(
             f,
             "PAvPU (t-test), found:      {}   ECE {:.4}   NLL {:.4}",

@@ -93,6 +93,7 @@ mod tests {
             splits: vec![0, 0],
             soft: vec![0.6, 0.4, 0.0, 0.0, 0.0, 1.0],
             single_labels: vec![1, 2],
+            strict_majority: Vec::new(),
         }
     }
 
