@@ -73,6 +73,10 @@ pub struct EvalReport {
     /// (FER+), when the data marks them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub barsoum_majority: Option<SubsetAccuracy>,
+    /// The same answers scored on the images whose pixels no Training image repeats (FER2013
+    /// repeats some across its splits), when the data marks them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unseen: Option<SubsetAccuracy>,
     /// Images of the split whose class the model does not have, by class (not scored).
     pub left_out: Vec<LeftOutClass>,
     /// Data classes the model has no class of that name for: a prediction of such a model class
@@ -271,6 +275,8 @@ pub fn evaluate(
         .map(|p| metrics::argmax(&p.fphi_probs))
         .collect();
     let barsoum_majority = SubsetAccuracy::of(&data.strict_majority, &pred, &fphi, &labels);
+    let unseen_rows: Vec<bool> = data.seen_in_training.iter().map(|s| !s).collect();
+    let unseen = SubsetAccuracy::of(&unseen_rows, &pred, &fphi, &labels);
     let accurate: Vec<bool> = pred.iter().zip(&labels).map(|(p, l)| p == l).collect();
     let p_values: Vec<f64> = preds.iter().map(|p| p.card.p_value).collect();
     let probs: Vec<Vec<f32>> = preds.iter().map(|p| p.card.probs.clone()).collect();
@@ -309,6 +315,7 @@ pub fn evaluate(
             .as_ref()
             .map(|q| metrics::soft_ece(&probs, q, opts.ece_bins)),
         barsoum_majority,
+        unseen,
         left_out,
         model_only_classes,
         label_rows_left_out: None,
@@ -372,6 +379,21 @@ impl fmt::Display for EvalReport {
                 self.images,
                 100.0 * b.accuracy,
                 100.0 * b.fphi_accuracy
+            )?;
+        }
+        if let Some(u) = self
+            .unseen
+            .as_ref()
+            .filter(|u| u.images > 0 && u.images < self.images)
+        {
+            writeln!(
+                f,
+                "images no Training image repeats ({} of {}; the rest are a Training image's \
+                 pixels): CARD vote {:.2}%, f_phi {:.2}%",
+                u.images,
+                self.images,
+                100.0 * u.accuracy,
+                100.0 * u.fphi_accuracy
             )?;
         }
         if let Some(l) = &self.label_rows_left_out {

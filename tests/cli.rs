@@ -89,6 +89,9 @@ fn init_then_eval_writes_report_and_json() {
         .flat_map(|row| row.as_array().unwrap().iter().map(|v| v.as_u64().unwrap()))
         .sum();
     assert_eq!(total, 20);
+    // Random images: none repeats a Training image, so all are unseen and the line is left out.
+    assert_eq!(r["unseen"]["images"], 20);
+    assert!(!out.contains("no Training image repeats"), "{out}");
     // Same seed, same report numbers.
     let (_, r2) = eval_json(&model, &csv, &tmp.path().join("report2.json"), &[]);
     assert_eq!(r["accuracy"], r2["accuracy"]);
@@ -121,6 +124,28 @@ fn init_then_eval_writes_report_and_json() {
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).contains("ten-crop TTA"));
+}
+
+#[test]
+fn eval_scores_apart_the_test_images_that_repeat_training_images() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    init_fast_model(&model);
+    let csv = tmp.path().join("fer.csv");
+    common::write_fer_csv(&csv, 5);
+    // Two more PrivateTest rows with the pixels of the first two Training rows (seeds 1 and 2).
+    let mut text = std::fs::read_to_string(&csv).unwrap();
+    text.push_str(&common::csv_row(3, "PrivateTest", 1));
+    text.push_str(&common::csv_row(0, "PrivateTest", 2));
+    std::fs::write(&csv, text).unwrap();
+    let json = tmp.path().join("r.json");
+    let (out, r) = eval_json(&model, &csv, &json, &["--split", "PrivateTest"]);
+    assert_eq!(r["images"], 7);
+    assert_eq!(r["unseen"]["images"], 5);
+    assert!(
+        out.contains("images no Training image repeats (5 of 7"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -70,6 +70,8 @@ fn the_harness_is_deterministic_for_a_seed_and_finds_real_faces() {
     let scale = a["crop"]["scale"]["mean"].as_f64().unwrap();
     assert!((0.8..1.25).contains(&scale), "{a}");
     assert!(a["crop"]["iou"]["mean"].as_f64().unwrap() > 0.5, "{a}");
+    // Every test face here is the Training row's image: none is unseen.
+    assert_eq!(a["unseen_found"]["faces"], 0, "{a}");
     // Another seed draws other frames.
     let c = through_pipeline(&csv, &tmp.path().join("c.json"), &["--render-seed", "5"]);
     assert_eq!(c["render"]["seed"], 5);

@@ -107,14 +107,21 @@ pub fn load_classifier(a: &cli::ClassifierArgs) -> Result<Classifier> {
 }
 
 pub fn load_data(src: &DataSource) -> Result<Dataset> {
-    Ok(load_labelled(src)?.0)
+    Ok(load_labelled(src, false)?.0)
 }
 
 /// The data set with `--labels` applied, and the rows the labels left out per split (empty
-/// without `--labels`).
-pub fn load_labelled(src: &DataSource) -> Result<(Dataset, Vec<dataset::ferplus::LeftOut>)> {
+/// without `--labels`); with `mark_seen`, the rows whose pixels a Training image repeats are
+/// marked ([`Dataset::mark_seen_in_training`]).
+pub fn load_labelled(
+    src: &DataSource,
+    mark_seen: bool,
+) -> Result<(Dataset, Vec<dataset::ferplus::LeftOut>)> {
     let opts = load_options(src);
-    let (ds, info) = dataset::load(&src.data, &opts)?;
+    let (mut ds, info) = dataset::load(&src.data, &opts)?;
+    if mark_seen {
+        ds.mark_seen_in_training();
+    }
     for w in &info.warnings {
         fer_cam::log!("warning: {w}");
     }
@@ -166,7 +173,7 @@ pub fn load_split(
     split: &str,
     limit: Option<usize>,
 ) -> Result<(Dataset, Option<dataset::ferplus::LeftOut>)> {
-    let (all, left) = load_labelled(src)?;
+    let (all, left) = load_labelled(src, true)?;
     let s = all.split_index(split)?;
     let mut data = all.select(|i| all.splits[i] == s);
     if let Some(n) = limit {

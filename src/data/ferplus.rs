@@ -312,6 +312,9 @@ pub fn apply(ds: &Dataset, votes: &[VoteRow]) -> Result<(Dataset, Vec<LeftOut>)>
         out.single_labels.push(single[ds.labels[i] as usize]);
         out.strict_majority
             .push(row.barsoum_majority() == Some(class));
+        if let Some(&seen) = ds.seen_in_training.get(i) {
+            out.seen_in_training.push(seen);
+        }
     }
     Ok((out, left))
 }

@@ -38,6 +38,10 @@ pub struct Dataset {
     /// Whether each row's label is also its majority under Barsoum et al.'s stricter protocol
     /// (FER+: [`ferplus::VoteRow::barsoum_majority`]); empty when the data has no such rule.
     pub strict_majority: Vec<bool>,
+    /// Whether each row's pixels are also those of a Training image (FER2013 repeats some
+    /// images across its splits, so a model has already seen them); empty when not marked
+    /// ([`Dataset::mark_seen_in_training`]).
+    pub seen_in_training: Vec<bool>,
 }
 
 /// Split-name aliases: the Kaggle CSV names and the usual folder names mean the same split.
@@ -114,9 +118,29 @@ impl Dataset {
             if let Some(&m) = self.strict_majority.get(i) {
                 out.strict_majority.push(m);
             }
+            if let Some(&m) = self.seen_in_training.get(i) {
+                out.seen_in_training.push(m);
+            }
         }
         debug_assert!(out.soft.is_empty() || out.soft.len() == out.len() * c);
         out
+    }
+
+    /// Marks every row outside the Training split whose pixels equal a Training image's
+    /// (`seen_in_training`); Training rows are marked too. Nothing is marked when the data has
+    /// no Training split.
+    pub fn mark_seen_in_training(&mut self) {
+        let Ok(train) = self.split_index("Training") else {
+            self.seen_in_training.clear();
+            return;
+        };
+        let seen: std::collections::HashSet<&[u8]> = (0..self.len())
+            .filter(|&i| self.splits[i] == train)
+            .map(|i| self.image(i))
+            .collect();
+        self.seen_in_training = (0..self.len())
+            .map(|i| self.splits[i] == train || seen.contains(self.image(i)))
+            .collect();
     }
 
     /// The label distribution of image `i`, when the data has distributions.
@@ -155,6 +179,7 @@ impl Dataset {
             || !(self.soft.is_empty() || self.soft.len() == n * self.class_names.len())
             || !(self.single_labels.is_empty() || self.single_labels.len() == n)
             || !(self.strict_majority.is_empty() || self.strict_majority.len() == n)
+            || !(self.seen_in_training.is_empty() || self.seen_in_training.len() == n)
         {
             return Err("inconsistent array lengths".into());
         }
@@ -290,5 +315,36 @@ mod tests {
         let t = ds.select_split("test").unwrap();
         assert_eq!(t.labels, vec![1]);
         assert_eq!(t.class_counts(), vec![0, 1]);
+    }
+
+    #[test]
+    fn test_images_that_repeat_a_training_image_are_marked() {
+        // Training: images 1 and 2; test: 2 (a repeat, another label), 3, 1 (a repeat).
+        let mut ds = Dataset {
+            class_names: vec!["a".into(), "b".into()],
+            split_names: vec!["Training".into(), "PrivateTest".into()],
+            pixels: [1u8, 2, 2, 3, 1]
+                .iter()
+                .flat_map(|&v| vec![v; FACE_PIXELS])
+                .collect(),
+            labels: vec![0, 1, 0, 1, 0],
+            splits: vec![0, 0, 1, 1, 1],
+            ..Default::default()
+        };
+        ds.mark_seen_in_training();
+        assert_eq!(ds.seen_in_training, vec![true, true, true, false, true]);
+        assert!(ds.check().is_ok());
+        // Selecting a split carries the marks along.
+        let t = ds.select_split("PrivateTest").unwrap();
+        assert_eq!(t.seen_in_training, vec![true, false, true]);
+        // One pixel's difference is another image; without a Training split nothing is marked.
+        ds.pixels[3 * FACE_PIXELS + 7] = 1;
+        ds.pixels[4 * FACE_PIXELS + 7] = 9;
+        ds.mark_seen_in_training();
+        assert_eq!(ds.seen_in_training, vec![true, true, true, false, false]);
+        let mut t = ds.select_split("PrivateTest").unwrap();
+        t.split_names = vec!["x".into(), "PrivateTest".into()];
+        t.mark_seen_in_training();
+        assert!(t.seen_in_training.is_empty());
     }
 }

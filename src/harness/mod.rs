@@ -68,9 +68,10 @@ pub struct CropFraming {
     pub offset_y: Spread,
 }
 
-/// Accuracy over the faces found that pass Barsoum et al.'s majority protocol.
+/// Accuracy over a subset of the faces found: through the pipeline, and `eval` on their own
+/// crops.
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct BarsoumFound {
+pub struct FoundSubset {
     pub faces: usize,
     pub accuracy: f64,
     pub eval_accuracy: f64,
@@ -119,7 +120,11 @@ pub struct HarnessReport {
     /// The faces found whose label passes Barsoum et al.'s majority protocol (FER+), when the
     /// data marks them: through the pipeline, and `eval` on their own crops.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub barsoum_majority_found: Option<BarsoumFound>,
+    pub barsoum_majority_found: Option<FoundSubset>,
+    /// The faces found whose pixels no Training image repeats, when the data marks them: a
+    /// model scores a face it was trained on better on its own crop than re-rendered.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unseen_found: Option<FoundSubset>,
     /// Over the faces found.
     pub pavpu_ttest: f64,
     pub ece: f64,
@@ -385,21 +390,28 @@ pub fn run(
         found_per_class[l] += 1;
     }
     let found = found_pred.len();
-    let barsoum_majority_found = (!kept.strict_majority.is_empty()).then(|| {
+    // The faces found among the rows `mark` (a per-row flag of the data) holds; `None` when
+    // the data has no such flags.
+    let found_among = |mark: &[bool], want: bool| -> Option<FoundSubset> {
+        if mark.is_empty() {
+            return None;
+        }
         let rows: Vec<usize> = found_rows
             .iter()
             .copied()
-            .filter(|&i| kept.strict_majority[i])
+            .filter(|&i| mark[i] == want)
             .collect();
         let on = |v: &[usize]| rows.iter().map(|&i| v[i]).collect::<Vec<_>>();
         let labels = on(&labels);
         let through: Vec<usize> = rows.iter().map(|&i| found_det(i).label).collect();
-        BarsoumFound {
+        Some(FoundSubset {
             faces: rows.len(),
             accuracy: metrics::accuracy(&through, &labels),
             eval_accuracy: metrics::accuracy(&on(&direct), &labels),
-        }
-    });
+        })
+    };
+    let barsoum_majority_found = found_among(&kept.strict_majority, true);
+    let unseen_found = found_among(&kept.seen_in_training, false);
     Ok(HarnessReport {
         model: String::new(),
         data: String::new(),
@@ -418,6 +430,7 @@ pub fn run(
         true_square_accuracy: metrics::accuracy(&true_square, &labels),
         true_square_accuracy_found: metrics::accuracy(&on_found(&true_square), &found_labels),
         barsoum_majority_found,
+        unseen_found,
         pavpu_ttest: metrics::pavpu_ttest(&accurate, &found_p, eval_clf.config().card.alpha),
         ece: metrics::ece(&found_probs, &found_labels, 15),
         nll: metrics::nll(&found_probs, &found_labels),
@@ -506,6 +519,19 @@ impl std::fmt::Display for HarnessReport {
             pct(self.true_square_accuracy),
             pct(self.true_square_accuracy_found)
         )?;
+        if let Some(u) = self
+            .unseen_found
+            .as_ref()
+            .filter(|u| u.faces > 0 && u.faces < self.found)
+        {
+            writeln!(
+                f,
+                "no Training image repeats: {} of the faces found: {} through the pipeline, {} on their own crops",
+                u.faces,
+                pct(u.accuracy),
+                pct(u.eval_accuracy)
+            )?;
+        }
         if let Some(b) = &self.barsoum_majority_found {
             writeln!(
                 f,

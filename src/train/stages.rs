@@ -524,6 +524,7 @@ mod tests {
             soft: vec![0.5, 0.5, 1.0, 0.0],
             single_labels: Vec::new(),
             strict_majority: Vec::new(),
+            seen_in_training: Vec::new(),
         };
         let t = class_targets(Targets::Votes, &data, &[0, 1], &[0, 0], 0.0, 0.0);
         assert_eq!(t, vec![0.5, 0.5, 1.0, 0.0]);

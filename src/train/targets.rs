@@ -94,6 +94,7 @@ mod tests {
             soft: vec![0.6, 0.4, 0.0, 0.0, 0.0, 1.0],
             single_labels: vec![1, 2],
             strict_majority: Vec::new(),
+            seen_in_training: Vec::new(),
         }
     }
 
