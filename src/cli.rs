@@ -485,7 +485,8 @@ pub struct DataSource {
     pub cache_dir: Option<PathBuf>,
     /// FER+ crowd votes for the same rows (fer2013new.csv / ferplus_labels.csv): label each
     /// image with its majority over FER+'s eight classes, leaving out rows whose majority is
-    /// "unknown", "not a face" or shared.
+    /// "unknown", "not a face" or shared (`eval` also scores apart the rows that pass Barsoum et
+    /// al.'s stricter majority rule).
     #[arg(long)]
     pub labels: Option<PathBuf>,
     /// Accept a --labels file whose sha256 is not FER+'s.
