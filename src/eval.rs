@@ -101,16 +101,22 @@ pub struct SubsetAccuracy {
 }
 
 impl SubsetAccuracy {
-    /// Scores `pred` and `fphi` against `labels` on the images where `keep` holds; `None` when
-    /// `keep` is empty (the data has no such subset).
-    pub fn of(keep: &[bool], pred: &[usize], fphi: &[usize], labels: &[usize]) -> Option<Self> {
-        if keep.is_empty() {
+    /// Scores `pred` and `fphi` against `labels` on the images whose `mark` (a per-image flag
+    /// of the data) is `want`; `None` when `mark` is empty (the data has no such flags).
+    pub fn of(
+        mark: &[bool],
+        want: bool,
+        pred: &[usize],
+        fphi: &[usize],
+        labels: &[usize],
+    ) -> Option<Self> {
+        if mark.is_empty() {
             return None;
         }
         let pick = |v: &[usize]| -> Vec<usize> {
             v.iter()
-                .zip(keep)
-                .filter(|(_, &k)| k)
+                .zip(mark)
+                .filter(|(_, &m)| m == want)
                 .map(|(&x, _)| x)
                 .collect()
         };
@@ -274,9 +280,8 @@ pub fn evaluate(
         .iter()
         .map(|p| metrics::argmax(&p.fphi_probs))
         .collect();
-    let barsoum_majority = SubsetAccuracy::of(&data.strict_majority, &pred, &fphi, &labels);
-    let unseen_rows: Vec<bool> = data.seen_in_training.iter().map(|s| !s).collect();
-    let unseen = SubsetAccuracy::of(&unseen_rows, &pred, &fphi, &labels);
+    let barsoum_majority = SubsetAccuracy::of(&data.strict_majority, true, &pred, &fphi, &labels);
+    let unseen = SubsetAccuracy::of(&data.seen_in_training, false, &pred, &fphi, &labels);
     let accurate: Vec<bool> = pred.iter().zip(&labels).map(|(p, l)| p == l).collect();
     let p_values: Vec<f64> = preds.iter().map(|p| p.card.p_value).collect();
     let probs: Vec<Vec<f32>> = preds.iter().map(|p| p.card.probs.clone()).collect();
@@ -460,11 +465,16 @@ mod tests {
     #[test]
     fn subset_accuracy_scores_only_the_marked_images() {
         let (pred, fphi, labels) = ([0, 1, 2, 2], [0, 0, 2, 1], [0, 1, 1, 2]);
-        let s = SubsetAccuracy::of(&[true, true, false, true], &pred, &fphi, &labels).unwrap();
+        let mark = [true, true, false, true];
+        let s = SubsetAccuracy::of(&mark, true, &pred, &fphi, &labels).unwrap();
         assert_eq!(s.images, 3);
         assert!((s.accuracy - 1.0).abs() < 1e-12);
         assert!((s.fphi_accuracy - 1.0 / 3.0).abs() < 1e-12);
-        assert_eq!(SubsetAccuracy::of(&[], &pred, &fphi, &labels), None);
+        // The unmarked image alone: CARD says 2, f_φ 2, the label is 1.
+        let s = SubsetAccuracy::of(&mark, false, &pred, &fphi, &labels).unwrap();
+        assert_eq!(s.images, 1);
+        assert_eq!((s.accuracy, s.fphi_accuracy), (0.0, 0.0));
+        assert_eq!(SubsetAccuracy::of(&[], true, &pred, &fphi, &labels), None);
     }
 
     #[test]
