@@ -1,14 +1,17 @@
-//! One writer per output: `.NAME.fer-cam-lock` beside the output, created exclusively before
-//! any byte of the write and removed after its last step. It names the writing process (pid and
-//! start time), so that a lock left by a process that is gone (killed mid-write) is recognised:
-//! everything beside the output then is fer-cam's own leftover, and the next writer cleans it up.
-//! A lock held by a live process means a concurrent writer: the second one fails with an error
-//! naming it, instead of both writing and one silently replacing the other.
+//! One writer per output: `.NAME.fer-cam-lock` beside the output, put in place before any byte
+//! of the write and removed after its last step. Its text is written to a private file first and
+//! then linked to the lock's name, which fails if a lock is there, so a lock never exists without
+//! its text. It names the writing process (pid and start time), so that a lock left by a process
+//! that is gone (killed mid-write) is recognised: everything beside the output then is fer-cam's
+//! own leftover, and the next writer cleans it up. A lock held by a live process means a
+//! concurrent writer: the second one fails with an error naming it, instead of both writing and
+//! one silently replacing the other.
 
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use crate::error::{Error, Result};
 
@@ -31,6 +34,88 @@ fn identity(pid: u32) -> Option<String> {
     Some(format!("{pid} {start}"))
 }
 
+/// A lock's first line; the second names its writer.
+const HEADER: &str = "fer-cam writer lock\n";
+
+/// The set of locks held, waiting for a thread that panicked holding it.
+fn held() -> MutexGuard<'static, Option<HashSet<PathBuf>>> {
+    HELD.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A number no other call in this process gets.
+fn next_number() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `.NAME.fer-cam-lock.PID-N.KIND` beside `target`: a file only this call uses.
+fn private_sibling(target: &Path, kind: &str) -> Result<PathBuf> {
+    let name = format!(
+        "fer-cam-lock.{}-{}.{kind}",
+        std::process::id(),
+        next_number()
+    );
+    super::hidden_sibling(target, &name, target)
+}
+
+/// Puts a lock holding `text` at `path`, unless one is there already (`false`). The text is
+/// written to a private file first and then linked to `path`, which fails if `path` exists as
+/// atomically as an exclusive create would, so a lock is never seen without its text (a second
+/// writer reading a lock made empty and not yet written took it for a stranger's file).
+fn place(path: &Path, text: &str, target: &Path) -> Result<bool> {
+    let failed = |e: std::io::Error| Error::file(target, format!("cannot lock for writing: {e}"));
+    let tmp = private_sibling(target, "new")?;
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&tmp)
+        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()));
+    if let Err(e) = written {
+        // (A full disk makes the file but not its text.)
+        let _ = std::fs::remove_file(&tmp);
+        return Err(failed(e));
+    }
+    let linked = std::fs::hard_link(&tmp, path).or_else(|e| match e.raw_os_error() {
+        // File systems without hard links: the same by a rename that never replaces.
+        Some(libc::EPERM) | Some(libc::EOPNOTSUPP) | Some(libc::ENOSYS) | Some(libc::EMLINK) => {
+            rename_noreplace(&tmp, path)
+        }
+        _ => Err(e),
+    });
+    // Gone already where the rename moved it.
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(failed(e)),
+    }
+}
+
+/// Removes a dead writer's lock, which read `seen`. It is first moved aside and read again, so
+/// that a live lock another writer put there since (after taking the same stale lock over) is
+/// put back, not removed. `false`: there was nothing to remove any more.
+fn drop_stale(path: &Path, seen: &str, target: &Path) -> Result<bool> {
+    let aside = private_sibling(target, "stale")?;
+    match std::fs::rename(path, &aside) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(Error::io(path, e)),
+    }
+    let moved = std::fs::read_to_string(&aside).unwrap_or_default();
+    if moved != seen {
+        let back = rename_noreplace(&aside, path);
+        if back.is_err() {
+            let _ = std::fs::remove_file(&aside);
+        }
+        return Err(Error::file(
+            target,
+            "another fer-cam took the lock at the same moment; try again",
+        ));
+    }
+    std::fs::remove_file(&aside).map_err(|e| Error::io(&aside, e))?;
+    Ok(true)
+}
+
 /// A held writer lock. Released explicitly ([`WriterLock::release`]) after the write has cleaned
 /// up; a lock that is never released (a crash) is recognised as stale by the next writer.
 pub(super) struct WriterLock {
@@ -43,60 +128,48 @@ impl WriterLock {
     pub(super) fn take(target: &Path) -> Result<(Self, bool)> {
         let path = lock_path(target)?;
         let me = identity(std::process::id()).unwrap_or_else(|| std::process::id().to_string());
+        // The third line tells this take's lock from others of this process.
+        let mine = format!("{HEADER}{me}\n{}\n", next_number());
         let mut stale = false;
-        for _ in 0..2 {
-            match std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&path)
+        for _ in 0..4 {
             {
-                Ok(mut f) => {
-                    let named = f
-                        .write_all(format!("fer-cam writer lock\n{me}\n").as_bytes())
-                        .and_then(|_| f.sync_all());
-                    if let Err(e) = named {
-                        // (A full disk makes the file but not its text.) The empty lock names
-                        // no writer: not left behind.
-                        let _ = std::fs::remove_file(&path);
-                        return Err(Error::file(target, format!("cannot lock for writing: {e}")));
-                    }
-                    if let Ok(mut held) = HELD.lock() {
-                        held.get_or_insert_with(HashSet::new).insert(path.clone());
-                    }
+                // Placed and recorded as held in one step for the other threads.
+                let mut held = held();
+                if place(&path, &mine, target)? {
+                    held.get_or_insert_with(HashSet::new).insert(path.clone());
                     return Ok((Self { path }, stale));
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                    let text = std::fs::read_to_string(&path).unwrap_or_default();
-                    let Some(holder) = text.strip_prefix("fer-cam writer lock\n") else {
-                        return Err(Error::file(
-                            &path,
-                            "is in the way and was not made by fer-cam; move it elsewhere",
-                        ));
-                    };
-                    let holder = holder.trim();
-                    let ours_now = HELD
-                        .lock()
-                        .ok()
-                        .and_then(|h| h.as_ref().map(|h| h.contains(&path)))
-                        .unwrap_or(false);
-                    let pid: Option<u32> = holder.split(' ').next().and_then(|p| p.parse().ok());
-                    let alive = pid.and_then(identity).is_some_and(|now| now == holder)
-                        && (holder != me || ours_now);
-                    if alive {
-                        return Err(Error::file(
-                            target,
-                            format!(
-                                "is being written by another fer-cam (pid {}); wait for it to \
-                                 finish, or choose another path",
-                                pid.map_or("?".into(), |p| p.to_string())
-                            ),
-                        ));
-                    }
-                    // The writer is gone: take its lock over.
-                    stale = true;
-                    std::fs::remove_file(&path).map_err(|e| Error::io(&path, e))?;
-                }
-                Err(e) => return Err(Error::file(target, format!("cannot lock for writing: {e}"))),
+            }
+            let text = match std::fs::read_to_string(&path) {
+                Ok(text) => text,
+                // Released between the two steps: try again.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(_) => String::new(),
+            };
+            let Some(holder) = text.strip_prefix(HEADER) else {
+                return Err(Error::file(
+                    &path,
+                    "is in the way and was not made by fer-cam; move it elsewhere",
+                ));
+            };
+            let holder = holder.lines().next().unwrap_or_default().trim();
+            let ours_now = held().as_ref().is_some_and(|h| h.contains(&path));
+            let pid: Option<u32> = holder.split(' ').next().and_then(|p| p.parse().ok());
+            let alive = pid.and_then(identity).is_some_and(|now| now == holder)
+                && (holder != me || ours_now);
+            if alive {
+                return Err(Error::file(
+                    target,
+                    format!(
+                        "is being written by another fer-cam (pid {}); wait for it to finish, \
+                         or choose another path",
+                        pid.map_or("?".into(), |p| p.to_string())
+                    ),
+                ));
+            }
+            // The writer is gone: take its lock over.
+            if drop_stale(&path, &text, target)? {
+                stale = true;
             }
         }
         Err(Error::file(
@@ -107,10 +180,10 @@ impl WriterLock {
 
     /// Removes the lock (after the write finished or cleaned up after itself).
     pub(super) fn release(self) -> Result<()> {
-        if let Ok(mut held) = HELD.lock() {
-            if let Some(h) = held.as_mut() {
-                h.remove(&self.path);
-            }
+        // Removed and no longer recorded as held in one step for the other threads.
+        let mut held = held();
+        if let Some(h) = held.as_mut() {
+            h.remove(&self.path);
         }
         std::fs::remove_file(&self.path).map_err(|e| Error::io(&self.path, e))
     }
@@ -196,6 +269,64 @@ mod tests {
             std::fs::read_to_string(lock_path(&out).unwrap()).unwrap(),
             "mine"
         );
+    }
+
+    /// Writers racing for one lock (threads here; processes behave the same, with another
+    /// identity): each is refused as "being written" or gets the lock, and none ever reads a
+    /// lock without its text and takes it for a stranger's file. Nothing else is left.
+    #[test]
+    fn racing_writers_never_see_a_lock_without_its_text() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("model");
+        for _ in 0..300 {
+            let barrier = std::sync::Barrier::new(4);
+            let errors: Vec<String> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..4)
+                    .map(|_| {
+                        s.spawn(|| {
+                            barrier.wait();
+                            match WriterLock::take(&out) {
+                                Ok((lock, stale)) => {
+                                    assert!(!stale);
+                                    lock.release().unwrap();
+                                    None
+                                }
+                                Err(e) => Some(e.to_string()),
+                            }
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .filter_map(|h| h.join().unwrap())
+                    .collect()
+            });
+            for e in &errors {
+                assert!(e.contains("being written by another fer-cam"), "{e}");
+            }
+            assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+        }
+    }
+
+    /// A dead writer's lock is taken over once: a second writer that judged the same lock
+    /// stale finds the first one's live lock in its place and leaves it there.
+    #[test]
+    fn a_stale_lock_taken_over_by_another_writer_is_put_back() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("model");
+        let path = lock_path(&out).unwrap();
+        let dead = "fer-cam writer lock\n4194305 12345\n";
+        std::fs::write(&path, dead).unwrap();
+        let (lock, stale) = WriterLock::take(&out).unwrap();
+        assert!(stale);
+        let live = std::fs::read_to_string(&path).unwrap();
+        // The slower writer read the dead lock before the takeover.
+        let e = drop_stale(&path, dead, &out).unwrap_err().to_string();
+        assert!(e.contains("at the same moment"), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), live);
+        lock.release().unwrap();
+        assert!(!drop_stale(&path, dead, &out).unwrap());
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
     }
 
     #[test]
