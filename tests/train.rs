@@ -530,8 +530,8 @@ fn crowd_votes_train_all_three_stages_and_score_by_class_name() {
     let tmp = tempfile::tempdir().unwrap();
     let data = synthetic(tmp.path(), 24);
     let votes = synthetic_votes(tmp.path(), 24);
-    // A recipe that learns from the votes mixed with FER2013's label (and mixup), CARD with
-    // vote y0.
+    // A recipe that learns from the votes mixed with FER2013's label (with mixup, and stability
+    // training against camera conditions), CARD with vote y0.
     let mut cfg = fer_cam::train::TrainConfig::new(data.clone(), tmp.path().join("unused"));
     cfg.model.classes = fer_cam::data::ferplus::FERPLUS_CLASSES
         .iter()
@@ -541,6 +541,14 @@ fn crowd_votes_train_all_three_stages_and_score_by_class_name() {
     cfg.classifier.targets = fer_cam::train::Targets::Votes;
     cfg.classifier.single_label_weight = 0.3;
     cfg.classifier.mixup = 0.4;
+    cfg.classifier.consistency = Some(fer_cam::train::Consistency {
+        weight: 1.0,
+        webcam: fer_cam::data::augment::Webcam {
+            framing_scale_sd: 0.15,
+            noise_max: 4.0,
+            ..Default::default()
+        },
+    });
     cfg.card.y0 = fer_cam::train::CardY0::Votes;
     let recipe = tmp.path().join("recipe.json");
     std::fs::write(&recipe, serde_json::to_string_pretty(&cfg).unwrap()).unwrap();

@@ -58,7 +58,8 @@ pub struct Webcam {
 }
 
 impl Webcam {
-    fn validate(&self) -> Result<(), String> {
+    /// Checks the ranges.
+    pub fn validate(&self) -> Result<(), String> {
         let ok = |v: f32, hi: f32| v.is_finite() && (0.0..=hi).contains(&v);
         if !ok(self.framing_scale_sd, 0.5) || !ok(self.framing_shift_sd, 0.5) {
             return Err("augment webcam framing_*_sd in 0..=0.5".into());
@@ -82,6 +83,14 @@ impl Webcam {
             );
         }
         Ok(())
+    }
+
+    /// [`Webcam::apply`] on one 48x48 image's row-major gray bytes.
+    pub fn apply_to<R: Rng>(&self, pixels: &[u8], rng: &mut R) -> Vec<u8> {
+        let side = FACE_SIZE as u32;
+        let img = GrayImage::from_raw(side, side, pixels.to_vec())
+            .unwrap_or_else(|| GrayImage::new(side, side));
+        self.apply(img, rng).into_raw()
     }
 
     /// Applies the enabled conditions to `img` (48x48); draws nothing for those that are off,

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ModelConfig, Tta};
-use crate::data::augment::Augment;
+use crate::data::augment::{Augment, Webcam};
 use crate::error::{Error, Result};
 use crate::kernels::precision::Precision;
 use crate::model::export::StoredWeights;
@@ -71,10 +71,29 @@ pub struct ClassifierConfig {
     /// α (0, the default: off).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub mixup: f64,
+    /// Stability training: each image's augmented view is seen a second time through camera
+    /// conditions, and f_φ's answer on that copy learns to match its answer on the first (off
+    /// unless set; see [`Consistency`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistency: Option<Consistency>,
     /// Which epoch's weights the stage keeps as its model (the best on PublicTest, the default,
     /// or the last).
     #[serde(default, skip_serializing_if = "Keep::is_best")]
     pub keep: Keep,
+}
+
+/// Stability training (Zheng et al., CVPR 2016) against what a camera and the face stage do to
+/// a face. Each batch image's augmented view `x` also passes through `webcam` (re-framing, a
+/// lower resolution, blur, noise, gamma) as `x'`, and the loss gains
+/// `weight · KL(p(x) ‖ p(x'))` with `p(x)` held fixed: f_φ keeps learning its targets from `x`
+/// alone, and learns to give `x'` the answer it gives `x`. Each step costs two images' passes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Consistency {
+    /// The KL term's weight (> 0).
+    pub weight: f64,
+    /// The conditions the second copy goes through (at least one on).
+    pub webcam: Webcam,
 }
 
 /// Which epoch's weights a supervised stage keeps as its model. Every epoch is scored on
@@ -323,6 +342,7 @@ impl TrainConfig {
                 init: None,
                 distill: None,
                 mixup: 0.0,
+                consistency: None,
                 keep: Keep::Best,
             },
             card: CardTrainConfig {
@@ -460,6 +480,22 @@ fn check_classifier(name: &str, c: &ClassifierConfig) -> Result<()> {
             c.mixup
         )));
     }
+    if let Some(k) = &c.consistency {
+        if !(k.weight > 0.0 && k.weight.is_finite()) {
+            return Err(Error::Config(format!(
+                "{name}.consistency.weight {} (allowed > 0)",
+                k.weight
+            )));
+        }
+        k.webcam
+            .validate()
+            .map_err(|e| Error::Config(format!("{name}.consistency: {e}")))?;
+        if k.webcam == Webcam::default() {
+            return Err(Error::Config(format!(
+                "{name}.consistency.webcam changes nothing (set at least one condition)"
+            )));
+        }
+    }
     match &c.distill {
         Some(d) => check_share(&format!("{name}.distill.weight"), d.weight),
         None => Ok(()),
@@ -508,6 +544,42 @@ mod tests {
         let mut c = base;
         c.card.epochs = 0;
         assert!(c.validate().unwrap_err().to_string().contains("epochs 0"));
+    }
+
+    #[test]
+    fn consistency_is_optional_and_checked() {
+        let mut cfg = TrainConfig::new("d.csv".into(), "run".into());
+        let json = serde_json::to_value(&cfg).unwrap();
+        assert!(json["classifier"].get("consistency").is_none());
+        let camera = Webcam {
+            blur_max: 1.0,
+            ..Webcam::default()
+        };
+        cfg.classifier.consistency = Some(Consistency {
+            weight: 1.0,
+            webcam: camera.clone(),
+        });
+        let back: TrainConfig =
+            serde_json::from_value(serde_json::to_value(&cfg).unwrap()).unwrap();
+        assert_eq!(back.classifier.consistency, cfg.classifier.consistency);
+        back.validate().unwrap();
+        for (weight, webcam, says) in [
+            (0.0, camera.clone(), "consistency.weight"),
+            (f64::NAN, camera.clone(), "consistency.weight"),
+            (1.0, Webcam::default(), "changes nothing"),
+            (
+                1.0,
+                Webcam {
+                    noise_max: 100.0,
+                    ..camera
+                },
+                "noise_max",
+            ),
+        ] {
+            cfg.classifier.consistency = Some(Consistency { weight, webcam });
+            let e = cfg.validate().unwrap_err().to_string();
+            assert!(e.contains(says), "{e}");
+        }
     }
 
     #[test]

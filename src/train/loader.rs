@@ -9,7 +9,7 @@ use crossbeam_channel::{bounded, Receiver};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
-use crate::data::augment::Augment;
+use crate::data::augment::{Augment, Webcam};
 use crate::data::{Dataset, FACE_PIXELS};
 
 /// One batch: `views` normalised image buffers of `len · 48 · 48` floats, the labels, and the
@@ -77,6 +77,10 @@ pub struct EpochPlan {
     pub draw_labels: bool,
     /// Mixup's Beta(α, α) parameter (0: no mixup); see [`Mix`].
     pub mixup: f64,
+    /// With conditions, each of the `views` augmented views also goes through them: the batch
+    /// then holds `2 · views` views, view `views + v` being view `v` so changed (stability
+    /// training's pairs).
+    pub perturb: Option<Webcam>,
 }
 
 impl EpochPlan {
@@ -93,16 +97,23 @@ impl EpochPlan {
         let lo = batch * self.batch_size;
         let hi = (lo + self.batch_size).min(order.len());
         let mut rng = rand::rngs::StdRng::seed_from_u64(mix_seed(&[self.seed, batch as u64]));
-        let mut views = vec![Vec::with_capacity((hi - lo) * FACE_PIXELS); self.views];
+        let total = self.views * if self.perturb.is_some() { 2 } else { 1 };
+        let mut views = vec![Vec::with_capacity((hi - lo) * FACE_PIXELS); total];
         let mut labels = Vec::with_capacity(hi - lo);
+        let normalise = |view: &mut Vec<f32>, px: &[u8]| {
+            view.extend(
+                px.iter()
+                    .map(|&p| (p as f32 / 255.0 - self.mean) / self.std),
+            );
+        };
         for &i in &order[lo..hi] {
             let img = self.data.image(i);
-            for view in views.iter_mut() {
+            for v in 0..self.views {
                 let aug = self.augment.apply(img, &mut rng);
-                view.extend(
-                    aug.iter()
-                        .map(|&p| (p as f32 / 255.0 - self.mean) / self.std),
-                );
+                if let Some(w) = &self.perturb {
+                    normalise(&mut views[self.views + v], &w.apply_to(&aug, &mut rng));
+                }
+                normalise(&mut views[v], &aug);
             }
             labels.push(if self.draw_labels {
                 super::targets::draw_label(&self.data, i, rng.random::<f32>())
@@ -173,6 +184,7 @@ mod tests {
             std: 1.0,
             draw_labels: false,
             mixup: 0.0,
+            perturb: None,
         };
         assert_eq!(plan.batches(), 3);
         let collect = |p: EpochPlan| -> Vec<(Vec<f32>, Vec<u32>)> {
@@ -202,8 +214,50 @@ mod tests {
             std: 1.0,
             draw_labels: false,
             mixup: 0.0,
+            perturb: None,
         };
         assert_eq!(p.batches(), 2);
+    }
+
+    #[test]
+    fn a_perturbed_batch_pairs_each_view_with_its_changed_copy() {
+        let plan = EpochPlan {
+            data: tiny(8),
+            batch_size: 4,
+            augment: Augment::supervised(),
+            views: 1,
+            seed: 5,
+            mean: 0.0,
+            std: 1.0,
+            draw_labels: false,
+            mixup: 0.0,
+            perturb: None,
+        };
+        let order: Vec<usize> = (0..8).collect();
+        let plain = plan.build(&order, 1);
+        assert_eq!(plain.views.len(), 1);
+        // Gamma only: the copy is each view with its gray levels bent, pixel by pixel.
+        let gamma = Webcam {
+            gamma_lo: 2.0,
+            gamma_hi: 2.0,
+            ..Webcam::default()
+        };
+        let paired = EpochPlan {
+            perturb: Some(gamma),
+            ..plan
+        }
+        .build(&order, 1);
+        assert_eq!(paired.views.len(), 2);
+        assert_eq!(paired.labels, plain.labels);
+        assert_eq!(paired.rows, plain.rows);
+        assert_eq!(paired.views[0].len(), paired.views[1].len());
+        let mut bent = 0;
+        for (&v, &c) in paired.views[0].iter().zip(&paired.views[1]) {
+            let want = (255.0 * v.powi(2)).round() / 255.0;
+            assert!((c - want).abs() < 1e-6, "{v} -> {c}, not {want}");
+            bent += usize::from(c != v);
+        }
+        assert!(bent > 0);
     }
 
     #[test]
@@ -230,6 +284,7 @@ mod tests {
             std: 1.0,
             draw_labels: false,
             mixup: 0.4,
+            perturb: None,
         };
         let order: Vec<usize> = (0..8).collect();
         let b = plan.build(&order, 1);

@@ -32,8 +32,8 @@ use crate::fsutil::write_file_atomically;
 use checkpoint::checkpoint_dir;
 pub use checkpoint::{model_dir, stage_dir};
 pub use config::{
-    CardTrainConfig, CardY0, ClassifierConfig, CycleConfig, CycleDistill, DistillConfig, Keep,
-    ShipConfig, SslConfig, StageConfig, Targets, TrainConfig,
+    CardTrainConfig, CardY0, ClassifierConfig, Consistency, CycleConfig, CycleDistill,
+    DistillConfig, Keep, ShipConfig, SslConfig, StageConfig, Targets, TrainConfig,
 };
 pub use loader::mix_seed;
 pub use stages::{smoothed_cross_entropy, train_card, train_classifier, train_ssl};

@@ -126,6 +126,15 @@ fn soft_cross_entropy(logits: &Tensor, targets: Vec<f32>) -> Result<Tensor> {
     Ok((targets * logp)?.sum(D::Minus1)?.mean_all()?.neg()?)
 }
 
+/// Stability training's term: `KL(p ‖ q)` averaged over the batch, with `p = softmax(clean)`
+/// held fixed (no gradient) and `q = softmax(changed)`, so only the changed copy's answer moves
+/// towards the clean one's.
+fn consistency_loss(clean: &Tensor, changed: &Tensor) -> Result<Tensor> {
+    let logp = candle_nn::ops::log_softmax(&clean.detach(), D::Minus1)?;
+    let logq = candle_nn::ops::log_softmax(changed, D::Minus1)?;
+    Ok((logp.exp()? * (logp - logq)?)?.sum(D::Minus1)?.mean_all()?)
+}
+
 /// The loader plan of one epoch: order and augmentation seeded by (seed, stage, epoch).
 fn epoch_plan(
     cfg: &TrainConfig,
@@ -145,6 +154,7 @@ fn epoch_plan(
         std: cfg.model.input.std,
         draw_labels: false,
         mixup: 0.0,
+        perturb: None,
     }
 }
 
@@ -340,11 +350,20 @@ pub fn train_classifier(
         let mut plan = epoch_plan(cfg, Stage::Classifier, &data.train, o, 1, epoch);
         plan.draw_labels = cls.targets == Targets::Draw;
         plan.mixup = cls.mixup;
+        plan.perturb = cls.consistency.as_ref().map(|k| k.webcam.clone());
         plan
     });
     let mut step = |b: &loader::Batch| -> Result<Tensor> {
-        let xs = batch_tensor(&b.views[0], b.len(), dev)?;
-        let logits = model.head_logits(&model.features(&xs, true)?)?;
+        // With stability training, the changed copies follow in the same pass (batch-norm sees
+        // both).
+        let n = b.len();
+        let copies = if cls.consistency.is_some() { 2 } else { 1 };
+        let xs = b.views[..copies]
+            .iter()
+            .map(|v| batch_tensor(v, n, dev))
+            .collect::<Result<Vec<_>>>()?;
+        let all = model.head_logits(&model.features(&Tensor::cat(&xs, 0)?, true)?)?;
+        let logits = all.narrow(0, 0, n)?;
         let own = class_targets(
             cls.targets,
             &data.train,
@@ -361,7 +380,14 @@ pub fn train_classifier(
             Some(m) => m.apply(&targets, data.train.class_names.len()),
             None => targets,
         };
-        soft_cross_entropy(&logits, targets)
+        let loss = soft_cross_entropy(&logits, targets)?;
+        match &cls.consistency {
+            Some(k) => {
+                let changed = all.narrow(0, n, n)?;
+                Ok((loss + (consistency_loss(&logits, &changed)? * k.weight)?)?)
+            }
+            None => Ok(loss),
+        }
     };
     let mut score = |_epoch: usize| -> Result<EpochScore> {
         let v = score_now(&model)?;
@@ -501,6 +527,33 @@ pub fn train_card(
 mod tests {
     use super::*;
     use crate::data::Dataset;
+
+    #[test]
+    fn the_consistency_term_is_kl_and_moves_only_the_changed_copy() {
+        use candle_core::Var;
+        // Row 0: p = [0.5, 0.5], q = [0.25, 0.75]: 0.5 ln 2 + 0.5 ln(2/3) = 0.143841.
+        // Row 1: identical logits: 0.
+        let clean = Var::new(&[[0f32, 0.0], [1.0, 2.0]], &Device::Cpu).unwrap();
+        let changed = Var::new(&[[0f32, 3f32.ln()], [1.0, 2.0]], &Device::Cpu).unwrap();
+        let loss = consistency_loss(clean.as_tensor(), changed.as_tensor()).unwrap();
+        let v = loss.to_scalar::<f32>().unwrap();
+        let want = 0.143_841_04 / 2.0;
+        assert!((v - want).abs() < 1e-6, "{v} vs {want}");
+        let grads = loss.backward().unwrap();
+        assert!(grads.get(clean.as_tensor()).is_none());
+        let g = grads
+            .get(changed.as_tensor())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        // d/dz of KL(p ‖ softmax(z)) is (q − p) / batch.
+        let hand = [[-0.125f32, 0.125], [0.0, 0.0]];
+        for (r, h) in g.iter().zip(hand) {
+            for (a, b) in r.iter().zip(h) {
+                assert!((a - b).abs() < 1e-6, "{g:?}");
+            }
+        }
+    }
 
     #[test]
     fn soft_cross_entropy_hand_values() {
