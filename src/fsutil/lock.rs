@@ -37,7 +37,8 @@ fn identity(pid: u32) -> Option<String> {
 /// A lock's first line; the second names its writer.
 const HEADER: &str = "fer-cam writer lock\n";
 
-/// The set of locks held, waiting for a thread that panicked holding it.
+/// The locks this process holds, for one thread at a time (still readable after a thread
+/// panicked while it had them).
 fn held() -> MutexGuard<'static, Option<HashSet<PathBuf>>> {
     HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
