@@ -65,12 +65,19 @@ fn private_sibling(target: &Path, kind: &str) -> Result<PathBuf> {
 /// writer reading a lock made empty and not yet written took it for a stranger's file).
 fn place(path: &Path, text: &str, target: &Path) -> Result<bool> {
     let failed = |e: std::io::Error| Error::file(target, format!("cannot lock for writing: {e}"));
-    let tmp = private_sibling(target, "new")?;
-    let written = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(&tmp)
-        .and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()));
+    // (A name taken already is the leftover of a killed process whose pid this one reuses.)
+    let (tmp, file) = loop {
+        let tmp = private_sibling(target, "new")?;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            opened => break (tmp, opened),
+        }
+    };
+    let written = file.and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()));
     if let Err(e) = written {
         // (A full disk makes the file but not its text.)
         let _ = std::fs::remove_file(&tmp);
@@ -328,6 +335,24 @@ mod tests {
         lock.release().unwrap();
         assert!(!drop_stale(&path, dead, &out).unwrap());
         assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 0);
+    }
+
+    /// Private files left by a killed process whose pid this one reuses are stepped over.
+    #[test]
+    fn a_leftover_private_file_does_not_block_the_lock() {
+        let root = tempfile::tempdir().unwrap();
+        let out = root.path().join("model");
+        // More names than the other tests of this process take meanwhile, so the next one is
+        // taken.
+        let first = next_number();
+        for n in first..first + 10_000 {
+            let name = format!(".model.fer-cam-lock.{}-{n}.new", std::process::id());
+            std::fs::write(root.path().join(name), "left").unwrap();
+        }
+        let (lock, _) = WriterLock::take(&out).unwrap();
+        lock.release().unwrap();
+        // Only the leftovers remain.
+        assert_eq!(std::fs::read_dir(root.path()).unwrap().count(), 10_000);
     }
 
     #[test]
