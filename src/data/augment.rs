@@ -57,6 +57,12 @@ pub struct Webcam {
     pub gamma_hi: f32,
 }
 
+/// One 48x48 image's row-major gray bytes as an image (black if they are not 48x48).
+fn face_image(pixels: &[u8]) -> GrayImage {
+    let side = FACE_SIZE as u32;
+    GrayImage::from_raw(side, side, pixels.to_vec()).unwrap_or_else(|| GrayImage::new(side, side))
+}
+
 impl Webcam {
     /// Checks the ranges.
     pub fn validate(&self) -> Result<(), String> {
@@ -87,10 +93,7 @@ impl Webcam {
 
     /// [`Webcam::apply`] on one 48x48 image's row-major gray bytes.
     pub fn apply_to<R: Rng>(&self, pixels: &[u8], rng: &mut R) -> Vec<u8> {
-        let side = FACE_SIZE as u32;
-        let img = GrayImage::from_raw(side, side, pixels.to_vec())
-            .unwrap_or_else(|| GrayImage::new(side, side));
-        self.apply(img, rng).into_raw()
+        self.apply(face_image(pixels), rng).into_raw()
     }
 
     /// Applies the enabled conditions to `img` (48x48); draws nothing for those that are off,
@@ -257,8 +260,7 @@ impl Augment {
     /// Applies the augmentations to one 48x48 image (row-major gray bytes).
     pub fn apply<R: Rng>(&self, pixels: &[u8], rng: &mut R) -> Vec<u8> {
         let side = FACE_SIZE as u32;
-        let mut img = GrayImage::from_raw(side, side, pixels.to_vec())
-            .unwrap_or_else(|| GrayImage::new(side, side));
+        let mut img = face_image(pixels);
         if self.crop_min < 1.0 {
             let frac = rng.random_range(self.crop_min..=self.crop_max);
             let c = ((frac * side as f32).round() as u32).clamp(8, side);

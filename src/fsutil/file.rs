@@ -93,21 +93,7 @@ fn write_stream(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// A new temp file beside `real`, named for it; errors name `path` (what the user gave).
 fn temp_beside(path: &Path, real: &Path) -> Result<(PathBuf, std::fs::File)> {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    loop {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let tmp = super::hidden_sibling(real, &format!("{}-{n}.tmp", std::process::id()), path)?;
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-        {
-            Ok(f) => return Ok((tmp, f)),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            Err(e) => return Err(Error::file(path, format!("cannot be written: {e}"))),
-        }
-    }
+    super::new_private_file(real, "tmp", path, "cannot be written")
 }
 
 /// Temp file, copy of the replaced file's mode and owner, fsync, rename (or a rename that

@@ -10,9 +10,9 @@
 use std::collections::HashSet;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+use super::{new_private_file, next_number, private_sibling};
 use crate::error::{Error, Result};
 
 /// Locks this process holds now (a lock of this process that is not here was left by a write
@@ -43,41 +43,17 @@ fn held() -> MutexGuard<'static, Option<HashSet<PathBuf>>> {
     HELD.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A number no other call in this process gets.
-fn next_number() -> u64 {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
-
-/// `.NAME.fer-cam-lock.PID-N.KIND` beside `target`: a file only this call uses.
-fn private_sibling(target: &Path, kind: &str) -> Result<PathBuf> {
-    let name = format!(
-        "fer-cam-lock.{}-{}.{kind}",
-        std::process::id(),
-        next_number()
-    );
-    super::hidden_sibling(target, &name, target)
-}
-
 /// Puts a lock holding `text` at `path`, unless one is there already (`false`). The text is
 /// written to a private file first and then linked to `path`, which fails if `path` exists as
 /// atomically as an exclusive create would, so a lock is never seen without its text (a second
 /// writer reading a lock made empty and not yet written took it for a stranger's file).
 fn place(path: &Path, text: &str, target: &Path) -> Result<bool> {
-    let failed = |e: std::io::Error| Error::file(target, format!("cannot lock for writing: {e}"));
-    // (A name taken already is the leftover of a killed process whose pid this one reuses.)
-    let (tmp, file) = loop {
-        let tmp = private_sibling(target, "new")?;
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-        {
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
-            opened => break (tmp, opened),
-        }
-    };
-    let written = file.and_then(|mut f| f.write_all(text.as_bytes()).and_then(|_| f.sync_all()));
+    const FAILED: &str = "cannot lock for writing";
+    let failed = |e: std::io::Error| Error::file(target, format!("{FAILED}: {e}"));
+    let (tmp, mut file) = new_private_file(target, "fer-cam-lock.new", target, FAILED)?;
+    let written = file
+        .write_all(text.as_bytes())
+        .and_then(|_| file.sync_all());
     if let Err(e) = written {
         // (A full disk makes the file but not its text.)
         let _ = std::fs::remove_file(&tmp);
@@ -103,7 +79,7 @@ fn place(path: &Path, text: &str, target: &Path) -> Result<bool> {
 /// that a live lock another writer put there since (after taking the same stale lock over) is
 /// put back, not removed. `false`: there was nothing to remove any more.
 fn drop_stale(path: &Path, seen: &str, target: &Path) -> Result<bool> {
-    let aside = private_sibling(target, "stale")?;
+    let aside = private_sibling(target, "fer-cam-lock.stale", target)?;
     match std::fs::rename(path, &aside) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
@@ -346,7 +322,7 @@ mod tests {
         // taken.
         let first = next_number();
         for n in first..first + 10_000 {
-            let name = format!(".model.fer-cam-lock.{}-{n}.new", std::process::id());
+            let name = format!(".model.{}-{n}.fer-cam-lock.new", std::process::id());
             std::fs::write(root.path().join(name), "left").unwrap();
         }
         let (lock, _) = WriterLock::take(&out).unwrap();

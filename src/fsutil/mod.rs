@@ -36,6 +36,42 @@ fn hidden_sibling(path: &Path, suffix: &str, shown: &Path) -> Result<std::path::
     Ok(parent_dir(path).join(format!(".{name}.{suffix}")))
 }
 
+/// A number no other call in this process gets (for private file names).
+fn next_number() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
+/// `.NAME.PID-N.SUFFIX` beside `path`: a name only this call uses; errors name `shown`.
+fn private_sibling(path: &Path, suffix: &str, shown: &Path) -> Result<std::path::PathBuf> {
+    let unique = format!("{}-{}.{suffix}", std::process::id(), next_number());
+    hidden_sibling(path, &unique, shown)
+}
+
+/// A new file at a [`private_sibling`] of `path`, created exclusively, so no file that happens
+/// to share its name is touched (a name taken already, left by a killed process whose pid this
+/// one reuses, is stepped over). Errors name `shown`, after `what`.
+fn new_private_file(
+    path: &Path,
+    suffix: &str,
+    shown: &Path,
+    what: &str,
+) -> Result<(std::path::PathBuf, std::fs::File)> {
+    loop {
+        let tmp = private_sibling(path, suffix, shown)?;
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(Error::file(shown, format!("{what}: {e}"))),
+        }
+    }
+}
+
 /// The metadata of `path`, which must be a regular file (not a FIFO, device or directory).
 pub fn regular_file(path: &Path) -> Result<std::fs::Metadata> {
     let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
