@@ -75,6 +75,7 @@ fn main() -> anyhow::Result<()> {
         "truth, render's turn undone",
         "pipeline box, never turned",
         "pipeline box, turned by all its roll",
+        "own crop at the box's scale and offset",
     ];
     let v_count = names.len();
     let mut crops: Vec<Vec<u8>> = vec![Vec::new(); v_count];
@@ -134,6 +135,13 @@ fn main() -> anyhow::Result<()> {
             let (cx, cy) = cb.centre();
             stats[v + 1].push((cb.w / p.side, (cx - p.cx) / p.side, (cy - p.cy) / p.side));
         }
+        // The face's own 48x48 image cut at the box's scale and centre offset (edge pixels
+        // repeat): the box's framing without the render's background, turn or camera.
+        let (sc, dx, dy) = stats[2][stats[2].len() - 1];
+        let side = 48.0 * sc;
+        let (ox, oy) = (24.0 + dx * 48.0 - side / 2.0, 24.0 + dy * 48.0 - side / 2.0);
+        crops[v_count - 1].extend(sample_square(ds.image(i), 48, 48, ox, oy, side, 48));
+        stats[v_count - 1].push((sc, dx, dy));
         labels.push(ds.labels[i] as usize);
     }
     let sampler_seeds: u64 = a.get(4).map_or(Ok(1), |s| s.parse())?;

@@ -185,13 +185,17 @@ impl Tta {
     }
 }
 
-/// Input crop geometry and normalisation: `x = (pixel/255 − mean)/std`.
+/// Input crop geometry and normalisation: `x = (pixel/255 − mean)/std`, or per crop (see
+/// [`Norm`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct InputConfig {
     pub size: usize,
     pub mean: f32,
     pub std: f32,
+    /// Whether `mean` and `std` are fixed or each crop's own (absent from a model file: fixed).
+    #[serde(skip_serializing_if = "Norm::is_fixed")]
+    pub norm: Norm,
     /// Default test-time views of `eval` and `run` (and those `calibrate` fitted the
     /// temperatures under).
     pub tta: Tta,
@@ -203,7 +207,46 @@ impl Default for InputConfig {
             size: 48,
             mean: 0.5,
             std: 0.25,
+            norm: Norm::Fixed,
             tta: Tta::None,
+        }
+    }
+}
+
+/// How a crop's gray levels become the network's input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Norm {
+    /// `x = (pixel/255 − mean)/std` with the config's `mean` and `std`.
+    #[default]
+    Fixed,
+    /// `x = (pixel − m)/max(s, 1)` with `m` and `s` the crop's own mean and standard deviation
+    /// in gray levels: a camera's gain and a brightness shift of the face leave its input as
+    /// it was (up to clipped pixels); the config's `mean` and `std` are not used.
+    PerCrop,
+}
+
+impl Norm {
+    fn is_fixed(&self) -> bool {
+        *self == Norm::Fixed
+    }
+}
+
+impl InputConfig {
+    /// Appends the network input of one crop's gray levels to `out`.
+    pub fn normalise_into(&self, px: &[u8], out: &mut Vec<f32>) {
+        match self.norm {
+            Norm::Fixed => {
+                let (mean, std) = (self.mean, self.std);
+                out.extend(px.iter().map(|&p| (p as f32 / 255.0 - mean) / std));
+            }
+            Norm::PerCrop => {
+                let n = px.len().max(1) as f64;
+                let m = px.iter().map(|&p| p as f64).sum::<f64>() / n;
+                let var = px.iter().map(|&p| (p as f64 - m).powi(2)).sum::<f64>() / n;
+                let (m, s) = (m as f32, var.sqrt().max(1.0) as f32);
+                out.extend(px.iter().map(|&p| (p as f32 - m) / s));
+            }
         }
     }
 }
@@ -538,6 +581,54 @@ pub fn min_steps(timesteps: usize) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_crop_input_ignores_gain_and_brightness_and_fixed_keeps_its_formula() {
+        let face: Vec<u8> = (0..48 * 48).map(|i| (40 + (i * 7) % 150) as u8).collect();
+        let fixed = InputConfig::default();
+        let mut x = Vec::new();
+        fixed.normalise_into(&face, &mut x);
+        assert_eq!(x[1], (face[1] as f32 / 255.0 - 0.5) / 0.25);
+        // Darker and with less contrast, as under a camera's lower gain: a different input
+        // when fixed, the same one per crop (up to the rounding of the gray levels).
+        let dim: Vec<u8> = face
+            .iter()
+            .map(|&p| (p as f32 * 0.7 + 10.0) as u8)
+            .collect();
+        let mut x_dim = Vec::new();
+        fixed.normalise_into(&dim, &mut x_dim);
+        assert!(x.iter().zip(&x_dim).any(|(a, b)| (a - b).abs() > 0.1));
+        let per_crop = InputConfig {
+            norm: Norm::PerCrop,
+            ..InputConfig::default()
+        };
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        per_crop.normalise_into(&face, &mut a);
+        per_crop.normalise_into(&dim, &mut b);
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        let var = a.iter().map(|v| (v - mean).powi(2)).sum::<f32>() / a.len() as f32;
+        assert!(
+            mean.abs() < 1e-4 && (var - 1.0).abs() < 1e-3,
+            "{mean} {var}"
+        );
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f32::max);
+        assert!(worst < 0.05, "{worst}");
+        // A flat crop has no contrast to scale: all zeros, nothing infinite.
+        let mut flat = Vec::new();
+        per_crop.normalise_into(&[77; 48 * 48], &mut flat);
+        assert!(flat.iter().all(|&v| v == 0.0));
+        // Model files without the field read as fixed, and fixed is not written.
+        let json = serde_json::to_string(&fixed).unwrap();
+        assert!(!json.contains("norm"), "{json}");
+        let back: InputConfig = serde_json::from_str(&json).unwrap();
+        assert_eq!(back.norm, Norm::Fixed);
+        let json = serde_json::to_string(&per_crop).unwrap();
+        assert!(json.contains("\"norm\":\"per_crop\""), "{json}");
+    }
 
     #[test]
     fn init_may_change_only_a_3x3_stems_stride() {

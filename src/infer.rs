@@ -300,11 +300,10 @@ impl Classifier {
     pub fn preprocess(&self, crops: &[u8]) -> Result<Tensor> {
         let side = self.config.input.size;
         let n = self.crop_count(crops.len())?;
-        let (mean, std) = (self.config.input.mean, self.config.input.std);
-        let data: Vec<f32> = crops
-            .iter()
-            .map(|&p| (p as f32 / 255.0 - mean) / std)
-            .collect();
+        let mut data = Vec::with_capacity(crops.len());
+        for crop in crops.chunks_exact(side * side) {
+            self.config.input.normalise_into(crop, &mut data);
+        }
         Ok(Tensor::from_vec(data, (n, 1, side, side), &self.device)?)
     }
 

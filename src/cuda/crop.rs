@@ -14,7 +14,8 @@ use crate::face::{crop_square, FaceBox};
 
 /// The crops of `boxes` (each enlarged by `margin`, see [`crop_square`]) from the gray frame
 /// `w × h`, resized to `side × side` and normalised `(v/255 − mean)/std`: a tensor
-/// `(boxes, 1, side, side)` on `device`'s GPU, ready for the encoder.
+/// `(boxes, 1, side, side)` on `device`'s GPU, ready for an encoder whose `input.norm` is fixed
+/// (a per-crop model's input is normalised on the CPU, by `preprocess`).
 #[allow(clippy::too_many_arguments)]
 pub fn crop_faces(
     device: &Device,

@@ -51,6 +51,7 @@ pub fn average_models(srcs: &[&Path], out: &Path) -> Result<AverageSummary> {
         let same = c.encoder.cbam == cfg.encoder.cbam
             && c.classes == cfg.classes
             && c.input.size == cfg.input.size
+            && c.input.norm == cfg.input.norm
             && expected_tensor_names(c)? == shapes;
         if !same {
             return Err(Error::model(

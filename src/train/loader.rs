@@ -9,6 +9,7 @@ use crossbeam_channel::{bounded, Receiver};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 
+use crate::config::InputConfig;
 use crate::data::augment::{Augment, Webcam};
 use crate::data::{Dataset, FACE_PIXELS};
 
@@ -71,8 +72,8 @@ pub struct EpochPlan {
     /// Augmented views per image (2 for Barlow Twins).
     pub views: usize,
     pub seed: u64,
-    pub mean: f32,
-    pub std: f32,
+    /// How each view's gray levels become the network's input.
+    pub input: InputConfig,
     /// Label each image with a class drawn from its vote distribution (where the data has one).
     pub draw_labels: bool,
     /// Mixup's Beta(α, α) parameter (0: no mixup); see [`Mix`].
@@ -100,12 +101,7 @@ impl EpochPlan {
         let total = self.views * if self.perturb.is_some() { 2 } else { 1 };
         let mut views = vec![Vec::with_capacity((hi - lo) * FACE_PIXELS); total];
         let mut labels = Vec::with_capacity(hi - lo);
-        let normalise = |view: &mut Vec<f32>, px: &[u8]| {
-            view.extend(
-                px.iter()
-                    .map(|&p| (p as f32 / 255.0 - self.mean) / self.std),
-            );
-        };
+        let normalise = |view: &mut Vec<f32>, px: &[u8]| self.input.normalise_into(px, view);
         for &i in &order[lo..hi] {
             let img = self.data.image(i);
             for v in 0..self.views {
@@ -159,6 +155,15 @@ impl EpochPlan {
 mod tests {
     use super::*;
 
+    /// Fixed normalisation with mean 0 and sd 1: each input is its gray level over 255.
+    fn raw_input() -> InputConfig {
+        InputConfig {
+            mean: 0.0,
+            std: 1.0,
+            ..InputConfig::default()
+        }
+    }
+
     fn tiny(n: usize) -> Arc<Dataset> {
         Arc::new(Dataset {
             class_names: vec!["a".into(), "b".into()],
@@ -180,8 +185,7 @@ mod tests {
             augment: Augment::none(),
             views: 2,
             seed: 7,
-            mean: 0.0,
-            std: 1.0,
+            input: raw_input(),
             draw_labels: false,
             mixup: 0.0,
             perturb: None,
@@ -210,8 +214,7 @@ mod tests {
             augment: Augment::none(),
             views: 1,
             seed: 1,
-            mean: 0.0,
-            std: 1.0,
+            input: raw_input(),
             draw_labels: false,
             mixup: 0.0,
             perturb: None,
@@ -227,8 +230,7 @@ mod tests {
             augment: Augment::supervised(),
             views: 1,
             seed: 5,
-            mean: 0.0,
-            std: 1.0,
+            input: raw_input(),
             draw_labels: false,
             mixup: 0.0,
             perturb: None,
@@ -280,8 +282,7 @@ mod tests {
             augment: Augment::none(),
             views: 1,
             seed: 3,
-            mean: 0.0,
-            std: 1.0,
+            input: raw_input(),
             draw_labels: false,
             mixup: 0.4,
             perturb: None,

@@ -33,12 +33,11 @@ fn normalised_batch(
     cfg: &ModelConfig,
     dev: &Device,
 ) -> Result<Tensor> {
-    let (mean, std) = (cfg.input.mean, cfg.input.std);
     let px = &data.pixels[idx.start * FACE_PIXELS..idx.end * FACE_PIXELS];
-    let v: Vec<f32> = px
-        .iter()
-        .map(|&p| (p as f32 / 255.0 - mean) / std)
-        .collect();
+    let mut v = Vec::with_capacity(px.len());
+    for face in px.chunks_exact(FACE_PIXELS) {
+        cfg.input.normalise_into(face, &mut v);
+    }
     Ok(Tensor::from_vec(v, (idx.len(), 1, 48, 48), dev)?)
 }
 
@@ -150,8 +149,7 @@ fn epoch_plan(
         augment: opt.augment.clone(),
         views,
         seed: mix_seed(&[cfg.seed, stage.id(), epoch as u64]),
-        mean: cfg.model.input.mean,
-        std: cfg.model.input.std,
+        input: cfg.model.input.clone(),
         draw_labels: false,
         mixup: 0.0,
         perturb: None,
@@ -420,10 +418,13 @@ pub fn train_card(
 ) -> Result<StageSummary> {
     let (vm, model) = new_model(cfg, dev, mix_seed(&[cfg.seed, Stage::Card.id()]))?;
     let init_cfg = crate::model::read_config(init)?;
-    if init_cfg.encoder != cfg.model.encoder || init_cfg.classes != cfg.model.classes {
+    if init_cfg.encoder != cfg.model.encoder
+        || init_cfg.classes != cfg.model.classes
+        || init_cfg.input.norm != cfg.model.input.norm
+    {
         return Err(Error::model(
             init,
-            "its encoder or classes differ from the training config's",
+            "its encoder, classes or input normalisation differ from the training config's",
         ));
     }
     load_vars(
