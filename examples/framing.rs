@@ -2,7 +2,7 @@
 //! unless MODEL_DIR is given) on each found face's own FER2013 crop, on the crop at the true
 //! square, at the box the whole-frame search found (as `run` crops it), and at a refined box
 //! (BlazeFace run again on the region around the found face, as the search around a track
-//! does), over the same faces: the CARD vote (flip views, averaged over sampler seeds
+//! does), and the face's own image cut at the box's scale and offset, over the same faces: the CARD vote (flip views, averaged over sampler seeds
 //! 0..SAMPLER_SEEDS, every crop drawing with the same keys) and f_φ alone. docs/pipeline.md
 //! ("Through the pipeline") has the numbers.
 //!
