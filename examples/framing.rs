@@ -2,9 +2,9 @@
 //! unless MODEL_DIR is given) on each found face's own FER2013 crop, on the crop at the true
 //! square, at the box the whole-frame search found (as `run` crops it), and at a refined box
 //! (BlazeFace run again on the region around the found face, as the search around a track
-//! does), and the face's own image cut at the box's scale and offset, over the same faces: the CARD vote (flip views, averaged over sampler seeds
-//! 0..SAMPLER_SEEDS, every crop drawing with the same keys) and f_φ alone. docs/pipeline.md
-//! ("Through the pipeline") has the numbers.
+//! does), and the face's own image cut at the box's scale and offset, over the same faces: the
+//! CARD vote (flip views, averaged over sampler seeds 0..SAMPLER_SEEDS, every crop drawing with
+//! the same keys) and f_φ alone. docs/pipeline.md ("Through the pipeline") has the numbers.
 //!
 //! `cargo run --release --example framing -- fer2013.csv.gz [FACES [RENDER_SEED [SAMPLER_SEEDS
 //! [MODEL_DIR]]]]`
@@ -137,7 +137,7 @@ fn main() -> anyhow::Result<()> {
         }
         // The face's own 48x48 image cut at the box's scale and centre offset (edge pixels
         // repeat): the box's framing without the render's background, turn or camera.
-        let (sc, dx, dy) = stats[2][stats[2].len() - 1];
+        let (sc, dx, dy) = *stats[2].last().expect("the pipeline box's, pushed above");
         let side = 48.0 * sc;
         let (ox, oy) = (24.0 + dx * 48.0 - side / 2.0, 24.0 + dy * 48.0 - side / 2.0);
         crops[v_count - 1].extend(sample_square(ds.image(i), 48, 48, ox, oy, side, 48));
